@@ -1,0 +1,71 @@
+//! `--device auto|wgpu|vulkan|metal|dx12|cpu` → a Burn device, named on stderr.
+
+use anyhow::{Context, Result};
+use burn::prelude::*;
+use burn::tensor::wgpu::{WgpuBackend, wgpu};
+use clap::ValueEnum;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum DeviceArg {
+    /// A GPU adapter through wgpu if there is one, else the CPU backend.
+    Auto,
+    /// wgpu on whichever graphics API it picks (software adapters included).
+    Wgpu,
+    Vulkan,
+    Metal,
+    Dx12,
+    /// Burn's pure-Rust CPU backend (flex).
+    Cpu,
+}
+
+/// Opens the device and prints which adapter is in use.
+pub fn select(arg: DeviceArg) -> Result<Device> {
+    let (device, name) = match arg {
+        DeviceArg::Cpu => (Device::flex(), "CPU (Burn flex backend)".to_string()),
+        DeviceArg::Auto => match gpu_adapter() {
+            Some(name) => (init_wgpu(WgpuBackend::Auto)?, name),
+            None => {
+                eprintln!(
+                    "draft: no GPU adapter found; falling back to the CPU backend \
+                     (software adapters such as lavapipe are used only with --device wgpu)"
+                );
+                (Device::flex(), "CPU (Burn flex backend)".to_string())
+            }
+        },
+        DeviceArg::Wgpu => wgpu_named(WgpuBackend::Auto)?,
+        DeviceArg::Vulkan => wgpu_named(WgpuBackend::Vulkan)?,
+        DeviceArg::Metal => wgpu_named(WgpuBackend::Metal)?,
+        DeviceArg::Dx12 => wgpu_named(WgpuBackend::Dx12)?,
+    };
+    eprintln!("draft: device {name}");
+    Ok(device)
+}
+
+fn init_wgpu(api: WgpuBackend) -> Result<Device> {
+    Device::wgpu_options()
+        .graphics_api(api)
+        .init()
+        .with_context(|| format!("cannot open a wgpu device on {api:?}"))
+}
+
+fn wgpu_named(api: WgpuBackend) -> Result<(Device, String)> {
+    let device = init_wgpu(api)?;
+    let name = match device.identity() {
+        Some(id) => format!("{} (wgpu, {api:?})", id.name),
+        None => format!("wgpu ({api:?})"),
+    };
+    Ok((device, name))
+}
+
+/// The name of the first hardware (non-CPU) adapter wgpu can see, if any.
+fn gpu_adapter() -> Option<String> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    adapters.into_iter().map(|a| a.get_info()).find_map(|info| {
+        matches!(
+            info.device_type,
+            wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::VirtualGpu
+        )
+        .then(|| format!("{} (wgpu, {:?})", info.name, info.backend))
+    })
+}

@@ -1,0 +1,39 @@
+//! `draft`: sample from and (later) fine-tune diffusion models with DRaFT.
+//! A thin shell: argument parsing, files, progress bars and images; the tensor work is in
+//! `draft-core`.
+
+mod device;
+mod files;
+mod images;
+mod sample;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "draft", version, about = "DRaFT: reward fine-tuning of diffusion models on any GPU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sample images from a diffusers-layout model with DDIM and classifier-free guidance.
+    Sample(sample::SampleArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Sample(args) => sample::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

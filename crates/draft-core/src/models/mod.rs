@@ -1,0 +1,4 @@
+//! Model modules, one file per component; field names are diffusers'/transformers' names.
+pub mod clip_text;
+pub mod unet;
+pub mod vae;

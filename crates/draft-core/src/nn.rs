@@ -1,0 +1,198 @@
+//! Leaf layers with PyTorch's parameter names (`weight`, `bias`) and PyTorch's numerics.
+//!
+//! Each `load` reads the layer from a [`VarBuilder`] at the layer's own path, so callers write
+//! `Linear::load(vb.pp("to_q"), 320, 320, false)` exactly where diffusers writes
+//! `self.to_q = nn.Linear(320, 320, bias=False)`.
+
+use burn::module::Param;
+use burn::prelude::*;
+use burn::tensor::module::{conv2d, embedding, layer_norm, linear};
+use burn::tensor::ops::ConvOptions;
+
+use crate::error::Result;
+use crate::weights::VarBuilder;
+
+/// `torch.nn.Linear`. The weight is kept as `[in, out]` (Burn's layout): it is transposed once
+/// at load time from PyTorch's `[out, in]`.
+#[derive(Module, Debug)]
+pub struct Linear {
+    pub weight: Param<Tensor<2>>,
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl Linear {
+    pub fn load(vb: VarBuilder, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get("weight", [d_out, d_in])?.transpose();
+        let bias = if bias {
+            Some(Param::from_tensor(vb.get("bias", [d_out])?))
+        } else {
+            None
+        };
+        Ok(Self {
+            weight: Param::from_tensor(weight),
+            bias,
+        })
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    }
+}
+
+/// `torch.nn.Conv2d` with square kernels. `padding` is `(begin, end)`, the same on both axes,
+/// so diffusers' `F.pad(x, (0, 1, 0, 1))` before a stride-2 conv is `padding = (0, 1)`.
+#[derive(Module, Debug)]
+pub struct Conv2d {
+    pub weight: Param<Tensor<4>>,
+    pub bias: Option<Param<Tensor<1>>>,
+    pub stride: usize,
+    pub pad_begin: usize,
+    pub pad_end: usize,
+}
+
+impl Conv2d {
+    pub fn load(
+        vb: VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: (usize, usize),
+    ) -> Result<Self> {
+        let weight = vb.get("weight", [c_out, c_in, kernel, kernel])?;
+        let bias = vb.get("bias", [c_out])?;
+        Ok(Self {
+            weight: Param::from_tensor(weight),
+            bias: Some(Param::from_tensor(bias)),
+            stride,
+            pad_begin: padding.0,
+            pad_end: padding.1,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let options = ConvOptions::new_with_padding(
+            [self.stride, self.stride],
+            [(self.pad_begin, self.pad_end); 2],
+            [1, 1],
+            1,
+        );
+        conv2d(
+            x,
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+            options,
+        )
+    }
+}
+
+/// `torch.nn.GroupNorm` with affine parameters, over `[N, C, ...]`.
+#[derive(Module, Debug)]
+pub struct GroupNorm {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    pub num_groups: usize,
+    pub eps: f64,
+}
+
+impl GroupNorm {
+    pub fn load(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        if num_groups == 0 || channels % num_groups != 0 {
+            return Err(crate::Error::Input(format!(
+                "{}: {channels} channels cannot be split into {num_groups} groups",
+                vb.path("weight")
+            )));
+        }
+        Ok(Self {
+            weight: Param::from_tensor(vb.get("weight", [channels])?),
+            bias: Param::from_tensor(vb.get("bias", [channels])?),
+            num_groups,
+            eps,
+        })
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dims = x.dims();
+        let (n, c) = (dims[0], dims[1]);
+        let per_group = dims[1..].iter().product::<usize>() / self.num_groups;
+        let x = x.reshape([n, self.num_groups, per_group]);
+        let mean = x.clone().mean_dim(2);
+        let x = x - mean;
+        let var = x.clone().square().mean_dim(2);
+        let x = (x / (var + self.eps).sqrt()).reshape(dims);
+        let mut affine = [1; D];
+        affine[1] = c;
+        x * self.weight.val().reshape(affine) + self.bias.val().reshape(affine)
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last axis.
+#[derive(Module, Debug)]
+pub struct LayerNorm {
+    pub weight: Param<Tensor<1>>,
+    pub bias: Param<Tensor<1>>,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: Param::from_tensor(vb.get("weight", [dim])?),
+            bias: Param::from_tensor(vb.get("bias", [dim])?),
+            eps,
+        })
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        layer_norm(x, self.weight.val(), Some(self.bias.val()), self.eps)
+    }
+}
+
+/// `torch.nn.Embedding`.
+#[derive(Module, Debug)]
+pub struct Embedding {
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Embedding {
+    pub fn load(vb: VarBuilder, num: usize, dim: usize) -> Result<Self> {
+        Ok(Self {
+            weight: Param::from_tensor(vb.get("weight", [num, dim])?),
+        })
+    }
+
+    pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        embedding(self.weight.val(), ids)
+    }
+}
+
+/// Scaled dot-product attention over `[B, heads, N, head_dim]` tensors.
+///
+/// Written as matmul + softmax rather than Burn's fused `attention` op so that the same
+/// numerics run on every backend, forward and backward (the fused op has no autodiff kernel).
+pub fn scaled_dot_product_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    mask: Option<Tensor<4>>,
+) -> Tensor<4> {
+    let head_dim = q.dims()[3];
+    let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (head_dim as f64).sqrt());
+    let scores = match mask {
+        Some(mask) => scores + mask,
+        None => scores,
+    };
+    burn::tensor::activation::softmax(scores, 3).matmul(v)
+}
+
+/// `[B, N, heads * head_dim]` → `[B, heads, N, head_dim]`.
+pub fn split_heads(x: Tensor<3>, heads: usize) -> Tensor<4> {
+    let [b, n, c] = x.dims();
+    x.reshape([b, n, heads, c / heads]).swap_dims(1, 2)
+}
+
+/// `[B, heads, N, head_dim]` → `[B, N, heads * head_dim]`.
+pub fn merge_heads(x: Tensor<4>) -> Tensor<3> {
+    let [b, h, n, d] = x.dims();
+    x.swap_dims(1, 2).reshape([b, n, h * d])
+}

@@ -1,0 +1,292 @@
+//! A Stable Diffusion pipeline in the diffusers folder layout, loaded from bytes.
+//!
+//! The caller (CLI, browser) supplies the files as `relative path → bytes` in
+//! [`ModelFiles`]; this module knows which files the layout holds and wires the components.
+//! Architecture numbers come from each component's `config.json`.
+
+use std::collections::BTreeMap;
+
+use burn::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::models::clip_text::{CLIPTextConfig, CLIPTextModel};
+use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::schedule::SchedulerConfig;
+use crate::tokenizer::{ClipTokenizer, SpecialTokens};
+use crate::weights::{VarBuilder, Weights};
+
+/// The files of a diffusers pipeline folder, by path relative to the folder.
+pub struct ModelFiles {
+    /// How the folder is named in error messages (its path, for the CLI).
+    pub name: String,
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+impl ModelFiles {
+    /// Every file the loader may read; weights are listed in order of preference.
+    pub const LAYOUT: &'static [&'static str] = &[
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder/config.json",
+        "text_encoder/model.safetensors",
+        "text_encoder/model.fp16.safetensors",
+        "tokenizer/tokenizer.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/special_tokens_map.json",
+        "scheduler/scheduler_config.json",
+    ];
+
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    pub fn insert(&mut self, path: impl Into<String>, bytes: Vec<u8>) {
+        self.files.insert(path.into(), bytes);
+    }
+
+    /// The name a file is reported under: `<folder>/<path>`.
+    pub fn display(&self, path: &str) -> String {
+        format!("{}/{}", self.name.trim_end_matches('/'), path)
+    }
+
+    pub fn has(&self, path: &str) -> bool {
+        self.files.contains_key(path)
+    }
+
+    pub fn bytes(&self, path: &str) -> Result<&[u8]> {
+        self.files
+            .get(path)
+            .map(Vec::as_slice)
+            .ok_or_else(|| Error::config(&self.display(path), "file is missing"))
+    }
+
+    pub fn text(&self, path: &str) -> Result<&str> {
+        std::str::from_utf8(self.bytes(path)?)
+            .map_err(|_| Error::config(&self.display(path), "not UTF-8 text"))
+    }
+
+    /// The first of `candidates` present, or an error naming the first.
+    pub fn first_of<'p>(&self, candidates: &[&'p str]) -> Result<&'p str> {
+        candidates
+            .iter()
+            .find(|p| self.has(p))
+            .copied()
+            .ok_or_else(|| Error::config(&self.display(candidates[0]), "file is missing"))
+    }
+
+    fn weights(&self, path: &str) -> Result<Weights<'_>> {
+        Weights::from_bytes(&self.display(path), self.bytes(path)?)
+    }
+}
+
+/// Text encoder + tokenizer + UNet + VAE + noise schedule.
+pub struct Pipeline {
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: CLIPTextModel,
+    pub unet: UNet2DConditionModel,
+    pub vae: AutoencoderKL,
+    pub unet_config: UNet2DConditionConfig,
+    pub vae_config: AutoencoderKLConfig,
+    pub text_config: CLIPTextConfig,
+    pub scheduler: SchedulerConfig,
+    pub device: Device,
+}
+
+impl Pipeline {
+    pub fn load(files: &ModelFiles, device: &Device) -> Result<Self> {
+        let cfg = |p: &str| -> Result<(String, &str)> { Ok((files.display(p), files.text(p)?)) };
+
+        let (f, json) = cfg("unet/config.json")?;
+        let unet_config = UNet2DConditionConfig::from_json(&f, json)?;
+        let (f, json) = cfg("vae/config.json")?;
+        let vae_config = AutoencoderKLConfig::from_json(&f, json)?;
+        let (f, json) = cfg("text_encoder/config.json")?;
+        let text_config = CLIPTextConfig::from_json(&f, json)?;
+        let (f, json) = cfg("scheduler/scheduler_config.json")?;
+        let scheduler = SchedulerConfig::from_json(&f, json)?;
+
+        if vae_config.latent_channels != unet_config.in_channels {
+            return Err(Error::config(
+                &files.display("unet/config.json"),
+                format!(
+                    "in_channels {} does not match the VAE's latent_channels {}",
+                    unet_config.in_channels, vae_config.latent_channels
+                ),
+            ));
+        }
+        if text_config.hidden_size != unet_config.cross_attention_dim {
+            return Err(Error::config(
+                &files.display("unet/config.json"),
+                format!(
+                    "cross_attention_dim {} does not match the text encoder's hidden_size {}",
+                    unet_config.cross_attention_dim, text_config.hidden_size
+                ),
+            ));
+        }
+
+        let tokenizer = load_tokenizer(files)?;
+        if tokenizer.max_length > text_config.max_position_embeddings {
+            return Err(Error::config(
+                &files.display("tokenizer/tokenizer_config.json"),
+                format!(
+                    "model_max_length {} exceeds the text encoder's max_position_embeddings {}",
+                    tokenizer.max_length, text_config.max_position_embeddings
+                ),
+            ));
+        }
+
+        let path = files.first_of(&["unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors"])?;
+        let w = files.weights(path)?;
+        let unet = UNet2DConditionModel::load(VarBuilder::new(&w, device), &unet_config, &files.display("unet/config.json"))?;
+
+        let path = files.first_of(&["vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"])?;
+        let w = files.weights(path)?;
+        let vae = AutoencoderKL::load(VarBuilder::new(&w, device), &vae_config)?;
+
+        let path = files.first_of(&["text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"])?;
+        let w = files.weights(path)?;
+        let text_encoder = CLIPTextModel::load(VarBuilder::new(&w, device), &text_config)?;
+
+        Ok(Self {
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            unet_config,
+            vae_config,
+            text_config,
+            scheduler,
+            device: device.clone(),
+        })
+    }
+
+    /// Token ids [B, max_length] for the prompts.
+    pub fn tokenize(&self, prompts: &[String]) -> Result<Tensor<2, Int>> {
+        let mut ids = Vec::new();
+        for p in prompts {
+            ids.extend(self.tokenizer.encode(p)?.into_iter().map(|i| i as i64));
+        }
+        let n = self.tokenizer.max_length;
+        Ok(Tensor::from_data(TensorData::new(ids, [prompts.len(), n]), &self.device))
+    }
+
+    /// `text_encoder(tokenizer(prompts)).last_hidden_state`: [B, max_length, hidden].
+    pub fn encode_prompts(&self, prompts: &[String]) -> Result<Tensor<3>> {
+        Ok(self.text_encoder.forward(self.tokenize(prompts)?))
+    }
+
+    /// Latent shape [C, h, w] for an image of `height` × `width` pixels.
+    pub fn latent_shape(&self, height: usize, width: usize) -> Result<[usize; 3]> {
+        let f = self.vae_config.downscale();
+        if height == 0 || width == 0 || height % f != 0 || width % f != 0 {
+            return Err(Error::Input(format!(
+                "height and width must be positive multiples of {f}, got {height}×{width}"
+            )));
+        }
+        Ok([self.unet_config.in_channels, height / f, width / f])
+    }
+
+    /// Default image size: the UNet's `sample_size` latents, decoded.
+    pub fn default_image_size(&self) -> usize {
+        self.unet_config.sample_size * self.vae_config.downscale()
+    }
+
+    /// Latents → image in [0, 1], [B, 3, H, W]: `(vae.decode(z / scale) / 2 + 0.5).clamp(0, 1)`.
+    pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
+        let z = latents / self.vae_config.scaling_factor;
+        (self.vae.decode(z) / 2.0 + 0.5).clamp(0.0, 1.0)
+    }
+}
+
+fn load_tokenizer(files: &ModelFiles) -> Result<ClipTokenizer> {
+    let mut settings = Vec::new();
+    for p in ["tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json"] {
+        if files.has(p) {
+            settings.push((p, files.text(p)?));
+        }
+    }
+    let special = SpecialTokens::from_json_files(&settings).map_err(|e| match e {
+        Error::Tokenizer { file, reason } => Error::Tokenizer {
+            file: files.display(&file),
+            reason,
+        },
+        e => e,
+    })?;
+    let result = if files.has("tokenizer/tokenizer.json") {
+        ClipTokenizer::from_tokenizer_json(files.bytes("tokenizer/tokenizer.json")?, &special)
+    } else {
+        ClipTokenizer::from_vocab_merges(
+            files.text("tokenizer/vocab.json")?,
+            files.text("tokenizer/merges.txt")?,
+            &special,
+        )
+    };
+    // The tokenizer names files by their bare names; report them inside this folder.
+    result.map_err(|e| match e {
+        Error::Tokenizer { file, reason } => Error::Tokenizer {
+            file: files.display(&format!("tokenizer/{file}")),
+            reason,
+        },
+        e => e,
+    })
+}
+
+/// What `draft sample` asks of a pipeline.
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
+    pub prompts: Vec<String>,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub eta: f64,
+    pub seed: u64,
+}
+
+impl Pipeline {
+    /// Text → latents x_0 with DDIM + CFG from the initial latents `x_t` [B, C, h, w]
+    /// (`prompts` are cycled over the batch). `on_step(i, n)` reports progress.
+    pub fn sample_latents(
+        &self,
+        options: &SampleOptions,
+        x_t: Tensor<4>,
+        on_step: impl FnMut(usize, usize),
+    ) -> Result<Tensor<4>> {
+        if options.prompts.is_empty() {
+            return Err(Error::Input("at least one prompt is needed".into()));
+        }
+        let b = x_t.dims()[0];
+        let prompts: Vec<String> = (0..b).map(|i| options.prompts[i % options.prompts.len()].clone()).collect();
+        let ddim = crate::schedule::Ddim::new(&self.scheduler, options.steps)?;
+        let cond = self.encode_prompts(&prompts)?;
+        let uncond = self.encode_prompts(std::slice::from_ref(&options.negative_prompt))?;
+        let cond = crate::sampler::Conditioning::new(cond, uncond, options.guidance);
+        let mut rng = crate::noise::NoiseRng::new(options.seed.wrapping_add(1));
+        let shape = x_t.dims();
+        let device = self.device.clone();
+        Ok(crate::sampler::sample(
+            &self.unet,
+            &ddim,
+            options.eta,
+            x_t,
+            &cond,
+            |_| Some(rng.randn(shape, &device)),
+            on_step,
+        ))
+    }
+}
+
+/// [B, 3, H, W] → [B, H, W, 3], diffusers' `output_type="np"` layout.
+pub fn to_nhwc(images: Tensor<4>) -> Tensor<4> {
+    images.permute([0, 2, 3, 1])
+}

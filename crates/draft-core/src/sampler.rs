@@ -1,0 +1,84 @@
+//! DDIM sampling with classifier-free guidance. One step is a pure tensor function
+//! `(x_t, step index, text embeddings) → x_{t−1}` so that training can differentiate through
+//! it, recompute it, or run it without a graph.
+
+use burn::prelude::*;
+
+use crate::models::unet::UNet2DConditionModel;
+use crate::schedule::Ddim;
+
+/// The conditioning of a batch: prompt embeddings and, for guidance, the unconditional
+/// (empty or negative prompt) embeddings broadcast to the batch.
+#[derive(Clone)]
+pub struct Conditioning {
+    pub cond: Tensor<3>,
+    pub uncond: Option<Tensor<3>>,
+    pub guidance: f64,
+}
+
+impl Conditioning {
+    /// diffusers applies guidance only when `guidance_scale > 1`.
+    pub fn new(cond: Tensor<3>, uncond: Tensor<3>, guidance: f64) -> Self {
+        let [b, n, d] = cond.dims();
+        let uncond = (guidance > 1.0).then(|| {
+            if uncond.dims()[0] == b {
+                uncond
+            } else {
+                uncond.narrow(0, 0, 1).expand([b, n, d])
+            }
+        });
+        Self { cond, uncond, guidance }
+    }
+
+    /// The guided model output for `x` at `timestep`.
+    pub fn model_output(&self, unet: &UNet2DConditionModel, x: Tensor<4>, timestep: f32) -> Tensor<4> {
+        match &self.uncond {
+            None => unet.forward(x, timestep, self.cond.clone()),
+            Some(uncond) => {
+                // One UNet call on [uncond; cond], as diffusers batches it.
+                let b = x.dims()[0];
+                let context = Tensor::cat(vec![uncond.clone(), self.cond.clone()], 0);
+                let out = unet.forward(Tensor::cat(vec![x.clone(), x], 0), timestep, context);
+                let u = out.clone().narrow(0, 0, b);
+                let c = out.narrow(0, b, b);
+                u.clone() + (c - u) * self.guidance
+            }
+        }
+    }
+}
+
+/// One DDIM step: x_{t_i} → x_{t_{i+1}}. `noise` is the fresh noise for η > 0.
+pub fn denoise_step(
+    unet: &UNet2DConditionModel,
+    ddim: &Ddim,
+    i: usize,
+    eta: f64,
+    x: Tensor<4>,
+    cond: &Conditioning,
+    noise: Option<Tensor<4>>,
+) -> Tensor<4> {
+    let c = ddim.coefficients(i, eta);
+    let eps = cond.model_output(unet, x.clone(), c.timestep as f32);
+    ddim.step(&c, eps, x, noise)
+}
+
+/// The whole chain from `x_T` to `x_0` without gradient. `noise(i)` supplies the step noise
+/// when η > 0; `on_step(i, n)` reports progress after each step.
+pub fn sample(
+    unet: &UNet2DConditionModel,
+    ddim: &Ddim,
+    eta: f64,
+    x_t: Tensor<4>,
+    cond: &Conditioning,
+    mut noise: impl FnMut(usize) -> Option<Tensor<4>>,
+    mut on_step: impl FnMut(usize, usize),
+) -> Tensor<4> {
+    let n = ddim.timesteps.len();
+    let mut x = x_t;
+    for i in 0..n {
+        let z = if eta > 0.0 { noise(i) } else { None };
+        x = denoise_step(unet, ddim, i, eta, x, cond, z);
+        on_step(i + 1, n);
+    }
+    x
+}

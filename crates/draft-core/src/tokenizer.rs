@@ -1,0 +1,169 @@
+//! CLIP's byte-level BPE tokenizer through the `tokenizers` crate.
+//!
+//! Built either from `tokenizer.json` or, as the CompVis SD-1.x repos ship only those, from
+//! `vocab.json` + `merges.txt` with the pipeline that transformers' `CLIPTokenizerFast`
+//! converter assembles. Output ids follow the SD pipelines' call
+//! `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)`:
+//! `<|startoftext|>`, at most 75 prompt tokens, `<|endoftext|>`, then padding.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as NormalizerSequence};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+
+use crate::error::{Error, Result};
+
+const BOS: &str = "<|startoftext|>";
+const EOS: &str = "<|endoftext|>";
+const CLIP_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
+pub struct ClipTokenizer {
+    tokenizer: Tokenizer,
+    pub bos_id: u32,
+    pub eos_id: u32,
+    pub pad_id: u32,
+    pub max_length: usize,
+}
+
+/// The special-token settings read from `tokenizer_config.json` / `special_tokens_map.json`.
+#[derive(Debug, Clone)]
+pub struct SpecialTokens {
+    pub pad_token: String,
+    pub model_max_length: usize,
+}
+
+impl SpecialTokens {
+    /// Reads `pad_token` and `model_max_length` from any of the given JSON files (later ones
+    /// win); defaults are SD-1.x's (`<|endoftext|>`, 77).
+    pub fn from_json_files(files: &[(&str, &str)]) -> Result<Self> {
+        let mut out = SpecialTokens {
+            pad_token: EOS.to_string(),
+            model_max_length: 77,
+        };
+        for (name, json) in files {
+            let v: Value = serde_json::from_str(json).map_err(|e| Error::Tokenizer {
+                file: name.to_string(),
+                reason: e.to_string(),
+            })?;
+            match v.get("pad_token") {
+                Some(Value::String(s)) => out.pad_token = s.clone(),
+                Some(Value::Object(o)) => {
+                    if let Some(Value::String(s)) = o.get("content") {
+                        out.pad_token = s.clone();
+                    }
+                }
+                _ => {}
+            }
+            // Tokenizers saved without a limit store a huge sentinel (1e30); ignore those.
+            if let Some(m) = v.get("model_max_length").and_then(Value::as_f64)
+                && m >= 1.0
+                && m < 1e6
+            {
+                out.model_max_length = m as usize;
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn tok_err(file: &str, e: impl ToString) -> Error {
+    Error::Tokenizer {
+        file: file.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+impl ClipTokenizer {
+    /// From `vocab.json` and `merges.txt` (the first line of merges may be a `#version` header).
+    pub fn from_vocab_merges(vocab_json: &str, merges_txt: &str, special: &SpecialTokens) -> Result<Self> {
+        let vocab: HashMap<String, u32> =
+            serde_json::from_str(vocab_json).map_err(|e| tok_err("vocab.json", e))?;
+        let mut merges = Vec::new();
+        for (i, line) in merges_txt.lines().enumerate() {
+            if line.starts_with("#version") || line.trim().is_empty() {
+                continue;
+            }
+            let mut parts = line.split(' ');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
+                _ => return Err(tok_err("merges.txt", format!("line {} is not `a b`: {line:?}", i + 1))),
+            }
+        }
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .unk_token(EOS.to_string())
+            .continuing_subword_prefix(String::new())
+            .end_of_word_suffix("</w>".to_string())
+            .fuse_unk(false)
+            .build()
+            .map_err(|e| tok_err("merges.txt", e))?;
+        let mut tokenizer = Tokenizer::new(bpe);
+        let normalizer = NormalizerSequence::new(vec![
+            NormalizerWrapper::NFC(NFC),
+            NormalizerWrapper::Replace(
+                Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
+                    .map_err(|e| tok_err("vocab.json", e))?,
+            ),
+            NormalizerWrapper::Lowercase(Lowercase),
+        ]);
+        tokenizer
+            .with_normalizer(Some(normalizer))
+            .map_err(|e| tok_err("vocab.json", e))?;
+        let split = Split::new(
+            SplitPattern::Regex(CLIP_PATTERN.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(|e| tok_err("vocab.json", e))?;
+        tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+            PreTokenizerWrapper::Split(split),
+            PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false)),
+        ])));
+        Self::finish(tokenizer, special, "vocab.json")
+    }
+
+    /// From a `tokenizer.json` file.
+    pub fn from_tokenizer_json(bytes: &[u8], special: &SpecialTokens) -> Result<Self> {
+        let tokenizer = Tokenizer::from_bytes(bytes).map_err(|e| tok_err("tokenizer.json", e))?;
+        Self::finish(tokenizer, special, "tokenizer.json")
+    }
+
+    fn finish(tokenizer: Tokenizer, special: &SpecialTokens, file: &str) -> Result<Self> {
+        let id = |t: &str| {
+            tokenizer
+                .token_to_id(t)
+                .ok_or_else(|| tok_err(file, format!("the vocabulary has no `{t}` token")))
+        };
+        if special.model_max_length < 2 {
+            return Err(tok_err(file, "model_max_length must be at least 2"));
+        }
+        Ok(Self {
+            bos_id: id(BOS)?,
+            eos_id: id(EOS)?,
+            pad_id: id(&special.pad_token)?,
+            max_length: special.model_max_length,
+            tokenizer,
+        })
+    }
+
+    /// `max_length` ids: BOS, the prompt's tokens (truncated), EOS, padding.
+    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(prompt, false)
+            .map_err(|e| tok_err("tokenizer", e))?;
+        let body = encoding.get_ids();
+        let body = &body[..body.len().min(self.max_length - 2)];
+        let mut ids = Vec::with_capacity(self.max_length);
+        ids.push(self.bos_id);
+        ids.extend_from_slice(body);
+        ids.push(self.eos_id);
+        ids.resize(self.max_length, self.pad_id);
+        Ok(ids)
+    }
+}

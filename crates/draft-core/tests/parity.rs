@@ -1,0 +1,189 @@
+//! Parity with diffusers + transformers (PyTorch, f32) on the tiny random pipelines that
+//! `tests/fixtures/make_fixtures.py` builds: text embeddings, one UNet call, VAE decode and
+//! encode, and whole DDIM + CFG sampling runs from fixed initial latents. Each runs on the CPU
+//! backend and on wgpu (lavapipe in CI). Tolerance: max abs error ≤ 1e-4.
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use draft_core::pipeline::{SampleOptions, to_nhwc};
+use draft_core::weights::Weights;
+use draft_core::{ModelFiles, Pipeline};
+
+const TOL: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn read_model(dir: &Path) -> ModelFiles {
+    let mut files = ModelFiles::new(dir.display().to_string());
+    for rel in ModelFiles::LAYOUT {
+        if let Ok(bytes) = std::fs::read(dir.join(rel)) {
+            files.insert(*rel, bytes);
+        }
+    }
+    files
+}
+
+/// The devices every parity test runs on. `DRAFT_TEST_DEVICES=cpu` limits a local run to the
+/// CPU; CI sets nothing, so wgpu (lavapipe) runs there and a missing adapter fails the test.
+fn devices() -> Vec<(&'static str, Device)> {
+    let mut out = vec![("cpu", Device::flex())];
+    if std::env::var("DRAFT_TEST_DEVICES").as_deref() != Ok("cpu") {
+        out.push(("wgpu", Device::wgpu(Default::default())));
+    }
+    out
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> (Vec<f32>, Vec<usize>) {
+    pollster::block_on(draft_core::read_f32(t)).unwrap()
+}
+
+fn assert_close<const D: usize>(what: &str, got: Tensor<D>, reference: &Weights, key: &str) {
+    let (got, got_shape) = values(got);
+    let (want, want_shape) = reference.read_f32(key).unwrap();
+    assert_eq!(got_shape, want_shape, "{what}: shape");
+    let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("{what}: max abs error {err:.2e} (max |ref| {max_ref:.3})");
+    assert!(err <= TOL, "{what}: max abs error {err:e} > {TOL:e}");
+}
+
+struct Fixture {
+    model: ModelFiles,
+    reference_bytes: Vec<u8>,
+    json: serde_json::Value,
+}
+
+impl Fixture {
+    fn load(name: &str) -> Self {
+        let dir = fixtures().join(name);
+        Self {
+            model: read_model(&dir),
+            reference_bytes: std::fs::read(dir.join("reference.safetensors")).unwrap(),
+            json: serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap(),
+        }
+    }
+
+    fn reference(&self) -> Weights<'_> {
+        Weights::from_bytes("reference.safetensors", &self.reference_bytes).unwrap()
+    }
+
+    fn prompts(&self) -> Vec<String> {
+        self.json["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+fn text_embeddings(name: &str) {
+    let fx = Fixture::load(name);
+    let r = fx.reference();
+    for (dev_name, device) in devices() {
+        let pipe = Pipeline::load(&fx.model, &device).unwrap();
+        let ids = pipe.tokenize(&fx.prompts()).unwrap();
+        let (ids, _) = pollster::block_on(ids.into_data_async()).map(|d| (d.convert::<i64>().into_vec::<i64>().unwrap(), ())).unwrap();
+        assert_eq!(ids, r.read_i64("prompt_ids").unwrap().0, "{name}: prompt ids");
+        let neg = pipe.tokenize(&[fx.json["negative_prompt"].as_str().unwrap().to_string()]).unwrap();
+        let neg = pollster::block_on(neg.into_data_async()).unwrap().convert::<i64>().into_vec::<i64>().unwrap();
+        assert_eq!(neg, r.read_i64("negative_ids").unwrap().0, "{name}: negative ids");
+
+        let what = format!("{name}/{dev_name}");
+        assert_close(&format!("{what} text_embeddings"), pipe.encode_prompts(&fx.prompts()).unwrap(), &r, "text_embeddings");
+        assert_close(&format!("{what} uncond_embeddings"), pipe.encode_prompts(&["".into()]).unwrap(), &r, "uncond_embeddings");
+    }
+}
+
+fn unet_call(name: &str) {
+    let fx = Fixture::load(name);
+    let r = fx.reference();
+    for (dev_name, device) in devices() {
+        let pipe = Pipeline::load(&fx.model, &device).unwrap();
+        let x = r.tensor::<4>("unet_sample", &device).unwrap();
+        let ctx = r.tensor::<3>("unet_encoder_hidden_states", &device).unwrap();
+        let t = r.read_f32("unet_timestep").unwrap().0[0];
+        let out = pipe.unet.forward(x, t, ctx);
+        assert_close(&format!("{name}/{dev_name} unet"), out, &r, "unet_out");
+    }
+}
+
+fn vae(name: &str) {
+    let fx = Fixture::load(name);
+    let r = fx.reference();
+    for (dev_name, device) in devices() {
+        let pipe = Pipeline::load(&fx.model, &device).unwrap();
+        let z = r.tensor::<4>("vae_decode_in", &device).unwrap();
+        assert_close(&format!("{name}/{dev_name} vae decode"), pipe.vae.decode(z), &r, "vae_decode_out");
+        let x = r.tensor::<4>("vae_encode_in", &device).unwrap();
+        let (mean, logvar) = pipe.vae.encode(x);
+        assert_close(&format!("{name}/{dev_name} vae encode mean"), mean, &r, "vae_encode_mean");
+        assert_close(&format!("{name}/{dev_name} vae encode logvar"), logvar, &r, "vae_encode_logvar");
+    }
+}
+
+fn sampling(name: &str) {
+    let fx = Fixture::load(name);
+    let r = fx.reference();
+    for (dev_name, device) in devices() {
+        let pipe = Pipeline::load(&fx.model, &device).unwrap();
+        for run in ["a", "b"] {
+            let cfg = &fx.json[format!("run_{run}")];
+            let options = SampleOptions {
+                prompts: fx.prompts(),
+                negative_prompt: cfg["negative_prompt"].as_str().unwrap_or("").to_string(),
+                steps: cfg["steps"].as_u64().unwrap() as usize,
+                guidance: cfg["guidance"].as_f64().unwrap(),
+                eta: 0.0,
+                seed: 0,
+            };
+            let x_t = r.tensor::<4>("init_noise", &device).unwrap();
+            let latents = pipe.sample_latents(&options, x_t, |_, _| {}).unwrap();
+            if run == "a" {
+                assert_close(&format!("{name}/{dev_name} latents_a"), latents.clone(), &r, "latents_a");
+            }
+            let images = to_nhwc(pipe.decode(latents));
+            assert_close(&format!("{name}/{dev_name} images_{run}"), images, &r, &format!("images_{run}"));
+        }
+    }
+}
+
+#[test]
+fn sd1_text_embeddings() {
+    text_embeddings("sd1-tiny");
+}
+#[test]
+fn sd2_text_embeddings() {
+    text_embeddings("sd2-tiny");
+}
+#[test]
+fn sd1_unet() {
+    unet_call("sd1-tiny");
+}
+#[test]
+fn sd2_unet() {
+    unet_call("sd2-tiny");
+}
+#[test]
+fn sd1_vae() {
+    vae("sd1-tiny");
+}
+#[test]
+fn sd2_vae() {
+    vae("sd2-tiny");
+}
+#[test]
+fn sd1_sampling() {
+    sampling("sd1-tiny");
+}
+#[test]
+fn sd2_sampling() {
+    sampling("sd2-tiny");
+}
