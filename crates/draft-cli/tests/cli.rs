@@ -59,8 +59,8 @@ fn sample_reproduces_diffusers_from_the_command_line() {
     let dir = fixtures().join("sd1-tiny");
     let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
     let prompts: Vec<&str> = json["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
-    let steps = json["run_a"]["steps"].as_u64().unwrap().to_string();
-    let guidance = json["run_a"]["guidance"].as_f64().unwrap().to_string();
+    let steps = json["runs"]["a"]["num_inference_steps"].as_u64().unwrap().to_string();
+    let guidance = json["runs"]["a"]["guidance_scale"].as_f64().unwrap().to_string();
     let out_dir = std::env::temp_dir().join(format!("draft-cli-sample-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let png = out_dir.join("grid.png");

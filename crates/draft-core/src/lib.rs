@@ -28,10 +28,10 @@ pub async fn read_f32<const D: usize>(t: Tensor<D>) -> Result<(Vec<f32>, Vec<usi
         .into_data_async()
         .await
         .map_err(|e| Error::Device(format!("{e:?}")))?;
-    let shape = data.shape.to_vec();
+    let shape = data.shape().to_vec();
     let values = data
         .convert::<f32>()
-        .into_vec::<f32>()
+        .try_into_vec::<f32>()
         .map_err(|e| Error::Device(format!("{e:?}")))?;
     Ok((values, shape))
 }

@@ -5,16 +5,20 @@
 //! converter assembles. Output ids follow the SD pipelines' call
 //! `tokenizer(prompt, padding="max_length", max_length=77, truncation=True)`:
 //! `<|startoftext|>`, at most 75 prompt tokens, `<|endoftext|>`, then padding.
+//!
+//! The reference is transformers' slow `CLIPTokenizer` with ftfy installed (as it is wherever
+//! open_clip is): before BPE it runs `ftfy.fix_text` and a double `html.unescape`. The fast
+//! pipeline does neither, so [`clean_text`] does the parts that change prompts in practice.
 
 use std::collections::HashMap;
 
 use serde_json::Value;
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{BPE, Vocab};
 use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as NormalizerSequence};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{Error, Result};
 
@@ -83,6 +87,7 @@ impl ClipTokenizer {
     pub fn from_vocab_merges(vocab_json: &str, merges_txt: &str, special: &SpecialTokens) -> Result<Self> {
         let vocab: HashMap<String, u32> =
             serde_json::from_str(vocab_json).map_err(|e| tok_err("vocab.json", e))?;
+        let vocab: Vocab = vocab.into_iter().collect();
         let mut merges = Vec::new();
         for (i, line) in merges_txt.lines().enumerate() {
             if line.starts_with("#version") || line.trim().is_empty() {
@@ -124,6 +129,10 @@ impl ClipTokenizer {
             PreTokenizerWrapper::Split(split),
             PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false)),
         ])));
+        // Written out in a prompt, the special tokens are matched whole, as the slow tokenizer does.
+        tokenizer
+            .add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
+            .map_err(|e| tok_err("vocab.json", e))?;
         Self::finish(tokenizer, special, "vocab.json")
     }
 
@@ -155,7 +164,7 @@ impl ClipTokenizer {
     pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
         let encoding = self
             .tokenizer
-            .encode(prompt, false)
+            .encode(clean_text(prompt), false)
             .map_err(|e| tok_err("tokenizer", e))?;
         let body = encoding.get_ids();
         let body = &body[..body.len().min(self.max_length - 2)];
@@ -166,4 +175,88 @@ impl ClipTokenizer {
         ids.resize(self.max_length, self.pad_id);
         Ok(ids)
     }
+}
+
+/// The parts of the slow tokenizer's `basic_clean` (ftfy's `fix_text`, then `html.unescape`
+/// twice) that the fast pipeline lacks: HTML entities, curly quotes, Latin ligatures and
+/// full-width characters. NFC and whitespace folding happen in the normalizer.
+pub fn clean_text(text: &str) -> String {
+    let mut s = text.to_string();
+    for _ in 0..3 {
+        // ftfy unescapes once when the text has no other markup, then basic_clean twice.
+        let next = html_unescape(&s);
+        if next == s {
+            break;
+        }
+        s = next;
+    }
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\u{2018}' | '\u{2019}' | '\u{201A}' | '\u{201B}' => out.push('\''),
+            '\u{201C}' | '\u{201D}' | '\u{201E}' | '\u{201F}' => out.push('"'),
+            '\u{FB00}' => out.push_str("ff"),
+            '\u{FB01}' => out.push_str("fi"),
+            '\u{FB02}' => out.push_str("fl"),
+            '\u{FB03}' => out.push_str("ffi"),
+            '\u{FB04}' => out.push_str("ffl"),
+            '\u{FB05}' => out.push_str("\u{17F}t"),
+            '\u{FB06}' => out.push_str("st"),
+            '\u{3000}' => out.push(' '),
+            '\u{FF01}'..='\u{FF5E}' => out.push(char::from_u32(c as u32 - 0xFF01 + 0x21).unwrap_or(c)),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// Python's `html.unescape` for named entities common in prompts and numeric references.
+fn html_unescape(s: &str) -> String {
+    const NAMED: &[(&str, &str)] = &[
+        ("amp", "&"),
+        ("lt", "<"),
+        ("gt", ">"),
+        ("quot", "\""),
+        ("apos", "'"),
+        ("nbsp", "\u{A0}"),
+        ("copy", "\u{A9}"),
+        ("reg", "\u{AE}"),
+        ("hellip", "\u{2026}"),
+        ("mdash", "\u{2014}"),
+        ("ndash", "\u{2013}"),
+    ];
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        let end = rest[1..].find(';').map(|e| e + 1).filter(|&e| e <= 12);
+        let decoded = end.and_then(|e| {
+            let name = &rest[1..e];
+            let num = if let Some(hex) = name.strip_prefix("#x").or_else(|| name.strip_prefix("#X")) {
+                u32::from_str_radix(hex, 16).ok()
+            } else if let Some(dec) = name.strip_prefix('#') {
+                dec.parse().ok()
+            } else {
+                None
+            };
+            let text = match num {
+                Some(n) => char::from_u32(n).map(String::from),
+                None => NAMED.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()),
+            };
+            text.map(|t| (t, e + 1))
+        });
+        match decoded {
+            Some((text, len)) => {
+                out.push_str(&text);
+                rest = &rest[len..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }

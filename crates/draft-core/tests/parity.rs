@@ -90,10 +90,10 @@ fn text_embeddings(name: &str) {
     for (dev_name, device) in devices() {
         let pipe = Pipeline::load(&fx.model, &device).unwrap();
         let ids = pipe.tokenize(&fx.prompts()).unwrap();
-        let (ids, _) = pollster::block_on(ids.into_data_async()).map(|d| (d.convert::<i64>().into_vec::<i64>().unwrap(), ())).unwrap();
+        let (ids, _) = pollster::block_on(ids.into_data_async()).map(|d| (d.convert::<i64>().try_into_vec::<i64>().unwrap(), ())).unwrap();
         assert_eq!(ids, r.read_i64("prompt_ids").unwrap().0, "{name}: prompt ids");
         let neg = pipe.tokenize(&[fx.json["negative_prompt"].as_str().unwrap().to_string()]).unwrap();
-        let neg = pollster::block_on(neg.into_data_async()).unwrap().convert::<i64>().into_vec::<i64>().unwrap();
+        let neg = pollster::block_on(neg.into_data_async()).unwrap().convert::<i64>().try_into_vec::<i64>().unwrap();
         assert_eq!(neg, r.read_i64("negative_ids").unwrap().0, "{name}: negative ids");
 
         let what = format!("{name}/{dev_name}");
@@ -135,15 +135,23 @@ fn sampling(name: &str) {
     for (dev_name, device) in devices() {
         let pipe = Pipeline::load(&fx.model, &device).unwrap();
         for run in ["a", "b"] {
-            let cfg = &fx.json[format!("run_{run}")];
+            let cfg = &fx.json["runs"][run];
+            let negative = match &cfg["negative_prompt"] {
+                serde_json::Value::Array(a) => a[0].as_str().unwrap().to_string(),
+                _ => String::new(),
+            };
             let options = SampleOptions {
                 prompts: fx.prompts(),
-                negative_prompt: cfg["negative_prompt"].as_str().unwrap_or("").to_string(),
-                steps: cfg["steps"].as_u64().unwrap() as usize,
-                guidance: cfg["guidance"].as_f64().unwrap(),
+                negative_prompt: negative,
+                steps: cfg["num_inference_steps"].as_u64().unwrap() as usize,
+                guidance: cfg["guidance_scale"].as_f64().unwrap(),
                 eta: 0.0,
                 seed: 0,
             };
+            let ddim = draft_core::schedule::Ddim::new(&pipe.scheduler, options.steps).unwrap();
+            let want: Vec<usize> =
+                cfg["timesteps"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as usize).collect();
+            assert_eq!(ddim.timesteps, want, "{name}: DDIM timesteps of run {run}");
             let x_t = r.tensor::<4>("init_noise", &device).unwrap();
             let latents = pipe.sample_latents(&options, x_t, |_, _| {}).unwrap();
             if run == "a" {
