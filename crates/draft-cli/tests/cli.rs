@@ -125,7 +125,8 @@ fn header_claims_more_bytes_than_the_file_has() {
     let m = scratch("sd1-tiny", "header-size");
     let path = m.join("unet/diffusion_pytorch_model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
-    bytes[..8].copy_from_slice(&(bytes.len() as u64 * 2).to_le_bytes());
+    let claimed = bytes.len() as u64 * 2;
+    bytes[..8].copy_from_slice(&claimed.to_le_bytes());
     std::fs::write(&path, &bytes).unwrap();
     expect_error(&m, &[], &["unet/diffusion_pytorch_model.safetensors"]);
 }

@@ -41,6 +41,12 @@ fn values<const D: usize>(t: Tensor<D>) -> (Vec<f32>, Vec<usize>) {
 }
 
 fn assert_close<const D: usize>(what: &str, got: Tensor<D>, reference: &Weights, key: &str) {
+    assert_close_scaled(what, got, reference, key, false)
+}
+
+/// With `relative`, each element's error is divided by max(1, |reference|): the final latents
+/// of the random ε-model grow to ~40 (DDIM divides by √ᾱ), where f32 itself carries ~4e-6.
+fn assert_close_scaled<const D: usize>(what: &str, got: Tensor<D>, reference: &Weights, key: &str, relative: bool) {
     let (got, got_shape) = values(got);
     let (want, want_shape) = reference.read_f32(key).unwrap();
     assert_eq!(got_shape, want_shape, "{what}: shape");
@@ -48,7 +54,7 @@ fn assert_close<const D: usize>(what: &str, got: Tensor<D>, reference: &Weights,
     let err = got
         .iter()
         .zip(&want)
-        .map(|(a, b)| (a - b).abs())
+        .map(|(a, b)| (a - b).abs() / if relative { b.abs().max(1.0) } else { 1.0 })
         .fold(0f32, f32::max);
     eprintln!("{what}: max abs error {err:.2e} (max |ref| {max_ref:.3})");
     assert!(err <= TOL, "{what}: max abs error {err:e} > {TOL:e}");
@@ -155,7 +161,7 @@ fn sampling(name: &str) {
             let x_t = r.tensor::<4>("init_noise", &device).unwrap();
             let latents = pipe.sample_latents(&options, x_t, |_, _| {}).unwrap();
             if run == "a" {
-                assert_close(&format!("{name}/{dev_name} latents_a"), latents.clone(), &r, "latents_a");
+                assert_close_scaled(&format!("{name}/{dev_name} latents_a (relative)"), latents.clone(), &r, "latents_a", true);
             }
             let images = to_nhwc(pipe.decode(latents));
             assert_close(&format!("{name}/{dev_name} images_{run}"), images, &r, &format!("images_{run}"));
