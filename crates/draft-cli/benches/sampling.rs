@@ -22,9 +22,16 @@ const SD14_SCHEDULER: &str = r#"{"beta_start":0.00085,"beta_end":0.012,"beta_sch
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
     let devices = flag("--devices").unwrap_or_else(|| "cpu,wgpu".into());
-    let sd14_steps: usize = flag("--sd14-steps").and_then(|s| s.parse().ok()).unwrap_or(50);
+    let sd14_steps: usize = flag("--sd14-steps")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
 
     println!("| device | model | latents | UNet call (CFG batch 2) | sampling | steps |");
     println!("|---|---|---|---|---|---|");
@@ -35,7 +42,9 @@ fn main() {
             other => panic!("unknown device {other}"),
         };
         for fixture in ["sd1-tiny", "sd2-tiny"] {
-            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(fixture);
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures")
+                .join(fixture);
             let mut files = ModelFiles::new(dir.display().to_string());
             for rel in ModelFiles::LAYOUT {
                 if let Ok(bytes) = std::fs::read(dir.join(rel)) {
@@ -46,13 +55,29 @@ fn main() {
             let scheduler = pipe.scheduler.clone();
             let ctx = pipe.encode_prompts(&["a red circle".into()]).unwrap();
             let size = pipe.unet_config.sample_size;
-            bench(dev_name, fixture, &pipe.unet, &scheduler, ctx, size, 50, &device);
+            bench(
+                dev_name, fixture, &pipe.unet, &scheduler, ctx, size, 50, &device,
+            );
         }
-        let config = UNet2DConditionConfig::from_json("sd14_unet_config.json", include_str!("sd14_unet_config.json")).unwrap();
-        let unet = UNet2DConditionModel::load(VarBuilder::random(0, &device), &config, "sd14").unwrap();
+        let config = UNet2DConditionConfig::from_json(
+            "sd14_unet_config.json",
+            include_str!("sd14_unet_config.json"),
+        )
+        .unwrap();
+        let unet =
+            UNet2DConditionModel::load(VarBuilder::random(0, &device), &config, "sd14").unwrap();
         let scheduler = SchedulerConfig::from_json("sd14 scheduler", SD14_SCHEDULER).unwrap();
         let ctx = NoiseRng::new(1).randn([1, 77, 768], &device);
-        bench(dev_name, "SD-1.4 UNet (random)", &unet, &scheduler, ctx, 32, sd14_steps, &device);
+        bench(
+            dev_name,
+            "SD-1.4 UNet (random)",
+            &unet,
+            &scheduler,
+            ctx,
+            32,
+            sd14_steps,
+            &device,
+        );
     }
 }
 
@@ -88,5 +113,9 @@ fn bench(
     device.sync().unwrap();
     let total = t0.elapsed().as_secs_f64();
     drop(out);
-    println!("| {dev} | {model} | {size}×{size} | {:.1} ms | {:.2} s | {steps} |", call * 1e3, total);
+    println!(
+        "| {dev} | {model} | {size}×{size} | {:.1} ms | {:.2} s | {steps} |",
+        call * 1e3,
+        total
+    );
 }

@@ -64,7 +64,9 @@ fn gpu_adapter() -> Option<String> {
     adapters.into_iter().map(|a| a.get_info()).find_map(|info| {
         matches!(
             info.device_type,
-            wgpu::DeviceType::DiscreteGpu | wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::VirtualGpu
+            wgpu::DeviceType::DiscreteGpu
+                | wgpu::DeviceType::IntegratedGpu
+                | wgpu::DeviceType::VirtualGpu
         )
         .then(|| format!("{} (wgpu, {:?})", info.name, info.backend))
     })

@@ -14,7 +14,8 @@ pub fn read_model_dir(dir: &Path) -> Result<ModelFiles> {
     for rel in ModelFiles::LAYOUT {
         let path = dir.join(rel);
         if path.is_file() {
-            let bytes = std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
             files.insert(*rel, bytes);
         }
     }
@@ -29,7 +30,8 @@ pub fn read(path: &Path) -> Result<Vec<u8>> {
 /// half-written file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("{}: cannot create", parent.display()))?;
     }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;

@@ -18,13 +18,20 @@ pub fn write_png_grid(path: &Path, values: &[f32], b: usize, h: usize, w: usize)
             for x in 0..w {
                 let o = ((i * h + y) * w + x) * 3;
                 let px = |c: usize| (values[o + c].clamp(0.0, 1.0) * 255.0).round() as u8;
-                grid.put_pixel((gx + x) as u32, (gy + y) as u32, image::Rgb([px(0), px(1), px(2)]));
+                grid.put_pixel(
+                    (gx + x) as u32,
+                    (gy + y) as u32,
+                    image::Rgb([px(0), px(1), px(2)]),
+                );
             }
         }
     }
     let mut bytes = Vec::new();
-    grid.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .context("cannot encode PNG")?;
+    grid.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .context("cannot encode PNG")?;
     write_atomic(path, &bytes)
 }
 
@@ -39,7 +46,12 @@ pub fn write_tensors(path: &Path, tensors: &[(&str, &[f32], Vec<usize>)]) -> Res
         .collect::<Vec<_>>();
     let views = views
         .iter()
-        .map(|(name, shape, bytes)| Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), bytes)?)))
+        .map(|(name, shape, bytes)| {
+            Ok((
+                name.clone(),
+                TensorView::new(Dtype::F32, shape.clone(), bytes)?,
+            ))
+        })
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
         .context("cannot build the safetensors file")?;
     let bytes = safetensors::serialize(views, None).context("cannot serialize tensors")?;

@@ -12,7 +12,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "draft", version, about = "DRaFT: reward fine-tuning of diffusion models on any GPU")]
+#[command(
+    name = "draft",
+    version,
+    about = "DRaFT: reward fine-tuning of diffusion models on any GPU"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -41,40 +41,82 @@ fn copy_dir(src: &Path, dst: &Path) {
 /// mentions every `needle`, no panic.
 fn expect_error(model: &Path, extra: &[&str], needles: &[&str]) {
     let model = model.to_str().unwrap();
-    let mut args = vec!["sample", "--model", model, "--prompt", "x", "--steps", "2", "--device", "cpu"];
+    let mut args = vec![
+        "sample", "--model", model, "--prompt", "x", "--steps", "2", "--device", "cpu",
+    ];
     args.extend_from_slice(extra);
     let out = draft(&args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "expected failure, stderr:\n{stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"), "panic:\n{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "panic:\n{stderr}"
+    );
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
-    assert_eq!(errors.len(), 1, "expected one error line, stderr:\n{stderr}");
+    assert_eq!(
+        errors.len(),
+        1,
+        "expected one error line, stderr:\n{stderr}"
+    );
     for n in needles {
-        assert!(errors[0].contains(n), "error line lacks {n:?}: {}", errors[0]);
+        assert!(
+            errors[0].contains(n),
+            "error line lacks {n:?}: {}",
+            errors[0]
+        );
     }
 }
 
 #[test]
 fn sample_reproduces_diffusers_from_the_command_line() {
     let dir = fixtures().join("sd1-tiny");
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
-    let prompts: Vec<&str> = json["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
-    let steps = json["runs"]["a"]["num_inference_steps"].as_u64().unwrap().to_string();
-    let guidance = json["runs"]["a"]["guidance_scale"].as_f64().unwrap().to_string();
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap();
+    let prompts: Vec<&str> = json["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let steps = json["runs"]["a"]["num_inference_steps"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let guidance = json["runs"]["a"]["guidance_scale"]
+        .as_f64()
+        .unwrap()
+        .to_string();
     let out_dir = std::env::temp_dir().join(format!("draft-cli-sample-{}", std::process::id()));
     std::fs::create_dir_all(&out_dir).unwrap();
     let png = out_dir.join("grid.png");
     let tensor = out_dir.join("images.safetensors");
     let noise = dir.join("init_noise.safetensors");
     let out = draft(&[
-        "sample", "--model", dir.to_str().unwrap(),
-        "--prompt", prompts[0], "--prompt", prompts[1],
-        "--steps", &steps, "--guidance", &guidance,
-        "--init-noise", noise.to_str().unwrap(),
-        "--out", png.to_str().unwrap(), "--out-tensor", tensor.to_str().unwrap(),
-        "--device", "cpu",
+        "sample",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        prompts[0],
+        "--prompt",
+        prompts[1],
+        "--steps",
+        &steps,
+        "--guidance",
+        &guidance,
+        "--init-noise",
+        noise.to_str().unwrap(),
+        "--out",
+        png.to_str().unwrap(),
+        "--out-tensor",
+        tensor.to_str().unwrap(),
+        "--device",
+        "cpu",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(std::fs::metadata(&png).unwrap().len() > 100);
 
     let got = std::fs::read(&tensor).unwrap();
@@ -84,21 +126,37 @@ fn sample_reproduces_diffusers_from_the_command_line() {
     let reference = safetensors::SafeTensors::deserialize(&reference).unwrap();
     let want = reference.tensor("images_a").unwrap();
     assert_eq!(got.shape(), want.shape());
-    let f = |b: &[u8]| b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>();
-    let err = f(got.data()).iter().zip(f(want.data())).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let f = |b: &[u8]| {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let err = f(got.data())
+        .iter()
+        .zip(f(want.data()))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(err <= 1e-4, "max abs error {err}");
 }
 
 #[test]
 fn missing_model_folder() {
-    expect_error(Path::new("/nonexistent/model"), &[], &["/nonexistent/model", "not found"]);
+    expect_error(
+        Path::new("/nonexistent/model"),
+        &[],
+        &["/nonexistent/model", "not found"],
+    );
 }
 
 #[test]
 fn missing_weights_file() {
     let m = scratch("sd1-tiny", "missing-file");
     std::fs::remove_file(m.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
-    expect_error(&m, &[], &["unet/diffusion_pytorch_model.safetensors", "missing"]);
+    expect_error(
+        &m,
+        &[],
+        &["unet/diffusion_pytorch_model.safetensors", "missing"],
+    );
 }
 
 #[test]
@@ -132,7 +190,10 @@ fn header_claims_more_bytes_than_the_file_has() {
 }
 
 /// Rewrites one safetensors file keeping every tensor but `drop`, and renaming/reshaping as asked.
-fn rewrite_tensors(path: &Path, edit: impl Fn(&str, Vec<usize>, Vec<u8>) -> Option<(String, Vec<usize>, Vec<u8>)>) {
+fn rewrite_tensors(
+    path: &Path,
+    edit: impl Fn(&str, Vec<usize>, Vec<u8>) -> Option<(String, Vec<usize>, Vec<u8>)>,
+) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut kept = Vec::new();
@@ -143,7 +204,12 @@ fn rewrite_tensors(path: &Path, edit: impl Fn(&str, Vec<usize>, Vec<u8>) -> Opti
     }
     let views: Vec<_> = kept
         .iter()
-        .map(|((n, s, d), dtype)| (n.clone(), safetensors::tensor::TensorView::new(*dtype, s.clone(), d).unwrap()))
+        .map(|((n, s, d), dtype)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dtype, s.clone(), d).unwrap(),
+            )
+        })
         .collect();
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
@@ -152,30 +218,44 @@ fn rewrite_tensors(path: &Path, edit: impl Fn(&str, Vec<usize>, Vec<u8>) -> Opti
 fn missing_tensor() {
     let m = scratch("sd1-tiny", "missing-tensor");
     let key = "mid_block.attentions.0.proj_in.weight";
-    rewrite_tensors(&m.join("unet/diffusion_pytorch_model.safetensors"), |n, s, d| (n != key).then(|| (n.to_string(), s, d)));
-    expect_error(&m, &[], &["unet/diffusion_pytorch_model.safetensors", key, "missing"]);
+    rewrite_tensors(
+        &m.join("unet/diffusion_pytorch_model.safetensors"),
+        |n, s, d| (n != key).then(|| (n.to_string(), s, d)),
+    );
+    expect_error(
+        &m,
+        &[],
+        &["unet/diffusion_pytorch_model.safetensors", key, "missing"],
+    );
 }
 
 #[test]
 fn misshaped_tensor() {
     let m = scratch("sd1-tiny", "misshaped");
     let key = "conv_in.weight";
-    rewrite_tensors(&m.join("unet/diffusion_pytorch_model.safetensors"), |n, s, d| {
-        if n == key {
-            // Same bytes, claimed as a different (but consistent) shape.
-            let total: usize = s.iter().product();
-            Some((n.to_string(), vec![total / 2, 2], d))
-        } else {
-            Some((n.to_string(), s, d))
-        }
-    });
+    rewrite_tensors(
+        &m.join("unet/diffusion_pytorch_model.safetensors"),
+        |n, s, d| {
+            if n == key {
+                // Same bytes, claimed as a different (but consistent) shape.
+                let total: usize = s.iter().product();
+                Some((n.to_string(), vec![total / 2, 2], d))
+            } else {
+                Some((n.to_string(), s, d))
+            }
+        },
+    );
     expect_error(&m, &[], &[key, "shape"]);
 }
 
 #[test]
 fn malformed_config_json() {
     let m = scratch("sd1-tiny", "bad-json");
-    std::fs::write(m.join("unet/config.json"), "{ \"block_out_channels\": [32, ").unwrap();
+    std::fs::write(
+        m.join("unet/config.json"),
+        "{ \"block_out_channels\": [32, ",
+    )
+    .unwrap();
     expect_error(&m, &[], &["unet/config.json"]);
 }
 
@@ -202,9 +282,22 @@ fn unknown_block_type() {
 #[test]
 fn init_noise_of_the_wrong_shape() {
     let m = fixtures().join("sd1-tiny");
-    let noise = std::env::temp_dir().join(format!("draft-cli-noise-{}.safetensors", std::process::id()));
+    let noise = std::env::temp_dir().join(format!(
+        "draft-cli-noise-{}.safetensors",
+        std::process::id()
+    ));
     let data = vec![0u8; 4 * 3 * 5 * 5 * 4];
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 3, 5, 5], &data).unwrap();
-    std::fs::write(&noise, safetensors::serialize([("noise", view)], None).unwrap()).unwrap();
-    expect_error(&m, &["--init-noise", noise.to_str().unwrap()], &[noise.to_str().unwrap(), "noise", "shape"]);
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4, 3, 5, 5], &data)
+            .unwrap();
+    std::fs::write(
+        &noise,
+        safetensors::serialize([("noise", view)], None).unwrap(),
+    )
+    .unwrap();
+    expect_error(
+        &m,
+        &["--init-noise", noise.to_str().unwrap()],
+        &[noise.to_str().unwrap(), "noise", "shape"],
+    );
 }

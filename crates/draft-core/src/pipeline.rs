@@ -146,15 +146,28 @@ impl Pipeline {
             ));
         }
 
-        let path = files.first_of(&["unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors"])?;
+        let path = files.first_of(&[
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+        ])?;
         let w = files.weights(path)?;
-        let unet = UNet2DConditionModel::load(VarBuilder::new(&w, device), &unet_config, &files.display("unet/config.json"))?;
+        let unet = UNet2DConditionModel::load(
+            VarBuilder::new(&w, device),
+            &unet_config,
+            &files.display("unet/config.json"),
+        )?;
 
-        let path = files.first_of(&["vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"])?;
+        let path = files.first_of(&[
+            "vae/diffusion_pytorch_model.safetensors",
+            "vae/diffusion_pytorch_model.fp16.safetensors",
+        ])?;
         let w = files.weights(path)?;
         let vae = AutoencoderKL::load(VarBuilder::new(&w, device), &vae_config)?;
 
-        let path = files.first_of(&["text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"])?;
+        let path = files.first_of(&[
+            "text_encoder/model.safetensors",
+            "text_encoder/model.fp16.safetensors",
+        ])?;
         let w = files.weights(path)?;
         let text_encoder = CLIPTextModel::load(VarBuilder::new(&w, device), &text_config)?;
 
@@ -178,7 +191,10 @@ impl Pipeline {
             ids.extend(self.tokenizer.encode(p)?.into_iter().map(|i| i as i64));
         }
         let n = self.tokenizer.max_length;
-        Ok(Tensor::from_data(TensorData::new(ids, [prompts.len(), n]), &self.device))
+        Ok(Tensor::from_data(
+            TensorData::new(ids, [prompts.len(), n]),
+            &self.device,
+        ))
     }
 
     /// `text_encoder(tokenizer(prompts)).last_hidden_state`: [B, max_length, hidden].
@@ -211,7 +227,10 @@ impl Pipeline {
 
 fn load_tokenizer(files: &ModelFiles) -> Result<ClipTokenizer> {
     let mut settings = Vec::new();
-    for p in ["tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json"] {
+    for p in [
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/tokenizer_config.json",
+    ] {
         if files.has(p) {
             settings.push((p, files.text(p)?));
         }
@@ -266,7 +285,9 @@ impl Pipeline {
             return Err(Error::Input("at least one prompt is needed".into()));
         }
         let b = x_t.dims()[0];
-        let prompts: Vec<String> = (0..b).map(|i| options.prompts[i % options.prompts.len()].clone()).collect();
+        let prompts: Vec<String> = (0..b)
+            .map(|i| options.prompts[i % options.prompts.len()].clone())
+            .collect();
         let ddim = crate::schedule::Ddim::new(&self.scheduler, options.steps)?;
         let cond = self.encode_prompts(&prompts)?;
         let uncond = self.encode_prompts(std::slice::from_ref(&options.negative_prompt))?;

@@ -27,11 +27,20 @@ impl Conditioning {
                 uncond.narrow(0, 0, 1).expand([b, n, d])
             }
         });
-        Self { cond, uncond, guidance }
+        Self {
+            cond,
+            uncond,
+            guidance,
+        }
     }
 
     /// The guided model output for `x` at `timestep`.
-    pub fn model_output(&self, unet: &UNet2DConditionModel, x: Tensor<4>, timestep: f32) -> Tensor<4> {
+    pub fn model_output(
+        &self,
+        unet: &UNet2DConditionModel,
+        x: Tensor<4>,
+        timestep: f32,
+    ) -> Tensor<4> {
         match &self.uncond {
             None => unet.forward(x, timestep, self.cond.clone()),
             Some(uncond) => {

@@ -76,14 +76,22 @@ impl SchedulerConfig {
         let c: Self = serde_json::from_str(json).map_err(|e| Error::config(file, e.to_string()))?;
         let bad = |r: String| Err(Error::config(file, r));
         if c.num_train_timesteps < 2 {
-            return bad(format!("num_train_timesteps {} is too small", c.num_train_timesteps));
+            return bad(format!(
+                "num_train_timesteps {} is too small",
+                c.num_train_timesteps
+            ));
         }
-        if !matches!(c.beta_schedule.as_str(), "linear" | "scaled_linear" | "squaredcos_cap_v2")
-            && c.trained_betas.is_none()
+        if !matches!(
+            c.beta_schedule.as_str(),
+            "linear" | "scaled_linear" | "squaredcos_cap_v2"
+        ) && c.trained_betas.is_none()
         {
             return bad(format!("unknown beta_schedule `{}`", c.beta_schedule));
         }
-        if !matches!(c.timestep_spacing.as_str(), "leading" | "trailing" | "linspace") {
+        if !matches!(
+            c.timestep_spacing.as_str(),
+            "leading" | "trailing" | "linspace"
+        ) {
             return bad(format!("unknown timestep_spacing `{}`", c.timestep_spacing));
         }
         c.prediction(file)?;
@@ -93,7 +101,11 @@ impl SchedulerConfig {
         if let Some(b) = &c.trained_betas
             && b.len() != c.num_train_timesteps
         {
-            return bad(format!("trained_betas has {} values, expected {}", b.len(), c.num_train_timesteps));
+            return bad(format!(
+                "trained_betas has {} values, expected {}",
+                b.len(),
+                c.num_train_timesteps
+            ));
         }
         Ok(c)
     }
@@ -103,7 +115,10 @@ impl SchedulerConfig {
             "epsilon" => Ok(Prediction::Epsilon),
             "sample" => Ok(Prediction::Sample),
             "v_prediction" => Ok(Prediction::VPrediction),
-            other => Err(Error::config(file, format!("unknown prediction_type `{other}`"))),
+            other => Err(Error::config(
+                file,
+                format!("unknown prediction_type `{other}`"),
+            )),
         }
     }
 
@@ -120,7 +135,11 @@ impl SchedulerConfig {
                     .map(|b| b * b)
                     .collect(),
                 _ => {
-                    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+                    let alpha_bar = |t: f64| {
+                        ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0)
+                            .cos()
+                            .powi(2)
+                    };
                     (0..n)
                         .map(|i| {
                             let (t1, t2) = (i as f64 / n as f64, (i + 1) as f64 / n as f64);
@@ -192,7 +211,10 @@ impl Ddim {
         let timesteps: Vec<usize> = match config.timestep_spacing.as_str() {
             "leading" => {
                 let ratio = n / steps;
-                (0..steps).rev().map(|i| i * ratio + config.steps_offset).collect()
+                (0..steps)
+                    .rev()
+                    .map(|i| i * ratio + config.steps_offset)
+                    .collect()
             }
             "trailing" => {
                 let ratio = n as f64 / steps as f64;
@@ -213,7 +235,11 @@ impl Ddim {
             )));
         }
         Ok(Self {
-            final_alpha_cumprod: if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] },
+            final_alpha_cumprod: if config.set_alpha_to_one {
+                1.0
+            } else {
+                alphas_cumprod[0]
+            },
             alphas_cumprod,
             timesteps,
             step_ratio: n / steps,
@@ -255,7 +281,10 @@ impl Ddim {
         let (a_t, a_prev) = (c.alpha_prod_t, c.alpha_prod_prev);
         let (sa, sb) = (a_t.sqrt(), (1.0 - a_t).sqrt());
         let (pred_x0, pred_eps) = match self.prediction {
-            Prediction::Epsilon => ((sample.clone() - model_output.clone() * sb) / sa, model_output),
+            Prediction::Epsilon => (
+                (sample.clone() - model_output.clone() * sb) / sa,
+                model_output,
+            ),
             Prediction::Sample => {
                 let eps = (sample.clone() - model_output.clone() * sa) / sb;
                 (model_output, eps)

@@ -18,7 +18,9 @@ use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as NormalizerSeq
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{
+    AddedToken, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior, Tokenizer,
+};
 
 use crate::error::{Error, Result};
 
@@ -84,7 +86,11 @@ fn tok_err(file: &str, e: impl ToString) -> Error {
 
 impl ClipTokenizer {
     /// From `vocab.json` and `merges.txt` (the first line of merges may be a `#version` header).
-    pub fn from_vocab_merges(vocab_json: &str, merges_txt: &str, special: &SpecialTokens) -> Result<Self> {
+    pub fn from_vocab_merges(
+        vocab_json: &str,
+        merges_txt: &str,
+        special: &SpecialTokens,
+    ) -> Result<Self> {
         let vocab: HashMap<String, u32> =
             serde_json::from_str(vocab_json).map_err(|e| tok_err("vocab.json", e))?;
         let vocab: Vocab = vocab.into_iter().collect();
@@ -96,7 +102,12 @@ impl ClipTokenizer {
             let mut parts = line.split(' ');
             match (parts.next(), parts.next(), parts.next()) {
                 (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
-                _ => return Err(tok_err("merges.txt", format!("line {} is not `a b`: {line:?}", i + 1))),
+                _ => {
+                    return Err(tok_err(
+                        "merges.txt",
+                        format!("line {} is not `a b`: {line:?}", i + 1),
+                    ));
+                }
             }
         }
         let bpe = BPE::builder()
@@ -111,8 +122,11 @@ impl ClipTokenizer {
         let normalizer = NormalizerSequence::new(vec![
             NormalizerWrapper::NFC(NFC),
             NormalizerWrapper::Replace(
-                Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-                    .map_err(|e| tok_err("vocab.json", e))?,
+                Replace::new(
+                    tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+                    " ",
+                )
+                .map_err(|e| tok_err("vocab.json", e))?,
             ),
             NormalizerWrapper::Lowercase(Lowercase),
         ]);
@@ -203,7 +217,9 @@ pub fn clean_text(text: &str) -> String {
             '\u{FB05}' => out.push_str("\u{17F}t"),
             '\u{FB06}' => out.push_str("st"),
             '\u{3000}' => out.push(' '),
-            '\u{FF01}'..='\u{FF5E}' => out.push(char::from_u32(c as u32 - 0xFF01 + 0x21).unwrap_or(c)),
+            '\u{FF01}'..='\u{FF5E}' => {
+                out.push(char::from_u32(c as u32 - 0xFF01 + 0x21).unwrap_or(c))
+            }
             _ => out.push(c),
         }
     }
@@ -233,7 +249,8 @@ fn html_unescape(s: &str) -> String {
         let end = rest[1..].find(';').map(|e| e + 1).filter(|&e| e <= 12);
         let decoded = end.and_then(|e| {
             let name = &rest[1..e];
-            let num = if let Some(hex) = name.strip_prefix("#x").or_else(|| name.strip_prefix("#X")) {
+            let num = if let Some(hex) = name.strip_prefix("#x").or_else(|| name.strip_prefix("#X"))
+            {
                 u32::from_str_radix(hex, 16).ok()
             } else if let Some(dec) = name.strip_prefix('#') {
                 dec.parse().ok()
@@ -242,7 +259,10 @@ fn html_unescape(s: &str) -> String {
             };
             let text = match num {
                 Some(n) => char::from_u32(n).map(String::from),
-                None => NAMED.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string()),
+                None => NAMED
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string()),
             };
             text.map(|t| (t, e + 1))
         });

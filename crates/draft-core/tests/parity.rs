@@ -46,7 +46,13 @@ fn assert_close<const D: usize>(what: &str, got: Tensor<D>, reference: &Weights,
 
 /// With `relative`, each element's error is divided by max(1, |reference|): the final latents
 /// of the random ε-model grow to ~40 (DDIM divides by √ᾱ), where f32 itself carries ~4e-6.
-fn assert_close_scaled<const D: usize>(what: &str, got: Tensor<D>, reference: &Weights, key: &str, relative: bool) {
+fn assert_close_scaled<const D: usize>(
+    what: &str,
+    got: Tensor<D>,
+    reference: &Weights,
+    key: &str,
+    relative: bool,
+) {
     let (got, got_shape) = values(got);
     let (want, want_shape) = reference.read_f32(key).unwrap();
     assert_eq!(got_shape, want_shape, "{what}: shape");
@@ -72,7 +78,8 @@ impl Fixture {
         Self {
             model: read_model(&dir),
             reference_bytes: std::fs::read(dir.join("reference.safetensors")).unwrap(),
-            json: serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap(),
+            json: serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap())
+                .unwrap(),
         }
     }
 
@@ -96,15 +103,41 @@ fn text_embeddings(name: &str) {
     for (dev_name, device) in devices() {
         let pipe = Pipeline::load(&fx.model, &device).unwrap();
         let ids = pipe.tokenize(&fx.prompts()).unwrap();
-        let (ids, _) = pollster::block_on(ids.into_data_async()).map(|d| (d.convert::<i64>().try_into_vec::<i64>().unwrap(), ())).unwrap();
-        assert_eq!(ids, r.read_i64("prompt_ids").unwrap().0, "{name}: prompt ids");
-        let neg = pipe.tokenize(&[fx.json["negative_prompt"].as_str().unwrap().to_string()]).unwrap();
-        let neg = pollster::block_on(neg.into_data_async()).unwrap().convert::<i64>().try_into_vec::<i64>().unwrap();
-        assert_eq!(neg, r.read_i64("negative_ids").unwrap().0, "{name}: negative ids");
+        let (ids, _) = pollster::block_on(ids.into_data_async())
+            .map(|d| (d.convert::<i64>().try_into_vec::<i64>().unwrap(), ()))
+            .unwrap();
+        assert_eq!(
+            ids,
+            r.read_i64("prompt_ids").unwrap().0,
+            "{name}: prompt ids"
+        );
+        let neg = pipe
+            .tokenize(&[fx.json["negative_prompt"].as_str().unwrap().to_string()])
+            .unwrap();
+        let neg = pollster::block_on(neg.into_data_async())
+            .unwrap()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
+            .unwrap();
+        assert_eq!(
+            neg,
+            r.read_i64("negative_ids").unwrap().0,
+            "{name}: negative ids"
+        );
 
         let what = format!("{name}/{dev_name}");
-        assert_close(&format!("{what} text_embeddings"), pipe.encode_prompts(&fx.prompts()).unwrap(), &r, "text_embeddings");
-        assert_close(&format!("{what} uncond_embeddings"), pipe.encode_prompts(&["".into()]).unwrap(), &r, "uncond_embeddings");
+        assert_close(
+            &format!("{what} text_embeddings"),
+            pipe.encode_prompts(&fx.prompts()).unwrap(),
+            &r,
+            "text_embeddings",
+        );
+        assert_close(
+            &format!("{what} uncond_embeddings"),
+            pipe.encode_prompts(&["".into()]).unwrap(),
+            &r,
+            "uncond_embeddings",
+        );
     }
 }
 
@@ -114,7 +147,9 @@ fn unet_call(name: &str) {
     for (dev_name, device) in devices() {
         let pipe = Pipeline::load(&fx.model, &device).unwrap();
         let x = r.tensor::<4>("unet_sample", &device).unwrap();
-        let ctx = r.tensor::<3>("unet_encoder_hidden_states", &device).unwrap();
+        let ctx = r
+            .tensor::<3>("unet_encoder_hidden_states", &device)
+            .unwrap();
         let t = r.read_f32("unet_timestep").unwrap().0[0];
         let out = pipe.unet.forward(x, t, ctx);
         assert_close(&format!("{name}/{dev_name} unet"), out, &r, "unet_out");
@@ -127,11 +162,26 @@ fn vae(name: &str) {
     for (dev_name, device) in devices() {
         let pipe = Pipeline::load(&fx.model, &device).unwrap();
         let z = r.tensor::<4>("vae_decode_in", &device).unwrap();
-        assert_close(&format!("{name}/{dev_name} vae decode"), pipe.vae.decode(z), &r, "vae_decode_out");
+        assert_close(
+            &format!("{name}/{dev_name} vae decode"),
+            pipe.vae.decode(z),
+            &r,
+            "vae_decode_out",
+        );
         let x = r.tensor::<4>("vae_encode_in", &device).unwrap();
         let (mean, logvar) = pipe.vae.encode(x);
-        assert_close(&format!("{name}/{dev_name} vae encode mean"), mean, &r, "vae_encode_mean");
-        assert_close(&format!("{name}/{dev_name} vae encode logvar"), logvar, &r, "vae_encode_logvar");
+        assert_close(
+            &format!("{name}/{dev_name} vae encode mean"),
+            mean,
+            &r,
+            "vae_encode_mean",
+        );
+        assert_close(
+            &format!("{name}/{dev_name} vae encode logvar"),
+            logvar,
+            &r,
+            "vae_encode_logvar",
+        );
     }
 }
 
@@ -155,16 +205,31 @@ fn sampling(name: &str) {
                 seed: 0,
             };
             let ddim = draft_core::schedule::Ddim::new(&pipe.scheduler, options.steps).unwrap();
-            let want: Vec<usize> =
-                cfg["timesteps"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as usize).collect();
+            let want: Vec<usize> = cfg["timesteps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as usize)
+                .collect();
             assert_eq!(ddim.timesteps, want, "{name}: DDIM timesteps of run {run}");
             let x_t = r.tensor::<4>("init_noise", &device).unwrap();
             let latents = pipe.sample_latents(&options, x_t, |_, _| {}).unwrap();
             if run == "a" {
-                assert_close_scaled(&format!("{name}/{dev_name} latents_a (relative)"), latents.clone(), &r, "latents_a", true);
+                assert_close_scaled(
+                    &format!("{name}/{dev_name} latents_a (relative)"),
+                    latents.clone(),
+                    &r,
+                    "latents_a",
+                    true,
+                );
             }
             let images = to_nhwc(pipe.decode(latents));
-            assert_close(&format!("{name}/{dev_name} images_{run}"), images, &r, &format!("images_{run}"));
+            assert_close(
+                &format!("{name}/{dev_name} images_{run}"),
+                images,
+                &r,
+                &format!("images_{run}"),
+            );
         }
     }
 }

@@ -18,8 +18,11 @@ fn clip_tokenizer_matches_transformers() {
         model_max_length: cases["max_length"].as_u64().unwrap() as usize,
     };
     let tok = ClipTokenizer::from_vocab_merges(&vocab, &merges, &special).unwrap();
-    assert_eq!(tok.encode("a photo of an astronaut riding a horse").unwrap()[..10],
-        [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 49407]);
+    assert_eq!(
+        tok.encode("a photo of an astronaut riding a horse")
+            .unwrap()[..10],
+        [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 49407]
+    );
 
     let cases = cases["cases"].as_array().unwrap();
     assert!(cases.len() >= 200, "corpus has {} prompts", cases.len());
@@ -27,7 +30,12 @@ fn clip_tokenizer_matches_transformers() {
     let mut truncated = 0;
     for case in cases {
         let prompt = case["prompt"].as_str().unwrap();
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         if want[76] == tok.eos_id && want[75] != tok.eos_id && want[75] != tok.pad_id {
             truncated += 1;
         }
@@ -36,6 +44,15 @@ fn clip_tokenizer_matches_transformers() {
             failures.push(format!("{prompt:?}\n  got  {got:?}\n  want {want:?}"));
         }
     }
-    assert!(truncated >= 10, "only {truncated} prompts exercise truncation");
-    assert!(failures.is_empty(), "{} of {} prompts differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        truncated >= 10,
+        "only {truncated} prompts exercise truncation"
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} prompts differ:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }

@@ -6,7 +6,9 @@ use burn::tensor::activation::{gelu, sigmoid};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::nn::{Embedding, LayerNorm, Linear, merge_heads, scaled_dot_product_attention, split_heads};
+use crate::nn::{
+    Embedding, LayerNorm, Linear, merge_heads, scaled_dot_product_attention, split_heads,
+};
 use crate::weights::VarBuilder;
 
 /// The fields of `text_encoder/config.json` that shape the model (transformers' names).
@@ -33,7 +35,8 @@ fn default_eps() -> f64 {
 
 impl CLIPTextConfig {
     pub fn from_json(file: &str, json: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(json).map_err(|e| Error::config(file, e.to_string()))?;
+        let config: Self =
+            serde_json::from_str(json).map_err(|e| Error::config(file, e.to_string()))?;
         if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
             return Err(Error::config(
                 file,
@@ -46,7 +49,10 @@ impl CLIPTextConfig {
         if !matches!(config.hidden_act.as_str(), "quick_gelu" | "gelu") {
             return Err(Error::config(
                 file,
-                format!("hidden_act `{}` is not supported (quick_gelu, gelu)", config.hidden_act),
+                format!(
+                    "hidden_act `{}` is not supported (quick_gelu, gelu)",
+                    config.hidden_act
+                ),
             ));
         }
         Ok(config)
@@ -161,7 +167,11 @@ impl CLIPTextModel {
         let vb = vb.pp("text_model");
         let emb = vb.pp("embeddings");
         let embeddings = CLIPTextEmbeddings {
-            token_embedding: Embedding::load(emb.pp("token_embedding"), c.vocab_size, c.hidden_size)?,
+            token_embedding: Embedding::load(
+                emb.pp("token_embedding"),
+                c.vocab_size,
+                c.hidden_size,
+            )?,
             position_embedding: Embedding::load(
                 emb.pp("position_embedding"),
                 c.max_position_embeddings,

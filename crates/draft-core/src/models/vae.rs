@@ -6,7 +6,9 @@ use serde::Deserialize;
 
 use super::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use crate::error::{Error, Result};
-use crate::nn::{Conv2d, GroupNorm, Linear, merge_heads, scaled_dot_product_attention, split_heads};
+use crate::nn::{
+    Conv2d, GroupNorm, Linear, merge_heads, scaled_dot_product_attention, split_heads,
+};
 use crate::weights::VarBuilder;
 
 /// The fields of `vae/config.json` (diffusers' names and defaults).
@@ -78,7 +80,11 @@ impl AutoencoderKLConfig {
                 c.up_block_types.len()
             ));
         }
-        if let Some(t) = c.down_block_types.iter().find(|t| *t != "DownEncoderBlock2D") {
+        if let Some(t) = c
+            .down_block_types
+            .iter()
+            .find(|t| *t != "DownEncoderBlock2D")
+        {
             return bad(format!("unknown down block type `{t}`"));
         }
         if let Some(t) = c.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
@@ -87,8 +93,15 @@ impl AutoencoderKLConfig {
         if c.act_fn != "silu" {
             return bad(format!("act_fn `{}` is not supported", c.act_fn));
         }
-        if let Some(ch) = c.block_out_channels.iter().find(|ch| **ch % c.norm_num_groups != 0) {
-            return bad(format!("{ch} channels cannot be split into {} groups", c.norm_num_groups));
+        if let Some(ch) = c
+            .block_out_channels
+            .iter()
+            .find(|ch| **ch % c.norm_num_groups != 0)
+        {
+            return bad(format!(
+                "{ch} channels cannot be split into {} groups",
+                c.norm_num_groups
+            ));
         }
         Ok(c)
     }
@@ -126,13 +139,22 @@ impl SpatialAttention {
             to_q: Linear::load(name("to_q", "query"), channels, channels, true)?,
             to_k: Linear::load(name("to_k", "key"), channels, channels, true)?,
             to_v: Linear::load(name("to_v", "value"), channels, channels, true)?,
-            to_out: vec![Linear::load(name("to_out.0", "proj_attn"), channels, channels, true)?],
+            to_out: vec![Linear::load(
+                name("to_out.0", "proj_attn"),
+                channels,
+                channels,
+                true,
+            )?],
         })
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
-        let tokens = self.group_norm.forward(x.clone()).reshape([b, c, h * w]).swap_dims(1, 2);
+        let tokens = self
+            .group_norm
+            .forward(x.clone())
+            .reshape([b, c, h * w])
+            .swap_dims(1, 2);
         let q = split_heads(self.to_q.forward(tokens.clone()), 1);
         let k = split_heads(self.to_k.forward(tokens.clone()), 1);
         let v = split_heads(self.to_v.forward(tokens), 1);
@@ -149,14 +171,23 @@ pub struct UNetMidBlock2D {
 }
 
 impl UNetMidBlock2D {
-    fn load(vb: VarBuilder, channels: usize, resnet: &ResnetConfig, attention: bool) -> Result<Self> {
+    fn load(
+        vb: VarBuilder,
+        channels: usize,
+        resnet: &ResnetConfig,
+        attention: bool,
+    ) -> Result<Self> {
         Ok(Self {
             resnets: vec![
                 ResnetBlock2D::load(vb.pp("resnets").pp(0), channels, channels, resnet)?,
                 ResnetBlock2D::load(vb.pp("resnets").pp(1), channels, channels, resnet)?,
             ],
             attentions: if attention {
-                vec![SpatialAttention::load(vb.pp("attentions").pp(0), channels, resnet.groups)?]
+                vec![SpatialAttention::load(
+                    vb.pp("attentions").pp(0),
+                    channels,
+                    resnet.groups,
+                )?]
             } else {
                 vec![]
             },
@@ -204,9 +235,22 @@ pub struct Decoder {
     pub conv_out: Conv2d,
 }
 
-fn resnets(vb: &VarBuilder, n: usize, c_in: usize, c_out: usize, cfg: &ResnetConfig) -> Result<Vec<ResnetBlock2D>> {
+fn resnets(
+    vb: &VarBuilder,
+    n: usize,
+    c_in: usize,
+    c_out: usize,
+    cfg: &ResnetConfig,
+) -> Result<Vec<ResnetBlock2D>> {
     (0..n)
-        .map(|i| ResnetBlock2D::load(vb.pp("resnets").pp(i), if i == 0 { c_in } else { c_out }, c_out, cfg))
+        .map(|i| {
+            ResnetBlock2D::load(
+                vb.pp("resnets").pp(i),
+                if i == 0 { c_in } else { c_out },
+                c_out,
+                cfg,
+            )
+        })
         .collect()
 }
 
@@ -230,9 +274,26 @@ impl Encoder {
         Ok(Self {
             conv_in: Conv2d::load(vb.pp("conv_in"), c.in_channels, boc[0], 3, 1, (1, 1))?,
             down_blocks,
-            mid_block: UNetMidBlock2D::load(vb.pp("mid_block"), boc[n - 1], resnet, c.mid_block_add_attention)?,
-            conv_norm_out: GroupNorm::load(vb.pp("conv_norm_out"), c.norm_num_groups, boc[n - 1], 1e-6)?,
-            conv_out: Conv2d::load(vb.pp("conv_out"), boc[n - 1], 2 * c.latent_channels, 3, 1, (1, 1))?,
+            mid_block: UNetMidBlock2D::load(
+                vb.pp("mid_block"),
+                boc[n - 1],
+                resnet,
+                c.mid_block_add_attention,
+            )?,
+            conv_norm_out: GroupNorm::load(
+                vb.pp("conv_norm_out"),
+                c.norm_num_groups,
+                boc[n - 1],
+                1e-6,
+            )?,
+            conv_out: Conv2d::load(
+                vb.pp("conv_out"),
+                boc[n - 1],
+                2 * c.latent_channels,
+                3,
+                1,
+                (1, 1),
+            )?,
         })
     }
 
@@ -271,10 +332,27 @@ impl Decoder {
             });
         }
         Ok(Self {
-            conv_in: Conv2d::load(vb.pp("conv_in"), c.latent_channels, boc[n - 1], 3, 1, (1, 1))?,
-            mid_block: UNetMidBlock2D::load(vb.pp("mid_block"), boc[n - 1], resnet, c.mid_block_add_attention)?,
+            conv_in: Conv2d::load(
+                vb.pp("conv_in"),
+                c.latent_channels,
+                boc[n - 1],
+                3,
+                1,
+                (1, 1),
+            )?,
+            mid_block: UNetMidBlock2D::load(
+                vb.pp("mid_block"),
+                boc[n - 1],
+                resnet,
+                c.mid_block_add_attention,
+            )?,
             up_blocks,
-            conv_norm_out: GroupNorm::load(vb.pp("conv_norm_out"), c.norm_num_groups, boc[0], 1e-6)?,
+            conv_norm_out: GroupNorm::load(
+                vb.pp("conv_norm_out"),
+                c.norm_num_groups,
+                boc[0],
+                1e-6,
+            )?,
             conv_out: Conv2d::load(vb.pp("conv_out"), boc[0], c.out_channels, 3, 1, (1, 1))?,
         })
     }

@@ -32,13 +32,26 @@ impl DownBlock2D {
         let mut attentions = Vec::new();
         for i in 0..num_layers {
             let c = if i == 0 { c_in } else { c_out };
-            resnets.push(ResnetBlock2D::load(vb.pp("resnets").pp(i), c, c_out, resnet)?);
+            resnets.push(ResnetBlock2D::load(
+                vb.pp("resnets").pp(i),
+                c,
+                c_out,
+                resnet,
+            )?);
             if let Some(t) = transformer {
-                attentions.push(Transformer2DModel::load(vb.pp("attentions").pp(i), c_out, t)?);
+                attentions.push(Transformer2DModel::load(
+                    vb.pp("attentions").pp(i),
+                    c_out,
+                    t,
+                )?);
             }
         }
         let downsamplers = if add_downsample {
-            vec![Downsample2D::load(vb.pp("downsamplers").pp(0), c_out, downsample_padding)?]
+            vec![Downsample2D::load(
+                vb.pp("downsamplers").pp(0),
+                c_out,
+                downsample_padding,
+            )?]
         } else {
             vec![]
         };
@@ -98,9 +111,18 @@ impl UpBlock2D {
         for i in 0..num_layers {
             let skip = if i == num_layers - 1 { c_in } else { c_out };
             let c = if i == 0 { c_prev_out } else { c_out };
-            resnets.push(ResnetBlock2D::load(vb.pp("resnets").pp(i), c + skip, c_out, resnet)?);
+            resnets.push(ResnetBlock2D::load(
+                vb.pp("resnets").pp(i),
+                c + skip,
+                c_out,
+                resnet,
+            )?);
             if let Some(t) = transformer {
-                attentions.push(Transformer2DModel::load(vb.pp("attentions").pp(i), c_out, t)?);
+                attentions.push(Transformer2DModel::load(
+                    vb.pp("attentions").pp(i),
+                    c_out,
+                    t,
+                )?);
             }
         }
         let upsamplers = if add_upsample {

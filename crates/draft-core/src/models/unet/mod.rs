@@ -197,7 +197,10 @@ impl UNet2DConditionConfig {
                 "only_cross_attention".into(),
             ),
             (self.class_embed_type.is_some(), "class_embed_type".into()),
-            (self.addition_embed_type.is_some(), "addition_embed_type".into()),
+            (
+                self.addition_embed_type.is_some(),
+                "addition_embed_type".into(),
+            ),
             (
                 self.time_embedding_type != "positional",
                 format!("time_embedding_type `{}`", self.time_embedding_type),
@@ -206,7 +209,10 @@ impl UNet2DConditionConfig {
                 self.resnet_time_scale_shift != "default",
                 format!("resnet_time_scale_shift `{}`", self.resnet_time_scale_shift),
             ),
-            (self.conv_in_kernel != 3 || self.conv_out_kernel != 3, "conv kernels other than 3".into()),
+            (
+                self.conv_in_kernel != 3 || self.conv_out_kernel != 3,
+                "conv kernels other than 3".into(),
+            ),
         ];
         if let Some((_, what)) = unsupported.iter().find(|(bad, _)| *bad) {
             return bad(format!("{what} is not supported"));
@@ -226,7 +232,9 @@ impl UNet2DConditionConfig {
             .expand(n, "transformer_layers_per_block", file)?;
         for (i, (&c, &h)) in self.block_out_channels.iter().zip(&heads).enumerate() {
             if h == 0 || c % h != 0 {
-                return bad(format!("block {i}: {c} channels cannot be split into {h} heads"));
+                return bad(format!(
+                    "block {i}: {c} channels cannot be split into {h} heads"
+                ));
             }
             if c % self.norm_num_groups != 0 {
                 return bad(format!(
@@ -346,7 +354,12 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: GroupNorm::load(vb.pp("conv_norm_out"), c.norm_num_groups, boc[0], c.norm_eps)?,
+            conv_norm_out: GroupNorm::load(
+                vb.pp("conv_norm_out"),
+                c.norm_num_groups,
+                boc[0],
+                c.norm_eps,
+            )?,
             conv_out: Conv2d::load(vb.pp("conv_out"), boc[0], c.out_channels, 3, 1, (1, 1))?,
             time_proj_channels: boc[0],
             flip_sin_to_cos: c.flip_sin_to_cos,
@@ -357,7 +370,12 @@ impl UNet2DConditionModel {
 
     /// Predicts the noise (or v) for `sample` [B, C, h, w] at `timestep`, conditioned on
     /// `encoder_hidden_states` [B, N, cross_attention_dim].
-    pub fn forward(&self, sample: Tensor<4>, timestep: f32, encoder_hidden_states: Tensor<3>) -> Tensor<4> {
+    pub fn forward(
+        &self,
+        sample: Tensor<4>,
+        timestep: f32,
+        encoder_hidden_states: Tensor<3>,
+    ) -> Tensor<4> {
         let [b, ..] = sample.dims();
         let device = sample.device();
         let t_emb = timestep_embedding(
@@ -368,17 +386,27 @@ impl UNet2DConditionModel {
             &device,
         )
         .expand([b, self.time_proj_channels]);
-        let emb = self.time_embedding.linear_2.forward(silu(self.time_embedding.linear_1.forward(t_emb)));
+        let emb = self
+            .time_embedding
+            .linear_2
+            .forward(silu(self.time_embedding.linear_1.forward(t_emb)));
 
-        let sample = if self.center_input_sample { sample * 2.0 - 1.0 } else { sample };
+        let sample = if self.center_input_sample {
+            sample * 2.0 - 1.0
+        } else {
+            sample
+        };
         let mut x = self.conv_in.forward(sample);
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
-            let (out, states) = block.forward(x, Some(emb.clone()), Some(encoder_hidden_states.clone()));
+            let (out, states) =
+                block.forward(x, Some(emb.clone()), Some(encoder_hidden_states.clone()));
             x = out;
             skips.extend(states);
         }
-        x = self.mid_block.forward(x, emb.clone(), encoder_hidden_states.clone());
+        x = self
+            .mid_block
+            .forward(x, emb.clone(), encoder_hidden_states.clone());
         for block in &self.up_blocks {
             let own = skips.split_off(skips.len() - block.resnets.len());
             // Upsample to the size of the next skip state (odd sizes round like diffusers).
@@ -386,14 +414,26 @@ impl UNet2DConditionModel {
                 let d = s.dims();
                 [d[2], d[3]]
             });
-            x = block.forward(x, own, Some(emb.clone()), Some(encoder_hidden_states.clone()), upsample_size);
+            x = block.forward(
+                x,
+                own,
+                Some(emb.clone()),
+                Some(encoder_hidden_states.clone()),
+                upsample_size,
+            );
         }
         self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
     }
 }
 
 /// diffusers `get_timestep_embedding` for one timestep, in f32 like PyTorch: `[1, dim]`.
-pub fn timestep_embedding(t: f32, dim: usize, flip_sin_to_cos: bool, shift: usize, device: &Device) -> Tensor<2> {
+pub fn timestep_embedding(
+    t: f32,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    shift: usize,
+    device: &Device,
+) -> Tensor<2> {
     let half = dim / 2;
     let ln = -(10000f32).ln();
     let args: Vec<f32> = (0..half)
@@ -403,7 +443,11 @@ pub fn timestep_embedding(t: f32, dim: usize, flip_sin_to_cos: bool, shift: usiz
         })
         .collect();
     let (sin, cos): (Vec<f32>, Vec<f32>) = args.iter().map(|a| (a.sin(), a.cos())).unzip();
-    let mut values = if flip_sin_to_cos { [cos, sin].concat() } else { [sin, cos].concat() };
+    let mut values = if flip_sin_to_cos {
+        [cos, sin].concat()
+    } else {
+        [sin, cos].concat()
+    };
     values.resize(dim, 0.0); // odd dims are zero-padded
     Tensor::<2>::from_data(TensorData::new(values, [1, dim]), device)
 }

@@ -40,7 +40,14 @@ impl ResnetBlock2D {
             norm2: GroupNorm::load(vb.pp("norm2"), cfg.groups, c_out, cfg.eps)?,
             conv2: Conv2d::load(vb.pp("conv2"), c_out, c_out, 3, 1, (1, 1))?,
             conv_shortcut: if c_in != c_out {
-                Some(Conv2d::load(vb.pp("conv_shortcut"), c_in, c_out, 1, 1, (0, 0))?)
+                Some(Conv2d::load(
+                    vb.pp("conv_shortcut"),
+                    c_in,
+                    c_out,
+                    1,
+                    1,
+                    (0, 0),
+                )?)
             } else {
                 None
             },
@@ -80,7 +87,11 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     pub fn load(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
-        let pad = if padding == 0 { (0, 1) } else { (padding, padding) };
+        let pad = if padding == 0 {
+            (0, 1)
+        } else {
+            (padding, padding)
+        };
         Ok(Self {
             conv: Conv2d::load(vb.pp("conv"), channels, channels, 3, 2, pad)?,
         })
