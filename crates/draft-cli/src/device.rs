@@ -60,7 +60,7 @@ fn wgpu_named(api: WgpuBackend) -> Result<(Device, String)> {
 /// The name of the first hardware (non-CPU) adapter wgpu can see, if any.
 fn gpu_adapter() -> Option<String> {
     let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
-    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+    let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
     adapters.into_iter().map(|a| a.get_info()).find_map(|info| {
         matches!(
             info.device_type,

@@ -19,11 +19,12 @@ pub enum Error {
         found: Vec<usize>,
     },
 
-    #[error("{file}: tensor `{key}` has dtype {dtype}, expected F32, F16 or BF16")]
+    #[error("{file}: tensor `{key}` has dtype {dtype}, expected {expected}")]
     TensorDtype {
         file: String,
         key: String,
         dtype: String,
+        expected: String,
     },
 
     #[error("{file}: {reason}")]

@@ -41,12 +41,25 @@ impl<'a> Weights<'a> {
         self.st.names().into_iter().map(|s| s.to_string()).collect()
     }
 
-    /// Reads `key` as f32 values and its shape.
-    pub fn read_f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let view = self.st.tensor(key).map_err(|_| Error::MissingTensor {
+    fn view(&self, key: &str) -> Result<safetensors::tensor::TensorView<'_>> {
+        self.st.tensor(key).map_err(|_| Error::MissingTensor {
             file: self.file.clone(),
             key: key.to_string(),
-        })?;
+        })
+    }
+
+    fn dtype_error(&self, key: &str, dtype: Dtype, expected: &str) -> Error {
+        Error::TensorDtype {
+            file: self.file.clone(),
+            key: key.to_string(),
+            dtype: format!("{dtype:?}"),
+            expected: expected.to_string(),
+        }
+    }
+
+    /// Reads `key` as f32 values and its shape.
+    pub fn read_f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let view = self.view(key)?;
         let bytes = view.data();
         let values = match view.dtype() {
             Dtype::F32 => bytes
@@ -61,23 +74,14 @@ impl<'a> Weights<'a> {
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            other => {
-                return Err(Error::TensorDtype {
-                    file: self.file.clone(),
-                    key: key.to_string(),
-                    dtype: format!("{other:?}"),
-                });
-            }
+            other => return Err(self.dtype_error(key, other, "F32, F16 or BF16")),
         };
         Ok((values, view.shape().to_vec()))
     }
 
     /// Reads an integer tensor (I64 or I32) as i64 values and its shape.
     pub fn read_i64(&self, key: &str) -> Result<(Vec<i64>, Vec<usize>)> {
-        let view = self.st.tensor(key).map_err(|_| Error::MissingTensor {
-            file: self.file.clone(),
-            key: key.to_string(),
-        })?;
+        let view = self.view(key)?;
         let bytes = view.data();
         let values = match view.dtype() {
             Dtype::I64 => bytes
@@ -88,13 +92,7 @@ impl<'a> Weights<'a> {
                 .chunks_exact(4)
                 .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64)
                 .collect(),
-            other => {
-                return Err(Error::TensorDtype {
-                    file: self.file.clone(),
-                    key: key.to_string(),
-                    dtype: format!("{other:?}"),
-                });
-            }
+            other => return Err(self.dtype_error(key, other, "I64 or I32")),
         };
         Ok((values, view.shape().to_vec()))
     }

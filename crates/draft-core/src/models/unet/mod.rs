@@ -314,16 +314,10 @@ impl UNet2DConditionModel {
             boc[n - 1],
             &ResnetConfig {
                 output_scale_factor: c.mid_block_scale_factor,
-                ..resnet
+                ..resnet.clone()
             },
             &transformer(n - 1),
         )?;
-        let resnet = ResnetConfig {
-            temb_channels: Some(temb),
-            groups: c.norm_num_groups,
-            eps: c.norm_eps,
-            output_scale_factor: 1.0,
-        };
 
         let mut up_blocks = Vec::new();
         let mut c_out = boc[n - 1];

@@ -21,6 +21,7 @@ pub struct ResnetBlock2D {
     pub output_scale_factor: f64,
 }
 
+#[derive(Clone)]
 pub struct ResnetConfig {
     pub temb_channels: Option<usize>,
     pub groups: usize,
