@@ -45,12 +45,10 @@ fn main() {
             let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../../tests/fixtures")
                 .join(fixture);
-            let mut files = ModelFiles::new(dir.display().to_string());
-            for rel in ModelFiles::LAYOUT {
-                if let Ok(bytes) = std::fs::read(dir.join(rel)) {
-                    files.insert(*rel, bytes);
-                }
-            }
+            let files = ModelFiles::read_layout(dir.display().to_string(), |rel| {
+                Ok::<_, ()>(std::fs::read(dir.join(rel)).ok())
+            })
+            .unwrap();
             let pipe = Pipeline::load(&files, &device).expect("fixture loads");
             let scheduler = pipe.scheduler.clone();
             let ctx = pipe.encode_prompts(&["a red circle".into()]).unwrap();
@@ -110,7 +108,10 @@ fn bench(
         device.sync().unwrap();
     }
     let call = t0.elapsed().as_secs_f64() / reps as f64;
-    eprintln!("{dev} {model}: UNet call {:.1} ms; sampling {steps} steps…", call * 1e3);
+    eprintln!(
+        "{dev} {model}: UNet call {:.1} ms; sampling {steps} steps…",
+        call * 1e3
+    );
 
     let t0 = Instant::now();
     let out = sample(unet, &ddim, 0.0, x, &cond, |_| None, |_, _| {});

@@ -10,16 +10,15 @@ pub fn read_model_dir(dir: &Path) -> Result<ModelFiles> {
     if !dir.is_dir() {
         bail!("{}: model folder not found", dir.display());
     }
-    let mut files = ModelFiles::new(dir.display().to_string());
-    for rel in ModelFiles::LAYOUT {
+    ModelFiles::read_layout(dir.display().to_string(), |rel| {
         let path = dir.join(rel);
-        if path.is_file() {
-            let bytes =
-                std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-            files.insert(*rel, bytes);
+        if !path.is_file() {
+            return Ok(None);
         }
-    }
-    Ok(files)
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        Ok(Some(bytes))
+    })
 }
 
 pub fn read(path: &Path) -> Result<Vec<u8>> {

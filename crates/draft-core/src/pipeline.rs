@@ -51,6 +51,20 @@ impl ModelFiles {
         }
     }
 
+    /// Collects every file of [`Self::LAYOUT`] that `read(path)` finds (`Ok(None)`: absent).
+    pub fn read_layout<E>(
+        name: impl Into<String>,
+        mut read: impl FnMut(&str) -> std::result::Result<Option<Vec<u8>>, E>,
+    ) -> std::result::Result<Self, E> {
+        let mut files = Self::new(name);
+        for rel in Self::LAYOUT {
+            if let Some(bytes) = read(rel)? {
+                files.insert(*rel, bytes);
+            }
+        }
+        Ok(files)
+    }
+
     pub fn insert(&mut self, path: impl Into<String>, bytes: Vec<u8>) {
         self.files.insert(path.into(), bytes);
     }

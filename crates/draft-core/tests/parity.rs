@@ -17,13 +17,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn read_model(dir: &Path) -> ModelFiles {
-    let mut files = ModelFiles::new(dir.display().to_string());
-    for rel in ModelFiles::LAYOUT {
-        if let Ok(bytes) = std::fs::read(dir.join(rel)) {
-            files.insert(*rel, bytes);
-        }
-    }
-    files
+    ModelFiles::read_layout(dir.display().to_string(), |rel| {
+        Ok::<_, ()>(std::fs::read(dir.join(rel)).ok())
+    })
+    .unwrap()
 }
 
 /// The devices every parity test runs on. `DRAFT_TEST_DEVICES=cpu` limits a local run to the
@@ -103,8 +100,10 @@ fn text_embeddings(name: &str) {
     for (dev_name, device) in devices() {
         let pipe = Pipeline::load(&fx.model, &device).unwrap();
         let ids = pipe.tokenize(&fx.prompts()).unwrap();
-        let (ids, _) = pollster::block_on(ids.into_data_async())
-            .map(|d| (d.convert::<i64>().try_into_vec::<i64>().unwrap(), ()))
+        let ids = pollster::block_on(ids.into_data_async())
+            .unwrap()
+            .convert::<i64>()
+            .try_into_vec::<i64>()
             .unwrap();
         assert_eq!(
             ids,
