@@ -5,7 +5,8 @@ use burn::prelude::*;
 use burn::tensor::wgpu::{WgpuBackend, wgpu};
 use clap::ValueEnum;
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceArg {
     /// A GPU adapter through wgpu if there is one, else the CPU backend.
     Auto,

@@ -33,7 +33,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             .with_context(|| format!("{}: cannot create", parent.display()))?;
     }
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("{}: cannot write", tmp.display()))?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("{}: cannot write", tmp.display()))?;
+        // Flushed to disk before the rename: a crash leaves the old file or the new one.
+        f.write_all(bytes)
+            .and_then(|_| f.sync_all())
+            .with_context(|| format!("{}: cannot write", tmp.display()))?;
+    }
     std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(())
 }

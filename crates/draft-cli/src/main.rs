@@ -1,11 +1,13 @@
-//! `draft`: sample from and (later) fine-tune diffusion models with DRaFT.
+//! `draft`: sample from and fine-tune diffusion models with DRaFT.
 //! A thin shell: argument parsing, files, progress bars and images; the tensor work is in
 //! `draft-core`.
 
 mod device;
 mod files;
 mod images;
+mod plot;
 mod sample;
+mod train;
 
 use std::process::ExitCode;
 
@@ -26,12 +28,15 @@ struct Cli {
 enum Command {
     /// Sample images from a diffusers-layout model with DDIM and classifier-free guidance.
     Sample(sample::SampleArgs),
+    /// Fine-tune LoRA weights to maximise a differentiable reward (DRaFT and its baselines).
+    Train(train::TrainArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sample(args) => sample::run(args),
+        Command::Train(args) => train::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,8 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use draft_core::lora::LoraFile;
 use draft_core::noise::NoiseRng;
-use draft_core::pipeline::{SampleOptions, to_nhwc};
+use draft_core::pipeline::{LoraSetup, SampleOptions, to_nhwc};
 use draft_core::weights::Weights;
 use draft_core::{Pipeline, read_f32};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -57,6 +58,23 @@ pub struct SampleArgs {
     out_tensor: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
+    /// A LoRA file (diffusers layout, e.g. `draft train`'s pytorch_lora_weights.safetensors)
+    /// at an optional scale; repeat to mix several.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    lora: Vec<String>,
+}
+
+/// `FILE[:SCALE]` → (file, scale); a suffix that is not a number is part of the file name.
+pub fn parse_lora_arg(s: &str) -> Result<(PathBuf, f64)> {
+    if let Some((file, scale)) = s.rsplit_once(':')
+        && let Ok(v) = scale.parse::<f64>()
+    {
+        if !v.is_finite() {
+            bail!("--lora {s}: the scale must be finite");
+        }
+        return Ok((PathBuf::from(file), v));
+    }
+    Ok((PathBuf::from(s), 1.0))
 }
 
 pub fn run(a: SampleArgs) -> Result<()> {
@@ -65,8 +83,15 @@ pub fn run(a: SampleArgs) -> Result<()> {
     }
     let model = files::read_model_dir(&a.model)?;
     let noise_bytes = a.init_noise.as_ref().map(|p| files::read(p)).transpose()?;
+    let mut loras = Vec::new();
+    for spec in &a.lora {
+        let (path, scale) = parse_lora_arg(spec)?;
+        let name = path.display().to_string();
+        loras.push((LoraFile::parse(&name, &files::read(&path)?)?, scale));
+    }
     let device = device::select(a.device)?;
-    let pipe = Pipeline::load(&model, &device)?;
+    let setup = LoraSetup::Files(loras.iter().map(|(f, s)| (f, *s)).collect());
+    let pipe = Pipeline::load_with_lora(&model, &device, &setup)?;
     drop(model);
 
     let x_t = match (&a.init_noise, &noise_bytes) {

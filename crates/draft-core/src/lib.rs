@@ -6,14 +6,18 @@
 //!
 //! Data path: tokenize → encode text → sample → decode.
 
+pub mod engine;
 pub mod error;
+pub mod lora;
 pub mod models;
 pub mod nn;
 pub mod noise;
 pub mod pipeline;
+pub mod reward;
 pub mod sampler;
 pub mod schedule;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -10,6 +10,7 @@ use burn::tensor::module::{conv2d, embedding, layer_norm, linear};
 use burn::tensor::ops::ConvOptions;
 
 use crate::error::Result;
+use crate::lora::{LoraKind, LoraSlot};
 use crate::weights::VarBuilder;
 
 /// `torch.nn.Linear`. The weight is kept as `[in, out]` (Burn's layout): it is transposed once
@@ -18,6 +19,9 @@ use crate::weights::VarBuilder;
 pub struct Linear {
     pub weight: Param<Tensor<2>>,
     pub bias: Option<Param<Tensor<1>>>,
+    /// LoRA adapters, when the loading plan selected this layer.
+    #[module(skip)]
+    pub lora: Option<LoraSlot>,
 }
 
 impl Linear {
@@ -31,11 +35,22 @@ impl Linear {
         Ok(Self {
             weight: Param::from_tensor(weight),
             bias,
+            lora: vb.lora_slot(LoraKind::Linear { d_in, d_out }),
         })
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        match &self.lora {
+            None => linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val())),
+            Some(lora) => {
+                let y = linear(
+                    x.clone(),
+                    self.weight.val(),
+                    self.bias.as_ref().map(|b| b.val()),
+                );
+                lora.linear(&x, y)
+            }
+        }
     }
 }
 
@@ -48,6 +63,8 @@ pub struct Conv2d {
     pub stride: usize,
     pub pad_begin: usize,
     pub pad_end: usize,
+    #[module(skip)]
+    pub lora: Option<LoraSlot>,
 }
 
 impl Conv2d {
@@ -67,6 +84,13 @@ impl Conv2d {
             stride,
             pad_begin: padding.0,
             pad_end: padding.1,
+            lora: vb.lora_slot(LoraKind::Conv {
+                c_in,
+                c_out,
+                kernel,
+                stride,
+                pad: padding,
+            }),
         })
     }
 
@@ -77,12 +101,23 @@ impl Conv2d {
             [1, 1],
             1,
         );
-        conv2d(
-            x,
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-            options,
-        )
+        match &self.lora {
+            None => conv2d(
+                x,
+                self.weight.val(),
+                self.bias.as_ref().map(|b| b.val()),
+                options,
+            ),
+            Some(lora) => {
+                let y = conv2d(
+                    x.clone(),
+                    self.weight.val(),
+                    self.bias.as_ref().map(|b| b.val()),
+                    options.clone(),
+                );
+                lora.conv(&x, y, &options)
+            }
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use burn::prelude::*;
 
 use crate::error::{Error, Result};
+use crate::lora::{LoraFile, LoraPlan, LoraTable, LoraTarget};
 use crate::models::clip_text::{CLIPTextConfig, CLIPTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -115,10 +116,43 @@ pub struct Pipeline {
     pub text_config: CLIPTextConfig,
     pub scheduler: SchedulerConfig,
     pub device: Device,
+    /// The LoRA adapters of the layers [`LoraSetup`] selected (empty without LoRA).
+    pub lora: LoraTable,
+}
+
+/// Which layers get LoRA adapters when a pipeline loads.
+#[derive(Default)]
+pub enum LoraSetup<'f> {
+    #[default]
+    None,
+    /// Trainable adapters on these layer groups (initialised by the trainer).
+    Targets(Vec<LoraTarget>),
+    /// Fixed adapters from files, each at a scale: inference-time scaling and mixing.
+    Files(Vec<(&'f LoraFile, f64)>),
+}
+
+impl LoraSetup<'_> {
+    fn plan(&self, table: &LoraTable, component: &str) -> Option<LoraPlan> {
+        match self {
+            LoraSetup::None => None,
+            LoraSetup::Targets(t) => Some(LoraPlan::targets(table, component, t)),
+            LoraSetup::Files(files) => {
+                let paths: std::collections::BTreeSet<String> =
+                    files.iter().flat_map(|(f, _)| f.paths(component)).collect();
+                (!paths.is_empty()).then(|| LoraPlan::paths(table, component, paths))
+            }
+        }
+    }
 }
 
 impl Pipeline {
     pub fn load(files: &ModelFiles, device: &Device) -> Result<Self> {
+        Self::load_with_lora(files, device, &LoraSetup::None)
+    }
+
+    /// Loads the pipeline with LoRA slots on the layers `lora` selects.
+    pub fn load_with_lora(files: &ModelFiles, device: &Device, lora: &LoraSetup) -> Result<Self> {
+        let table = LoraTable::new();
         let cfg = |p: &str| -> Result<(String, &str)> { Ok((files.display(p), files.text(p)?)) };
 
         let (f, json) = cfg("unet/config.json")?;
@@ -166,7 +200,7 @@ impl Pipeline {
         ])?;
         let w = files.weights(path)?;
         let unet = UNet2DConditionModel::load(
-            VarBuilder::new(&w, device),
+            VarBuilder::new(&w, device).with_lora(lora.plan(&table, "unet")),
             &unet_config,
             &files.display("unet/config.json"),
         )?;
@@ -183,7 +217,15 @@ impl Pipeline {
             "text_encoder/model.fp16.safetensors",
         ])?;
         let w = files.weights(path)?;
-        let text_encoder = CLIPTextModel::load(VarBuilder::new(&w, device), &text_config)?;
+        let text_encoder = CLIPTextModel::load(
+            VarBuilder::new(&w, device).with_lora(lora.plan(&table, "text_encoder")),
+            &text_config,
+        )?;
+        if let LoraSetup::Files(lora_files) = lora {
+            for (file, scale) in lora_files {
+                table.add_file(file, *scale, device)?;
+            }
+        }
 
         Ok(Self {
             tokenizer,
@@ -195,6 +237,7 @@ impl Pipeline {
             text_config,
             scheduler,
             device: device.clone(),
+            lora: table,
         })
     }
 

@@ -9,6 +9,7 @@ use burn::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::lora::{LoraKind, LoraPlan, LoraSlot};
 
 /// One parsed safetensors file plus the name it is reported under in errors.
 pub struct Weights<'a> {
@@ -112,6 +113,33 @@ impl<'a> Weights<'a> {
     }
 }
 
+/// Writes f32 tensors `(name, shape, values)` as a safetensors file, with optional string
+/// metadata.
+pub fn serialize_f32(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let mut views = Vec::with_capacity(tensors.len());
+    for ((name, shape, _), data) in tensors.iter().zip(&bytes) {
+        let view =
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data).map_err(|e| {
+                Error::Safetensors {
+                    file: name.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+        views.push((name.clone(), view));
+    }
+    safetensors::tensor::serialize(views, metadata).map_err(|e| Error::Safetensors {
+        file: "(output)".into(),
+        reason: e.to_string(),
+    })
+}
+
 /// Where a [`VarBuilder`] takes its tensors from.
 #[derive(Clone)]
 enum Source<'w, 'a> {
@@ -127,6 +155,7 @@ pub struct VarBuilder<'w, 'a> {
     source: Source<'w, 'a>,
     prefix: String,
     device: Device,
+    lora: Option<LoraPlan>,
 }
 
 impl<'w, 'a> VarBuilder<'w, 'a> {
@@ -135,6 +164,7 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
             source: Source::File(weights),
             prefix: String::new(),
             device: device.clone(),
+            lora: None,
         }
     }
 
@@ -146,7 +176,19 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
             ))),
             prefix: String::new(),
             device: device.clone(),
+            lora: None,
         }
+    }
+
+    /// Layers selected by `plan` get a LoRA slot as they load.
+    pub fn with_lora(mut self, plan: Option<LoraPlan>) -> Self {
+        self.lora = plan;
+        self
+    }
+
+    /// The LoRA slot of the layer at this cursor, if the plan selects it.
+    pub fn lora_slot(&self, kind: LoraKind) -> Option<LoraSlot> {
+        self.lora.as_ref().and_then(|p| p.slot(&self.prefix, kind))
     }
 
     /// Descends into the sub-module `name` (a field name or a list index).
@@ -161,6 +203,7 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
             source: self.source.clone(),
             prefix,
             device: self.device.clone(),
+            lora: self.lora.clone(),
         }
     }
 

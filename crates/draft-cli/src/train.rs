@@ -1,0 +1,496 @@
+//! `draft train`: flags (or a TOML file with the same keys) → a `draft_core::train::Trainer`,
+//! plus everything around it that touches disk: the LoRA file, metrics, sample grids, the
+//! reward curve and the resumable checkpoint.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use draft_core::lora::{LoraFile, LoraTarget};
+use draft_core::noise::NoiseRng;
+use draft_core::pipeline::{LoraSetup, SampleOptions, to_nhwc};
+use draft_core::reward::{RewardOptions, WeightedReward};
+use draft_core::train::{MethodName, OptimizerName, StepMetrics, TrainConfig, Trainer, prompt_set};
+use draft_core::weights::Weights;
+use draft_core::{Pipeline, read_f32};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Deserialize;
+
+use crate::device::{self, DeviceArg};
+use crate::{files, images, plot};
+
+pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+/// Every flag is optional here so that `--config FILE.toml` can set it; the TOML keys are the
+/// flag names (`train-steps = 200`, `reward = ["colorfulness=1", "smoothness=0.5"]`).
+#[derive(Args, Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TrainArgs {
+    /// A TOML file setting any of these flags (flags given on the command line win).
+    #[arg(long)]
+    #[serde(skip)]
+    config: Option<PathBuf>,
+    /// A diffusers pipeline folder.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    device: Option<DeviceArg>,
+    /// draft (whole chain) | draft-k | draft-lv | refl | alignprop.
+    #[arg(long)]
+    method: Option<String>,
+    /// DRaFT-K: sampling steps back-propagated [default: 1].
+    #[arg(long)]
+    k: Option<usize>,
+    /// DRaFT-LV: re-noised samples per image [default: 2].
+    #[arg(long)]
+    lv_samples: Option<usize>,
+    /// ReFL: fewest sampling steps remaining when x̂₀ is predicted [default: 1].
+    #[arg(long)]
+    t_min: Option<usize>,
+    /// ReFL: most sampling steps remaining [default: 10, at most --steps].
+    #[arg(long)]
+    t_max: Option<usize>,
+    /// AlignProp: smallest K [default: 1].
+    #[arg(long)]
+    k_min: Option<usize>,
+    /// AlignProp: largest K [default: 10, at most --steps].
+    #[arg(long)]
+    k_max: Option<usize>,
+    /// Reward term NAME[=WEIGHT], repeatable: brightness, colorfulness, contrast, smoothness,
+    /// symmetry, target-color [default: colorfulness].
+    #[arg(long)]
+    reward: Option<Vec<String>>,
+    /// The colour of the target-color reward, R,G,B in [0, 1] [default: 0.9,0.2,0.1].
+    #[arg(long)]
+    target_color: Option<String>,
+    /// A training prompt; repeatable (cycled over the batch).
+    #[arg(long)]
+    prompt: Option<Vec<String>>,
+    /// A file of training prompts, one per line.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// A built-in prompt set: animals (the 45 simple animals of DDPO / DRaFT).
+    #[arg(long)]
+    prompt_set: Option<String>,
+    /// The prompt guidance steers away from [default: ""].
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Images per batch [default: 2; --init-noise sets it].
+    #[arg(long)]
+    batch: Option<usize>,
+    /// DDIM sampling steps [default: 50].
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale [default: 7.5].
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// DDIM η [default: 0].
+    #[arg(long)]
+    eta: Option<f64>,
+    /// Optimizer updates [default: 100].
+    #[arg(long)]
+    train_steps: Option<usize>,
+    /// Learning rate [default: 4e-4].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// adamw | sgd [default: adamw].
+    #[arg(long)]
+    optimizer: Option<String>,
+    /// AdamW decoupled weight decay [default: 0.1].
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// LoRA rank [default: 4].
+    #[arg(long)]
+    rank: Option<usize>,
+    /// LoRA alpha; scale = alpha / rank [default: the rank].
+    #[arg(long)]
+    alpha: Option<f64>,
+    /// Layer groups to adapt, comma-separated: attn, ff, proj, conv, text [default: attn].
+    #[arg(long, value_delimiter = ',')]
+    lora_targets: Option<Vec<String>>,
+    /// Clip the global gradient norm to this value [default: no clipping].
+    #[arg(long)]
+    clip_grad_norm: Option<f64>,
+    /// Batches averaged into one update [default: 1].
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    /// Seed of every random draw [default: 0].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Start from this LoRA file (diffusers layout).
+    #[arg(long)]
+    init_lora: Option<PathBuf>,
+    /// Initial latents of the first step's batch: safetensors with tensor `noise` [B, C, h, w].
+    #[arg(long)]
+    init_noise: Option<PathBuf>,
+    /// Output folder [default: draft-out].
+    #[arg(long)]
+    out_dir: Option<PathBuf>,
+    /// Continue from the checkpoint in --out-dir.
+    #[arg(long)]
+    #[serde(default)]
+    resume: bool,
+    /// Write the checkpoint every N updates [default: 10].
+    #[arg(long)]
+    checkpoint_every: Option<usize>,
+    /// Stop after this many non-finite updates in a row [default: 5].
+    #[arg(long)]
+    max_bad_steps: Option<usize>,
+    /// Images in the before/after sample grids [default: 4] (0: none).
+    #[arg(long)]
+    preview: Option<usize>,
+}
+
+macro_rules! merge {
+    ($cli:ident, $file:ident; $($f:ident),*) => {
+        $( if $cli.$f.is_none() { $cli.$f = $file.$f.take(); } )*
+    };
+}
+
+impl TrainArgs {
+    /// Flags over the TOML file.
+    fn with_file(mut self) -> Result<Self> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let mut f: TrainArgs =
+            toml::from_str(&text).with_context(|| format!("{}: invalid config", path.display()))?;
+        // Relative paths in the file are relative to the file's folder.
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        for p in [
+            &mut f.model,
+            &mut f.prompts,
+            &mut f.init_lora,
+            &mut f.init_noise,
+            &mut f.out_dir,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        merge!(self, f; model, device, method, k, lv_samples, t_min, t_max, k_min, k_max, reward,
+            target_color, prompt, prompts, prompt_set, negative_prompt, batch, steps, guidance,
+            eta, train_steps, lr, optimizer, weight_decay, rank, alpha, lora_targets,
+            clip_grad_norm, grad_accum, seed, init_lora, init_noise, out_dir, checkpoint_every,
+            max_bad_steps, preview);
+        self.resume |= f.resume;
+        Ok(self)
+    }
+
+    fn core_config(&self) -> Result<TrainConfig> {
+        let d = TrainConfig::default();
+        let steps = self.steps.unwrap_or(d.steps);
+        let mut c = TrainConfig {
+            method: match &self.method {
+                Some(m) => MethodName::parse(m)?,
+                None => d.method,
+            },
+            k: self.k.unwrap_or(d.k),
+            lv_samples: self.lv_samples.unwrap_or(d.lv_samples),
+            t_min: self.t_min.unwrap_or(d.t_min),
+            t_max: self.t_max.unwrap_or(d.t_max.min(steps)),
+            k_min: self.k_min.unwrap_or(d.k_min),
+            k_max: self.k_max.unwrap_or(d.k_max.min(steps)),
+            rewards: self.reward.clone().unwrap_or(d.rewards),
+            reward_options: RewardOptions {
+                target_color: match &self.target_color {
+                    Some(s) => parse_color(s)?,
+                    None => d.reward_options.target_color,
+                },
+            },
+            batch: self.batch.unwrap_or(d.batch),
+            steps,
+            guidance: self.guidance.unwrap_or(d.guidance),
+            eta: self.eta.unwrap_or(d.eta),
+            negative_prompt: self.negative_prompt.clone().unwrap_or(d.negative_prompt),
+            train_steps: self.train_steps.unwrap_or(d.train_steps),
+            lr: self.lr.unwrap_or(d.lr),
+            optimizer: match self.optimizer.as_deref() {
+                None | Some("adamw") => OptimizerName::Adamw,
+                Some("sgd") => OptimizerName::Sgd,
+                Some(o) => bail!("unknown optimizer `{o}` (expected adamw or sgd)"),
+            },
+            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
+            rank: self.rank.unwrap_or(d.rank),
+            alpha: self.alpha,
+            lora_targets: match &self.lora_targets {
+                Some(t) => t
+                    .iter()
+                    .map(|s| LoraTarget::parse(s.trim()))
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => d.lora_targets,
+            },
+            clip_grad_norm: self.clip_grad_norm,
+            grad_accum: self.grad_accum.unwrap_or(d.grad_accum),
+            seed: self.seed.unwrap_or(d.seed),
+            max_bad_steps: self.max_bad_steps.unwrap_or(d.max_bad_steps),
+            ..d
+        };
+        c.lora_targets.sort();
+        c.lora_targets.dedup();
+        if self.batch.is_some() && self.init_noise.is_some() {
+            bail!("--batch and --init-noise both set the batch: give one of them");
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn prompts(&self) -> Result<Vec<String>> {
+        let given = [
+            self.prompt.is_some(),
+            self.prompts.is_some(),
+            self.prompt_set.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            bail!("give only one of --prompt, --prompts and --prompt-set");
+        }
+        if let Some(p) = &self.prompt {
+            if let Some(e) = p.iter().find(|p| p.trim().is_empty()) {
+                bail!("--prompt `{e}` is empty");
+            }
+            return Ok(p.clone());
+        }
+        if let Some(path) = &self.prompts {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("{}: cannot read", path.display()))?;
+            let list: Vec<String> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect();
+            if list.is_empty() {
+                bail!("{}: the prompt file has no prompts", path.display());
+            }
+            return Ok(list);
+        }
+        Ok(prompt_set(self.prompt_set.as_deref().unwrap_or("animals"))?)
+    }
+}
+
+fn parse_color(s: &str) -> Result<[f32; 3]> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f32>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--target-color `{s}`: expected R,G,B numbers in [0, 1]"))?;
+    match v.as_slice() {
+        [r, g, b] if v.iter().all(|x| (0.0..=1.0).contains(x)) => Ok([*r, *g, *b]),
+        _ => bail!("--target-color `{s}`: expected three numbers in [0, 1]"),
+    }
+}
+
+pub fn run(args: TrainArgs) -> Result<()> {
+    let a = args.with_file()?;
+    let Some(model_dir) = a.model.clone() else {
+        bail!("--model is required (a diffusers pipeline folder)");
+    };
+    // Everything that can be refused is refused before the model loads.
+    let config = a.core_config()?;
+    let prompts = a.prompts()?;
+    let reward = WeightedReward::from_specs(&config.rewards, &config.reward_options)?;
+    let init_lora = match &a.init_lora {
+        Some(p) => Some(LoraFile::parse(&p.display().to_string(), &files::read(p)?)?),
+        None => None,
+    };
+    let noise_bytes = a.init_noise.as_ref().map(|p| files::read(p)).transpose()?;
+    let out_dir = a
+        .out_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("draft-out"));
+    let checkpoint_every = a.checkpoint_every.unwrap_or(10);
+    if checkpoint_every == 0 {
+        bail!("--checkpoint-every must be at least 1");
+    }
+    let preview = a.preview.unwrap_or(4);
+    let checkpoint_path = out_dir.join(CHECKPOINT_FILE);
+    let checkpoint = if a.resume && checkpoint_path.is_file() {
+        Some(files::read(&checkpoint_path)?)
+    } else {
+        None
+    };
+
+    let model = files::read_model_dir(&model_dir)?;
+    let device = device::select(a.device.unwrap_or(DeviceArg::Auto))?;
+    let pipeline = Pipeline::load_with_lora(
+        &model,
+        &device,
+        &LoraSetup::Targets(config.lora_targets.clone()),
+    )?;
+    drop(model);
+    let init_noise = match (&a.init_noise, &noise_bytes) {
+        (Some(p), Some(bytes)) => {
+            let name = p.display().to_string();
+            Some(Weights::from_bytes(&name, bytes)?.tensor::<4>("noise", &device)?)
+        }
+        _ => None,
+    };
+    let mut trainer = Trainer::new(
+        pipeline,
+        config,
+        reward,
+        prompts,
+        init_lora.as_ref(),
+        init_noise,
+    )?;
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("{}: cannot create", out_dir.display()))?;
+
+    let metrics_path = out_dir.join("metrics.jsonl");
+    let mut history: Vec<StepMetrics> = Vec::new();
+    if let Some(bytes) = &checkpoint {
+        trainer.restore(&checkpoint_path.display().to_string(), bytes)?;
+        history = read_metrics(&metrics_path, trainer.step)?;
+        eprintln!(
+            "draft: resumed from {} at step {}",
+            checkpoint_path.display(),
+            trainer.step
+        );
+    } else if a.resume {
+        eprintln!(
+            "draft: no checkpoint in {}; starting from step 0",
+            out_dir.display()
+        );
+    }
+    // Rewrite the metrics up to the restored step (a killed run may have logged past it).
+    let lines: String = history
+        .iter()
+        .map(|m| serde_json::to_string(m).unwrap() + "\n")
+        .collect();
+    files::write_atomic(&metrics_path, lines.as_bytes())?;
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| format!("{}: cannot open", metrics_path.display()))?;
+    files::write_atomic(
+        &out_dir.join("config.json"),
+        serde_json::to_string_pretty(&trainer.config)?.as_bytes(),
+    )?;
+
+    let n_params = trainer.pipeline.lora.num_params();
+    eprintln!(
+        "draft: {} · {} LoRA layers, {} parameters (rank {}, alpha {}) · reward {} · {} prompts · batch {} × {} steps",
+        trainer.config.method.name(),
+        trainer.pipeline.lora.len(),
+        n_params,
+        trainer.config.rank,
+        trainer.config.alpha(),
+        trainer.reward.describe(),
+        trainer.prompts.len(),
+        trainer.batch(),
+        trainer.config.steps
+    );
+
+    let before = out_dir.join("samples_before.png");
+    if preview > 0 && !before.exists() {
+        write_preview(&trainer, preview, &before)?;
+    }
+
+    let total = trainer.config.train_steps;
+    let bar = ProgressBar::new(total as u64).with_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} {msg} · {elapsed} (eta {eta})",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_prefix("training");
+    bar.set_position(trainer.step as u64);
+    while trainer.step < total {
+        let m = pollster::block_on(trainer.train_step())?;
+        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
+            .and_then(|_| metrics_file.flush())
+            .with_context(|| format!("{}: cannot write", metrics_path.display()))?;
+        bar.set_position(m.step as u64);
+        bar.set_message(format!(
+            "reward {:.4} ± {:.4} · |g| {:.3e} · {:.2} s/step{}",
+            m.reward_mean,
+            m.reward_std,
+            m.grad_norm,
+            m.seconds,
+            if trainer.skipped > 0 {
+                format!(" · {} skipped", trainer.skipped)
+            } else {
+                String::new()
+            }
+        ));
+        if m.skipped {
+            bar.println(format!(
+                "draft: step {}: non-finite loss or gradient (loss {}, |g| {}); update skipped",
+                m.step, m.loss, m.grad_norm
+            ));
+        }
+        history.push(m);
+        if trainer.step % checkpoint_every == 0 || trainer.step == total {
+            let bytes = pollster::block_on(trainer.checkpoint())?;
+            files::write_atomic(&checkpoint_path, &bytes)?;
+        }
+    }
+    bar.finish();
+
+    let lora_bytes = pollster::block_on(trainer.pipeline.lora.to_safetensors())?;
+    let lora_path = out_dir.join(LORA_FILE);
+    files::write_atomic(&lora_path, &lora_bytes)?;
+    eprintln!("draft: wrote {}", lora_path.display());
+    if preview > 0 {
+        let after = out_dir.join("samples_after.png");
+        write_preview(&trainer, preview, &after)?;
+    }
+    if !history.is_empty() {
+        plot::reward_curve(&out_dir.join("reward_curve.png"), &history)?;
+    }
+    if let (Some(first), Some(last)) = (history.first(), history.last()) {
+        eprintln!(
+            "draft: reward {:.4} → {:.4} over {} steps ({} skipped); outputs in {}",
+            first.reward_mean,
+            last.reward_mean,
+            history.len(),
+            trainer.skipped,
+            out_dir.display()
+        );
+    }
+    Ok(())
+}
+
+fn read_metrics(path: &Path, upto: usize) -> Result<Vec<StepMetrics>> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(Vec::new());
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<StepMetrics>(l).ok())
+        .filter(|m| m.step <= upto)
+        .collect())
+}
+
+/// A grid of the first `n` prompts from fixed seeds with the current LoRA.
+fn write_preview(trainer: &Trainer, n: usize, path: &Path) -> Result<()> {
+    let pipe: &Pipeline = &trainer.pipeline;
+    let n = n.min(trainer.prompts.len().max(1)).max(1);
+    let prompts: Vec<String> = (0..n)
+        .map(|i| trainer.prompts[i % trainer.prompts.len()].clone())
+        .collect();
+    let size = pipe.default_image_size();
+    let [c, h, w] = pipe.latent_shape(size, size)?;
+    let x_t = NoiseRng::new(trainer.config.seed ^ 0x5eed).randn([n, c, h, w], &pipe.device);
+    let options = SampleOptions {
+        prompts,
+        negative_prompt: trainer.config.negative_prompt.clone(),
+        steps: trainer.config.steps,
+        guidance: trainer.config.guidance,
+        eta: 0.0,
+        seed: trainer.config.seed,
+    };
+    let latents = pipe.sample_latents(&options, x_t, |_, _| {})?;
+    let (values, shape) = pollster::block_on(read_f32(to_nhwc(pipe.decode(latents))))?;
+    images::write_png_grid(path, &values, shape[0], shape[1], shape[2])?;
+    eprintln!("draft: wrote {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,466 @@
+//! The checkpointed differentiable sampler and the DRaFT family of training objectives.
+//!
+//! Forward: the DDIM chain runs without a graph and keeps only its latents `x_0 … x_T`
+//! (plus the step noise when η > 0). Backward: the reward's gradient with respect to the final
+//! latents comes from one differentiable decode + reward; then, from the last step back to the
+//! first one that carries gradient, each step is recomputed *with* a graph (both CFG halves of
+//! the UNet in one call), and the vector–Jacobian product `Σ (∂x_{i+1}/∂·)ᵀ g_{i+1}` is taken by
+//! back-propagating the scalar `⟨x_{i+1}, g_{i+1}⟩`. That yields the LoRA gradients of the step
+//! (accumulated) and `g_i`, the gradient with respect to the step's input. Peak memory is one
+//! step's activations plus the stored latents, whatever the number of steps back-propagated.
+//!
+//! The LoRA weights enter as autodiff leaves swapped into the pipeline's [`LoraTable`] for the
+//! differentiable recomputations and as plain tensors for everything else; the base weights are
+//! plain tensors, constants to autodiff.
+
+use burn::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::noise::NoiseRng;
+use crate::pipeline::Pipeline;
+use crate::reward::WeightedReward;
+use crate::sampler::Conditioning;
+use crate::schedule::{Ddim, StepCoefficients};
+
+/// A training objective of the DRaFT paper or one of its baselines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// DRaFT-K: back-propagate through the last `k` sampling steps (`k = steps`: full DRaFT).
+    DraftK { k: usize },
+    /// DRaFT-LV: sample x₀ without gradient, then `n` times re-noise it to the last sampling
+    /// timestep and denoise one step with gradient; the reward is the average.
+    DraftLv { n: usize },
+    /// ReFL: sample without gradient until `r` steps remain, `r` uniform in
+    /// `[min_remaining, max_remaining]`, then predict x̂₀ in one step with gradient.
+    Refl {
+        min_remaining: usize,
+        max_remaining: usize,
+    },
+    /// AlignProp's randomized truncation: DRaFT-K with K uniform in `[k_min, k_max]`.
+    AlignProp { k_min: usize, k_max: usize },
+}
+
+impl Method {
+    /// Refuses settings no sampling chain of `steps` steps can honour.
+    pub fn validate(&self, steps: usize) -> Result<()> {
+        let bad = |m: String| Err(Error::Input(m));
+        match *self {
+            Method::DraftK { k } if k == 0 || k > steps => bad(format!(
+                "K must be between 1 and the number of sampling steps ({steps}), got {k}"
+            )),
+            Method::DraftLv { n } if n == 0 => bad("--lv-samples must be at least 1".into()),
+            Method::Refl {
+                min_remaining,
+                max_remaining,
+            } if min_remaining == 0 || min_remaining > max_remaining || max_remaining > steps => {
+                bad(format!(
+                    "ReFL needs 1 ≤ t-min ≤ t-max ≤ steps ({steps}), got {min_remaining}..={max_remaining}"
+                ))
+            }
+            Method::AlignProp { k_min, k_max } if k_min == 0 || k_min > k_max || k_max > steps => {
+                bad(format!(
+                    "AlignProp needs 1 ≤ k-min ≤ k-max ≤ steps ({steps}), got {k_min}..={k_max}"
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// What the random draws of one objective evaluation are.
+pub struct Draws {
+    /// The initial latents x_T.
+    pub x_t: Tensor<4>,
+    /// DDIM step noise for η > 0, one per step (drawn lazily from this stream).
+    pub step_noise: NoiseRng,
+    /// DRaFT-LV's re-noising noises (one per sample), or `None` to draw from `step_noise`.
+    pub lv_noise: Option<Vec<Tensor<4>>>,
+    /// A uniform draw in [0, 1) for the random truncation of ReFL / AlignProp.
+    pub truncation: f64,
+}
+
+/// One evaluation of a training objective and its gradient.
+pub struct Evaluation {
+    /// `−mean over the batch of the (averaged) reward`.
+    pub loss: f32,
+    /// The reward of every image (for DRaFT-LV: averaged over the `n` re-noised samples).
+    pub rewards: Vec<f32>,
+    /// ∂loss/∂θ for the trainable LoRA parameters, in [`LoraTable::params`] order.
+    pub grads: Vec<Tensor<2>>,
+    /// The number of sampling steps back-propagated through.
+    pub k: usize,
+    /// Differentiable UNet evaluations (each on both CFG halves).
+    pub unet_grad_calls: usize,
+}
+
+/// Prompt embeddings of a batch, kept plain; leaves are made from them when the text encoder
+/// is trained.
+pub struct Prompts {
+    pub ids: Tensor<2, Int>,
+    pub uncond_ids: Tensor<2, Int>,
+    pub guidance: f64,
+}
+
+/// The sampler of one training run: a pipeline with trainable LoRA slots, a DDIM schedule and
+/// a reward.
+pub struct Engine<'p> {
+    pub pipeline: &'p Pipeline,
+    pub ddim: Ddim,
+    pub eta: f64,
+    pub reward: &'p WeightedReward,
+    /// Whether any trainable adapter sits in the text encoder (then gradients flow into the
+    /// prompt embeddings too).
+    pub text_lora: bool,
+}
+
+/// Gradient accumulator over the LoRA parameters.
+struct Accumulator {
+    leaves: Vec<Tensor<2>>,
+    sums: Vec<Option<Tensor<2>>>,
+}
+
+impl Accumulator {
+    fn add(&mut self, grads: &burn::tensor::Gradients, weight: f64) {
+        for (leaf, sum) in self.leaves.iter().zip(self.sums.iter_mut()) {
+            if let Some(g) = leaf.grad(grads) {
+                let g = if weight == 1.0 { g } else { g * weight };
+                *sum = Some(match sum.take() {
+                    Some(s) => s + g,
+                    None => g,
+                });
+            }
+        }
+    }
+
+    fn finish(self, plain: &[Tensor<2>]) -> Vec<Tensor<2>> {
+        self.sums
+            .into_iter()
+            .zip(plain)
+            .map(|(s, p)| s.unwrap_or_else(|| p.zeros_like()))
+            .collect()
+    }
+}
+
+fn add_opt(acc: &mut Option<Tensor<3>>, g: Option<Tensor<3>>) {
+    if let Some(g) = g {
+        *acc = Some(match acc.take() {
+            Some(a) => a + g,
+            None => g,
+        });
+    }
+}
+
+impl<'p> Engine<'p> {
+    pub fn new(
+        pipeline: &'p Pipeline,
+        steps: usize,
+        eta: f64,
+        reward: &'p WeightedReward,
+    ) -> Result<Self> {
+        let ddim = Ddim::new(&pipeline.scheduler, steps)?;
+        let text_lora = pipeline
+            .lora
+            .entries()
+            .iter()
+            .any(|e| e.key.starts_with("text_encoder.") && !e.adapters.is_empty());
+        Ok(Self {
+            pipeline,
+            ddim,
+            eta,
+            reward,
+            text_lora,
+        })
+    }
+
+    pub fn steps(&self) -> usize {
+        self.ddim.timesteps.len()
+    }
+
+    /// Runs `method` on one batch and returns the loss, rewards and LoRA gradients.
+    /// The pipeline's LoRA table must hold plain tensors on entry; it does on exit.
+    pub async fn evaluate(
+        &self,
+        method: Method,
+        prompts: &Prompts,
+        mut draws: Draws,
+    ) -> Result<Evaluation> {
+        let n = self.steps();
+        method.validate(n)?;
+        let lora = &self.pipeline.lora;
+        let plain = lora.params();
+        let leaves: Vec<Tensor<2>> = plain
+            .iter()
+            .map(|p| p.clone().autodiff().require_grad())
+            .collect();
+        let mut acc = Accumulator {
+            leaves: leaves.clone(),
+            sums: vec![None; leaves.len()],
+        };
+
+        // Plain conditioning for the passes without gradient.
+        let cond = self.pipeline.text_encoder.forward(prompts.ids.clone());
+        let uncond = self
+            .pipeline
+            .text_encoder
+            .forward(prompts.uncond_ids.clone());
+        let plain_cond = Conditioning::new(cond.clone(), uncond.clone(), prompts.guidance);
+        let mut cond_grads: (Option<Tensor<3>>, Option<Tensor<3>>) = (None, None);
+
+        let shape = draws.x_t.dims();
+        let device = draws.x_t.device();
+        let mut noises: Vec<Option<Tensor<4>>> = Vec::new();
+        let next_noise = |rng: &mut NoiseRng| -> Option<Tensor<4>> {
+            (self.eta > 0.0).then(|| rng.randn(shape, &device))
+        };
+
+        // Forward without a graph, keeping the latents.
+        let stop = match method {
+            Method::Refl {
+                min_remaining,
+                max_remaining,
+            } => {
+                let r = min_remaining
+                    + ((draws.truncation * (max_remaining - min_remaining + 1) as f64) as usize)
+                        .min(max_remaining - min_remaining);
+                n - r
+            }
+            _ => n,
+        };
+        let mut latents = vec![draws.x_t.clone()];
+        for i in 0..stop {
+            let z = next_noise(&mut draws.step_noise);
+            let x = self.step(i, latents[i].clone(), &plain_cond, z.clone(), false);
+            noises.push(z);
+            latents.push(x);
+        }
+
+        let mut rewards_sum: Vec<f32>;
+        let loss: f32;
+        let k: usize;
+        let mut grad_calls = 0;
+        match method {
+            Method::DraftK { .. } | Method::AlignProp { .. } => {
+                k = match method {
+                    Method::DraftK { k } => k,
+                    Method::AlignProp { k_min, k_max } => {
+                        k_min
+                            + ((draws.truncation * (k_max - k_min + 1) as f64) as usize)
+                                .min(k_max - k_min)
+                    }
+                    _ => unreachable!(),
+                };
+                let (mut g, r, l) = self.reward_grad(latents[n].clone(), 1.0).await?;
+                rewards_sum = r;
+                loss = l;
+                for i in (n - k..n).rev() {
+                    let need_x = i > n - k;
+                    g = self.backprop_step(
+                        i,
+                        latents[i].clone(),
+                        &cond,
+                        &uncond,
+                        prompts.guidance,
+                        noises[i].clone(),
+                        g,
+                        need_x,
+                        false,
+                        &mut acc,
+                        &mut cond_grads,
+                    );
+                    grad_calls += 1;
+                }
+            }
+            Method::DraftLv { n: samples } => {
+                k = 1;
+                let last = n - 1;
+                let c = self.ddim.coefficients(last, self.eta);
+                let a = c.alpha_prod_t;
+                let x0 = latents[n].clone();
+                let weight = 1.0 / samples as f64;
+                rewards_sum = vec![0.0; shape[0]];
+                let mut loss_sum = 0.0;
+                for j in 0..samples {
+                    let eps = match &draws.lv_noise {
+                        Some(v) => v.get(j).cloned().ok_or_else(|| {
+                            Error::Input(format!(
+                                "DRaFT-LV needs {samples} noises, got {}",
+                                v.len()
+                            ))
+                        })?,
+                        None => draws.step_noise.randn(shape, &device),
+                    };
+                    let x_t = x0.clone() * a.sqrt() + eps * (1.0 - a).sqrt();
+                    let z = next_noise(&mut draws.step_noise);
+                    let y = self.step(last, x_t.clone(), &plain_cond, z.clone(), false);
+                    let (g, r, l) = self.reward_grad(y, weight).await?;
+                    for (s, v) in rewards_sum.iter_mut().zip(&r) {
+                        *s += v * weight as f32;
+                    }
+                    loss_sum += l * weight as f32;
+                    self.backprop_step(
+                        last,
+                        x_t,
+                        &cond,
+                        &uncond,
+                        prompts.guidance,
+                        z,
+                        g,
+                        false,
+                        false,
+                        &mut acc,
+                        &mut cond_grads,
+                    );
+                    grad_calls += 1;
+                }
+                loss = loss_sum;
+            }
+            Method::Refl { .. } => {
+                k = 1;
+                let x = latents[stop].clone();
+                let x0 = self.step(stop, x.clone(), &plain_cond, None, true);
+                let (g, r, l) = self.reward_grad(x0, 1.0).await?;
+                rewards_sum = r;
+                loss = l;
+                self.backprop_step(
+                    stop,
+                    x,
+                    &cond,
+                    &uncond,
+                    prompts.guidance,
+                    None,
+                    g,
+                    false,
+                    true,
+                    &mut acc,
+                    &mut cond_grads,
+                );
+                grad_calls += 1;
+            }
+        }
+
+        // Prompt-embedding gradients → text-encoder LoRA gradients.
+        if self.text_lora {
+            lora.set_params(&leaves);
+            let te = &self.pipeline.text_encoder;
+            let mut total: Option<Tensor<1>> = None;
+            if let Some(g) = cond_grads.0.take() {
+                total = Some((te.forward(prompts.ids.clone()) * g).sum());
+            }
+            if let Some(g) = cond_grads.1.take() {
+                let t = (te.forward(prompts.uncond_ids.clone()) * g).sum();
+                total = Some(match total {
+                    Some(s) => s + t,
+                    None => t,
+                });
+            }
+            lora.set_params(&plain);
+            if let Some(total) = total
+                && total.is_tracked()
+            {
+                acc.add(&total.backward(), 1.0);
+            }
+        }
+
+        Ok(Evaluation {
+            loss,
+            rewards: std::mem::take(&mut rewards_sum),
+            grads: acc.finish(&plain),
+            k,
+            unet_grad_calls: grad_calls,
+        })
+    }
+
+    /// One sampling step (or, with `to_x0`, the one-step x̂₀ prediction of ReFL).
+    fn step(
+        &self,
+        i: usize,
+        x: Tensor<4>,
+        cond: &Conditioning,
+        noise: Option<Tensor<4>>,
+        to_x0: bool,
+    ) -> Tensor<4> {
+        let mut c = self.ddim.coefficients(i, self.eta);
+        if to_x0 {
+            c = StepCoefficients {
+                alpha_prod_prev: 1.0,
+                sigma: 0.0,
+                prev_timestep: None,
+                ..c
+            };
+        }
+        let out = cond.model_output(&self.pipeline.unet, x.clone(), c.timestep as f32);
+        self.ddim.step(&c, out, x, noise)
+    }
+
+    /// Decodes `z` with a graph, scores it and returns `(∂(w·loss)/∂z, rewards, loss)`.
+    async fn reward_grad(&self, z: Tensor<4>, weight: f64) -> Result<(Tensor<4>, Vec<f32>, f32)> {
+        let z = z.autodiff().require_grad();
+        let images = self.pipeline.decode(z.clone());
+        let rewards = self.reward.score(images);
+        let loss = -rewards.clone().mean();
+        let (values, _) = crate::read_f32(rewards.clone().without_autodiff()).await?;
+        let loss_value = crate::read_f32(loss.clone().without_autodiff()).await?.0[0];
+        let grads = (loss * weight).backward();
+        let g = z.grad(&grads).ok_or_else(|| {
+            Error::Device("the reward has no gradient with respect to the latents".into())
+        })?;
+        Ok((g, values, loss_value))
+    }
+
+    /// Recomputes step `i` from `x` with a graph and back-propagates `⟨x_{i+1}, g⟩`: LoRA
+    /// gradients go to `acc`, prompt-embedding gradients to `cond_grads`; returns ∂/∂x when
+    /// `need_x` (else `g` unchanged is meaningless and a zero-size placeholder is not made:
+    /// the caller ignores it).
+    #[allow(clippy::too_many_arguments)]
+    fn backprop_step(
+        &self,
+        i: usize,
+        x: Tensor<4>,
+        cond: &Tensor<3>,
+        uncond: &Tensor<3>,
+        guidance: f64,
+        noise: Option<Tensor<4>>,
+        g: Tensor<4>,
+        need_x: bool,
+        to_x0: bool,
+        acc: &mut Accumulator,
+        cond_grads: &mut (Option<Tensor<3>>, Option<Tensor<3>>),
+    ) -> Tensor<4> {
+        let lora = &self.pipeline.lora;
+        let plain = lora.params();
+        lora.set_params(&acc.leaves);
+        let x_in = if need_x {
+            x.autodiff().require_grad()
+        } else {
+            x
+        };
+        let (c_leaf, u_leaf) = if self.text_lora {
+            (
+                Some(cond.clone().autodiff().require_grad()),
+                Some(uncond.clone().autodiff().require_grad()),
+            )
+        } else {
+            (None, None)
+        };
+        let conditioning = Conditioning::new(
+            c_leaf.clone().unwrap_or_else(|| cond.clone()),
+            u_leaf.clone().unwrap_or_else(|| uncond.clone()),
+            guidance,
+        );
+        let y = self.step(i, x_in.clone(), &conditioning, noise, to_x0);
+        lora.set_params(&plain);
+        let grads = (y * g.clone()).sum().backward();
+        acc.add(&grads, 1.0);
+        if let Some(c) = &c_leaf {
+            add_opt(&mut cond_grads.0, c.grad(&grads));
+        }
+        if let Some(u) = &u_leaf {
+            add_opt(&mut cond_grads.1, u.grad(&grads));
+        }
+        if need_x {
+            x_in.grad(&grads).unwrap_or(g)
+        } else {
+            g
+        }
+    }
+}

@@ -1,0 +1,546 @@
+//! LoRA (Hu et al. 2021) on `Linear` and `Conv2d` layers, in peft's parameterisation and
+//! diffusers' file layout.
+//!
+//! An adapted layer computes `x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ` with `A` [r, in] and `B` [out, r]
+//! (PyTorch layout, as peft stores them) and `s = alpha / r`; the dense `W + s·B·A` is never
+//! formed. A conv layer's `A` is a conv with the layer's kernel, stride and padding into `r`
+//! channels and its `B` a 1×1 conv out of them, as peft's `lora.Conv2d`.
+//!
+//! The adapters live in a [`LoraTable`] shared by every adapted layer of a pipeline. Layers
+//! hold a slot index into it, so the trainer swaps all adapters at once (plain tensors for a
+//! pass without gradient, autodiff leaves for a pass with gradient) without walking the model.
+//! Which layers get a slot is decided at load time by a [`LoraPlan`] carried by the
+//! [`VarBuilder`](crate::weights::VarBuilder).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use burn::prelude::*;
+use burn::tensor::module::{conv2d, linear};
+use burn::tensor::ops::ConvOptions;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::weights::Weights;
+
+/// What an adapted layer is: the shapes and conv options its adapter needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraKind {
+    Linear {
+        d_in: usize,
+        d_out: usize,
+    },
+    Conv {
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: (usize, usize),
+    },
+}
+
+impl LoraKind {
+    /// `A`'s shape as peft stores it: [r, in] or [r, in, k, k].
+    pub fn a_shape(&self, rank: usize) -> Vec<usize> {
+        match *self {
+            LoraKind::Linear { d_in, .. } => vec![rank, d_in],
+            LoraKind::Conv { c_in, kernel, .. } => vec![rank, c_in, kernel, kernel],
+        }
+    }
+
+    /// `B`'s shape as peft stores it: [out, r] or [out, r, 1, 1].
+    pub fn b_shape(&self, rank: usize) -> Vec<usize> {
+        match *self {
+            LoraKind::Linear { d_out, .. } => vec![d_out, rank],
+            LoraKind::Conv { c_out, .. } => vec![c_out, rank, 1, 1],
+        }
+    }
+
+    /// The fan-in of `A` (its matrix width).
+    pub fn fan_in(&self) -> usize {
+        match *self {
+            LoraKind::Linear { d_in, .. } => d_in,
+            LoraKind::Conv { c_in, kernel, .. } => c_in * kernel * kernel,
+        }
+    }
+
+    pub fn fan_out(&self) -> usize {
+        match *self {
+            LoraKind::Linear { d_out, .. } => d_out,
+            LoraKind::Conv { c_out, .. } => c_out,
+        }
+    }
+}
+
+/// One low-rank update: `A` [r, fan_in] and `B` [out, r] as matrices, and its scale.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub a: Tensor<2>,
+    pub b: Tensor<2>,
+    pub scale: f64,
+}
+
+/// One adapted layer: its key in the LoRA file layout (`unet.<module path>`), what it is,
+/// and the adapters summed into its output.
+#[derive(Debug, Clone)]
+pub struct LoraEntry {
+    pub key: String,
+    pub kind: LoraKind,
+    pub adapters: Vec<Adapter>,
+}
+
+/// The adapters of every adapted layer of a pipeline, shared by those layers.
+#[derive(Debug, Clone, Default)]
+pub struct LoraTable(Arc<Mutex<Vec<LoraEntry>>>);
+
+/// A layer's handle into the [`LoraTable`].
+#[derive(Debug, Clone)]
+pub struct LoraSlot {
+    table: LoraTable,
+    index: usize,
+}
+
+impl LoraSlot {
+    fn adapters(&self) -> Vec<Adapter> {
+        self.table.lock()[self.index].adapters.clone()
+    }
+
+    /// `x·Aᵀ·Bᵀ·s` summed over the adapters, for a `Linear` input `[.., in]`.
+    pub fn linear<const D: usize>(&self, x: &Tensor<D>, mut y: Tensor<D>) -> Tensor<D> {
+        for ad in self.adapters() {
+            let h = linear(x.clone(), ad.a.transpose(), None);
+            y = y + linear(h, ad.b.transpose(), None) * ad.scale;
+        }
+        y
+    }
+
+    /// The conv adapters' contribution for a `Conv2d` input.
+    pub fn conv(&self, x: &Tensor<4>, mut y: Tensor<4>, options: &ConvOptions<2>) -> Tensor<4> {
+        let kind = self.table.lock()[self.index].kind;
+        let LoraKind::Conv { c_in, kernel, .. } = kind else {
+            return y;
+        };
+        for ad in self.adapters() {
+            let [r, _] = ad.a.dims();
+            let [out, _] = ad.b.dims();
+            let a = ad.a.reshape([r, c_in, kernel, kernel]);
+            let h = conv2d(x.clone(), a, None, options.clone());
+            let b = ad.b.reshape([out, r, 1, 1]);
+            let pointwise = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+            y = y + conv2d(h, b, None, pointwise) * ad.scale;
+        }
+        y
+    }
+}
+
+/// Groups of layers LoRA can adapt (`--lora-targets`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoraTarget {
+    /// The UNet's attention projections `to_q`, `to_k`, `to_v`, `to_out.0` (attn1 and attn2).
+    Attn,
+    /// The UNet transformer blocks' feed-forward `ff.net.0.proj` and `ff.net.2`.
+    Ff,
+    /// The transformers' `proj_in` / `proj_out` (1×1 convs in SD-1, linear in SD-2).
+    Proj,
+    /// The UNet resnets' 3×3 convolutions `conv1` and `conv2`.
+    Conv,
+    /// The text encoder's attention `q_proj`, `k_proj`, `v_proj`, `out_proj`.
+    Text,
+}
+
+impl LoraTarget {
+    pub const ALL: [LoraTarget; 5] = [Self::Attn, Self::Ff, Self::Proj, Self::Conv, Self::Text];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Attn => "attn",
+            Self::Ff => "ff",
+            Self::Proj => "proj",
+            Self::Conv => "conv",
+            Self::Text => "text",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "unknown LoRA target `{s}` (expected one of attn, ff, proj, conv, text)"
+                ))
+            })
+    }
+
+    /// Whether the layer at `path` of `component` belongs to this group.
+    fn matches(&self, component: &str, path: &str) -> bool {
+        let last = path.rsplit('.').next().unwrap_or("");
+        match (self, component) {
+            (Self::Attn, "unet") => {
+                (path.contains(".attn1.") || path.contains(".attn2."))
+                    && (matches!(last, "to_q" | "to_k" | "to_v") || path.ends_with("to_out.0"))
+            }
+            (Self::Ff, "unet") => path.ends_with(".ff.net.0.proj") || path.ends_with(".ff.net.2"),
+            (Self::Proj, "unet") => matches!(last, "proj_in" | "proj_out"),
+            (Self::Conv, "unet") => path.contains(".resnets.") && matches!(last, "conv1" | "conv2"),
+            (Self::Text, "text_encoder") => {
+                path.contains(".self_attn.")
+                    && matches!(last, "q_proj" | "k_proj" | "v_proj" | "out_proj")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Which layers of one component get a slot in `table` when the component is loaded.
+#[derive(Debug, Clone)]
+pub struct LoraPlan {
+    pub table: LoraTable,
+    pub component: String,
+    select: Selection,
+}
+
+#[derive(Debug, Clone)]
+enum Selection {
+    Targets(Vec<LoraTarget>),
+    /// Exactly these module paths (the ones a LoRA file names).
+    Paths(BTreeSet<String>),
+}
+
+impl LoraPlan {
+    pub fn targets(table: &LoraTable, component: &str, targets: &[LoraTarget]) -> Self {
+        Self {
+            table: table.clone(),
+            component: component.into(),
+            select: Selection::Targets(targets.to_vec()),
+        }
+    }
+
+    pub fn paths(table: &LoraTable, component: &str, paths: BTreeSet<String>) -> Self {
+        Self {
+            table: table.clone(),
+            component: component.into(),
+            select: Selection::Paths(paths),
+        }
+    }
+
+    /// A slot for the layer at `path` if the plan selects it.
+    pub fn slot(&self, path: &str, kind: LoraKind) -> Option<LoraSlot> {
+        let selected = match &self.select {
+            Selection::Targets(t) => t.iter().any(|t| t.matches(&self.component, path)),
+            Selection::Paths(p) => p.contains(path),
+        };
+        selected.then(|| {
+            let key = format!("{}.{}", self.component, path);
+            LoraSlot {
+                table: self.table.clone(),
+                index: self.table.register(key, kind),
+            }
+        })
+    }
+}
+
+/// A LoRA file's contents: module key (`unet.<path>`) → (A, B) as read, B including the
+/// file's scale.
+pub struct LoraFile {
+    pub name: String,
+    pub modules: BTreeMap<String, (Vec<f32>, Vec<usize>, Vec<f32>, Vec<usize>)>,
+}
+
+impl LoraFile {
+    /// Reads a diffusers / peft LoRA file: keys `<component>.<module path>.lora_A.weight`
+    /// and `….lora_B.weight`.
+    pub fn parse(name: &str, bytes: &[u8]) -> Result<Self> {
+        let w = Weights::from_bytes(name, bytes)?;
+        let mut a_keys = BTreeMap::new();
+        let mut b_keys = BTreeMap::new();
+        for key in w.keys() {
+            if let Some(m) = key.strip_suffix(".lora_A.weight") {
+                a_keys.insert(m.to_string(), key.clone());
+            } else if let Some(m) = key.strip_suffix(".lora_B.weight") {
+                b_keys.insert(m.to_string(), key.clone());
+            } else {
+                return Err(Error::Input(format!(
+                    "{name}: `{key}` is not a LoRA weight (expected keys ending in .lora_A.weight / .lora_B.weight)"
+                )));
+            }
+        }
+        if a_keys.is_empty() {
+            return Err(Error::Input(format!(
+                "{name}: the file holds no LoRA weights"
+            )));
+        }
+        let mut modules = BTreeMap::new();
+        for (m, ak) in &a_keys {
+            let bk = b_keys.get(m).ok_or_else(|| {
+                Error::Input(format!("{name}: `{ak}` has no matching lora_B.weight"))
+            })?;
+            let (a, a_shape) = w.read_f32(ak)?;
+            let (b, b_shape) = w.read_f32(bk)?;
+            let ranks_agree = a_shape.len() >= 2
+                && b_shape.len() >= 2
+                && a_shape[0] == b_shape[1]
+                && b_shape[2..].iter().all(|&d| d == 1);
+            if !ranks_agree {
+                return Err(Error::Input(format!(
+                    "{name}: `{m}` has lora_A {a_shape:?} and lora_B {b_shape:?}, whose ranks disagree"
+                )));
+            }
+            modules.insert(m.clone(), (a, a_shape, b, b_shape));
+        }
+        if let Some(m) = b_keys.keys().find(|m| !a_keys.contains_key(*m)) {
+            return Err(Error::Input(format!(
+                "{name}: `{m}.lora_B.weight` has no matching lora_A.weight"
+            )));
+        }
+        Ok(Self {
+            name: name.into(),
+            modules,
+        })
+    }
+
+    /// The module paths of one component (`unet`, `text_encoder`), without the prefix.
+    pub fn paths(&self, component: &str) -> BTreeSet<String> {
+        let prefix = format!("{component}.");
+        self.modules
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
+            .collect()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.modules.values().next().map_or(0, |(_, s, _, _)| s[0])
+    }
+}
+
+impl LoraTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<LoraEntry>> {
+        // A panic while holding the lock leaves plain data behind: keep going with it.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn register(&self, key: String, kind: LoraKind) -> usize {
+        let mut entries = self.lock();
+        entries.push(LoraEntry {
+            key,
+            kind,
+            adapters: Vec::new(),
+        });
+        entries.len() - 1
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    pub fn entries(&self) -> Vec<LoraEntry> {
+        self.lock().clone()
+    }
+
+    /// Number of LoRA parameters of the first (trainable) adapter of every layer.
+    pub fn num_params(&self) -> usize {
+        self.lock()
+            .iter()
+            .filter_map(|e| e.adapters.first())
+            .map(|a| a.a.dims().iter().product::<usize>() + a.b.dims().iter().product::<usize>())
+            .sum()
+    }
+
+    /// Gives every layer a fresh trainable adapter as peft initialises one: `A` Kaiming-uniform
+    /// (bound 1/√fan_in), `B` zero, so training starts from the base model.
+    pub fn init_trainable(&self, rank: usize, alpha: f64, seed: u64, device: &Device) {
+        let mut rng = rand_uniform(seed);
+        let mut entries = self.lock();
+        for e in entries.iter_mut() {
+            let fan_in = e.kind.fan_in();
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let a: Vec<f32> = (0..rank * fan_in)
+                .map(|_| ((rng() * 2.0 - 1.0) * bound) as f32)
+                .collect();
+            let a = Tensor::from_data(TensorData::new(a, [rank, fan_in]), device);
+            let b = Tensor::zeros([e.kind.fan_out(), rank], device);
+            e.adapters = vec![Adapter {
+                a,
+                b,
+                scale: alpha / rank as f64,
+            }];
+        }
+    }
+
+    /// Loads `file` as the trainable adapter of every layer it names (the file's `B` includes
+    /// the scale; it is divided by `alpha / rank` so that training goes on in peft's
+    /// parameterisation). Layers the file does not name keep their fresh adapter.
+    pub fn load_trainable(&self, file: &LoraFile, alpha: f64, device: &Device) -> Result<()> {
+        let mut entries = self.lock();
+        let mut matched = 0;
+        for e in entries.iter_mut() {
+            let Some((a, a_shape, b, b_shape)) = file.modules.get(&e.key) else {
+                continue;
+            };
+            let rank = a_shape[0];
+            check_shapes(&file.name, e, rank, a_shape, b_shape)?;
+            let scale = alpha / rank as f64;
+            if let Some(ad) = e.adapters.first()
+                && ad.a.dims()[0] != rank
+            {
+                return Err(Error::Input(format!(
+                    "{}: `{}` has rank {rank}, but training uses rank {}",
+                    file.name,
+                    e.key,
+                    ad.a.dims()[0]
+                )));
+            }
+            let b: Vec<f32> = b.iter().map(|v| (*v as f64 / scale) as f32).collect();
+            let adapter = Adapter {
+                a: Tensor::from_data(TensorData::new(a.clone(), [rank, e.kind.fan_in()]), device),
+                b: Tensor::from_data(TensorData::new(b, [e.kind.fan_out(), rank]), device),
+                scale,
+            };
+            match e.adapters.first_mut() {
+                Some(first) => *first = adapter,
+                None => e.adapters.push(adapter),
+            }
+            matched += 1;
+        }
+        if matched != file.modules.len() {
+            let known: BTreeSet<&String> = entries.iter().map(|e| &e.key).collect();
+            let missing: Vec<&String> =
+                file.modules.keys().filter(|k| !known.contains(k)).collect();
+            return Err(unmatched(&file.name, &missing));
+        }
+        Ok(())
+    }
+
+    /// Adds `file` at `scale` (on top of the file's own folded scale) as one more adapter of
+    /// every layer it names: inference-time scaling and mixing.
+    pub fn add_file(&self, file: &LoraFile, scale: f64, device: &Device) -> Result<()> {
+        let mut entries = self.lock();
+        let index: BTreeMap<String, usize> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.key.clone(), i))
+            .collect();
+        let missing: Vec<&String> = file
+            .modules
+            .keys()
+            .filter(|k| !index.contains_key(*k))
+            .collect();
+        if !missing.is_empty() {
+            return Err(unmatched(&file.name, &missing));
+        }
+        for (key, (a, a_shape, b, b_shape)) in &file.modules {
+            let e = &mut entries[index[key]];
+            let rank = a_shape[0];
+            check_shapes(&file.name, e, rank, a_shape, b_shape)?;
+            e.adapters.push(Adapter {
+                a: Tensor::from_data(TensorData::new(a.clone(), [rank, e.kind.fan_in()]), device),
+                b: Tensor::from_data(TensorData::new(b.clone(), [e.kind.fan_out(), rank]), device),
+                scale,
+            });
+        }
+        Ok(())
+    }
+
+    /// The trainable parameters `[A₀, B₀, A₁, B₁, …]` (first adapter of every layer).
+    pub fn params(&self) -> Vec<Tensor<2>> {
+        self.lock()
+            .iter()
+            .filter_map(|e| e.adapters.first())
+            .flat_map(|ad| [ad.a.clone(), ad.b.clone()])
+            .collect()
+    }
+
+    /// Replaces the trainable parameters (same order as [`params`](Self::params)).
+    pub fn set_params(&self, params: &[Tensor<2>]) {
+        let mut entries = self.lock();
+        let mut it = params.iter();
+        for e in entries.iter_mut() {
+            if let Some(ad) = e.adapters.first_mut() {
+                ad.a = it.next().expect("one A per adapter").clone();
+                ad.b = it.next().expect("one B per adapter").clone();
+            }
+        }
+    }
+
+    /// Parameter names in [`params`](Self::params) order: `<key>.lora_A.weight`, ….
+    pub fn param_names(&self) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|e| !e.adapters.is_empty())
+            .flat_map(|e| {
+                [
+                    format!("{}.lora_A.weight", e.key),
+                    format!("{}.lora_B.weight", e.key),
+                ]
+            })
+            .collect()
+    }
+
+    /// The trainable adapters as a diffusers LoRA file (`pytorch_lora_weights.safetensors`):
+    /// `A` as is, `B` times the scale (the format carries no alpha), f32.
+    pub async fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let entries = self.entries();
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for e in &entries {
+            let Some(ad) = e.adapters.first() else {
+                continue;
+            };
+            let rank = ad.a.dims()[0];
+            let (a, _) = crate::read_f32(ad.a.clone()).await?;
+            let (b, _) = crate::read_f32(ad.b.clone() * ad.scale).await?;
+            tensors.push((format!("{}.lora_A.weight", e.key), e.kind.a_shape(rank), a));
+            tensors.push((format!("{}.lora_B.weight", e.key), e.kind.b_shape(rank), b));
+        }
+        crate::weights::serialize_f32(&tensors, None)
+    }
+}
+
+fn check_shapes(
+    name: &str,
+    e: &LoraEntry,
+    rank: usize,
+    a_shape: &[usize],
+    b_shape: &[usize],
+) -> Result<()> {
+    if a_shape != e.kind.a_shape(rank).as_slice() || b_shape != e.kind.b_shape(rank).as_slice() {
+        let b2: Vec<usize> = e.kind.b_shape(rank);
+        // A linear layer's B may also come as [out, r] for a conv written by other tools.
+        let flat_b_ok = matches!(e.kind, LoraKind::Conv { .. })
+            && b_shape == [b2[0], b2[1]]
+            && a_shape == e.kind.a_shape(rank).as_slice();
+        if !flat_b_ok {
+            return Err(Error::Input(format!(
+                "{name}: `{}` has lora_A {a_shape:?} / lora_B {b_shape:?}; the layer needs {:?} / {:?}",
+                e.key,
+                e.kind.a_shape(rank),
+                e.kind.b_shape(rank)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn unmatched(name: &str, missing: &[&String]) -> Error {
+    let shown: Vec<&str> = missing.iter().take(3).map(|s| s.as_str()).collect();
+    Error::Input(format!(
+        "{name}: {} LoRA module(s) match no layer of the model, e.g. `{}`",
+        missing.len(),
+        shown.join("`, `")
+    ))
+}
+
+/// A seeded uniform [0, 1) stream (f64).
+fn rand_uniform(seed: u64) -> impl FnMut() -> f64 {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    move || rng.random::<f64>()
+}

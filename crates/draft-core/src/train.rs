@@ -1,0 +1,656 @@
+//! The training loop shared by the CLI and the browser: batches of prompts, the objective of
+//! [`engine`](crate::engine), gradient accumulation, global-norm clipping, AdamW / SGD,
+//! skipping of non-finite updates, and a checkpoint that resumes bit for bit.
+//!
+//! Every random draw of training step `s` comes from streams seeded by `(seed, s)`, so a run
+//! resumed from a checkpoint at step `s` continues exactly as the uninterrupted run.
+
+use std::collections::HashMap;
+
+use burn::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Draws, Engine, Method, Prompts};
+use crate::error::{Error, Result};
+use crate::lora::LoraTarget;
+use crate::noise::NoiseRng;
+use crate::pipeline::Pipeline;
+use crate::reward::{RewardOptions, WeightedReward};
+
+/// `--method`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MethodName {
+    Draft,
+    DraftK,
+    DraftLv,
+    Refl,
+    Alignprop,
+}
+
+impl MethodName {
+    pub const ALL: [(&'static str, MethodName); 5] = [
+        ("draft", Self::Draft),
+        ("draft-k", Self::DraftK),
+        ("draft-lv", Self::DraftLv),
+        ("refl", Self::Refl),
+        ("alignprop", Self::Alignprop),
+    ];
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .iter()
+            .find(|(n, _)| *n == s)
+            .map(|(_, m)| *m)
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "unknown method `{s}` (expected draft, draft-k, draft-lv, refl or alignprop)"
+                ))
+            })
+    }
+
+    pub fn name(&self) -> &'static str {
+        Self::ALL.iter().find(|(_, m)| m == self).unwrap().0
+    }
+}
+
+/// `--optimizer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OptimizerName {
+    Adamw,
+    Sgd,
+}
+
+/// Every hyper-parameter of a training run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub method: MethodName,
+    /// DRaFT-K's K.
+    pub k: usize,
+    /// DRaFT-LV's n.
+    pub lv_samples: usize,
+    /// ReFL: the number of steps remaining when x̂₀ is predicted is uniform in [t_min, t_max].
+    pub t_min: usize,
+    pub t_max: usize,
+    /// AlignProp: K uniform in [k_min, k_max].
+    pub k_min: usize,
+    pub k_max: usize,
+    /// `name=weight` reward terms.
+    pub rewards: Vec<String>,
+    pub reward_options: RewardOptions,
+    pub batch: usize,
+    /// Sampling steps.
+    pub steps: usize,
+    pub guidance: f64,
+    pub eta: f64,
+    pub negative_prompt: String,
+    /// Optimizer updates.
+    pub train_steps: usize,
+    pub lr: f64,
+    pub optimizer: OptimizerName,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub adam_eps: f64,
+    pub rank: usize,
+    /// LoRA alpha; `None`: equal to the rank (scale 1).
+    pub alpha: Option<f64>,
+    pub lora_targets: Vec<LoraTarget>,
+    /// Clip the global gradient norm to this value (`None`: no clipping).
+    pub clip_grad_norm: Option<f64>,
+    /// Batches whose gradients are averaged into one update.
+    pub grad_accum: usize,
+    pub seed: u64,
+    /// Stop after this many non-finite updates in a row.
+    pub max_bad_steps: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            method: MethodName::DraftK,
+            k: 1,
+            lv_samples: 2,
+            t_min: 1,
+            t_max: 10,
+            k_min: 1,
+            k_max: 10,
+            rewards: vec!["colorfulness".into()],
+            reward_options: RewardOptions::default(),
+            batch: 2,
+            steps: 50,
+            guidance: 7.5,
+            eta: 0.0,
+            negative_prompt: String::new(),
+            train_steps: 100,
+            lr: 4e-4,
+            optimizer: OptimizerName::Adamw,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            adam_eps: 1e-8,
+            rank: 4,
+            alpha: None,
+            lora_targets: vec![LoraTarget::Attn],
+            clip_grad_norm: None,
+            grad_accum: 1,
+            seed: 0,
+            max_bad_steps: 5,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn alpha(&self) -> f64 {
+        self.alpha.unwrap_or(self.rank as f64)
+    }
+
+    /// The objective, checked against the number of sampling steps.
+    pub fn method(&self) -> Result<Method> {
+        let m = match self.method {
+            MethodName::Draft => Method::DraftK { k: self.steps },
+            MethodName::DraftK => Method::DraftK { k: self.k },
+            MethodName::DraftLv => Method::DraftLv { n: self.lv_samples },
+            MethodName::Refl => Method::Refl {
+                min_remaining: self.t_min,
+                max_remaining: self.t_max,
+            },
+            MethodName::Alignprop => Method::AlignProp {
+                k_min: self.k_min,
+                k_max: self.k_max,
+            },
+        };
+        m.validate(self.steps)?;
+        Ok(m)
+    }
+
+    /// Refuses impossible settings before any work.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Input(m));
+        if self.steps == 0 {
+            return bad("--steps must be at least 1".into());
+        }
+        self.method()?;
+        if self.rank == 0 {
+            return bad("--rank must be at least 1".into());
+        }
+        if let Some(a) = self.alpha
+            && !(a.is_finite() && a > 0.0)
+        {
+            return bad(format!("--alpha must be positive, got {a}"));
+        }
+        if self.batch == 0 {
+            return bad("--batch must be at least 1".into());
+        }
+        if self.grad_accum == 0 {
+            return bad("--grad-accum must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return bad(format!("--lr must be positive, got {}", self.lr));
+        }
+        if let Some(c) = self.clip_grad_norm
+            && !(c.is_finite() && c > 0.0)
+        {
+            return bad(format!("--clip-grad-norm must be positive, got {c}"));
+        }
+        if !(self.eta.is_finite() && self.eta >= 0.0) {
+            return bad(format!("--eta must be ≥ 0, got {}", self.eta));
+        }
+        if !self.guidance.is_finite() {
+            return bad("--guidance must be finite".into());
+        }
+        if self.lora_targets.is_empty() {
+            return bad("at least one LoRA target is needed".into());
+        }
+        if self.max_bad_steps == 0 {
+            return bad("--max-bad-steps must be at least 1".into());
+        }
+        WeightedReward::from_specs(&self.rewards, &self.reward_options)?;
+        Ok(())
+    }
+}
+
+/// The 45 simple animal prompts of DDPO (Black et al. 2023), used by DRaFT.
+pub const ANIMALS: [&str; 45] = [
+    "cat",
+    "dog",
+    "horse",
+    "monkey",
+    "rabbit",
+    "zebra",
+    "spider",
+    "bird",
+    "sheep",
+    "deer",
+    "cow",
+    "goat",
+    "lion",
+    "tiger",
+    "bear",
+    "raccoon",
+    "fox",
+    "wolf",
+    "lizard",
+    "beetle",
+    "ant",
+    "butterfly",
+    "fish",
+    "shark",
+    "whale",
+    "dolphin",
+    "squirrel",
+    "mouse",
+    "rat",
+    "snake",
+    "turtle",
+    "frog",
+    "chicken",
+    "duck",
+    "goose",
+    "bee",
+    "pig",
+    "turkey",
+    "fly",
+    "llama",
+    "camel",
+    "bat",
+    "gorilla",
+    "hedgehog",
+    "kangaroo",
+];
+
+/// A built-in prompt set by name.
+pub fn prompt_set(name: &str) -> Result<Vec<String>> {
+    match name {
+        "animals" => Ok(ANIMALS.iter().map(|s| s.to_string()).collect()),
+        other => Err(Error::Input(format!(
+            "unknown prompt set `{other}` (built-in: animals)"
+        ))),
+    }
+}
+
+/// What one training step reports (a line of `metrics.jsonl`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub reward_mean: f64,
+    pub reward_std: f64,
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub lr: f64,
+    pub seconds: f64,
+    /// The update was skipped because the loss or gradient was not finite.
+    pub skipped: bool,
+    /// Sampling steps back-propagated (the last batch's K).
+    pub k: usize,
+}
+
+/// SplitMix64: independent seeds for the streams of each step.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The seed of stream `purpose` of micro-batch `micro` of step `step`.
+pub fn stream_seed(seed: u64, step: usize, micro: usize, purpose: u64) -> u64 {
+    mix(mix(mix(seed) ^ step as u64) ^ ((micro as u64) << 8 | purpose))
+}
+
+/// A LoRA training run on a pipeline loaded with trainable LoRA slots.
+pub struct Trainer {
+    pub pipeline: Pipeline,
+    pub config: TrainConfig,
+    pub reward: WeightedReward,
+    pub prompts: Vec<String>,
+    method: Method,
+    /// Initial latents of the first step's batch (`--init-noise`).
+    init_noise: Option<Tensor<4>>,
+    latent_shape: [usize; 3],
+    /// Adam moments, in parameter order.
+    m: Vec<Tensor<2>>,
+    v: Vec<Tensor<2>>,
+    /// Optimizer updates done (also Adam's bias-correction step count).
+    pub step: usize,
+    /// Non-finite updates skipped so far, and how many in a row.
+    pub skipped: usize,
+    pub bad_run: usize,
+}
+
+impl Trainer {
+    /// `pipeline` must have been loaded with `LoraSetup::Targets(config.lora_targets)`; its
+    /// adapters are initialised here (or taken from `init_lora`).
+    pub fn new(
+        pipeline: Pipeline,
+        config: TrainConfig,
+        reward: WeightedReward,
+        prompts: Vec<String>,
+        init_lora: Option<&crate::lora::LoraFile>,
+        init_noise: Option<Tensor<4>>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let method = config.method()?;
+        if prompts.is_empty() {
+            return Err(Error::Input("no prompts to train on".into()));
+        }
+        if let Some(p) = prompts.iter().find(|p| p.trim().is_empty()) {
+            return Err(Error::Input(format!(
+                "empty prompt `{p}` in the prompt list"
+            )));
+        }
+        if pipeline.lora.is_empty() {
+            return Err(Error::Input(
+                "the LoRA targets select no layer of this model".into(),
+            ));
+        }
+        let device = pipeline.device.clone();
+        pipeline.lora.init_trainable(
+            config.rank,
+            config.alpha(),
+            stream_seed(config.seed, 0, 0, 99),
+            &device,
+        );
+        if let Some(file) = init_lora {
+            pipeline
+                .lora
+                .load_trainable(file, config.alpha(), &device)?;
+        }
+        let size = pipeline.default_image_size();
+        let latent_shape = pipeline.latent_shape(size, size)?;
+        if let Some(x) = &init_noise {
+            let [_, c, h, w] = x.dims();
+            if [c, h, w] != latent_shape {
+                return Err(Error::Input(format!(
+                    "--init-noise has latents [{c}, {h}, {w}] per image, the model samples {latent_shape:?}"
+                )));
+            }
+        }
+        let params = pipeline.lora.params();
+        let zeros: Vec<Tensor<2>> = params.iter().map(|p| p.zeros_like()).collect();
+        Ok(Self {
+            pipeline,
+            reward,
+            prompts,
+            method,
+            init_noise,
+            latent_shape,
+            m: zeros.clone(),
+            v: zeros,
+            step: 0,
+            skipped: 0,
+            bad_run: 0,
+            config,
+        })
+    }
+
+    /// The batch size of every step: `--batch`, or the batch of `--init-noise`.
+    pub fn batch(&self) -> usize {
+        self.init_noise
+            .as_ref()
+            .map_or(self.config.batch, |x| x.dims()[0])
+    }
+
+    /// Prompts of micro-batch `micro` of `step`: the list cycled when it is no longer than the
+    /// batch, otherwise a seeded random choice.
+    pub fn batch_prompts(&self, step: usize, micro: usize) -> Vec<String> {
+        let b = self.batch();
+        if self.prompts.len() <= b {
+            return (0..b)
+                .map(|i| self.prompts[i % self.prompts.len()].clone())
+                .collect();
+        }
+        let mut state = stream_seed(self.config.seed, step, micro, 1);
+        (0..b)
+            .map(|_| {
+                state = mix(state);
+                self.prompts[(state % self.prompts.len() as u64) as usize].clone()
+            })
+            .collect()
+    }
+
+    fn tokenize(&self, prompts: &[String]) -> Result<Prompts> {
+        Ok(Prompts {
+            ids: self.pipeline.tokenize(prompts)?,
+            uncond_ids: self
+                .pipeline
+                .tokenize(std::slice::from_ref(&self.config.negative_prompt))?,
+            guidance: self.config.guidance,
+        })
+    }
+
+    fn draws(&self, step: usize, micro: usize) -> Draws {
+        let device = &self.pipeline.device;
+        let b = self.batch();
+        let [c, h, w] = self.latent_shape;
+        let x_t = match (&self.init_noise, step, micro) {
+            (Some(x), 0, 0) => x.clone(),
+            _ => NoiseRng::new(stream_seed(self.config.seed, step, micro, 2))
+                .randn([b, c, h, w], device),
+        };
+        let truncation =
+            (mix(stream_seed(self.config.seed, step, micro, 4)) >> 11) as f64 / (1u64 << 53) as f64;
+        Draws {
+            x_t,
+            step_noise: NoiseRng::new(stream_seed(self.config.seed, step, micro, 3)),
+            lv_noise: None,
+            truncation,
+        }
+    }
+
+    /// One optimizer update (over `grad_accum` batches). Non-finite losses or gradients skip
+    /// the update; after `max_bad_steps` of them in a row this returns an error.
+    pub async fn train_step(&mut self) -> Result<StepMetrics> {
+        let started = web_time_now();
+        let engine = Engine::new(
+            &self.pipeline,
+            self.config.steps,
+            self.config.eta,
+            &self.reward,
+        )?;
+        let accum = self.config.grad_accum;
+        let mut grads: Option<Vec<Tensor<2>>> = None;
+        let mut rewards = Vec::new();
+        let mut loss = 0.0f64;
+        let mut k = 0;
+        for micro in 0..accum {
+            let prompts = self.tokenize(&self.batch_prompts(self.step, micro))?;
+            let eval = engine
+                .evaluate(self.method, &prompts, self.draws(self.step, micro))
+                .await?;
+            loss += eval.loss as f64 / accum as f64;
+            rewards.extend(eval.rewards.iter().map(|&r| r as f64));
+            k = eval.k;
+            let scaled: Vec<Tensor<2>> = if accum == 1 {
+                eval.grads
+            } else {
+                eval.grads.into_iter().map(|g| g / accum as f64).collect()
+            };
+            grads = Some(match grads {
+                None => scaled,
+                Some(acc) => acc.into_iter().zip(scaled).map(|(a, g)| a + g).collect(),
+            });
+        }
+        let grads = grads.expect("grad_accum ≥ 1");
+        let grad_norm = global_norm(&grads).await?;
+        let finite = loss.is_finite() && grad_norm.is_finite();
+        let lr = self.config.lr;
+        if finite {
+            self.bad_run = 0;
+            let clip = match self.config.clip_grad_norm {
+                Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
+                _ => 1.0,
+            };
+            self.update(grads, clip);
+        } else {
+            self.skipped += 1;
+            self.bad_run += 1;
+        }
+        self.step += 1;
+        let n = rewards.len().max(1) as f64;
+        let mean = rewards.iter().sum::<f64>() / n;
+        let var = rewards.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n;
+        let metrics = StepMetrics {
+            step: self.step,
+            reward_mean: mean,
+            reward_std: var.sqrt(),
+            loss,
+            grad_norm,
+            lr,
+            seconds: web_time_now() - started,
+            skipped: !finite,
+            k,
+        };
+        if self.bad_run >= self.config.max_bad_steps {
+            return Err(Error::Input(format!(
+                "training stopped: {} non-finite updates in a row (last loss {loss}, gradient norm {grad_norm}); try a lower --lr or --clip-grad-norm",
+                self.bad_run
+            )));
+        }
+        Ok(metrics)
+    }
+
+    /// AdamW (PyTorch's: decoupled weight decay, bias-corrected moments) or plain SGD.
+    fn update(&mut self, grads: Vec<Tensor<2>>, clip: f64) {
+        let c = &self.config;
+        let params = self.pipeline.lora.params();
+        let t = (self.step - self.skipped + 1) as i32;
+        let mut new = Vec::with_capacity(params.len());
+        for (i, (p, g)) in params.into_iter().zip(grads).enumerate() {
+            let g = if clip != 1.0 { g * clip } else { g };
+            let p = match c.optimizer {
+                OptimizerName::Sgd => p - g * c.lr,
+                OptimizerName::Adamw => {
+                    let p = if c.weight_decay != 0.0 {
+                        p * (1.0 - c.lr * c.weight_decay)
+                    } else {
+                        p
+                    };
+                    let m = self.m[i].clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
+                    let v = self.v[i].clone() * c.beta2 + g.square() * (1.0 - c.beta2);
+                    let bc1 = 1.0 - c.beta1.powi(t);
+                    let bc2 = 1.0 - c.beta2.powi(t);
+                    let denom = (v.clone() / bc2).sqrt() + c.adam_eps;
+                    let p = p - (m.clone() / bc1) / denom * c.lr;
+                    self.m[i] = m;
+                    self.v[i] = v;
+                    p
+                }
+            };
+            new.push(p);
+        }
+        self.pipeline.lora.set_params(&new);
+    }
+
+    /// The checkpoint: LoRA parameters, Adam moments and counters in one safetensors file.
+    pub async fn checkpoint(&self) -> Result<Vec<u8>> {
+        let names = self.pipeline.lora.param_names();
+        let params = self.pipeline.lora.params();
+        let mut tensors = Vec::new();
+        for (prefix, list) in [("param", &params), ("adam_m", &self.m), ("adam_v", &self.v)] {
+            for (name, t) in names.iter().zip(list.iter()) {
+                let (values, shape) = crate::read_f32(t.clone()).await?;
+                tensors.push((format!("{prefix}.{name}"), shape, values));
+            }
+        }
+        let mut meta = HashMap::new();
+        meta.insert("step".into(), self.step.to_string());
+        meta.insert("skipped".into(), self.skipped.to_string());
+        meta.insert("bad_run".into(), self.bad_run.to_string());
+        meta.insert(
+            "config".into(),
+            serde_json::to_string(&self.config).map_err(|e| Error::Input(e.to_string()))?,
+        );
+        crate::weights::serialize_f32(&tensors, Some(meta))
+    }
+
+    /// Restores a [`checkpoint`](Self::checkpoint). The run's settings must be the ones the
+    /// checkpoint was written with (except `train_steps`, which may grow).
+    pub fn restore(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
+            file: name.into(),
+            reason: e.to_string(),
+        })?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
+                file: name.into(),
+                reason: e.to_string(),
+            })?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let get = |k: &str| -> Result<String> {
+            meta.get(k)
+                .cloned()
+                .ok_or_else(|| Error::config(name, format!("checkpoint metadata lacks `{k}`")))
+        };
+        let num = |k: &str| -> Result<usize> {
+            get(k)?
+                .parse()
+                .map_err(|_| Error::config(name, format!("bad `{k}` in checkpoint metadata")))
+        };
+        let saved: TrainConfig = serde_json::from_str(&get("config")?)
+            .map_err(|e| Error::config(name, format!("bad config in checkpoint: {e}")))?;
+        let mut a = serde_json::to_value(&saved).unwrap();
+        let mut b = serde_json::to_value(&self.config).unwrap();
+        a["train_steps"] = 0.into();
+        b["train_steps"] = 0.into();
+        if a != b {
+            return Err(Error::Input(format!(
+                "{name} was written by a run with other settings; resume with the same flags (saved: {})",
+                get("config")?
+            )));
+        }
+        drop(st);
+        let w = crate::weights::Weights::from_bytes(name, bytes)?;
+        let device = self.pipeline.device.clone();
+        let names = self.pipeline.lora.param_names();
+        let load = |prefix: &str| -> Result<Vec<Tensor<2>>> {
+            names
+                .iter()
+                .map(|n| w.tensor::<2>(&format!("{prefix}.{n}"), &device))
+                .collect()
+        };
+        let params = load("param")?;
+        self.m = load("adam_m")?;
+        self.v = load("adam_v")?;
+        self.pipeline.lora.set_params(&params);
+        self.step = num("step")?;
+        self.skipped = num("skipped")?;
+        self.bad_run = num("bad_run")?;
+        Ok(())
+    }
+}
+
+/// `sqrt(Σ‖g‖²)` over all tensors, read back to the host.
+pub async fn global_norm(grads: &[Tensor<2>]) -> Result<f64> {
+    let mut total: Option<Tensor<1>> = None;
+    for g in grads {
+        let s = g.clone().square().sum();
+        total = Some(match total {
+            Some(t) => t + s,
+            None => s,
+        });
+    }
+    match total {
+        None => Ok(0.0),
+        Some(t) => Ok((crate::read_f32(t).await?.0[0] as f64).sqrt()),
+    }
+}
+
+/// Seconds since an arbitrary origin (wall clock; `performance.now()` in the browser).
+pub fn web_time_now() -> f64 {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use std::sync::OnceLock;
+        static START: OnceLock<std::time::Instant> = OnceLock::new();
+        START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs_f64()
+    }
+    #[cfg(target_arch = "wasm32")]
+    {
+        0.0
+    }
+}
