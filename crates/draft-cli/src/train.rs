@@ -157,8 +157,17 @@ impl TrainArgs {
         };
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
-        let mut f: TrainArgs =
-            toml::from_str(&text).with_context(|| format!("{}: invalid config", path.display()))?;
+        let mut f: TrainArgs = toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            anyhow::anyhow!(
+                "{}{}: {}",
+                path.display(),
+                line.map(|l| format!(" line {l}")).unwrap_or_default(),
+                e.message().trim()
+            )
+        })?;
         // Relative paths in the file are relative to the file's folder.
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         for p in [

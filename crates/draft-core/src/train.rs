@@ -512,6 +512,27 @@ impl Trainer {
         Ok(metrics)
     }
 
+    /// The mean reward of `n` images sampled (without gradient) from fixed seeds and the first
+    /// `n` prompts: comparable before and after training, unlike the per-step rewards.
+    pub async fn eval_reward(&self, n: usize) -> Result<f64> {
+        let pipe = &self.pipeline;
+        let n = n.max(1);
+        let prompts: Vec<String> = (0..n).map(|i| self.prompts[i % self.prompts.len()].clone()).collect();
+        let [c, h, w] = self.latent_shape;
+        let x_t = NoiseRng::new(stream_seed(self.config.seed, usize::MAX, 0, 5)).randn([n, c, h, w], &pipe.device);
+        let options = crate::pipeline::SampleOptions {
+            prompts,
+            negative_prompt: self.config.negative_prompt.clone(),
+            steps: self.config.steps,
+            guidance: self.config.guidance,
+            eta: 0.0,
+            seed: self.config.seed,
+        };
+        let latents = pipe.sample_latents(&options, x_t, |_, _| {})?;
+        let r = self.reward.score(pipe.decode(latents)).mean();
+        Ok(crate::read_f32(r).await?.0[0] as f64)
+    }
+
     /// AdamW (PyTorch's: decoupled weight decay, bias-corrected moments) or plain SGD.
     fn update(&mut self, grads: Vec<Tensor<2>>, clip: f64) {
         let c = &self.config;

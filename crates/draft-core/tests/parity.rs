@@ -3,8 +3,6 @@
 //! encode, and whole DDIM + CFG sampling runs from fixed initial latents. Each runs on the CPU
 //! backend and on wgpu (lavapipe in CI). Tolerance: max abs error ≤ 1e-4.
 
-use std::path::{Path, PathBuf};
-
 use burn::prelude::*;
 use draft_core::pipeline::{SampleOptions, to_nhwc};
 use draft_core::weights::Weights;
@@ -12,30 +10,8 @@ use draft_core::{ModelFiles, Pipeline};
 
 const TOL: f32 = 1e-4;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
-
-fn read_model(dir: &Path) -> ModelFiles {
-    ModelFiles::read_layout(dir.display().to_string(), |rel| {
-        Ok::<_, ()>(std::fs::read(dir.join(rel)).ok())
-    })
-    .unwrap()
-}
-
-/// The devices every parity test runs on. `DRAFT_TEST_DEVICES=cpu` limits a local run to the
-/// CPU; CI sets nothing, so wgpu (lavapipe) runs there and a missing adapter fails the test.
-fn devices() -> Vec<(&'static str, Device)> {
-    let mut out = vec![("cpu", Device::flex())];
-    if std::env::var("DRAFT_TEST_DEVICES").as_deref() != Ok("cpu") {
-        out.push(("wgpu", Device::wgpu(Default::default())));
-    }
-    out
-}
-
-fn values<const D: usize>(t: Tensor<D>) -> (Vec<f32>, Vec<usize>) {
-    pollster::block_on(draft_core::read_f32(t)).unwrap()
-}
+mod common;
+use common::{devices, fixtures, read_model, values};
 
 fn assert_close<const D: usize>(what: &str, got: Tensor<D>, reference: &Weights, key: &str) {
     assert_close_scaled(what, got, reference, key, false)

@@ -1,0 +1,215 @@
+//! Training-step benchmark: seconds per DRaFT training step and peak memory, per method, on
+//! the sd1-tiny fixture and on a random UNet with SD-1.4's config at 32×32 latents (with the
+//! fixture's tiny VAE and a one-layer 768-wide random text encoder, so that the UNet dominates).
+//!
+//! `cargo bench -p draft-cli --bench training -- [--devices cpu,wgpu] [--tiny-steps 50]
+//!  [--sd14-steps 6] [--sd14-devices cpu]`
+//!
+//! Each case runs in a child process of its own so that its peak resident memory (VmHWM,
+//! reset with /proc/self/clear_refs after loading) is the step's alone. On a software adapter
+//! (lavapipe) "GPU" buffers are host memory and are counted; on a real GPU they are not.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use burn::prelude::*;
+use draft_core::engine::{Draws, Engine, Method, Prompts};
+use draft_core::lora::{LoraPlan, LoraTable, LoraTarget};
+use draft_core::models::clip_text::{CLIPTextConfig, CLIPTextModel};
+use draft_core::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use draft_core::noise::NoiseRng;
+use draft_core::pipeline::LoraSetup;
+use draft_core::reward::{RewardOptions, WeightedReward};
+use draft_core::weights::VarBuilder;
+use draft_core::{ModelFiles, Pipeline};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    if let Some(case) = flag("--case") {
+        run_case(&case);
+        return;
+    }
+    let devices = flag("--devices").unwrap_or_else(|| "cpu,wgpu".into());
+    let tiny_steps: usize = flag("--tiny-steps").and_then(|s| s.parse().ok()).unwrap_or(50);
+    let sd14_steps: usize = flag("--sd14-steps").and_then(|s| s.parse().ok()).unwrap_or(6);
+    let sd14_devices = flag("--sd14-devices").unwrap_or_else(|| "cpu".into());
+
+    println!(
+        "| device | model | sampling steps | method | s / step | UNet grad calls | peak RSS during step (MiB) | stored latents (KiB) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for dev in devices.split(',') {
+        let mut models = vec![("sd1-tiny", tiny_steps)];
+        if sd14_steps > 0 && sd14_devices.split(',').any(|d| d == dev) {
+            models.push(("sd14", sd14_steps));
+        }
+        for (model, steps) in models {
+            let k5 = 5.min(steps);
+            let mut methods = vec![format!("k1"), format!("k{k5}")];
+            if k5 != steps {
+                methods.push(format!("k{steps}"));
+            }
+            methods.extend(["lv2".to_string(), "refl".to_string()]);
+            for m in methods {
+                let case = format!("{dev}:{model}:{steps}:{m}");
+                let out = Command::new(std::env::current_exe().unwrap())
+                    .args(["--case", &case])
+                    .output()
+                    .expect("run case");
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                match stdout.lines().find(|l| l.starts_with('|')) {
+                    Some(row) => println!("{row}"),
+                    None => println!(
+                        "| {dev} | {model} | {steps} | {m} | failed: {} |",
+                        String::from_utf8_lossy(&out.stderr)
+                            .lines()
+                            .last()
+                            .unwrap_or("")
+                    ),
+                }
+            }
+        }
+    }
+}
+
+fn rss_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn run_case(case: &str) {
+    let parts: Vec<&str> = case.split(':').collect();
+    let (dev, model, steps, m) = (parts[0], parts[1], parts[2].parse::<usize>().unwrap(), parts[3]);
+    let device = match dev {
+        "cpu" => Device::flex(),
+        "wgpu" => Device::wgpu(Default::default()),
+        other => panic!("unknown device {other}"),
+    };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sd1-tiny");
+    let files = ModelFiles::read_layout(dir.display().to_string(), |rel| {
+        Ok::<_, ()>(std::fs::read(dir.join(rel)).ok())
+    })
+    .unwrap();
+    let mut pipe = Pipeline::load_with_lora(
+        &files,
+        &device,
+        &LoraSetup::Targets(vec![LoraTarget::Attn]),
+    )
+    .unwrap();
+    let mut size = pipe.unet_config.sample_size;
+    if model == "sd14" {
+        let config = UNet2DConditionConfig::from_json(
+            "sd14_unet_config.json",
+            include_str!("sd14_unet_config.json"),
+        )
+        .unwrap();
+        let table = LoraTable::new();
+        let vb = VarBuilder::random(0, &device).with_lora(Some(LoraPlan::targets(
+            &table,
+            "unet",
+            &[LoraTarget::Attn],
+        )));
+        pipe.unet = UNet2DConditionModel::load(vb, &config, "sd14").unwrap();
+        let text = CLIPTextConfig::from_json(
+            "text",
+            &format!(
+                r#"{{"vocab_size":{},"hidden_size":768,"intermediate_size":3072,"num_hidden_layers":1,
+                "num_attention_heads":12,"max_position_embeddings":77}}"#,
+                pipe.text_config.vocab_size
+            ),
+        )
+        .unwrap();
+        pipe.text_encoder = CLIPTextModel::load(VarBuilder::random(1, &device), &text).unwrap();
+        pipe.lora = table;
+        size = 32;
+    }
+    pipe.lora.init_trainable(4, 4.0, 0, &device);
+    // B = 0 would make every gradient but B's vanish: give B small values as after training.
+    let params: Vec<Tensor<2>> = pipe
+        .lora
+        .params()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if i % 2 == 1 {
+                NoiseRng::new(i as u64).randn(p.dims(), &device) * 1e-3
+            } else {
+                p
+            }
+        })
+        .collect();
+    pipe.lora.set_params(&params);
+    let reward = WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default())
+        .unwrap();
+    let engine = Engine::new(&pipe, steps, 0.0, &reward).unwrap();
+    let method = match m {
+        "lv2" => Method::DraftLv { n: 2 },
+        "refl" => Method::Refl {
+            min_remaining: 1,
+            max_remaining: 1,
+        },
+        k => Method::DraftK {
+            k: k[1..].parse().unwrap(),
+        },
+    };
+    let batch = 1;
+    let prompts = Prompts {
+        ids: pipe.tokenize(&["a photo of a cat".into()]).unwrap(),
+        uncond_ids: pipe.tokenize(&[String::new()]).unwrap(),
+        guidance: 7.5,
+    };
+    let draws = |seed: u64| Draws {
+        x_t: NoiseRng::new(seed).randn([batch, 4, size, size], &device),
+        step_noise: NoiseRng::new(seed + 1),
+        lv_noise: None,
+        truncation: 0.0,
+    };
+    let step = |seed: u64| {
+        let e = pollster::block_on(engine.evaluate(method, &prompts, draws(seed))).unwrap();
+        let norm = pollster::block_on(draft_core::train::global_norm(&e.grads)).unwrap();
+        device.sync().unwrap();
+        (e, norm)
+    };
+    // Warm-up (kernel compilation and autotuning on wgpu) unless the step takes minutes.
+    if model != "sd14" || dev != "cpu" {
+        step(99);
+    }
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let before = rss_kib("VmRSS");
+    let t0 = Instant::now();
+    let (e, norm) = step(0);
+    let secs = t0.elapsed().as_secs_f64();
+    let peak = rss_kib("VmHWM");
+    assert!(norm.is_finite() && norm > 0.0, "gradient norm {norm}");
+    let stored = (steps + 1) * batch * 4 * size * size * 4 / 1024;
+    let model_name = if model == "sd14" {
+        "SD-1.4 UNet (random) 32×32"
+    } else {
+        "sd1-tiny 16×16"
+    };
+    println!(
+        "| {dev} | {model_name} | {steps} | {} | {secs:.2} | {} | {:.0} (+{:.0} over {:.0} before) | {stored} |",
+        match method {
+            Method::DraftK { k } if k == steps => format!("DRaFT (full, K={k})"),
+            Method::DraftK { k } => format!("DRaFT-K, K={k}"),
+            Method::DraftLv { n } => format!("DRaFT-LV, n={n}"),
+            _ => "ReFL".to_string(),
+        },
+        e.unet_grad_calls,
+        peak as f64 / 1024.0,
+        peak.saturating_sub(before) as f64 / 1024.0,
+        before as f64 / 1024.0,
+    );
+}
