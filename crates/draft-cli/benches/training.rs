@@ -37,8 +37,12 @@ fn main() {
         return;
     }
     let devices = flag("--devices").unwrap_or_else(|| "cpu,wgpu".into());
-    let tiny_steps: usize = flag("--tiny-steps").and_then(|s| s.parse().ok()).unwrap_or(50);
-    let sd14_steps: usize = flag("--sd14-steps").and_then(|s| s.parse().ok()).unwrap_or(6);
+    let tiny_steps: usize = flag("--tiny-steps")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50);
+    let sd14_steps: usize = flag("--sd14-steps")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
     let sd14_devices = flag("--sd14-devices").unwrap_or_else(|| "cpu".into());
 
     println!(
@@ -91,7 +95,12 @@ fn rss_kib(field: &str) -> u64 {
 
 fn run_case(case: &str) {
     let parts: Vec<&str> = case.split(':').collect();
-    let (dev, model, steps, m) = (parts[0], parts[1], parts[2].parse::<usize>().unwrap(), parts[3]);
+    let (dev, model, steps, m) = (
+        parts[0],
+        parts[1],
+        parts[2].parse::<usize>().unwrap(),
+        parts[3],
+    );
     let device = match dev {
         "cpu" => Device::flex(),
         "wgpu" => Device::wgpu(Default::default()),
@@ -102,12 +111,9 @@ fn run_case(case: &str) {
         Ok::<_, ()>(std::fs::read(dir.join(rel)).ok())
     })
     .unwrap();
-    let mut pipe = Pipeline::load_with_lora(
-        &files,
-        &device,
-        &LoraSetup::Targets(vec![LoraTarget::Attn]),
-    )
-    .unwrap();
+    let mut pipe =
+        Pipeline::load_with_lora(&files, &device, &LoraSetup::Targets(vec![LoraTarget::Attn]))
+            .unwrap();
     let mut size = pipe.unet_config.sample_size;
     if model == "sd14" {
         let config = UNet2DConditionConfig::from_json(
@@ -151,8 +157,8 @@ fn run_case(case: &str) {
         })
         .collect();
     pipe.lora.set_params(&params);
-    let reward = WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default())
-        .unwrap();
+    let reward =
+        WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default()).unwrap();
     let engine = Engine::new(&pipe, steps, 0.0, &reward).unwrap();
     let method = match m {
         "lv2" => Method::DraftLv { n: 2 },

@@ -31,8 +31,21 @@ fn model() -> String {
 /// Fast settings on the tiny fixture model.
 fn base_args(out: &Path) -> Vec<String> {
     [
-        "train", "--model", &model(), "--device", "cpu", "--steps", "3", "--batch", "1",
-        "--prompt", "a red circle", "--out-dir", out.to_str().unwrap(), "--preview", "0",
+        "train",
+        "--model",
+        &model(),
+        "--device",
+        "cpu",
+        "--steps",
+        "3",
+        "--batch",
+        "1",
+        "--prompt",
+        "a red circle",
+        "--out-dir",
+        out.to_str().unwrap(),
+        "--preview",
+        "0",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -51,25 +64,48 @@ fn expect_refusal(extra: &[&str], needles: &[&str], after_load: bool) {
     assert!(!o.status.success(), "{extra:?} should fail:\n{stderr}");
     assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error")).collect();
-    assert_eq!(errors.len(), 1, "{extra:?}: one error line expected:\n{stderr}");
+    assert_eq!(
+        errors.len(),
+        1,
+        "{extra:?}: one error line expected:\n{stderr}"
+    );
     for n in needles {
-        assert!(errors[0].contains(n), "{extra:?}: `{n}` not in `{}`", errors[0]);
+        assert!(
+            errors[0].contains(n),
+            "{extra:?}: `{n}` not in `{}`",
+            errors[0]
+        );
     }
     if !after_load {
-        assert!(!stderr.contains("draft: device"), "{extra:?}: work started:\n{stderr}");
+        assert!(
+            !stderr.contains("draft: device"),
+            "{extra:?}: work started:\n{stderr}"
+        );
     }
     assert!(!out.join("metrics.jsonl").exists() || after_load);
 }
 
 #[test]
 fn impossible_settings_are_refused() {
-    expect_refusal(&["--method", "draft-k", "--k", "4"], &["K must be between 1 and", "(3)"], false);
+    expect_refusal(
+        &["--method", "draft-k", "--k", "4"],
+        &["K must be between 1 and", "(3)"],
+        false,
+    );
     expect_refusal(&["--rank", "0"], &["--rank"], false);
     expect_refusal(&["--reward", "beauty"], &["unknown reward `beauty`"], false);
     expect_refusal(&["--reward", "brightness=x"], &["not a number"], false);
     expect_refusal(&["--method", "ddpo"], &["unknown method `ddpo`"], false);
-    expect_refusal(&["--method", "refl", "--t-min", "3", "--t-max", "2"], &["ReFL"], false);
-    expect_refusal(&["--lora-targets", "attn,mlp"], &["unknown LoRA target `mlp`"], false);
+    expect_refusal(
+        &["--method", "refl", "--t-min", "3", "--t-max", "2"],
+        &["ReFL"],
+        false,
+    );
+    expect_refusal(
+        &["--lora-targets", "attn,mlp"],
+        &["unknown LoRA target `mlp`"],
+        false,
+    );
     expect_refusal(&["--optimizer", "lion"], &["unknown optimizer"], false);
     expect_refusal(&["--lr=-1"], &["--lr must be positive"], false);
     let dir = tmp("prompts");
@@ -86,31 +122,64 @@ fn impossible_settings_are_refused() {
         draft(&args)
     };
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && stderr.contains("has no prompts"), "{stderr}");
+    assert!(
+        !o.status.success() && stderr.contains("has no prompts"),
+        "{stderr}"
+    );
 
     // A LoRA file whose keys match no layer: refused once the model's layers are known.
     let bad = dir.join("bad_lora.safetensors");
     let bytes = draft_core::weights::serialize_f32(
         &[
-            ("unet.nowhere.to_q.lora_A.weight".into(), vec![4, 8], vec![0.0; 32]),
-            ("unet.nowhere.to_q.lora_B.weight".into(), vec![8, 4], vec![0.0; 32]),
+            (
+                "unet.nowhere.to_q.lora_A.weight".into(),
+                vec![4, 8],
+                vec![0.0; 32],
+            ),
+            (
+                "unet.nowhere.to_q.lora_B.weight".into(),
+                vec![8, 4],
+                vec![0.0; 32],
+            ),
         ],
         None,
     )
     .unwrap();
     std::fs::write(&bad, bytes).unwrap();
-    expect_refusal(&["--init-lora", bad.to_str().unwrap()], &["bad_lora.safetensors", "match no layer"], true);
+    expect_refusal(
+        &["--init-lora", bad.to_str().unwrap()],
+        &["bad_lora.safetensors", "match no layer"],
+        true,
+    );
     let o = draft(&[
-        "sample", "--model", &model(), "--prompt", "x", "--steps", "2", "--device", "cpu",
-        "--out", dir.join("x.png").to_str().unwrap(), "--lora", &format!("{}:0.5", bad.display()),
+        "sample",
+        "--model",
+        &model(),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        dir.join("x.png").to_str().unwrap(),
+        "--lora",
+        &format!("{}:0.5", bad.display()),
     ]);
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && stderr.contains("match no layer"), "{stderr}");
+    assert!(
+        !o.status.success() && stderr.contains("match no layer"),
+        "{stderr}"
+    );
 
     // Unknown keys in a TOML config.
     let cfg = dir.join("bad.toml");
     std::fs::write(&cfg, "train-steps = 3\nlearning-rate = 0.1\n").unwrap();
-    expect_refusal(&["--config", cfg.to_str().unwrap()], &["bad.toml", "learning-rate"], false);
+    expect_refusal(
+        &["--config", cfg.to_str().unwrap()],
+        &["bad.toml", "learning-rate"],
+        false,
+    );
 }
 
 fn lora_of(dir: &Path) -> Vec<u8> {
@@ -133,7 +202,13 @@ fn killed_run_resumes_to_the_same_lora() {
     )
     .unwrap();
     let full = dir.join("full");
-    let o = draft(&["train", "--config", cfg.to_str().unwrap(), "--out-dir", full.to_str().unwrap()]);
+    let o = draft(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out-dir",
+        full.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let metrics = std::fs::read_to_string(full.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 8);
@@ -144,14 +219,23 @@ fn killed_run_resumes_to_the_same_lora() {
     // Kill -9 once a checkpoint exists, then resume.
     let part = dir.join("part");
     let mut child = Command::new(env!("CARGO_BIN_EXE_draft"))
-        .args(["train", "--config", cfg.to_str().unwrap(), "--out-dir", part.to_str().unwrap()])
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out-dir",
+            part.to_str().unwrap(),
+        ])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let start = Instant::now();
     let ckpt = part.join("checkpoint.safetensors");
     while !ckpt.exists() {
-        assert!(start.elapsed() < Duration::from_secs(300), "no checkpoint written");
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no checkpoint written"
+        );
         if child.try_wait().unwrap().is_some() {
             break;
         }
@@ -160,23 +244,54 @@ fn killed_run_resumes_to_the_same_lora() {
     let _ = child.kill(); // SIGKILL on Unix
     let _ = child.wait();
     let o = draft(&[
-        "train", "--config", cfg.to_str().unwrap(), "--out-dir", part.to_str().unwrap(), "--resume",
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out-dir",
+        part.to_str().unwrap(),
+        "--resume",
     ]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
-    assert_eq!(lora_of(&part), lora_of(&full), "resumed LoRA differs:\n{stderr}");
+    assert_eq!(
+        lora_of(&part),
+        lora_of(&full),
+        "resumed LoRA differs:\n{stderr}"
+    );
     let metrics = std::fs::read_to_string(part.join("metrics.jsonl")).unwrap();
     let steps: Vec<u64> = metrics
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
-    assert_eq!(steps, (1..=8).collect::<Vec<_>>(), "one metrics line per step");
+    assert_eq!(
+        steps,
+        (1..=8).collect::<Vec<_>>(),
+        "one metrics line per step"
+    );
 
     // The LoRA loads back for sampling, at any scale.
-    let lora = format!("{}:0.7", full.join("pytorch_lora_weights.safetensors").display());
+    let lora = format!(
+        "{}:0.7",
+        full.join("pytorch_lora_weights.safetensors").display()
+    );
     let o = draft(&[
-        "sample", "--model", &model(), "--prompt", "a red circle", "--steps", "3", "--device", "cpu",
-        "--out", dir.join("s.png").to_str().unwrap(), "--lora", &lora,
+        "sample",
+        "--model",
+        &model(),
+        "--prompt",
+        "a red circle",
+        "--steps",
+        "3",
+        "--device",
+        "cpu",
+        "--out",
+        dir.join("s.png").to_str().unwrap(),
+        "--lora",
+        &lora,
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
@@ -185,14 +300,35 @@ fn killed_run_resumes_to_the_same_lora() {
 fn sample_with_lora_scale_reproduces_diffusers() {
     let dir = tmp("lora-sample");
     let out = dir.join("images.safetensors");
-    let lora = format!("{}:0.5", fixtures().join("draft/lora_a.safetensors").display());
+    let lora = format!(
+        "{}:0.5",
+        fixtures().join("draft/lora_a.safetensors").display()
+    );
     let o = draft(&[
-        "sample", "--model", &model(), "--device", "cpu", "--steps", "10", "--guidance", "7.5",
-        "--prompt", "a red circle on a blue background",
-        "--prompt", "A photo of an astronaut riding a horse!",
-        "--init-noise", fixtures().join("sd1-tiny/init_noise.safetensors").to_str().unwrap(),
-        "--out", dir.join("g.png").to_str().unwrap(), "--out-tensor", out.to_str().unwrap(),
-        "--lora", &lora,
+        "sample",
+        "--model",
+        &model(),
+        "--device",
+        "cpu",
+        "--steps",
+        "10",
+        "--guidance",
+        "7.5",
+        "--prompt",
+        "a red circle on a blue background",
+        "--prompt",
+        "A photo of an astronaut riding a horse!",
+        "--init-noise",
+        fixtures()
+            .join("sd1-tiny/init_noise.safetensors")
+            .to_str()
+            .unwrap(),
+        "--out",
+        dir.join("g.png").to_str().unwrap(),
+        "--out-tensor",
+        out.to_str().unwrap(),
+        "--lora",
+        &lora,
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ours = std::fs::read(&out).unwrap();
@@ -200,13 +336,26 @@ fn sample_with_lora_scale_reproduces_diffusers() {
     let theirs = std::fs::read(fixtures().join("draft/lora_images.safetensors")).unwrap();
     let theirs = safetensors::SafeTensors::deserialize(&theirs).unwrap();
     let f = |b: &[u8]| -> Vec<f32> {
-        b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
     };
     let a = f(ours.tensor("images").unwrap().data());
     let b = f(theirs.tensor("a_05").unwrap().data());
     let base = f(theirs.tensor("base").unwrap().data());
-    let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    let effect = base.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let err = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    let effect = base
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
     assert!(err < 1e-4, "max abs error {err}");
-    assert!(effect > 1e-2, "the LoRA visibly changes the images ({effect})");
+    assert!(
+        effect > 1e-2,
+        "the LoRA visibly changes the images ({effect})"
+    );
 }

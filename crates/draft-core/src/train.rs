@@ -517,9 +517,12 @@ impl Trainer {
     pub async fn eval_reward(&self, n: usize) -> Result<f64> {
         let pipe = &self.pipeline;
         let n = n.max(1);
-        let prompts: Vec<String> = (0..n).map(|i| self.prompts[i % self.prompts.len()].clone()).collect();
+        let prompts: Vec<String> = (0..n)
+            .map(|i| self.prompts[i % self.prompts.len()].clone())
+            .collect();
         let [c, h, w] = self.latent_shape;
-        let x_t = NoiseRng::new(stream_seed(self.config.seed, usize::MAX, 0, 5)).randn([n, c, h, w], &pipe.device);
+        let x_t = NoiseRng::new(stream_seed(self.config.seed, usize::MAX, 0, 5))
+            .randn([n, c, h, w], &pipe.device);
         let options = crate::pipeline::SampleOptions {
             prompts,
             negative_prompt: self.config.negative_prompt.clone(),

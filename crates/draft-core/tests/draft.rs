@@ -6,13 +6,13 @@ mod common;
 
 use burn::prelude::*;
 use common::{devices, fixtures, read_model, rel_err, values};
+use draft_core::Pipeline;
 use draft_core::engine::{Draws, Engine, Method, Prompts};
 use draft_core::lora::{LoraFile, LoraTarget};
 use draft_core::noise::NoiseRng;
 use draft_core::pipeline::{LoraSetup, SampleOptions, to_nhwc};
 use draft_core::reward::{self, RewardOptions, WeightedReward};
 use draft_core::weights::Weights;
-use draft_core::Pipeline;
 
 const GRAD_TOL: f32 = 1e-3;
 
@@ -47,7 +47,10 @@ fn rewards_match_pytorch() {
             let ev = rel_err(&v, &v_ref);
             let eg = rel_err(&g, &g_ref);
             eprintln!("[{dev_name}] {name}: value rel err {ev:.1e}, grad rel err {eg:.1e}");
-            assert!(ev < 1e-5 && eg < 1e-4, "[{dev_name}] {name}: {ev:e} / {eg:e}");
+            assert!(
+                ev < 1e-5 && eg < 1e-4,
+                "[{dev_name}] {name}: {ev:e} / {eg:e}"
+            );
         }
     }
 }
@@ -69,8 +72,9 @@ fn prompts(pipe: &Pipeline, json: &serde_json::Value) -> Prompts {
 /// The sd1-tiny pipeline with trainable attention LoRA set to the fixture's `lora_a`.
 fn lora_pipeline(device: &Device, rank: usize, alpha: f64) -> Pipeline {
     let model = read_model(&fixtures().join("sd1-tiny"));
-    let pipe = Pipeline::load_with_lora(&model, device, &LoraSetup::Targets(vec![LoraTarget::Attn]))
-        .unwrap();
+    let pipe =
+        Pipeline::load_with_lora(&model, device, &LoraSetup::Targets(vec![LoraTarget::Attn]))
+            .unwrap();
     pipe.lora.init_trainable(rank, alpha, 0, device);
     let file = LoraFile::parse("lora_a.safetensors", &read("lora_a.safetensors")).unwrap();
     pipe.lora.load_trainable(&file, alpha, device).unwrap();
@@ -115,7 +119,10 @@ fn lora_gradients_match_pytorch(dev_name: &str, device: Device) {
     {
         let pipe = lora_pipeline(&device, rank, alpha);
         let names = pipe.lora.param_names();
-        assert_eq!(names.len(), 2 * json["lora"]["num_modules"].as_u64().unwrap() as usize);
+        assert_eq!(
+            names.len(),
+            2 * json["lora"]["num_modules"].as_u64().unwrap() as usize
+        );
         let engine = Engine::new(&pipe, steps, 0.0, &reward).unwrap();
         assert_eq!(
             engine.ddim.timesteps,
@@ -168,8 +175,15 @@ fn lora_gradients_match_pytorch(dev_name: &str, device: Device) {
                 eval.loss, worst.0, worst.1, eval.k, eval.unet_grad_calls
             );
             assert!(den > 0.0, "{case}: reference gradient is zero");
-            assert!(loss_err < 1e-4, "[{dev_name}] {case}: loss {} vs {loss_ref}", eval.loss);
-            assert!(global < GRAD_TOL, "[{dev_name}] {case}: global grad rel err {global:e}");
+            assert!(
+                loss_err < 1e-4,
+                "[{dev_name}] {case}: loss {} vs {loss_ref}",
+                eval.loss
+            );
+            assert!(
+                global < GRAD_TOL,
+                "[{dev_name}] {case}: global grad rel err {global:e}"
+            );
             assert!(
                 worst.0 < GRAD_TOL,
                 "[{dev_name}] {case}: {} rel err {:e}",
@@ -209,8 +223,16 @@ fn lora_file_naming_no_layer_is_refused() {
     let model = read_model(&fixtures().join("sd1-tiny"));
     let bytes = draft_core::weights::serialize_f32(
         &[
-            ("unet.no_such_block.to_q.lora_A.weight".into(), vec![4, 32], vec![0.0; 128]),
-            ("unet.no_such_block.to_q.lora_B.weight".into(), vec![32, 4], vec![0.0; 128]),
+            (
+                "unet.no_such_block.to_q.lora_A.weight".into(),
+                vec![4, 32],
+                vec![0.0; 128],
+            ),
+            (
+                "unet.no_such_block.to_q.lora_B.weight".into(),
+                vec![32, 4],
+                vec![0.0; 128],
+            ),
         ],
         None,
     )
@@ -220,7 +242,10 @@ fn lora_file_naming_no_layer_is_refused() {
         .err()
         .expect("refused");
     let msg = err.to_string();
-    assert!(msg.contains("bad.safetensors") && msg.contains("no_such_block"), "{msg}");
+    assert!(
+        msg.contains("bad.safetensors") && msg.contains("no_such_block"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -269,4 +294,91 @@ fn sampling_with_scaled_and_mixed_loras_matches_diffusers() {
             assert!(err < 1e-4, "[{dev_name}] {key}: {err:e}");
         }
     }
+}
+
+/// LoRA on every target group at once — feed-forward, conv `proj_in`/`proj_out`, resnet 3×3
+/// convs (conv LoRA) and the text encoder's attention, whose gradient reaches it through the
+/// prompt embeddings of every recomputed step — against peft (DRaFT-K, K = 2), CPU backend.
+#[test]
+fn lora_gradients_of_every_target_group_match_pytorch() {
+    let dir = draft_dir();
+    if !dir.join("targets.safetensors").exists() {
+        panic!(
+            "tests/fixtures/draft/targets.safetensors is missing: run make_draft_targets_fixture.py"
+        );
+    }
+    let json: serde_json::Value = serde_json::from_slice(&read("draft.json")).unwrap();
+    let bytes = read("targets.safetensors");
+    let reference = Weights::from_bytes("targets.safetensors", &bytes).unwrap();
+    let noise_bytes = std::fs::read(fixtures().join("sd1-tiny/init_noise.safetensors")).unwrap();
+    let noise = Weights::from_bytes("init_noise", &noise_bytes).unwrap();
+    let device = Device::flex();
+    let model = read_model(&fixtures().join("sd1-tiny"));
+    let pipe = Pipeline::load_with_lora(
+        &model,
+        &device,
+        &LoraSetup::Targets(LoraTarget::ALL.to_vec()),
+    )
+    .unwrap();
+    pipe.lora.init_trainable(4, 8.0, 0, &device);
+    let file = LoraFile::parse(
+        "lora_targets.safetensors",
+        &read("lora_targets.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(
+        file.modules.len(),
+        pipe.lora.len(),
+        "the file adapts exactly our target layers"
+    );
+    pipe.lora.load_trainable(&file, 8.0, &device).unwrap();
+    let reward = all_rewards();
+    let engine = Engine::new(&pipe, 4, 0.0, &reward).unwrap();
+    assert!(engine.text_lora);
+    let draws = Draws {
+        x_t: noise.tensor::<4>("noise", &device).unwrap(),
+        step_noise: NoiseRng::new(0),
+        lv_noise: None,
+        truncation: 0.0,
+    };
+    let eval =
+        pollster::block_on(engine.evaluate(Method::DraftK { k: 2 }, &prompts(&pipe, &json), draws))
+            .unwrap();
+    let loss_ref = reference.read_f32("k2.loss").unwrap().0[0];
+    assert!(
+        (eval.loss - loss_ref).abs() < 1e-4 * loss_ref.abs(),
+        "loss {} vs {loss_ref}",
+        eval.loss
+    );
+    let mut per_group: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+    for (name, g) in pipe.lora.param_names().iter().zip(&eval.grads) {
+        let (want, _) = reference.read_f32(&format!("k2.{name}")).unwrap();
+        let (got, _) = values(g.clone());
+        assert_eq!(got.len(), want.len(), "{name}");
+        let group = if name.starts_with("text_encoder.") {
+            "text"
+        } else if name.contains(".resnets.") {
+            "conv"
+        } else if name.contains("proj_in") || name.contains("proj_out") {
+            "proj"
+        } else if name.contains(".ff.") {
+            "ff"
+        } else {
+            "attn"
+        };
+        let e = per_group.entry(group.to_string()).or_default();
+        for (a, b) in got.iter().zip(&want) {
+            e.0 += ((a - b) as f64).powi(2);
+            e.1 += (*b as f64).powi(2);
+        }
+    }
+    for (group, (num, den)) in &per_group {
+        let rel = (num / den).sqrt();
+        eprintln!(
+            "{group}: gradient rel err {rel:.1e} (‖g‖ {:.3e})",
+            den.sqrt()
+        );
+        assert!(*den > 0.0 && rel < GRAD_TOL as f64, "{group}: {rel:e}");
+    }
+    assert_eq!(per_group.len(), 5);
 }

@@ -28,12 +28,9 @@ fn config() -> TrainConfig {
 fn trainer(config: TrainConfig, reward: Option<WeightedReward>) -> Trainer {
     let device = Device::flex();
     let model = read_model(&fixtures().join("sd1-tiny"));
-    let pipe = Pipeline::load_with_lora(
-        &model,
-        &device,
-        &LoraSetup::Targets(vec![LoraTarget::Attn]),
-    )
-    .unwrap();
+    let pipe =
+        Pipeline::load_with_lora(&model, &device, &LoraSetup::Targets(vec![LoraTarget::Attn]))
+            .unwrap();
     let reward = reward.unwrap_or_else(|| {
         WeightedReward::from_specs(&config.rewards, &config.reward_options).unwrap()
     });
@@ -70,10 +67,20 @@ fn resume_is_bit_identical_on_cpu() {
     c.restore("checkpoint", &ckpt).unwrap();
     assert_eq!(c.step, 2);
     run(&mut c, 4);
-    assert_eq!(lora_bytes(&c), full, "resumed run ends at the same LoRA bit for bit");
+    assert_eq!(
+        lora_bytes(&c),
+        full,
+        "resumed run ends at the same LoRA bit for bit"
+    );
 
     // A checkpoint of other settings is refused.
-    let mut d = trainer(TrainConfig { lr: 2e-2, ..config() }, None);
+    let mut d = trainer(
+        TrainConfig {
+            lr: 2e-2,
+            ..config()
+        },
+        None,
+    );
     let err = d.restore("checkpoint", &ckpt).unwrap_err().to_string();
     assert!(err.contains("other settings"), "{err}");
 }
@@ -105,7 +112,11 @@ fn non_finite_updates_are_skipped_then_stop_training() {
     let m = pollster::block_on(t.train_step()).unwrap();
     assert!(m.skipped && !m.loss.is_finite());
     assert_eq!(t.skipped, 1);
-    assert_eq!(lora_bytes(&t), before, "a skipped update leaves the LoRA untouched");
+    assert_eq!(
+        lora_bytes(&t),
+        before,
+        "a skipped update leaves the LoRA untouched"
+    );
     let err = pollster::block_on(t.train_step()).unwrap_err().to_string();
     assert!(err.contains("2 non-finite updates in a row"), "{err}");
     assert_eq!(lora_bytes(&t), before);
@@ -113,7 +124,10 @@ fn non_finite_updates_are_skipped_then_stop_training() {
     let w = draft_core::weights::Weights::from_bytes("ckpt", &ckpt).unwrap();
     for k in w.keys() {
         let (v, _) = w.read_f32(&k).unwrap();
-        assert!(v.iter().all(|x| x.is_finite()), "{k} is finite in the checkpoint");
+        assert!(
+            v.iter().all(|x| x.is_finite()),
+            "{k} is finite in the checkpoint"
+        );
     }
 }
 
@@ -143,7 +157,11 @@ fn every_method_raises_the_reward() {
         run(&mut t, 12);
         let after = pollster::block_on(t.eval_reward(4)).unwrap();
         eprintln!("{}: eval reward {before:.4} → {after:.4}", method.name());
-        assert!(after > before + 1e-3, "{}: {before} → {after}", method.name());
+        assert!(
+            after > before + 1e-3,
+            "{}: {before} → {after}",
+            method.name()
+        );
     }
     let _ = values::<1>;
     let _ = RewardOptions::default();
