@@ -398,8 +398,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
 
     let before = out_dir.join("samples_before.png");
-    if preview > 0 && !before.exists() {
-        write_preview(&trainer, preview, &before)?;
+    let mut preview_before = None;
+    if preview > 0 && (!before.exists() || trainer.step == 0) {
+        preview_before = Some(write_preview(&trainer, preview, &before)?);
     }
 
     let total = trainer.config.train_steps;
@@ -450,7 +451,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
     eprintln!("draft: wrote {}", lora_path.display());
     if preview > 0 {
         let after = out_dir.join("samples_after.png");
-        write_preview(&trainer, preview, &after)?;
+        let r = write_preview(&trainer, preview, &after)?;
+        if let Some(b) = preview_before {
+            eprintln!("draft: preview reward (same seeds) {b:.4} → {r:.4}");
+        }
     }
     if !history.is_empty() {
         plot::reward_curve(&out_dir.join("reward_curve.png"), &history)?;
@@ -480,7 +484,8 @@ fn read_metrics(path: &Path, upto: usize) -> Result<Vec<StepMetrics>> {
 }
 
 /// A grid of the first `n` prompts from fixed seeds with the current LoRA.
-fn write_preview(trainer: &Trainer, n: usize, path: &Path) -> Result<()> {
+/// Returns the images' mean reward, comparable before and after training.
+fn write_preview(trainer: &Trainer, n: usize, path: &Path) -> Result<f64> {
     let pipe: &Pipeline = &trainer.pipeline;
     let n = n.min(trainer.prompts.len().max(1)).max(1);
     let prompts: Vec<String> = (0..n)
@@ -498,8 +503,10 @@ fn write_preview(trainer: &Trainer, n: usize, path: &Path) -> Result<()> {
         seed: trainer.config.seed,
     };
     let latents = pipe.sample_latents(&options, x_t, |_, _| {})?;
-    let (values, shape) = pollster::block_on(read_f32(to_nhwc(pipe.decode(latents))))?;
+    let images = pipe.decode(latents);
+    let reward = pollster::block_on(read_f32(trainer.reward.score(images.clone()).mean()))?.0[0];
+    let (values, shape) = pollster::block_on(read_f32(to_nhwc(images)))?;
     images::write_png_grid(path, &values, shape[0], shape[1], shape[2])?;
-    eprintln!("draft: wrote {}", path.display());
-    Ok(())
+    eprintln!("draft: wrote {} (mean reward {reward:.4})", path.display());
+    Ok(reward as f64)
 }
