@@ -359,3 +359,58 @@ fn sample_with_lora_scale_reproduces_diffusers() {
         "the LoRA visibly changes the images ({effect})"
     );
 }
+
+#[test]
+fn every_method_runs_from_the_command_line() {
+    for method in ["draft", "draft-k", "draft-lv", "refl", "alignprop"] {
+        let out = tmp(&format!("method-{method}"));
+        let mut args = base_args(&out);
+        args.extend(
+            [
+                "--method",
+                method,
+                "--train-steps",
+                "3",
+                "--lr",
+                "0.01",
+                "--t-max",
+                "2",
+                "--k-max",
+                "3",
+            ]
+            .map(String::from),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = draft(&args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{method}:\n{stderr}");
+        assert!(
+            stderr.contains(&format!("draft: {method} ·")),
+            "{method}:\n{stderr}"
+        );
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let lines: Vec<serde_json::Value> = metrics
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3, "{method}");
+        for m in &lines {
+            for key in [
+                "step",
+                "reward_mean",
+                "reward_std",
+                "loss",
+                "grad_norm",
+                "lr",
+                "seconds",
+            ] {
+                assert!(m[key].is_number(), "{method}: {key} in {m}");
+            }
+            assert!(
+                m["grad_norm"].as_f64().unwrap() > 0.0,
+                "{method}: zero gradient"
+            );
+        }
+        assert!(out.join("pytorch_lora_weights.safetensors").is_file());
+    }
+}
