@@ -414,3 +414,27 @@ fn every_method_runs_from_the_command_line() {
         assert!(out.join("pytorch_lora_weights.safetensors").is_file());
     }
 }
+
+#[test]
+fn init_noise_sets_the_first_batch() {
+    let noise = fixtures().join("sd1-tiny/init_noise.safetensors");
+    let noise = noise.to_str().unwrap();
+    let out = tmp("init-noise");
+    let mut args = base_args(&out);
+    let i = args.iter().position(|a| a == "--batch").unwrap();
+    args.drain(i..i + 2);
+    args.extend(["--init-noise", noise, "--train-steps", "2"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = draft(&args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("batch 2 × 3 steps"),
+        "the file's batch of 2 is used:\n{stderr}"
+    );
+    expect_refusal(
+        &["--init-noise", noise],
+        &["--batch and --init-noise"],
+        false,
+    );
+}
