@@ -16,6 +16,7 @@ pub mod pipeline;
 pub mod reward;
 pub mod sampler;
 pub mod schedule;
+pub mod shapes;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
