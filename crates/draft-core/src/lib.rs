@@ -14,6 +14,7 @@ pub mod nn;
 pub mod noise;
 pub mod pipeline;
 pub mod reward;
+pub mod reward_models;
 pub mod sampler;
 pub mod schedule;
 pub mod shapes;

@@ -76,11 +76,28 @@ impl Conv2d {
         stride: usize,
         padding: (usize, usize),
     ) -> Result<Self> {
+        Self::load_with_bias(vb, c_in, c_out, kernel, stride, padding, true)
+    }
+
+    /// As [`load`](Self::load), for a conv that may have no bias (CLIP's patch embedding).
+    pub fn load_with_bias(
+        vb: VarBuilder,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: (usize, usize),
+        bias: bool,
+    ) -> Result<Self> {
         let weight = vb.get("weight", [c_out, c_in, kernel, kernel])?;
-        let bias = vb.get("bias", [c_out])?;
+        let bias = if bias {
+            Some(Param::from_tensor(vb.get("bias", [c_out])?))
+        } else {
+            None
+        };
         Ok(Self {
             weight: Param::from_tensor(weight),
-            bias: Some(Param::from_tensor(bias)),
+            bias,
             stride,
             pad_begin: padding.0,
             pad_end: padding.1,

@@ -68,23 +68,45 @@ pub struct CLIPAttention {
     pub num_heads: usize,
 }
 
+/// The sizes a CLIP encoder layer needs (shared by the text and vision towers).
+#[derive(Debug, Clone, Copy)]
+pub struct LayerDims {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub eps: f64,
+    pub quick_gelu: bool,
+}
+
+impl CLIPTextConfig {
+    pub fn layer_dims(&self) -> LayerDims {
+        LayerDims {
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            heads: self.num_attention_heads,
+            eps: self.layer_norm_eps,
+            quick_gelu: self.hidden_act == "quick_gelu",
+        }
+    }
+}
+
 impl CLIPAttention {
-    fn load(vb: VarBuilder, c: &CLIPTextConfig) -> Result<Self> {
-        let d = c.hidden_size;
+    fn load(vb: VarBuilder, c: &LayerDims) -> Result<Self> {
+        let d = c.hidden;
         Ok(Self {
             q_proj: Linear::load(vb.pp("q_proj"), d, d, true)?,
             k_proj: Linear::load(vb.pp("k_proj"), d, d, true)?,
             v_proj: Linear::load(vb.pp("v_proj"), d, d, true)?,
             out_proj: Linear::load(vb.pp("out_proj"), d, d, true)?,
-            num_heads: c.num_attention_heads,
+            num_heads: c.heads,
         })
     }
 
-    fn forward(&self, x: Tensor<3>, mask: Tensor<4>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, mask: Option<Tensor<4>>) -> Tensor<3> {
         let q = split_heads(self.q_proj.forward(x.clone()), self.num_heads);
         let k = split_heads(self.k_proj.forward(x.clone()), self.num_heads);
         let v = split_heads(self.v_proj.forward(x), self.num_heads);
-        let out = scaled_dot_product_attention(q, k, v, Some(mask));
+        let out = scaled_dot_product_attention(q, k, v, mask);
         self.out_proj.forward(merge_heads(out))
     }
 }
@@ -117,21 +139,22 @@ pub struct CLIPEncoderLayer {
 }
 
 impl CLIPEncoderLayer {
-    fn load(vb: VarBuilder, c: &CLIPTextConfig) -> Result<Self> {
-        let (d, eps) = (c.hidden_size, c.layer_norm_eps);
+    pub fn load(vb: VarBuilder, c: &LayerDims) -> Result<Self> {
+        let (d, eps) = (c.hidden, c.eps);
         Ok(Self {
             self_attn: CLIPAttention::load(vb.pp("self_attn"), c)?,
             layer_norm1: LayerNorm::load(vb.pp("layer_norm1"), d, eps)?,
             mlp: CLIPMLP {
-                fc1: Linear::load(vb.pp("mlp").pp("fc1"), d, c.intermediate_size, true)?,
-                fc2: Linear::load(vb.pp("mlp").pp("fc2"), c.intermediate_size, d, true)?,
-                quick_gelu: c.hidden_act == "quick_gelu",
+                fc1: Linear::load(vb.pp("mlp").pp("fc1"), d, c.intermediate, true)?,
+                fc2: Linear::load(vb.pp("mlp").pp("fc2"), c.intermediate, d, true)?,
+                quick_gelu: c.quick_gelu,
             },
             layer_norm2: LayerNorm::load(vb.pp("layer_norm2"), d, eps)?,
         })
     }
 
-    fn forward(&self, x: Tensor<3>, mask: Tensor<4>) -> Tensor<3> {
+    /// Pre-norm residual block; `mask` is additive (the text tower's causal mask).
+    pub fn forward(&self, x: Tensor<3>, mask: Option<Tensor<4>>) -> Tensor<3> {
         let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x), mask);
         x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
     }
@@ -179,7 +202,7 @@ impl CLIPTextModel {
             )?,
         };
         let layers = (0..c.num_hidden_layers)
-            .map(|i| CLIPEncoderLayer::load(vb.pp("encoder").pp("layers").pp(i), c))
+            .map(|i| CLIPEncoderLayer::load(vb.pp("encoder").pp("layers").pp(i), &c.layer_dims()))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             text_model: CLIPTextTransformer {
@@ -207,7 +230,7 @@ impl CLIPTextModel {
             + m.embeddings.position_embedding.forward(positions);
         let mask = causal_mask(n, &device);
         for layer in &m.encoder.layers {
-            x = layer.forward(x, mask.clone());
+            x = layer.forward(x, Some(mask.clone()));
         }
         m.final_layer_norm.forward(x)
     }
