@@ -62,6 +62,11 @@ pub struct TrainArgs {
     /// symmetry, target-color [default: colorfulness].
     #[arg(long)]
     reward: Option<Vec<String>>,
+    /// Weights of a learned reward, NAME=PATH, repeatable: `clip=DIR` (a transformers CLIPModel
+    /// folder: config.json + model.safetensors) and `laion-aesthetic=FILE` (the aesthetic MLP
+    /// as safetensors) for `--reward laion-aesthetic`.
+    #[arg(long, value_name = "NAME=PATH")]
+    reward_model: Option<Vec<String>>,
     /// The colour of the target-color reward, R,G,B in [0, 1] [default: 0.9,0.2,0.1].
     #[arg(long)]
     target_color: Option<String>,
@@ -184,7 +189,7 @@ impl TrainArgs {
                 *p = base.join(&*p);
             }
         }
-        merge!(self, f; model, device, method, k, lv_samples, t_min, t_max, k_min, k_max, reward,
+        merge!(self, f; model, device, method, k, lv_samples, t_min, t_max, k_min, k_max, reward, reward_model,
             target_color, prompt, prompts, prompt_set, negative_prompt, batch, steps, guidance,
             eta, train_steps, lr, optimizer, weight_decay, rank, alpha, lora_targets,
             clip_grad_norm, grad_accum, seed, init_lora, init_noise, out_dir, checkpoint_every,
@@ -304,7 +309,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // Everything that can be refused is refused before the model loads.
     let config = a.core_config()?;
     let prompts = a.prompts()?;
-    let reward = WeightedReward::from_specs(&config.rewards, &config.reward_options)?;
+    // Learned rewards' files are read now; the models are built once the device is known.
+    let reward_files =
+        RewardFiles::read(&config.rewards, a.reward_model.as_deref().unwrap_or(&[]))?;
     let init_lora = match &a.init_lora {
         Some(p) => Some(LoraFile::parse(&p.display().to_string(), &files::read(p)?)?),
         None => None,
@@ -334,6 +341,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         &LoraSetup::Targets(config.lora_targets.clone()),
     )?;
     drop(model);
+    let reward = reward_files.build(&config, &device)?;
     let init_noise = match (&a.init_noise, &noise_bytes) {
         (Some(p), Some(bytes)) => {
             let name = p.display().to_string();
@@ -509,4 +517,81 @@ fn write_preview(trainer: &Trainer, n: usize, path: &Path) -> Result<f64> {
     images::write_png_grid(path, &values, shape[0], shape[1], shape[2])?;
     eprintln!("draft: wrote {} (mean reward {reward:.4})", path.display());
     Ok(reward as f64)
+}
+
+/// The weight files of the learned rewards a run names, read before any work.
+struct RewardFiles {
+    /// (config name, config text, weights name, weights bytes) of the CLIP model.
+    clip: Option<(String, String, String, Vec<u8>)>,
+    aesthetic: Option<(String, Vec<u8>)>,
+}
+
+impl RewardFiles {
+    fn read(specs: &[String], models: &[String]) -> Result<Self> {
+        let mut paths = std::collections::BTreeMap::new();
+        for m in models {
+            let Some((name, path)) = m.split_once('=') else {
+                bail!("--reward-model `{m}`: expected NAME=PATH");
+            };
+            if !matches!(name, "clip" | "laion-aesthetic") {
+                bail!("--reward-model `{name}`: expected clip or laion-aesthetic");
+            }
+            paths.insert(name.to_string(), PathBuf::from(path));
+        }
+        let names: Vec<String> = specs
+            .iter()
+            .map(|s| draft_core::reward::parse_spec(s).map(|(n, _)| n))
+            .collect::<Result<_, _>>()?;
+        let mut out = Self {
+            clip: None,
+            aesthetic: None,
+        };
+        if names.iter().any(|n| n == "laion-aesthetic") {
+            let (Some(dir), Some(mlp)) = (paths.get("clip"), paths.get("laion-aesthetic")) else {
+                bail!(
+                    "--reward laion-aesthetic needs --reward-model clip=DIR (a CLIPModel folder) and --reward-model laion-aesthetic=FILE"
+                );
+            };
+            let config = dir.join("config.json");
+            let weights = dir.join("model.safetensors");
+            out.clip = Some((
+                config.display().to_string(),
+                std::fs::read_to_string(&config)
+                    .with_context(|| format!("{}: cannot read", config.display()))?,
+                weights.display().to_string(),
+                files::read(&weights)?,
+            ));
+            out.aesthetic = Some((mlp.display().to_string(), files::read(mlp)?));
+        }
+        Ok(out)
+    }
+
+    fn build(self, config: &TrainConfig, device: &burn::prelude::Device) -> Result<WeightedReward> {
+        let clip = match &self.clip {
+            Some((cn, ct, wn, wb)) => Some(std::sync::Arc::new(
+                draft_core::reward_models::load_clip(cn, ct, wn, wb, device)?,
+            )),
+            None => None,
+        };
+        let aesthetic = self.aesthetic;
+        let mut learned = |name: &str| -> draft_core::Result<Box<dyn draft_core::reward::Reward>> {
+            match (name, &clip, &aesthetic) {
+                ("laion-aesthetic", Some(clip), Some((n, bytes))) => {
+                    let dim = clip.visual_projection.weight.val().dims()[1];
+                    Ok(Box::new(draft_core::reward_models::LaionAesthetic {
+                        clip: clip.clone(),
+                        mlp: draft_core::reward_models::AestheticMlp::load(n, bytes, dim, device)?,
+                    }))
+                }
+                _ => Err(draft_core::Error::Input(format!(
+                    "reward `{name}` has no weights"
+                ))),
+            }
+        };
+        Ok(WeightedReward::from_specs_with(
+            &config.rewards,
+            &config.reward_options,
+            &mut learned,
+        )?)
+    }
 }

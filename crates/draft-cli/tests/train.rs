@@ -438,3 +438,53 @@ fn init_noise_sets_the_first_batch() {
         false,
     );
 }
+
+#[test]
+fn trains_on_the_laion_aesthetic_reward() {
+    let out = tmp("aesthetic");
+    let mut args = base_args(&out);
+    let clip = format!("clip={}", fixtures().join("clip-tiny").display());
+    let mlp = format!(
+        "laion-aesthetic={}",
+        fixtures()
+            .join("rewards/aesthetic-tiny.safetensors")
+            .display()
+    );
+    args.extend(
+        [
+            "--reward",
+            "laion-aesthetic",
+            "--reward",
+            "smoothness=0.1",
+            "--reward-model",
+            &clip,
+            "--reward-model",
+            &mlp,
+            "--train-steps",
+            "3",
+            "--lr",
+            "0.01",
+        ]
+        .map(String::from),
+    );
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = draft(&argv);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("reward laion-aesthetic=1 + smoothness=0.1"),
+        "{stderr}"
+    );
+    // Without its weights the learned reward is refused before any work.
+    let out = tmp("aesthetic-missing");
+    let mut args = base_args(&out);
+    args.extend(["--reward", "laion-aesthetic"].map(String::from));
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = draft(&argv);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && stderr.contains("needs --reward-model clip=DIR"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("draft: device"), "{stderr}");
+}

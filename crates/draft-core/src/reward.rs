@@ -136,6 +136,27 @@ pub const BUILTIN: [&str; 6] = [
     "target-color",
 ];
 
+/// Learned rewards (`reward_models`): they need weight files, so the caller builds them.
+pub const LEARNED: [&str; 1] = ["laion-aesthetic"];
+
+/// Checks that every `name=weight` spec parses and names a known reward, without building any.
+pub fn check_specs(specs: &[String]) -> Result<()> {
+    if specs.is_empty() {
+        return Err(Error::Input("at least one reward is needed".into()));
+    }
+    for spec in specs {
+        let (name, _) = parse_spec(spec)?;
+        if !BUILTIN.contains(&name.as_str()) && !LEARNED.contains(&name.as_str()) {
+            return Err(Error::Input(format!(
+                "unknown reward `{name}` (rewards: {}, {})",
+                BUILTIN.join(", "),
+                LEARNED.join(", ")
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Options of the built-in rewards.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RewardOptions {
@@ -204,6 +225,26 @@ impl WeightedReward {
         for spec in specs {
             let (name, weight) = parse_spec(spec)?;
             terms.push((builtin(&name, options)?, weight));
+        }
+        Ok(Self { terms })
+    }
+
+    /// From `name=weight` specs; names that are not built in are asked of `learned`.
+    pub fn from_specs_with(
+        specs: &[String],
+        options: &RewardOptions,
+        learned: &mut dyn FnMut(&str) -> Result<Box<dyn Reward>>,
+    ) -> Result<Self> {
+        check_specs(specs)?;
+        let mut terms = Vec::new();
+        for spec in specs {
+            let (name, weight) = parse_spec(spec)?;
+            let reward = if BUILTIN.contains(&name.as_str()) {
+                builtin(&name, options)?
+            } else {
+                learned(&name)?
+            };
+            terms.push((reward, weight));
         }
         Ok(Self { terms })
     }

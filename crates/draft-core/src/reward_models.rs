@@ -1,14 +1,12 @@
 //! Learned, differentiable rewards on CLIP: the LAION aesthetic predictor (improved-aesthetic-
 //! predictor v2: an MLP on the L2-normalised CLIP image embedding), CLIP score (cosine to the
 //! prompt) and PickScore (`logit_scale.exp()` · cosine). Preprocessing is differentiable: a
-//! bilinear resize of the shorter side to the model's input size (half-pixel centres, no
+//! bilinear resize (as matrix products) of the shorter side to the model's input size (half-pixel centres, no
 //! antialiasing), a centre crop and CLIP's mean/std normalisation.
 
 use std::sync::Arc;
 
 use burn::prelude::*;
-use burn::tensor::module::interpolate;
-use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
 use crate::error::{Error, Result};
 use crate::models::clip::{CLIPConfig, CLIPModel};
@@ -52,12 +50,7 @@ pub fn preprocess(images: Tensor<4>, size: usize) -> Tensor<4> {
     let x = if (h, w) == (rh, rw) {
         images
     } else {
-        interpolate(
-            images,
-            InterpolateOptions::new(InterpolateMode::Bilinear)
-                .with_align_corners(false)
-                .with_output_size([rh, rw]),
-        )
+        resize_bilinear(images, rh, rw)
     };
     let x = x
         .narrow(2, (rh - size) / 2, size)
@@ -66,6 +59,34 @@ pub fn preprocess(images: Tensor<4>, size: usize) -> Tensor<4> {
     let mean = Tensor::<1>::from_floats(CLIP_MEAN, &device).reshape([1, 3, 1, 1]);
     let std = Tensor::<1>::from_floats(CLIP_STD, &device).reshape([1, 3, 1, 1]);
     (x - mean) / std
+}
+
+/// `F.interpolate(x, (oh, ow), mode="bilinear", align_corners=False, antialias=False)` as two
+/// matrix products with host-built interpolation matrices, so that its gradient exists on every
+/// backend (Burn's GPU backends have no bilinear-interpolation backward).
+pub fn resize_bilinear(x: Tensor<4>, oh: usize, ow: usize) -> Tensor<4> {
+    let [b, c, h, w] = x.dims();
+    let device = x.device();
+    let rh = Tensor::<2>::from_data(TensorData::new(bilinear_matrix(h, oh), [oh, h]), &device);
+    let rw = Tensor::<2>::from_data(TensorData::new(bilinear_matrix(w, ow), [ow, w]), &device);
+    let rw_t = rw.transpose().reshape([1, 1, w, ow]).expand([b, c, w, ow]);
+    let rh = rh.reshape([1, 1, oh, h]).expand([b, c, oh, h]);
+    rh.matmul(x.matmul(rw_t))
+}
+
+/// Row-major [out, in] weights of PyTorch's half-pixel linear interpolation.
+fn bilinear_matrix(n_in: usize, n_out: usize) -> Vec<f32> {
+    let scale = n_in as f64 / n_out as f64;
+    let mut m = vec![0f32; n_out * n_in];
+    for o in 0..n_out {
+        let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(n_in - 1);
+        let i1 = if i0 + 1 < n_in { i0 + 1 } else { i0 };
+        let l1 = (src - i0 as f64) as f32;
+        m[o * n_in + i0] += 1.0 - l1;
+        m[o * n_in + i1] += l1;
+    }
+    m
 }
 
 fn l2_normalize(x: Tensor<2>) -> Tensor<2> {

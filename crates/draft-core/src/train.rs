@@ -206,7 +206,7 @@ impl TrainConfig {
         if self.max_bad_steps == 0 {
             return bad("--max-bad-steps must be at least 1".into());
         }
-        WeightedReward::from_specs(&self.rewards, &self.reward_options)?;
+        crate::reward::check_specs(&self.rewards)?;
         Ok(())
     }
 }
