@@ -513,7 +513,7 @@ fn check_shapes(
 ) -> Result<()> {
     if a_shape != e.kind.a_shape(rank).as_slice() || b_shape != e.kind.b_shape(rank).as_slice() {
         let b2: Vec<usize> = e.kind.b_shape(rank);
-        // A linear layer's B may also come as [out, r] for a conv written by other tools.
+        // A conv layer's B may also come flat, [out, r], from tools that drop the 1×1 axes.
         let flat_b_ok = matches!(e.kind, LoraKind::Conv { .. })
             && b_shape == [b2[0], b2[1]]
             && a_shape == e.kind.a_shape(rank).as_slice();

@@ -40,16 +40,14 @@ impl Linear {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let y = linear(
+            x.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
         match &self.lora {
-            None => linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val())),
-            Some(lora) => {
-                let y = linear(
-                    x.clone(),
-                    self.weight.val(),
-                    self.bias.as_ref().map(|b| b.val()),
-                );
-                lora.linear(&x, y)
-            }
+            None => y,
+            Some(lora) => lora.linear(&x, y),
         }
     }
 }
@@ -118,22 +116,15 @@ impl Conv2d {
             [1, 1],
             1,
         );
+        let y = conv2d(
+            x.clone(),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+            options.clone(),
+        );
         match &self.lora {
-            None => conv2d(
-                x,
-                self.weight.val(),
-                self.bias.as_ref().map(|b| b.val()),
-                options,
-            ),
-            Some(lora) => {
-                let y = conv2d(
-                    x.clone(),
-                    self.weight.val(),
-                    self.bias.as_ref().map(|b| b.val()),
-                    options.clone(),
-                );
-                lora.conv(&x, y, &options)
-            }
+            None => y,
+            Some(lora) => lora.conv(&x, y, &options),
         }
     }
 }
