@@ -6,6 +6,7 @@ mod device;
 mod files;
 mod images;
 mod plot;
+mod pretrain;
 mod sample;
 mod train;
 
@@ -30,6 +31,8 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Fine-tune LoRA weights to maximise a differentiable reward (DRaFT and its baselines).
     Train(train::TrainArgs),
+    /// Train the small text-to-image model on the procedural shapes dataset (the default model).
+    Pretrain(pretrain::PretrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Sample(args) => sample::run(args),
         Command::Train(args) => train::run(args),
+        Command::Pretrain(args) => pretrain::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -101,8 +101,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
             let noise = w.tensor::<4>("noise", &device)?;
             let [b, c, h, wd] = noise.dims();
             let expected = pipe.latent_shape(
-                a.height.unwrap_or(h * pipe.vae_config.downscale()),
-                a.width.unwrap_or(wd * pipe.vae_config.downscale()),
+                a.height.unwrap_or(h * pipe.downscale()),
+                a.width.unwrap_or(wd * pipe.downscale()),
             )?;
             if [c, h, wd] != expected || a.batch.is_some_and(|n| n != b) {
                 bail!(

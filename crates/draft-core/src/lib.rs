@@ -13,6 +13,7 @@ pub mod models;
 pub mod nn;
 pub mod noise;
 pub mod pipeline;
+pub mod pretrain;
 pub mod reward;
 pub mod reward_models;
 pub mod sampler;

@@ -13,6 +13,14 @@ use crate::error::Result;
 use crate::lora::{LoraKind, LoraSlot};
 use crate::weights::VarBuilder;
 
+/// A module parameter holding `t` as it is. Unlike `Param::from_tensor` this never marks the
+/// tensor as requiring a gradient: for plain tensors that is a no-op anyway, and `draft
+/// pretrain` builds modules over *views* (reshapes, transposes) of autodiff leaves, which Burn
+/// refuses to mark.
+pub fn param<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
+    Param::initialized(burn::module::ParamId::new(), t)
+}
+
 /// `torch.nn.Linear`. The weight is kept as `[in, out]` (Burn's layout): it is transposed once
 /// at load time from PyTorch's `[out, in]`.
 #[derive(Module, Debug)]
@@ -28,12 +36,12 @@ impl Linear {
     pub fn load(vb: VarBuilder, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
         let weight = vb.get("weight", [d_out, d_in])?.transpose();
         let bias = if bias {
-            Some(Param::from_tensor(vb.get("bias", [d_out])?))
+            Some(param(vb.get("bias", [d_out])?))
         } else {
             None
         };
         Ok(Self {
-            weight: Param::from_tensor(weight),
+            weight: param(weight),
             bias,
             lora: vb.lora_slot(LoraKind::Linear { d_in, d_out }),
         })
@@ -89,12 +97,12 @@ impl Conv2d {
     ) -> Result<Self> {
         let weight = vb.get("weight", [c_out, c_in, kernel, kernel])?;
         let bias = if bias {
-            Some(Param::from_tensor(vb.get("bias", [c_out])?))
+            Some(param(vb.get("bias", [c_out])?))
         } else {
             None
         };
         Ok(Self {
-            weight: Param::from_tensor(weight),
+            weight: param(weight),
             bias,
             stride,
             pad_begin: padding.0,
@@ -147,8 +155,8 @@ impl GroupNorm {
             )));
         }
         Ok(Self {
-            weight: Param::from_tensor(vb.get("weight", [channels])?),
-            bias: Param::from_tensor(vb.get("bias", [channels])?),
+            weight: param(vb.get("weight", [channels])?),
+            bias: param(vb.get("bias", [channels])?),
             num_groups,
             eps,
         })
@@ -180,8 +188,8 @@ pub struct LayerNorm {
 impl LayerNorm {
     pub fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
-            weight: Param::from_tensor(vb.get("weight", [dim])?),
-            bias: Param::from_tensor(vb.get("bias", [dim])?),
+            weight: param(vb.get("weight", [dim])?),
+            bias: param(vb.get("bias", [dim])?),
             eps,
         })
     }
@@ -200,7 +208,7 @@ pub struct Embedding {
 impl Embedding {
     pub fn load(vb: VarBuilder, num: usize, dim: usize) -> Result<Self> {
         Ok(Self {
-            weight: Param::from_tensor(vb.get("weight", [num, dim])?),
+            weight: param(vb.get("weight", [num, dim])?),
         })
     }
 

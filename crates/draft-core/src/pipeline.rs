@@ -106,13 +106,17 @@ impl ModelFiles {
 }
 
 /// Text encoder + tokenizer + UNet + VAE + noise schedule.
+///
+/// A folder whose `model_index.json` names no VAE (`"vae": [null, null]` or no entry) is a
+/// pixel-space model: the UNet denoises RGB images in [-1, 1] directly (the embedded default
+/// model is one).
 pub struct Pipeline {
     pub tokenizer: ClipTokenizer,
     pub text_encoder: CLIPTextModel,
     pub unet: UNet2DConditionModel,
-    pub vae: AutoencoderKL,
+    pub vae: Option<AutoencoderKL>,
     pub unet_config: UNet2DConditionConfig,
-    pub vae_config: AutoencoderKLConfig,
+    pub vae_config: Option<AutoencoderKLConfig>,
     pub text_config: CLIPTextConfig,
     pub scheduler: SchedulerConfig,
     pub device: Device,
@@ -157,19 +161,30 @@ impl Pipeline {
 
         let (f, json) = cfg("unet/config.json")?;
         let unet_config = UNet2DConditionConfig::from_json(&f, json)?;
-        let (f, json) = cfg("vae/config.json")?;
-        let vae_config = AutoencoderKLConfig::from_json(&f, json)?;
+        let vae_config = if pixel_space(files)? {
+            None
+        } else {
+            let (f, json) = cfg("vae/config.json")?;
+            Some(AutoencoderKLConfig::from_json(&f, json)?)
+        };
         let (f, json) = cfg("text_encoder/config.json")?;
         let text_config = CLIPTextConfig::from_json(&f, json)?;
         let (f, json) = cfg("scheduler/scheduler_config.json")?;
         let scheduler = SchedulerConfig::from_json(&f, json)?;
 
-        if vae_config.latent_channels != unet_config.in_channels {
+        let (channels, what) = match &vae_config {
+            Some(v) => (v.latent_channels, "the VAE's latent_channels"),
+            None => (
+                3,
+                "the 3 channels of a pixel-space model (model_index.json names no VAE)",
+            ),
+        };
+        if channels != unet_config.in_channels || channels != unet_config.out_channels {
             return Err(Error::config(
                 &files.display("unet/config.json"),
                 format!(
-                    "in_channels {} does not match the VAE's latent_channels {}",
-                    unet_config.in_channels, vae_config.latent_channels
+                    "in_channels {} / out_channels {} do not match {what}: {channels}",
+                    unet_config.in_channels, unet_config.out_channels
                 ),
             ));
         }
@@ -205,12 +220,20 @@ impl Pipeline {
             &files.display("unet/config.json"),
         )?;
 
-        let path = files.first_of(&[
-            "vae/diffusion_pytorch_model.safetensors",
-            "vae/diffusion_pytorch_model.fp16.safetensors",
-        ])?;
-        let w = files.weights(path)?;
-        let vae = AutoencoderKL::load(VarBuilder::new(&w, device), &vae_config)?;
+        let vae = match &vae_config {
+            None => None,
+            Some(vae_config) => {
+                let path = files.first_of(&[
+                    "vae/diffusion_pytorch_model.safetensors",
+                    "vae/diffusion_pytorch_model.fp16.safetensors",
+                ])?;
+                let w = files.weights(path)?;
+                Some(AutoencoderKL::load(
+                    VarBuilder::new(&w, device),
+                    vae_config,
+                )?)
+            }
+        };
 
         let path = files.first_of(&[
             "text_encoder/model.safetensors",
@@ -259,9 +282,14 @@ impl Pipeline {
         Ok(self.text_encoder.forward(self.tokenize(prompts)?))
     }
 
+    /// Pixels per latent along each axis (1 for a pixel-space model).
+    pub fn downscale(&self) -> usize {
+        self.vae_config.as_ref().map_or(1, |v| v.downscale())
+    }
+
     /// Latent shape [C, h, w] for an image of `height` × `width` pixels.
     pub fn latent_shape(&self, height: usize, width: usize) -> Result<[usize; 3]> {
-        let f = self.vae_config.downscale();
+        let f = self.downscale();
         if height == 0 || width == 0 || height % f != 0 || width % f != 0 {
             return Err(Error::Input(format!(
                 "height and width must be positive multiples of {f}, got {height}×{width}"
@@ -272,14 +300,33 @@ impl Pipeline {
 
     /// Default image size: the UNet's `sample_size` latents, decoded.
     pub fn default_image_size(&self) -> usize {
-        self.unet_config.sample_size * self.vae_config.downscale()
+        self.unet_config.sample_size * self.downscale()
     }
 
-    /// Latents → image in [0, 1], [B, 3, H, W]: `(vae.decode(z / scale) / 2 + 0.5).clamp(0, 1)`.
+    /// Latents → image in [0, 1], [B, 3, H, W]: `(vae.decode(z / scale) / 2 + 0.5).clamp(0, 1)`
+    /// (pixel space: `(x / 2 + 0.5).clamp(0, 1)`).
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
-        let z = latents / self.vae_config.scaling_factor;
-        (self.vae.decode(z) / 2.0 + 0.5).clamp(0.0, 1.0)
+        let x = match (&self.vae, &self.vae_config) {
+            (Some(vae), Some(c)) => vae.decode(latents / c.scaling_factor),
+            _ => latents,
+        };
+        (x / 2.0 + 0.5).clamp(0.0, 1.0)
     }
+}
+
+/// Whether `model_index.json` says the pipeline has no VAE (no `vae` entry, or `[null, null]`).
+/// Without a `model_index.json` the folder must have a VAE.
+fn pixel_space(files: &ModelFiles) -> Result<bool> {
+    if !files.has("model_index.json") {
+        return Ok(false);
+    }
+    let v: serde_json::Value = serde_json::from_str(files.text("model_index.json")?)
+        .map_err(|e| Error::config(&files.display("model_index.json"), e.to_string()))?;
+    Ok(match v.get("vae") {
+        None | Some(serde_json::Value::Null) => true,
+        Some(serde_json::Value::Array(a)) => a.iter().all(|x| x.is_null()),
+        Some(_) => false,
+    })
 }
 
 fn load_tokenizer(files: &ModelFiles) -> Result<ClipTokenizer> {

@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
+const UNK: &str = "<|unk|>";
 const CLIP_PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 pub struct ClipTokenizer {
@@ -148,6 +149,64 @@ impl ClipTokenizer {
             .add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
             .map_err(|e| tok_err("vocab.json", e))?;
         Self::finish(tokenizer, special, "vocab.json")
+    }
+
+    /// A word-level tokenizer over `words` (lower-cased, split on whitespace and punctuation;
+    /// unknown words become `<|unk|>`), as the `tokenizer.json` text to save with a model.
+    /// Ids: `<|startoftext|>` 0, `<|endoftext|>` 1, `<|unk|>` 2, then `words` in order.
+    pub fn word_level_json(words: &[&str]) -> Result<String> {
+        use tokenizers::models::wordlevel::WordLevel;
+        use tokenizers::pre_tokenizers::whitespace::Whitespace;
+        let mut vocab = HashMap::new();
+        for (i, w) in [BOS, EOS, UNK].iter().chain(words).enumerate() {
+            if vocab.insert(w.to_string(), i as u32).is_some() {
+                return Err(tok_err("tokenizer.json", format!("`{w}` is listed twice")));
+            }
+        }
+        let model = WordLevel::builder()
+            .vocab(vocab.into_iter().collect())
+            .unk_token(UNK.to_string())
+            .build()
+            .map_err(|e| tok_err("tokenizer.json", e))?;
+        let mut tokenizer = Tokenizer::new(model);
+        tokenizer
+            .with_normalizer(Some(NormalizerWrapper::Lowercase(Lowercase)))
+            .map_err(|e| tok_err("tokenizer.json", e))?;
+        tokenizer.with_pre_tokenizer(Some(PreTokenizerWrapper::Whitespace(Whitespace)));
+        tokenizer
+            .add_special_tokens([
+                AddedToken::from(BOS, true),
+                AddedToken::from(EOS, true),
+                AddedToken::from(UNK, true),
+            ])
+            .map_err(|e| tok_err("tokenizer.json", e))?;
+        tokenizer
+            .to_string(true)
+            .map_err(|e| tok_err("tokenizer.json", e))
+    }
+
+    /// Whether `word` is in the vocabulary (for word-level tokenizers: whether a prompt word
+    /// is known).
+    pub fn knows(&self, word: &str) -> bool {
+        self.tokenizer.token_to_id(word).is_some()
+    }
+
+    /// The words of `prompt` that map to the unknown token, if the vocabulary has one.
+    pub fn unknown_words(&self, prompt: &str) -> Vec<String> {
+        let Some(unk) = self.tokenizer.token_to_id(UNK) else {
+            return Vec::new();
+        };
+        let text = clean_text(prompt);
+        match self.tokenizer.encode(text.as_str(), false) {
+            Ok(enc) => enc
+                .get_ids()
+                .iter()
+                .zip(enc.get_offsets())
+                .filter(|(id, _)| **id == unk)
+                .filter_map(|(_, &(a, b))| text.get(a..b).map(str::to_string))
+                .collect(),
+            Err(_) => Vec::new(),
+        }
     }
 
     /// From a `tokenizer.json` file.

@@ -147,6 +147,122 @@ enum Source<'w, 'a> {
     /// Small random values of whatever shape is asked for: models with real architectures
     /// but no weights file, for benchmarks and shape tests.
     Random(std::rc::Rc<std::cell::RefCell<crate::noise::NoiseRng>>),
+    /// Tensors held in memory by key (what `draft pretrain` trains); keys the store lacks are
+    /// initialised and added when the store has an initialiser, an error otherwise.
+    Store(std::rc::Rc<std::cell::RefCell<ParamStore>>),
+}
+
+/// A model's parameters by their file keys, in the file's layout (a Linear weight is
+/// `[out, in]` here, as in the safetensors file): what a full training run optimises and writes.
+/// Each tensor is kept flat; [`VarBuilder::get`] reshapes it, so the reshape (and a Linear's
+/// transpose) is part of the autodiff graph and gradients come back in file layout.
+#[derive(Clone, Default)]
+pub struct ParamStore {
+    pub entries: std::collections::BTreeMap<String, (Tensor<1>, Vec<usize>)>,
+    init: Option<std::rc::Rc<std::cell::RefCell<rand::rngs::StdRng>>>,
+}
+
+impl ParamStore {
+    /// An empty store that initialises every tensor asked for the way PyTorch's layers do:
+    /// Linear/Conv weights U(±1/√fan_in), biases 0, norm scales 1, embeddings N(0, 0.02²).
+    pub fn init(seed: u64) -> Self {
+        use rand::SeedableRng;
+        Self {
+            entries: Default::default(),
+            init: Some(std::rc::Rc::new(std::cell::RefCell::new(
+                rand::rngs::StdRng::seed_from_u64(seed),
+            ))),
+        }
+    }
+
+    /// Every tensor of a safetensors file.
+    pub fn from_weights(w: &Weights, device: &Device) -> Result<Self> {
+        let mut entries = std::collections::BTreeMap::new();
+        for key in w.keys() {
+            let (values, shape) = match w.read_f32(&key) {
+                Ok(v) => v,
+                // Integer buffers (e.g. transformers' `position_ids`) are not parameters.
+                Err(Error::TensorDtype { .. }) => continue,
+                Err(e) => return Err(e),
+            };
+            let n = values.len();
+            entries.insert(
+                key,
+                (
+                    Tensor::from_data(TensorData::new(values, [n]), device),
+                    shape,
+                ),
+            );
+        }
+        Ok(Self {
+            entries,
+            init: None,
+        })
+    }
+
+    /// The same keys and shapes with other tensors (e.g. autodiff leaves, or updated values).
+    pub fn with_tensors(&self, tensors: Vec<Tensor<1>>) -> Self {
+        assert_eq!(tensors.len(), self.entries.len());
+        Self {
+            entries: self
+                .entries
+                .iter()
+                .zip(tensors)
+                .map(|((k, (_, shape)), t)| (k.clone(), (t, shape.clone())))
+                .collect(),
+            init: None,
+        }
+    }
+
+    /// The flat tensors in key order.
+    pub fn tensors(&self) -> Vec<Tensor<1>> {
+        self.entries.values().map(|(t, _)| t.clone()).collect()
+    }
+
+    pub fn num_values(&self) -> usize {
+        self.entries
+            .values()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
+    }
+
+    /// The store as a safetensors file (f32), with optional metadata.
+    pub async fn to_safetensors(
+        &self,
+        metadata: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Vec<u8>> {
+        let mut tensors = Vec::with_capacity(self.entries.len());
+        for (key, (t, shape)) in &self.entries {
+            let (values, _) = crate::read_f32(t.clone()).await?;
+            tensors.push((key.clone(), shape.clone(), values));
+        }
+        serialize_f32(&tensors, metadata)
+    }
+
+    fn initial(&self, key: &str, shape: &[usize], device: &Device) -> Option<Tensor<1>> {
+        use rand::RngExt;
+        let rng = self.init.as_ref()?;
+        let mut rng = rng.borrow_mut();
+        let n: usize = shape.iter().product();
+        let leaf = key.rsplit('.').next().unwrap_or(key);
+        let values: Vec<f32> = if leaf == "bias" {
+            vec![0.0; n]
+        } else if shape.len() == 1 {
+            vec![1.0; n]
+        } else if key.contains("embedding") {
+            use rand_distr::{Distribution, StandardNormal};
+            (0..n)
+                .map(|_| {
+                    0.02 * <StandardNormal as Distribution<f32>>::sample(&StandardNormal, &mut *rng)
+                })
+                .collect()
+        } else {
+            let fan_in: usize = shape[1..].iter().product();
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+        };
+        Some(Tensor::from_data(TensorData::new(values, [n]), device))
+    }
 }
 
 /// A cursor at one module path inside a [`Weights`] file.
@@ -174,6 +290,20 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
             source: Source::Random(std::rc::Rc::new(std::cell::RefCell::new(
                 crate::noise::NoiseRng::new(seed),
             ))),
+            prefix: String::new(),
+            device: device.clone(),
+            lora: None,
+        }
+    }
+
+    /// A builder over the tensors of `store`; with [`ParamStore::init`], missing tensors are
+    /// created (and added to the store) as the model asks for them.
+    pub fn from_store(
+        store: std::rc::Rc<std::cell::RefCell<ParamStore>>,
+        device: &Device,
+    ) -> VarBuilder<'static, 'static> {
+        VarBuilder {
+            source: Source::Store(store),
             prefix: String::new(),
             device: device.clone(),
             lora: None,
@@ -224,6 +354,10 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
         match &self.source {
             Source::File(w) => w.contains(&self.path(name)),
             Source::Random(_) => true,
+            Source::Store(s) => {
+                let s = s.borrow();
+                s.init.is_some() || s.entries.contains_key(&self.path(name))
+            }
         }
     }
 
@@ -236,6 +370,35 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
                 let t = rng.borrow_mut().randn(shape, &self.device) * 0.02;
                 let is_norm_scale = D == 1 && name == "weight" && key.contains("norm");
                 return Ok(if is_norm_scale { t + 1.0 } else { t });
+            }
+            Source::Store(store) => {
+                let mut store = store.borrow_mut();
+                let flat = match store.entries.get(&key) {
+                    Some((t, found)) => {
+                        if found.as_slice() != shape {
+                            return Err(Error::TensorShape {
+                                file: "(parameters)".into(),
+                                key,
+                                expected: shape.to_vec(),
+                                found: found.clone(),
+                            });
+                        }
+                        t.clone()
+                    }
+                    None => {
+                        let t = store.initial(&key, &shape, &self.device).ok_or_else(|| {
+                            Error::MissingTensor {
+                                file: "(parameters)".into(),
+                                key: key.clone(),
+                            }
+                        })?;
+                        store
+                            .entries
+                            .insert(key.clone(), (t.clone(), shape.to_vec()));
+                        t
+                    }
+                };
+                return Ok(flat.reshape(shape));
             }
         };
         let (values, found) = weights.read_f32(&key)?;

@@ -130,9 +130,7 @@ impl CLIPModel {
         Ok(Self {
             vision_model: CLIPVisionTransformer {
                 embeddings: CLIPVisionEmbeddings {
-                    class_embedding: Param::from_tensor(
-                        emb.get("class_embedding", [v.hidden_size])?,
-                    ),
+                    class_embedding: crate::nn::param(emb.get("class_embedding", [v.hidden_size])?),
                     patch_embedding: Conv2d::load_with_bias(
                         emb.pp("patch_embedding"),
                         v.num_channels,

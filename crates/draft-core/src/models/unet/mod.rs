@@ -380,6 +380,42 @@ impl UNet2DConditionModel {
             &device,
         )
         .expand([b, self.time_proj_channels]);
+        self.forward_embedded(sample, t_emb, encoder_hidden_states)
+    }
+
+    /// As [`forward`](Self::forward) with one timestep per sample (denoising training).
+    pub fn forward_timesteps(
+        &self,
+        sample: Tensor<4>,
+        timesteps: &[f32],
+        encoder_hidden_states: Tensor<3>,
+    ) -> Tensor<4> {
+        assert_eq!(timesteps.len(), sample.dims()[0], "one timestep per sample");
+        let device = sample.device();
+        let t_emb = Tensor::cat(
+            timesteps
+                .iter()
+                .map(|&t| {
+                    timestep_embedding(
+                        t,
+                        self.time_proj_channels,
+                        self.flip_sin_to_cos,
+                        self.freq_shift,
+                        &device,
+                    )
+                })
+                .collect(),
+            0,
+        );
+        self.forward_embedded(sample, t_emb, encoder_hidden_states)
+    }
+
+    fn forward_embedded(
+        &self,
+        sample: Tensor<4>,
+        t_emb: Tensor<2>,
+        encoder_hidden_states: Tensor<3>,
+    ) -> Tensor<4> {
         let emb = self
             .time_embedding
             .linear_2
