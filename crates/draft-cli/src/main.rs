@@ -2,6 +2,7 @@
 //! A thin shell: argument parsing, files, progress bars and images; the tensor work is in
 //! `draft-core`.
 
+mod compare;
 mod device;
 mod files;
 mod images;
@@ -33,6 +34,8 @@ enum Command {
     Train(train::TrainArgs),
     /// Train the small text-to-image model on the procedural shapes dataset (the default model).
     Pretrain(pretrain::PretrainArgs),
+    /// Compare runs: their metrics on one figure and a table of first/last/best values.
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
         Command::Sample(args) => sample::run(args),
         Command::Train(args) => train::run(args),
         Command::Pretrain(args) => pretrain::run(args),
+        Command::Compare(args) => compare::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,9 +16,10 @@ use crate::{files, images};
 
 #[derive(Args)]
 pub struct SampleArgs {
-    /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/) [default: the embedded shapes-32 model].
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// The prompt; repeat for a batch of different prompts (cycled over --batch).
     #[arg(long, required = true)]
     prompt: Vec<String>,
@@ -81,7 +82,10 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if !(a.guidance.is_finite() && a.eta.is_finite() && a.eta >= 0.0) {
         bail!("--guidance must be finite and --eta finite and ≥ 0");
     }
-    let model = files::read_model_dir(&a.model)?;
+    let model = match &a.model {
+        Some(dir) => files::read_model_dir(dir)?,
+        None => draft_core::default_model::files(),
+    };
     let noise_bytes = a.init_noise.as_ref().map(|p| files::read(p)).transpose()?;
     let mut loras = Vec::new();
     for spec in &a.lora {

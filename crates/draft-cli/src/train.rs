@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use draft_core::lora::{LoraFile, LoraTarget};
-use draft_core::noise::NoiseRng;
-use draft_core::pipeline::{LoraSetup, SampleOptions, to_nhwc};
+use draft_core::pipeline::{LoraSetup, to_nhwc};
 use draft_core::reward::{RewardOptions, WeightedReward};
 use draft_core::train::{MethodName, OptimizerName, StepMetrics, TrainConfig, Trainer, prompt_set};
 use draft_core::weights::Weights;
@@ -32,12 +31,12 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     config: Option<PathBuf>,
-    /// A diffusers pipeline folder.
+    /// A diffusers pipeline folder [default: the embedded shapes-32 model].
     #[arg(long)]
     model: Option<PathBuf>,
     #[arg(long, value_enum)]
     device: Option<DeviceArg>,
-    /// draft (whole chain) | draft-k | draft-lv | refl | alignprop.
+    /// draft (whole chain) | draft-k | draft-lv | refl | alignprop [default: draft-lv].
     #[arg(long)]
     method: Option<String>,
     /// DRaFT-K: sampling steps back-propagated [default: 1].
@@ -76,7 +75,8 @@ pub struct TrainArgs {
     /// A file of training prompts, one per line.
     #[arg(long)]
     prompts: Option<PathBuf>,
-    /// A built-in prompt set: animals (the 45 simple animals of DDPO / DRaFT).
+    /// A built-in prompt set: animals (the 45 simple animals of DDPO / DRaFT), shapes (captions
+    /// of the embedded model) [default: shapes with the embedded model, else animals].
     #[arg(long)]
     prompt_set: Option<String>,
     /// The prompt guidance steers away from [default: ""].
@@ -130,7 +130,7 @@ pub struct TrainArgs {
     /// Initial latents of the first step's batch: safetensors with tensor `noise` [B, C, h, w].
     #[arg(long)]
     init_noise: Option<PathBuf>,
-    /// Output folder [default: draft-out].
+    /// Output folder [default: a fresh runs/run-NNN].
     #[arg(long)]
     out_dir: Option<PathBuf>,
     /// Continue from the checkpoint in --out-dir.
@@ -143,9 +143,18 @@ pub struct TrainArgs {
     /// Stop after this many non-finite updates in a row [default: 5].
     #[arg(long)]
     max_bad_steps: Option<usize>,
-    /// Images in the before/after sample grids [default: 4] (0: none).
+    /// Images of the fixed evaluation set (half as many prompts, two seeds each) behind the
+    /// before/after grids and the diversity measure [default: 8] (0: none).
     #[arg(long)]
     preview: Option<usize>,
+    /// Measure the evaluation set's reward and diversity every N updates [default: 10] (0: only
+    /// before and after).
+    #[arg(long)]
+    eval_every: Option<usize>,
+    /// Stop early when the diversity falls below this fraction of its value before training
+    /// (reward hacking: every seed collapsing to one image) [default: never].
+    #[arg(long)]
+    min_diversity: Option<f64>,
 }
 
 macro_rules! merge {
@@ -193,7 +202,7 @@ impl TrainArgs {
             target_color, prompt, prompts, prompt_set, negative_prompt, batch, steps, guidance,
             eta, train_steps, lr, optimizer, weight_decay, rank, alpha, lora_targets,
             clip_grad_norm, grad_accum, seed, init_lora, init_noise, out_dir, checkpoint_every,
-            max_bad_steps, preview);
+            max_bad_steps, preview, eval_every, min_diversity);
         self.resume |= f.resume;
         Ok(self)
     }
@@ -285,7 +294,12 @@ impl TrainArgs {
             }
             return Ok(list);
         }
-        Ok(prompt_set(self.prompt_set.as_deref().unwrap_or("animals"))?)
+        let default = if self.model.is_none() {
+            "shapes"
+        } else {
+            "animals"
+        };
+        Ok(prompt_set(self.prompt_set.as_deref().unwrap_or(default))?)
     }
 }
 
@@ -303,9 +317,6 @@ fn parse_color(s: &str) -> Result<[f32; 3]> {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let a = args.with_file()?;
-    let Some(model_dir) = a.model.clone() else {
-        bail!("--model is required (a diffusers pipeline folder)");
-    };
     // Everything that can be refused is refused before the model loads.
     let config = a.core_config()?;
     let prompts = a.prompts()?;
@@ -317,15 +328,25 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => None,
     };
     let noise_bytes = a.init_noise.as_ref().map(|p| files::read(p)).transpose()?;
-    let out_dir = a
-        .out_dir
-        .clone()
-        .unwrap_or_else(|| PathBuf::from("draft-out"));
+    let out_dir = match &a.out_dir {
+        Some(d) => d.clone(),
+        None if a.resume => bail!("--resume needs --out-dir: the run folder to continue"),
+        None => fresh_run_dir(Path::new("runs"))?,
+    };
+    let eval_every = a.eval_every.unwrap_or(10);
+    if let Some(f) = a.min_diversity
+        && !(0.0..1.0).contains(&f)
+    {
+        bail!("--min-diversity {f}: expected a fraction in [0, 1)");
+    }
     let checkpoint_every = a.checkpoint_every.unwrap_or(10);
     if checkpoint_every == 0 {
         bail!("--checkpoint-every must be at least 1");
     }
-    let preview = a.preview.unwrap_or(4);
+    let preview = a.preview.unwrap_or(8);
+    if a.min_diversity.is_some() && preview < 2 {
+        bail!("--min-diversity needs an evaluation set: --preview of at least 2");
+    }
     let checkpoint_path = out_dir.join(CHECKPOINT_FILE);
     let checkpoint = if a.resume && checkpoint_path.is_file() {
         Some(files::read(&checkpoint_path)?)
@@ -333,7 +354,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None
     };
 
-    let model = files::read_model_dir(&model_dir)?;
+    let model = match &a.model {
+        Some(dir) => files::read_model_dir(dir)?,
+        None => draft_core::default_model::files(),
+    };
     let device = device::select(a.device.unwrap_or(DeviceArg::Auto))?;
     let pipeline = Pipeline::load_with_lora(
         &model,
@@ -406,10 +430,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
 
     let before = out_dir.join("samples_before.png");
-    let mut preview_before = None;
+    let mut eval_before = None;
     if preview > 0 && (!before.exists() || trainer.step == 0) {
-        preview_before = Some(write_preview(&trainer, preview, &before)?);
+        eval_before = Some(write_preview(&trainer, preview, &before)?);
     }
+    // The diversity the early stop compares with: before training (also after a resume).
+    let initial_diversity = match &eval_before {
+        Some(e) => Some(e.1),
+        None => history.iter().find_map(|m| m.diversity),
+    };
 
     let total = trainer.config.train_steps;
     let bar = ProgressBar::new(total as u64).with_style(
@@ -421,8 +450,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     bar.set_prefix("training");
     bar.set_position(trainer.step as u64);
+    let mut stopped_early = false;
     while trainer.step < total {
-        let m = pollster::block_on(trainer.train_step())?;
+        let mut m = pollster::block_on(trainer.train_step())?;
+        if preview > 0 && eval_every > 0 && m.step % eval_every == 0 {
+            let e = pollster::block_on(trainer.evaluate_fixed(preview))?;
+            m.eval_reward = Some(e.reward);
+            m.diversity = Some(e.diversity);
+        }
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
             .and_then(|_| metrics_file.flush())
             .with_context(|| format!("{}: cannot write", metrics_path.display()))?;
@@ -445,10 +480,25 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 m.step, m.loss, m.grad_norm
             ));
         }
+        let collapsed = match (a.min_diversity, initial_diversity, m.diversity) {
+            (Some(f), Some(d0), Some(d)) if d < f * d0 => Some((d0, d)),
+            _ => None,
+        };
         history.push(m);
-        if trainer.step % checkpoint_every == 0 || trainer.step == total {
+        if let Some((d0, d)) = collapsed {
+            bar.println(format!(
+                "draft: step {}: diversity {d:.4} fell below {} × its initial {d0:.4}; stopping early (--min-diversity)",
+                trainer.step,
+                a.min_diversity.unwrap_or_default()
+            ));
+            stopped_early = true;
+        }
+        if stopped_early || trainer.step % checkpoint_every == 0 || trainer.step == total {
             let bytes = pollster::block_on(trainer.checkpoint())?;
             files::write_atomic(&checkpoint_path, &bytes)?;
+        }
+        if stopped_early {
+            break;
         }
     }
     bar.finish();
@@ -459,9 +509,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     eprintln!("draft: wrote {}", lora_path.display());
     if preview > 0 {
         let after = out_dir.join("samples_after.png");
-        let r = write_preview(&trainer, preview, &after)?;
-        if let Some(b) = preview_before {
-            eprintln!("draft: preview reward (same seeds) {b:.4} → {r:.4}");
+        let (r, d) = write_preview(&trainer, preview, &after)?;
+        if let Some((rb, db)) = eval_before {
+            eprintln!(
+                "draft: reward before → after (fixed evaluation set, {preview} images): {rb:.4} → {r:.4}; diversity {db:.4} → {d:.4}"
+            );
         }
     }
     if !history.is_empty() {
@@ -491,32 +543,30 @@ fn read_metrics(path: &Path, upto: usize) -> Result<Vec<StepMetrics>> {
         .collect())
 }
 
-/// A grid of the first `n` prompts from fixed seeds with the current LoRA.
-/// Returns the images' mean reward, comparable before and after training.
-fn write_preview(trainer: &Trainer, n: usize, path: &Path) -> Result<f64> {
-    let pipe: &Pipeline = &trainer.pipeline;
-    let n = n.min(trainer.prompts.len().max(1)).max(1);
-    let prompts: Vec<String> = (0..n)
-        .map(|i| trainer.prompts[i % trainer.prompts.len()].clone())
-        .collect();
-    let size = pipe.default_image_size();
-    let [c, h, w] = pipe.latent_shape(size, size)?;
-    let x_t = NoiseRng::new(trainer.config.seed ^ 0x5eed).randn([n, c, h, w], &pipe.device);
-    let options = SampleOptions {
-        prompts,
-        negative_prompt: trainer.config.negative_prompt.clone(),
-        steps: trainer.config.steps,
-        guidance: trainer.config.guidance,
-        eta: 0.0,
-        seed: trainer.config.seed,
-    };
-    let latents = pipe.sample_latents(&options, x_t, |_, _| {})?;
-    let images = pipe.decode(latents);
-    let reward = pollster::block_on(read_f32(trainer.reward.score(images.clone()).mean()))?.0[0];
-    let (values, shape) = pollster::block_on(read_f32(to_nhwc(images)))?;
+/// Samples the fixed evaluation set with the current LoRA and writes it as a grid (a row of
+/// two seeds per prompt). Returns its mean reward and diversity, comparable across the run.
+fn write_preview(trainer: &Trainer, n: usize, path: &Path) -> Result<(f64, f64)> {
+    let e = pollster::block_on(trainer.evaluate_fixed(n))?;
+    let (values, shape) = pollster::block_on(read_f32(to_nhwc(e.images)))?;
     images::write_png_grid(path, &values, shape[0], shape[1], shape[2])?;
-    eprintln!("draft: wrote {} (mean reward {reward:.4})", path.display());
-    Ok(reward as f64)
+    eprintln!(
+        "draft: wrote {} (mean reward {:.4}, diversity {:.4})",
+        path.display(),
+        e.reward,
+        e.diversity
+    );
+    Ok((e.reward, e.diversity))
+}
+
+/// The first `<parent>/run-NNN` that does not exist yet.
+fn fresh_run_dir(parent: &Path) -> Result<PathBuf> {
+    for i in 1..100_000 {
+        let dir = parent.join(format!("run-{i:03}"));
+        if !dir.exists() {
+            return Ok(dir);
+        }
+    }
+    bail!("{}: no free run-NNN name", parent.display())
 }
 
 /// The weight files of the learned rewards a run names, read before any work.

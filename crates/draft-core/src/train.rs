@@ -109,7 +109,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            method: MethodName::DraftK,
+            method: MethodName::DraftLv,
             k: 1,
             lv_samples: 2,
             t_min: 1,
@@ -260,12 +260,26 @@ pub const ANIMALS: [&str; 45] = [
     "kangaroo",
 ];
 
+/// Captions of the embedded shapes model (every shape and colour, none of the pairs its
+/// pretraining held out).
+pub const SHAPES: [&str; 8] = [
+    "a large red circle on a white background",
+    "a small blue square on a yellow background",
+    "a large yellow triangle on a purple background",
+    "a small purple circle on a black background",
+    "a large green square on a white background",
+    "a small white triangle on a red background",
+    "a large black circle on a green background",
+    "a small red square on a blue background",
+];
+
 /// A built-in prompt set by name.
 pub fn prompt_set(name: &str) -> Result<Vec<String>> {
     match name {
         "animals" => Ok(ANIMALS.iter().map(|s| s.to_string()).collect()),
+        "shapes" => Ok(SHAPES.iter().map(|s| s.to_string()).collect()),
         other => Err(Error::Input(format!(
-            "unknown prompt set `{other}` (built-in: animals)"
+            "unknown prompt set `{other}` (built-in: animals, shapes)"
         ))),
     }
 }
@@ -285,6 +299,20 @@ pub struct StepMetrics {
     pub skipped: bool,
     /// Sampling steps back-propagated (the last batch's K).
     pub k: usize,
+    /// Mean reward and diversity of the fixed evaluation set, on the steps it was measured
+    /// (`--eval-every`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_reward: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diversity: Option<f64>,
+}
+
+/// The fixed evaluation set's figures ([`Trainer::evaluate_fixed`]).
+pub struct FixedEval {
+    pub reward: f64,
+    pub diversity: f64,
+    /// The images, [n, 3, H, W] in [0, 1].
+    pub images: Tensor<4>,
 }
 
 /// SplitMix64: independent seeds for the streams of each step.
@@ -502,6 +530,8 @@ impl Trainer {
             seconds: web_time_now() - started,
             skipped: !finite,
             k,
+            eval_reward: None,
+            diversity: None,
         };
         if self.bad_run >= self.config.max_bad_steps {
             return Err(Error::Input(format!(
@@ -515,10 +545,20 @@ impl Trainer {
     /// The mean reward of `n` images sampled (without gradient) from fixed seeds and the first
     /// `n` prompts: comparable before and after training, unlike the per-step rewards.
     pub async fn eval_reward(&self, n: usize) -> Result<f64> {
+        Ok(self.evaluate_fixed(n).await?.reward)
+    }
+
+    /// Samples the fixed evaluation set — `n` images (rounded up to even): the first `n / 2`
+    /// prompts, each from two fixed seeds — and returns its mean reward and diversity (the
+    /// mean RMS pixel distance between the two images of each prompt, in [0, 1]). The same
+    /// seeds every call, so the figures are comparable across training; a diversity falling
+    /// towards 0 while the reward rises is the reward hacking the DRaFT paper warns of (every
+    /// seed collapsing to one image).
+    pub async fn evaluate_fixed(&self, n: usize) -> Result<FixedEval> {
         let pipe = &self.pipeline;
-        let n = n.max(1);
+        let n = n.max(2).div_ceil(2) * 2;
         let prompts: Vec<String> = (0..n)
-            .map(|i| self.prompts[i % self.prompts.len()].clone())
+            .map(|i| self.prompts[(i / 2) % self.prompts.len()].clone())
             .collect();
         let [c, h, w] = self.latent_shape;
         let x_t = NoiseRng::new(stream_seed(self.config.seed, usize::MAX, 0, 5))
@@ -532,8 +572,21 @@ impl Trainer {
             seed: self.config.seed,
         };
         let latents = pipe.sample_latents(&options, x_t, |_, _| {})?;
-        let r = self.reward.score(pipe.decode(latents)).mean();
-        Ok(crate::read_f32(r).await?.0[0] as f64)
+        let images = pipe.decode(latents);
+        let reward = crate::read_f32(self.reward.score(images.clone()).mean())
+            .await?
+            .0[0] as f64;
+        let [_, ch, ih, iw] = images.dims();
+        let pairs = images.clone().reshape([n / 2, 2, ch * ih * iw]);
+        let a = pairs.clone().slice([0..n / 2, 0..1]);
+        let b = pairs.slice([0..n / 2, 1..2]);
+        let rms = (a - b).square().mean_dim(2).sqrt().mean();
+        let diversity = crate::read_f32(rms).await?.0[0] as f64;
+        Ok(FixedEval {
+            reward,
+            diversity,
+            images,
+        })
     }
 
     /// AdamW (PyTorch's: decoupled weight decay, bias-corrected moments) or plain SGD.
