@@ -7,9 +7,35 @@ use safetensors::{Dtype, tensor::TensorView};
 
 use crate::files::write_atomic;
 
-/// `values` is [B, H, W, 3] in [0, 1]. Images are laid out in a near-square grid.
+/// `values` is [B, H, W, 3] in [0, 1]. Images are laid out in a near-square grid; images
+/// smaller than 128 pixels (the embedded 32×32 model's) are enlarged by an integer factor with
+/// nearest-neighbour sampling, so every model pixel stays a sharp block.
 pub fn write_png_grid(path: &Path, values: &[f32], b: usize, h: usize, w: usize) -> Result<()> {
     let cols = (b as f64).sqrt().ceil() as usize;
+    let rows = b.div_ceil(cols);
+    let grid = grid_image(values, b, h, w, cols);
+    let f = (128 / h.max(w).max(1)).max(1) as u32;
+    let grid = if f > 1 {
+        image::imageops::resize(
+            &grid,
+            grid.width() * f,
+            grid.height() * f,
+            image::imageops::FilterType::Nearest,
+        )
+    } else {
+        grid
+    };
+    debug_assert_eq!(grid.height() as usize, rows * h * f as usize);
+    let mut bytes = Vec::new();
+    grid.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .context("cannot encode PNG")?;
+    write_atomic(path, &bytes)
+}
+
+fn grid_image(values: &[f32], b: usize, h: usize, w: usize, cols: usize) -> image::RgbImage {
     let rows = b.div_ceil(cols);
     let mut grid = image::RgbImage::new((cols * w) as u32, (rows * h) as u32);
     for i in 0..b {
@@ -26,13 +52,7 @@ pub fn write_png_grid(path: &Path, values: &[f32], b: usize, h: usize, w: usize)
             }
         }
     }
-    let mut bytes = Vec::new();
-    grid.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .context("cannot encode PNG")?;
-    write_atomic(path, &bytes)
+    grid
 }
 
 /// Writes f32 tensors to a safetensors file.

@@ -19,6 +19,10 @@ use serde::Deserialize;
 use crate::device::{self, DeviceArg};
 use crate::{files, images, plot};
 
+/// `--lr` and `--train-steps` defaults when training the embedded model (no `--model`).
+const EMBEDDED_LR: f64 = 3e-3;
+const EMBEDDED_TRAIN_STEPS: usize = 60;
+
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
@@ -94,10 +98,10 @@ pub struct TrainArgs {
     /// DDIM η [default: 0].
     #[arg(long)]
     eta: Option<f64>,
-    /// Optimizer updates [default: 100].
+    /// Optimizer updates [default: 100; 60 on the embedded model].
     #[arg(long)]
     train_steps: Option<usize>,
-    /// Learning rate [default: 4e-4].
+    /// Learning rate [default: 4e-4; 3e-3 on the embedded model].
     #[arg(long)]
     lr: Option<f64>,
     /// adamw | sgd [default: adamw].
@@ -209,6 +213,9 @@ impl TrainArgs {
 
     fn core_config(&self) -> Result<TrainConfig> {
         let d = TrainConfig::default();
+        // The embedded 1M-parameter model needs a larger step than SD-sized models (the
+        // paper's 4e-4) to move in a few minutes on a CPU.
+        let embedded = self.model.is_none();
         let steps = self.steps.unwrap_or(d.steps);
         let mut c = TrainConfig {
             method: match &self.method {
@@ -233,8 +240,12 @@ impl TrainArgs {
             guidance: self.guidance.unwrap_or(d.guidance),
             eta: self.eta.unwrap_or(d.eta),
             negative_prompt: self.negative_prompt.clone().unwrap_or(d.negative_prompt),
-            train_steps: self.train_steps.unwrap_or(d.train_steps),
-            lr: self.lr.unwrap_or(d.lr),
+            train_steps: self.train_steps.unwrap_or(if embedded {
+                EMBEDDED_TRAIN_STEPS
+            } else {
+                d.train_steps
+            }),
+            lr: self.lr.unwrap_or(if embedded { EMBEDDED_LR } else { d.lr }),
             optimizer: match self.optimizer.as_deref() {
                 None | Some("adamw") => OptimizerName::Adamw,
                 Some("sgd") => OptimizerName::Sgd,
