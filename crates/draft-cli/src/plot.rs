@@ -14,6 +14,10 @@ pub fn reward_curve(path: &Path, history: &[StepMetrics]) -> Result<()> {
     let mut rgb = vec![0u8; (w * h * 3) as usize];
     draw(&mut rgb, (w, h), history)
         .map_err(|e| anyhow!("{}: cannot draw the reward curve: {e}", path.display()))?;
+    write_png(path, (w, h), rgb)
+}
+
+fn write_png(path: &Path, (w, h): (u32, u32), rgb: Vec<u8>) -> Result<()> {
     let img = image::RgbImage::from_raw(w, h, rgb).expect("buffer size matches");
     let mut bytes = Vec::new();
     img.write_to(
@@ -94,13 +98,7 @@ pub fn curves(path: &Path, series: &[Vec<(f64, f64)>]) -> Result<()> {
     let mut rgb = vec![0u8; (w * h * 3) as usize];
     draw_curves(&mut rgb, (w, h), series)
         .map_err(|e| anyhow!("{}: cannot draw: {e}", path.display()))?;
-    let img = image::RgbImage::from_raw(w, h, rgb).expect("buffer size matches");
-    let mut bytes = Vec::new();
-    img.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )?;
-    crate::files::write_atomic(path, &bytes)
+    write_png(path, (w, h), rgb)
 }
 
 fn draw_curves(
