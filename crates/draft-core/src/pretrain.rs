@@ -597,16 +597,13 @@ impl Pretrainer {
             let load = |prefix: &str| -> Result<Vec<Tensor<1>>> {
                 keys.iter()
                     .map(|k| {
-                        let t = w.tensor::<1>(&format!("{prefix}.{component}.{k}"), &self.device);
-                        // Stored with their real shapes; flatten.
-                        t.or_else(|_| {
-                            let (values, _) = w.read_f32(&format!("{prefix}.{component}.{k}"))?;
-                            let n = values.len();
-                            Ok(Tensor::from_data(
-                                TensorData::new(values, [n]),
-                                &self.device,
-                            ))
-                        })
+                        // Stored with their real shapes; kept flat here.
+                        let (values, _) = w.read_f32(&format!("{prefix}.{component}.{k}"))?;
+                        let n = values.len();
+                        Ok(Tensor::from_data(
+                            TensorData::new(values, [n]),
+                            &self.device,
+                        ))
                     })
                     .collect()
             };
