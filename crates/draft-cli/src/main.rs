@@ -8,7 +8,9 @@ mod files;
 mod images;
 mod plot;
 mod pretrain;
+mod rewards;
 mod sample;
+mod score;
 mod train;
 
 use std::process::ExitCode;
@@ -36,6 +38,8 @@ enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Compare runs: their metrics on one figure and a table of first/last/best values.
     Compare(compare::CompareArgs),
+    /// Score PNG images, or freshly sampled ones, with any reward and print a table.
+    Score(score::ScoreArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +49,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train::run(args),
         Command::Pretrain(args) => pretrain::run(args),
         Command::Compare(args) => compare::run(args),
+        Command::Score(args) => score::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

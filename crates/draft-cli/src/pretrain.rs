@@ -36,6 +36,9 @@ pub struct PretrainArgs {
     pub text_width: Option<usize>,
     #[arg(long)]
     pub ema_decay: Option<f64>,
+    /// Min-SNR-γ loss weighting (e.g. 5; 0 = plain ε-MSE). May change when resuming.
+    #[arg(long)]
+    pub min_snr_gamma: Option<f64>,
     /// Continue from `<out-dir>/checkpoint.safetensors`.
     #[arg(long)]
     pub resume: bool,
@@ -65,6 +68,7 @@ impl PretrainArgs {
             channels: self.channels.clone().unwrap_or(d.channels.clone()),
             text_width: self.text_width.unwrap_or(d.text_width),
             ema_decay: self.ema_decay.unwrap_or(d.ema_decay),
+            min_snr_gamma: self.min_snr_gamma.unwrap_or(d.min_snr_gamma),
             ..d
         }
     }

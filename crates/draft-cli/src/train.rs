@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use draft_core::lora::{LoraFile, LoraTarget};
 use draft_core::pipeline::{LoraSetup, to_nhwc};
-use draft_core::reward::{RewardOptions, WeightedReward};
+use draft_core::reward::RewardOptions;
 use draft_core::train::{MethodName, OptimizerName, StepMetrics, TrainConfig, Trainer, prompt_set};
 use draft_core::weights::Weights;
 use draft_core::{Pipeline, read_f32};
@@ -17,6 +17,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
 use crate::device::{self, DeviceArg};
+use crate::rewards::RewardFiles;
 use crate::{files, images, plot};
 
 /// `--lr` and `--train-steps` defaults when training the embedded model (no `--model`).
@@ -62,12 +63,14 @@ pub struct TrainArgs {
     #[arg(long)]
     k_max: Option<usize>,
     /// Reward term NAME[=WEIGHT], repeatable: brightness, colorfulness, contrast, smoothness,
-    /// symmetry, target-color [default: colorfulness].
+    /// symmetry, target-color; learned (need --reward-model): laion-aesthetic, clip-score,
+    /// pickscore, hpsv2 [default: colorfulness].
     #[arg(long)]
     reward: Option<Vec<String>>,
-    /// Weights of a learned reward, NAME=PATH, repeatable: `clip=DIR` (a transformers CLIPModel
-    /// folder: config.json + model.safetensors) and `laion-aesthetic=FILE` (the aesthetic MLP
-    /// as safetensors) for `--reward laion-aesthetic`.
+    /// Weights of a learned reward, NAME=PATH, repeatable: `clip=DIR` (a transformers or
+    /// OpenCLIP folder; laion-aesthetic, clip-score), `laion-aesthetic=FILE` (the MLP, .pth or
+    /// .safetensors), `pickscore=DIR`, `hpsv2=DIR|FILE` (OpenCLIP; a lone .pt is ViT-H-14),
+    /// `tokenizer=DIR` (for models that ship none). See docs/rewards.md.
     #[arg(long, value_name = "NAME=PATH")]
     reward_model: Option<Vec<String>>,
     /// The colour of the target-color reward, R,G,B in [0, 1] [default: 0.9,0.2,0.1].
@@ -314,7 +317,7 @@ impl TrainArgs {
     }
 }
 
-fn parse_color(s: &str) -> Result<[f32; 3]> {
+pub fn parse_color(s: &str) -> Result<[f32; 3]> {
     let v: Vec<f32> = s
         .split(',')
         .map(|x| x.trim().parse::<f32>())
@@ -375,8 +378,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         &device,
         &LoraSetup::Targets(config.lora_targets.clone()),
     )?;
+    let reward = reward_files.build(
+        &config.rewards,
+        &config.reward_options,
+        Some(&model),
+        &device,
+    )?;
     drop(model);
-    let reward = reward_files.build(&config, &device)?;
     let init_noise = match (&a.init_noise, &noise_bytes) {
         (Some(p), Some(bytes)) => {
             let name = p.display().to_string();
@@ -520,11 +528,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     eprintln!("draft: wrote {}", lora_path.display());
     if preview > 0 {
         let after = out_dir.join("samples_after.png");
-        let (r, d) = write_preview(&trainer, preview, &after)?;
-        if let Some((rb, db)) = eval_before {
+        let (r, d, terms) = write_preview(&trainer, preview, &after)?;
+        if let Some((rb, db, terms_before)) = &eval_before {
             eprintln!(
                 "draft: reward before → after (fixed evaluation set, {preview} images): {rb:.4} → {r:.4}; diversity {db:.4} → {d:.4}"
             );
+            eprint!("{}", before_after_table(&trainer, terms_before, &terms, (*rb, r), (*db, d)));
         }
     }
     if !history.is_empty() {
@@ -556,7 +565,7 @@ fn read_metrics(path: &Path, upto: usize) -> Result<Vec<StepMetrics>> {
 
 /// Samples the fixed evaluation set with the current LoRA and writes it as a grid (a row of
 /// two seeds per prompt). Returns its mean reward and diversity, comparable across the run.
-fn write_preview(trainer: &Trainer, n: usize, path: &Path) -> Result<(f64, f64)> {
+fn write_preview(trainer: &Trainer, n: usize, path: &Path) -> Result<(f64, f64, Vec<f64>)> {
     let e = pollster::block_on(trainer.evaluate_fixed(n))?;
     let (values, shape) = pollster::block_on(read_f32(to_nhwc(e.images)))?;
     images::write_png_grid(path, &values, shape[0], shape[1], shape[2])?;
@@ -566,7 +575,36 @@ fn write_preview(trainer: &Trainer, n: usize, path: &Path) -> Result<(f64, f64)>
         e.reward,
         e.diversity
     );
-    Ok((e.reward, e.diversity))
+    Ok((e.reward, e.diversity, e.terms))
+}
+
+/// The before/after report as a Markdown table: each reward term's mean on the fixed
+/// evaluation set, the weighted total and the diversity.
+fn before_after_table(
+    trainer: &Trainer,
+    before: &[f64],
+    after: &[f64],
+    total: (f64, f64),
+    diversity: (f64, f64),
+) -> String {
+    let mut out = String::from("| evaluation set | before | after | change |\n|---|---|---|---|\n");
+    let mut row = |name: &str, b: f64, a: f64| {
+        out.push_str(&format!("| {name} | {b:.4} | {a:.4} | {:+.4} |\n", a - b));
+    };
+    let terms = &trainer.reward.terms;
+    for (((r, w), b), a) in terms.iter().zip(before).zip(after) {
+        let name = if *w == 1.0 {
+            r.name().to_string()
+        } else {
+            format!("{} (×{w})", r.name())
+        };
+        row(&name, *b, *a);
+    }
+    if terms.len() > 1 {
+        row("total", total.0, total.1);
+    }
+    row("diversity", diversity.0, diversity.1);
+    out
 }
 
 /// The first `<parent>/run-NNN` that does not exist yet.
@@ -580,79 +618,3 @@ fn fresh_run_dir(parent: &Path) -> Result<PathBuf> {
     bail!("{}: no free run-NNN name", parent.display())
 }
 
-/// The weight files of the learned rewards a run names, read before any work.
-struct RewardFiles {
-    /// (config name, config text, weights name, weights bytes) of the CLIP model.
-    clip: Option<(String, String, String, Vec<u8>)>,
-    aesthetic: Option<(String, Vec<u8>)>,
-}
-
-impl RewardFiles {
-    fn read(specs: &[String], models: &[String]) -> Result<Self> {
-        let mut paths = std::collections::BTreeMap::new();
-        for m in models {
-            let Some((name, path)) = m.split_once('=') else {
-                bail!("--reward-model `{m}`: expected NAME=PATH");
-            };
-            if !matches!(name, "clip" | "laion-aesthetic") {
-                bail!("--reward-model `{name}`: expected clip or laion-aesthetic");
-            }
-            paths.insert(name.to_string(), PathBuf::from(path));
-        }
-        let names: Vec<String> = specs
-            .iter()
-            .map(|s| draft_core::reward::parse_spec(s).map(|(n, _)| n))
-            .collect::<Result<_, _>>()?;
-        let mut out = Self {
-            clip: None,
-            aesthetic: None,
-        };
-        if names.iter().any(|n| n == "laion-aesthetic") {
-            let (Some(dir), Some(mlp)) = (paths.get("clip"), paths.get("laion-aesthetic")) else {
-                bail!(
-                    "--reward laion-aesthetic needs --reward-model clip=DIR (a CLIPModel folder) and --reward-model laion-aesthetic=FILE"
-                );
-            };
-            let config = dir.join("config.json");
-            let weights = dir.join("model.safetensors");
-            out.clip = Some((
-                config.display().to_string(),
-                std::fs::read_to_string(&config)
-                    .with_context(|| format!("{}: cannot read", config.display()))?,
-                weights.display().to_string(),
-                files::read(&weights)?,
-            ));
-            out.aesthetic = Some((mlp.display().to_string(), files::read(mlp)?));
-        }
-        Ok(out)
-    }
-
-    fn build(self, config: &TrainConfig, device: &burn::prelude::Device) -> Result<WeightedReward> {
-        let clip = match &self.clip {
-            Some((cn, ct, wn, wb)) => Some(std::sync::Arc::new(
-                draft_core::reward_models::load_clip(cn, ct, wn, wb, device)?,
-            )),
-            None => None,
-        };
-        let aesthetic = self.aesthetic;
-        let mut learned = |name: &str| -> draft_core::Result<Box<dyn draft_core::reward::Reward>> {
-            match (name, &clip, &aesthetic) {
-                ("laion-aesthetic", Some(clip), Some((n, bytes))) => {
-                    let dim = clip.visual_projection.weight.val().dims()[1];
-                    Ok(Box::new(draft_core::reward_models::LaionAesthetic {
-                        clip: clip.clone(),
-                        mlp: draft_core::reward_models::AestheticMlp::load(n, bytes, dim, device)?,
-                    }))
-                }
-                _ => Err(draft_core::Error::Input(format!(
-                    "reward `{name}` has no weights"
-                ))),
-            }
-        };
-        Ok(WeightedReward::from_specs_with(
-            &config.rewards,
-            &config.reward_options,
-            &mut learned,
-        )?)
-    }
-}

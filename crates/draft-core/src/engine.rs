@@ -96,6 +96,8 @@ pub struct Evaluation {
 /// Prompt embeddings of a batch, kept plain; leaves are made from them when the text encoder
 /// is trained.
 pub struct Prompts {
+    /// The prompt of each image (what prompt-aware rewards score against).
+    pub texts: Vec<String>,
     pub ids: Tensor<2, Int>,
     pub uncond_ids: Tensor<2, Int>,
     pub guidance: f64,
@@ -249,7 +251,7 @@ impl<'p> Engine<'p> {
                     }
                     _ => unreachable!(),
                 };
-                let (mut g, r, l) = self.reward_grad(latents[n].clone(), 1.0).await?;
+                let (mut g, r, l) = self.reward_grad(latents[n].clone(), 1.0, &prompts.texts).await?;
                 rewards_sum = r;
                 loss = l;
                 for i in (n - k..n).rev() {
@@ -292,7 +294,7 @@ impl<'p> Engine<'p> {
                     let x_t = x0.clone() * a.sqrt() + eps * (1.0 - a).sqrt();
                     let z = next_noise(&mut draws.step_noise);
                     let y = self.step(last, x_t.clone(), &plain_cond, z.clone(), false);
-                    let (g, r, l) = self.reward_grad(y, weight).await?;
+                    let (g, r, l) = self.reward_grad(y, weight, &prompts.texts).await?;
                     for (s, v) in rewards_sum.iter_mut().zip(&r) {
                         *s += v * weight as f32;
                     }
@@ -318,7 +320,7 @@ impl<'p> Engine<'p> {
                 k = 1;
                 let x = latents[stop].clone();
                 let x0 = self.step(stop, x.clone(), &plain_cond, None, true);
-                let (g, r, l) = self.reward_grad(x0, 1.0).await?;
+                let (g, r, l) = self.reward_grad(x0, 1.0, &prompts.texts).await?;
                 rewards_sum = r;
                 loss = l;
                 self.backprop_step(
@@ -393,10 +395,15 @@ impl<'p> Engine<'p> {
     }
 
     /// Decodes `z` with a graph, scores it and returns `(∂(w·loss)/∂z, rewards, loss)`.
-    async fn reward_grad(&self, z: Tensor<4>, weight: f64) -> Result<(Tensor<4>, Vec<f32>, f32)> {
+    async fn reward_grad(
+        &self,
+        z: Tensor<4>,
+        weight: f64,
+        texts: &[String],
+    ) -> Result<(Tensor<4>, Vec<f32>, f32)> {
         let z = z.autodiff().require_grad();
         let images = self.pipeline.decode(z.clone());
-        let rewards = self.reward.score(images);
+        let rewards = self.reward.score(images, texts);
         let loss = -rewards.clone().mean();
         let (values, _) = crate::read_f32(rewards.clone().without_autodiff()).await?;
         let loss_value = crate::read_f32(loss.clone().without_autodiff()).await?.0[0];

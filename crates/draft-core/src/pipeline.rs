@@ -329,16 +329,35 @@ fn pixel_space(files: &ModelFiles) -> Result<bool> {
     })
 }
 
+/// The tokenizer files a CLIP tokenizer is built from, in a folder (`tokenizer/` of a
+/// diffusers model, the top level of a transformers CLIP repo).
+pub const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
 fn load_tokenizer(files: &ModelFiles) -> Result<ClipTokenizer> {
+    load_tokenizer_in(files, "tokenizer/")
+}
+
+/// A CLIP tokenizer from the [`TOKENIZER_FILES`] under `dir` (`""` or ending in `/`):
+/// `tokenizer.json` if present, else `vocab.json` + `merges.txt`.
+pub fn load_tokenizer_in(files: &ModelFiles, dir: &str) -> Result<ClipTokenizer> {
+    let path = |name: &str| format!("{dir}{name}");
     let mut settings = Vec::new();
     for p in [
-        "tokenizer/special_tokens_map.json",
-        "tokenizer/tokenizer_config.json",
+        path("special_tokens_map.json"),
+        path("tokenizer_config.json"),
     ] {
-        if files.has(p) {
-            settings.push((p, files.text(p)?));
+        if files.has(&p) {
+            let text = files.text(&p)?;
+            settings.push((p, text));
         }
     }
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(a, b)| (a.as_str(), *b)).collect();
     let special = SpecialTokens::from_json_files(&settings).map_err(|e| match e {
         Error::Tokenizer { file, reason } => Error::Tokenizer {
             file: files.display(&file),
@@ -346,19 +365,19 @@ fn load_tokenizer(files: &ModelFiles) -> Result<ClipTokenizer> {
         },
         e => e,
     })?;
-    let result = if files.has("tokenizer/tokenizer.json") {
-        ClipTokenizer::from_tokenizer_json(files.bytes("tokenizer/tokenizer.json")?, &special)
+    let result = if files.has(&path("tokenizer.json")) {
+        ClipTokenizer::from_tokenizer_json(files.bytes(&path("tokenizer.json"))?, &special)
     } else {
         ClipTokenizer::from_vocab_merges(
-            files.text("tokenizer/vocab.json")?,
-            files.text("tokenizer/merges.txt")?,
+            files.text(&path("vocab.json"))?,
+            files.text(&path("merges.txt"))?,
             &special,
         )
     };
     // The tokenizer names files by their bare names; report them inside this folder.
     result.map_err(|e| match e {
         Error::Tokenizer { file, reason } => Error::Tokenizer {
-            file: files.display(&format!("tokenizer/{file}")),
+            file: files.display(&path(&file)),
             reason,
         },
         e => e,

@@ -63,6 +63,10 @@ pub struct PretrainConfig {
     /// Text encoder width (= the UNet's `cross_attention_dim`) and depth.
     pub text_width: usize,
     pub text_layers: usize,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023): each sample's ε-MSE is scaled by
+    /// min(SNR(t), γ) / SNR(t), so the easy low-noise steps stop dominating. 0 = plain MSE.
+    #[serde(default)]
+    pub min_snr_gamma: f64,
 }
 
 impl Default for PretrainConfig {
@@ -82,6 +86,7 @@ impl Default for PretrainConfig {
             layers_per_block: 1,
             text_width: 64,
             text_layers: 2,
+            min_snr_gamma: 0.0,
         }
     }
 }
@@ -109,6 +114,9 @@ impl PretrainConfig {
         }
         if self.text_width == 0 || self.text_width % 4 != 0 || self.text_layers == 0 {
             return bad("text_width must be a positive multiple of 4, text_layers ≥ 1".into());
+        }
+        if !(self.min_snr_gamma >= 0.0 && self.min_snr_gamma.is_finite()) {
+            return bad(format!("min_snr_gamma must be ≥ 0, got {}", self.min_snr_gamma));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad(format!("lr must be positive, got {}", self.lr));
@@ -357,6 +365,7 @@ impl Pretrainer {
         let mut timesteps = Vec::with_capacity(b);
         let mut signal = Vec::with_capacity(b);
         let mut noise_level = Vec::with_capacity(b);
+        let mut weight = Vec::with_capacity(b);
         for j in 0..b {
             let ex = self.dataset.sample((self.step * b + j) as u64);
             pixels.extend(ex.pixels.iter().map(|p| p * 2.0 - 1.0));
@@ -376,6 +385,12 @@ impl Pretrainer {
             timesteps.push(t as f32);
             signal.push(a.sqrt());
             noise_level.push((1.0 - a).sqrt());
+            let snr = a as f64 / (1.0 - a as f64);
+            weight.push(if c.min_snr_gamma > 0.0 {
+                (snr.min(c.min_snr_gamma) / snr) as f32
+            } else {
+                1.0
+            });
         }
         let x0 = Tensor::<4>::from_data(TensorData::new(pixels, [b, 3, s, s]), &device);
         let noise =
@@ -402,7 +417,7 @@ impl Pretrainer {
             CLIPTextModel::load(VarBuilder::from_store(store(1), &device), &self.text_config)?;
         let context = text.forward(ids);
         let pred = unet.forward_timesteps(x_t.autodiff(), &timesteps, context);
-        let loss = (pred - noise.autodiff()).square().mean();
+        let loss = ((pred - noise.autodiff()).square() * col(weight).autodiff()).mean();
         let loss_value = crate::read_f32(loss.clone().without_autodiff()).await?.0[0] as f64;
         let grads = loss.backward();
         let grads: [Vec<Tensor<1>>; 2] = [0, 1].map(|i| {
@@ -563,7 +578,7 @@ impl Pretrainer {
     }
 
     /// Continues from a [`checkpoint`](Self::checkpoint) written with the same settings
-    /// (`train_steps` may differ).
+    /// (`train_steps` and `min_snr_gamma` may differ: a run can switch its loss weighting).
     pub fn restore(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let (_, meta) =
             safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
@@ -580,6 +595,7 @@ impl Pretrainer {
             .map_err(|e| Error::config(name, format!("bad config in checkpoint: {e}")))?;
         let same = PretrainConfig {
             train_steps: self.config.train_steps,
+            min_snr_gamma: self.config.min_snr_gamma,
             ..saved.clone()
         };
         if same != self.config {

@@ -13,9 +13,15 @@ use crate::error::{Error, Result};
 pub const EPS: f64 = 1e-8;
 
 /// A differentiable score per image: `[B, 3, H, W]` in [0, 1] → `[B]`, higher is better.
+/// `prompts` holds the prompt each image was sampled from (prompt-aware rewards such as CLIP
+/// score read it; the others ignore it).
 pub trait Reward: Send + Sync {
     fn name(&self) -> &str;
-    fn score(&self, images: Tensor<4>) -> Tensor<1>;
+    fn score(&self, images: Tensor<4>, prompts: &[String]) -> Tensor<1>;
+    /// Whether `score` needs the prompts (one per image).
+    fn needs_prompts(&self) -> bool {
+        false
+    }
 }
 
 /// Per-image mean over channels and pixels: `[B, C, H, W]` → `[B]`.
@@ -41,7 +47,7 @@ impl Reward for Brightness {
     fn name(&self) -> &str {
         "brightness"
     }
-    fn score(&self, images: Tensor<4>) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
         mean_chw(images)
     }
 }
@@ -55,7 +61,7 @@ impl Reward for Colorfulness {
     fn name(&self) -> &str {
         "colorfulness"
     }
-    fn score(&self, images: Tensor<4>) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
         let (r, g, b) = (
             channel(&images, 0),
             channel(&images, 1),
@@ -76,7 +82,7 @@ impl Reward for Contrast {
     fn name(&self) -> &str {
         "contrast"
     }
-    fn score(&self, images: Tensor<4>) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
         let y =
             channel(&images, 0) * 0.299 + channel(&images, 1) * 0.587 + channel(&images, 2) * 0.114;
         (var_hw(y) + EPS).sqrt()
@@ -91,7 +97,7 @@ impl Reward for Smoothness {
     fn name(&self) -> &str {
         "smoothness"
     }
-    fn score(&self, images: Tensor<4>) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
         let [_, _, h, w] = images.dims();
         let dy = images.clone().narrow(2, 1, h - 1) - images.clone().narrow(2, 0, h - 1);
         let dx = images.clone().narrow(3, 1, w - 1) - images.narrow(3, 0, w - 1);
@@ -106,7 +112,7 @@ impl Reward for Symmetry {
     fn name(&self) -> &str {
         "symmetry"
     }
-    fn score(&self, images: Tensor<4>) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
         let flipped = images.clone().flip([3]);
         -mean_chw((images - flipped).square())
     }
@@ -119,7 +125,7 @@ impl Reward for TargetColor {
     fn name(&self) -> &str {
         "target-color"
     }
-    fn score(&self, images: Tensor<4>) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
         let device = images.device();
         let c = Tensor::<1>::from_floats(self.0, &device).reshape([1, 3, 1, 1]);
         -mean_chw((images - c).square())
@@ -137,7 +143,7 @@ pub const BUILTIN: [&str; 6] = [
 ];
 
 /// Learned rewards (`reward_models`): they need weight files, so the caller builds them.
-pub const LEARNED: [&str; 1] = ["laion-aesthetic"];
+pub const LEARNED: [&str; 4] = ["laion-aesthetic", "clip-score", "pickscore", "hpsv2"];
 
 /// Checks that every `name=weight` spec parses and names a known reward, without building any.
 pub fn check_specs(specs: &[String]) -> Result<()> {
@@ -253,17 +259,30 @@ impl WeightedReward {
         Self { terms }
     }
 
-    /// `[B, 3, H, W]` → `[B]`.
-    pub fn score(&self, images: Tensor<4>) -> Tensor<1> {
+    /// `[B, 3, H, W]` and the prompt of each image → `[B]`.
+    pub fn score(&self, images: Tensor<4>, prompts: &[String]) -> Tensor<1> {
         let mut total: Option<Tensor<1>> = None;
-        for (reward, weight) in &self.terms {
-            let r = reward.score(images.clone()) * *weight;
+        for ((_, weight), r) in self.terms.iter().zip(self.score_terms(images, prompts)) {
+            let r = r * *weight;
             total = Some(match total {
                 Some(t) => t + r,
                 None => r,
             });
         }
         total.expect("at least one reward term")
+    }
+
+    /// Each term's unweighted score `[B]`, in the order of `terms` (for reports).
+    pub fn score_terms(&self, images: Tensor<4>, prompts: &[String]) -> Vec<Tensor<1>> {
+        self.terms
+            .iter()
+            .map(|(reward, _)| reward.score(images.clone(), prompts))
+            .collect()
+    }
+
+    /// Whether a term scores images against their prompts.
+    pub fn needs_prompts(&self) -> bool {
+        self.terms.iter().any(|(r, _)| r.needs_prompts())
     }
 
     pub fn describe(&self) -> String {

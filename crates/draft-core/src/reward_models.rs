@@ -1,17 +1,20 @@
 //! Learned, differentiable rewards on CLIP: the LAION aesthetic predictor (improved-aesthetic-
 //! predictor v2: an MLP on the L2-normalised CLIP image embedding), CLIP score (cosine to the
-//! prompt) and PickScore (`logit_scale.exp()` · cosine). Preprocessing is differentiable: a
+//! prompt), PickScore (`logit_scale.exp()` · cosine) and HPSv2 (cosine, OpenCLIP ViT-H-14). Preprocessing is differentiable: a
 //! bilinear resize (as matrix products) of the shorter side to the model's input size (half-pixel centres, no
 //! antialiasing), a centre crop and CLIP's mean/std normalisation.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use burn::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::models::clip::{CLIPConfig, CLIPModel};
+use crate::models::open_clip::{self, OpenClipConfig};
 use crate::nn::Linear;
 use crate::reward::Reward;
+use crate::tokenizer::ClipTokenizer;
 use crate::weights::{VarBuilder, Weights};
 
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -28,15 +31,37 @@ pub fn load_clip(
     let (c, text) = CLIPConfig::from_json(config_name, config)?;
     let eos = c.text_config.get("eos_token_id").and_then(|v| v.as_i64());
     let w = Weights::from_bytes(weights_name, weights)?;
-    let logit_scale = if w.contains("logit_scale") {
-        w.read_f32("logit_scale")?.0.first().copied().unwrap_or(0.0) as f64
-    } else {
+    let logit_scale = logit_scale(&w)?;
+    CLIPModel::load(VarBuilder::new(&w, device), &c, &text, logit_scale, eos)
+}
+
+/// Loads an OpenCLIP state dict (safetensors bytes, keys without a prefix) of the
+/// architecture `config` (e.g. [`OpenClipConfig::named`]`("ViT-H-14")` for HPSv2).
+pub fn load_open_clip(
+    config: &OpenClipConfig,
+    weights_name: &str,
+    weights: &[u8],
+    device: &Device,
+) -> Result<CLIPModel> {
+    let w = Weights::from_bytes(weights_name, weights)?;
+    let logit_scale = logit_scale(&w)?;
+    open_clip::load(VarBuilder::new(&w, device), config, logit_scale)
+}
+
+/// Whether a state dict is in OpenCLIP's layout (rather than transformers').
+pub fn is_open_clip(weights_name: &str, weights: &[u8]) -> Result<bool> {
+    let w = Weights::from_bytes(weights_name, weights)?;
+    Ok(w.contains("visual.proj") || w.contains("visual.conv1.weight"))
+}
+
+fn logit_scale(w: &Weights) -> Result<f64> {
+    if !w.contains("logit_scale") {
         return Err(Error::MissingTensor {
-            file: weights_name.into(),
+            file: w.file().into(),
             key: "logit_scale".into(),
         });
-    };
-    CLIPModel::load(VarBuilder::new(&w, device), &c, &text, logit_scale, eos)
+    }
+    Ok(w.read_f32("logit_scale")?.0.first().copied().unwrap_or(0.0) as f64)
 }
 
 /// `[B, 3, H, W]` in [0, 1] → CLIP's normalised `[B, 3, S, S]`.
@@ -139,7 +164,7 @@ impl Reward for LaionAesthetic {
     fn name(&self) -> &str {
         "laion-aesthetic"
     }
-    fn score(&self, images: Tensor<4>) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
         let e = self
             .clip
             .image_features(preprocess(images, self.clip.image_size));
@@ -147,40 +172,132 @@ impl Reward for LaionAesthetic {
     }
 }
 
-/// `clip-score` (scale 1) or `pickscore` (scale `logit_scale.exp()`): scaled cosine between
-/// each image's embedding and its prompt's (the prompt embeddings are fixed per batch).
+/// How [`ClipSimilarity`] scales the cosine between image and prompt embeddings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Similarity {
+    /// `clip-score`: the cosine.
+    ClipScore,
+    /// `pickscore`: `logit_scale.exp()` · cosine (PickScore_v1's `logits_per_image`).
+    PickScore,
+    /// `hpsv2`: the cosine of HPSv2's OpenCLIP ViT-H-14 (its `score` is the diagonal of
+    /// `image_features @ text_features.T`, both L2-normalised).
+    Hpsv2,
+}
+
+impl Similarity {
+    pub fn name(self) -> &'static str {
+        match self {
+            Similarity::ClipScore => "clip-score",
+            Similarity::PickScore => "pickscore",
+            Similarity::Hpsv2 => "hpsv2",
+        }
+    }
+}
+
+/// `clip-score`, `pickscore` or `hpsv2`: the (scaled) cosine between each image's embedding
+/// and its prompt's. Prompts are tokenized with the reward model's own tokenizer; their
+/// embeddings are computed once per prompt and cached.
 pub struct ClipSimilarity {
     pub clip: Arc<CLIPModel>,
-    /// L2-normalised prompt embeddings [B, projection_dim], one per image.
-    pub prompts: Tensor<2>,
+    pub tokenizer: Arc<ClipTokenizer>,
+    pub kind: Similarity,
     pub scale: f64,
-    pub label: &'static str,
+    cache: Mutex<HashMap<String, Tensor<1>>>,
 }
 
 impl ClipSimilarity {
-    /// `pickscore` when `pick`, else `clip-score`, for these token ids (one row per image).
-    pub fn new(clip: Arc<CLIPModel>, ids: &[Vec<i64>], device: &Device, pick: bool) -> Self {
-        let prompts = l2_normalize(clip.text_features(ids, device));
-        let scale = if pick { clip.logit_scale.exp() } else { 1.0 };
-        Self {
-            clip,
-            prompts,
-            scale,
-            label: if pick { "pickscore" } else { "clip-score" },
+    /// Checks that the tokenizer's ids and length fit the text tower.
+    pub fn new(clip: Arc<CLIPModel>, tokenizer: Arc<ClipTokenizer>, kind: Similarity) -> Result<Self> {
+        let text = &clip.text_model;
+        let vocab = text.text_model.embeddings.token_embedding.weight.val().dims()[0];
+        if tokenizer.max_length > text.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "{}: the tokenizer makes {} tokens, the CLIP text tower takes at most {}",
+                kind.name(),
+                tokenizer.max_length,
+                text.max_position_embeddings
+            )));
         }
+        let top = tokenizer.bos_id.max(tokenizer.eos_id).max(tokenizer.pad_id) as usize;
+        if top >= vocab {
+            return Err(Error::Input(format!(
+                "{}: the tokenizer's special ids (up to {top}) do not fit the CLIP text tower's \
+                 vocabulary of {vocab}: give the reward model's own tokenizer.json",
+                kind.name()
+            )));
+        }
+        let scale = match kind {
+            Similarity::PickScore => clip.logit_scale.exp(),
+            Similarity::ClipScore | Similarity::Hpsv2 => 1.0,
+        };
+        Ok(Self {
+            clip,
+            tokenizer,
+            kind,
+            scale,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The L2-normalised embeddings of `prompts`, [B, projection_dim].
+    pub fn prompt_embeddings(&self, prompts: &[String]) -> Result<Tensor<2>> {
+        let device = self.clip.text_projection.weight.val().device();
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let missing: Vec<&String> = prompts
+            .iter()
+            .filter(|p| !cache.contains_key(*p))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if !missing.is_empty() {
+            let ids = missing
+                .iter()
+                .map(|p| {
+                    Ok(self
+                        .tokenizer
+                        .encode(p)?
+                        .into_iter()
+                        .map(|i| i as i64)
+                        .collect())
+                })
+                .collect::<Result<Vec<Vec<i64>>>>()?;
+            let e = l2_normalize(self.clip.text_features(&ids, &device));
+            let d = e.dims()[1];
+            for (i, p) in missing.into_iter().enumerate() {
+                let row = e.clone().narrow(0, i, 1).reshape([d]);
+                cache.insert(p.clone(), row);
+            }
+        }
+        Ok(Tensor::stack(
+            prompts.iter().map(|p| cache[p].clone()).collect(),
+            0,
+        ))
     }
 }
 
 impl Reward for ClipSimilarity {
     fn name(&self) -> &str {
-        self.label
+        self.kind.name()
     }
-    fn score(&self, images: Tensor<4>) -> Tensor<1> {
+    fn needs_prompts(&self) -> bool {
+        true
+    }
+    fn score(&self, images: Tensor<4>, prompts: &[String]) -> Tensor<1> {
         let b = images.dims()[0];
+        assert_eq!(
+            prompts.len(),
+            b,
+            "{} scores each image against its prompt: {b} images, {} prompts",
+            self.kind.name(),
+            prompts.len()
+        );
+        let text = self
+            .prompt_embeddings(prompts)
+            .unwrap_or_else(|e| panic!("{}: cannot tokenize the prompts: {e}", self.kind.name()));
         let e = l2_normalize(
             self.clip
                 .image_features(preprocess(images, self.clip.image_size)),
         );
-        (e * self.prompts.clone()).sum_dim(1).reshape([b]) * self.scale
+        (e * text).sum_dim(1).reshape([b]) * self.scale
     }
 }

@@ -310,6 +310,8 @@ pub struct StepMetrics {
 /// The fixed evaluation set's figures ([`Trainer::evaluate_fixed`]).
 pub struct FixedEval {
     pub reward: f64,
+    /// Each reward term's mean (unweighted), in the order of the reward's terms.
+    pub terms: Vec<f64>,
     pub diversity: f64,
     /// The images, [n, 3, H, W] in [0, 1].
     pub images: Tensor<4>,
@@ -441,6 +443,7 @@ impl Trainer {
 
     fn tokenize(&self, prompts: &[String]) -> Result<Prompts> {
         Ok(Prompts {
+            texts: prompts.to_vec(),
             ids: self.pipeline.tokenize(prompts)?,
             uncond_ids: self
                 .pipeline
@@ -564,7 +567,7 @@ impl Trainer {
         let x_t = NoiseRng::new(stream_seed(self.config.seed, usize::MAX, 0, 5))
             .randn([n, c, h, w], &pipe.device);
         let options = crate::pipeline::SampleOptions {
-            prompts,
+            prompts: prompts.clone(),
             negative_prompt: self.config.negative_prompt.clone(),
             steps: self.config.steps,
             guidance: self.config.guidance,
@@ -573,9 +576,18 @@ impl Trainer {
         };
         let latents = pipe.sample_latents(&options, x_t, |_, _| {})?;
         let images = pipe.decode(latents);
-        let reward = crate::read_f32(self.reward.score(images.clone()).mean())
-            .await?
-            .0[0] as f64;
+        let mut terms = Vec::new();
+        let mut reward = 0.0;
+        for ((_, weight), t) in self
+            .reward
+            .terms
+            .iter()
+            .zip(self.reward.score_terms(images.clone(), &prompts))
+        {
+            let mean = crate::read_f32(t.mean()).await?.0[0] as f64;
+            reward += weight * mean;
+            terms.push(mean);
+        }
         let [_, ch, ih, iw] = images.dims();
         let pairs = images.clone().reshape([n / 2, 2, ch * ih * iw]);
         let a = pairs.clone().slice([0..n / 2, 0..1]);
@@ -584,6 +596,7 @@ impl Trainer {
         let diversity = crate::read_f32(rms).await?.0[0] as f64;
         Ok(FixedEval {
             reward,
+            terms,
             diversity,
             images,
         })

@@ -39,7 +39,7 @@ fn rewards_match_pytorch() {
         for name in reward::BUILTIN {
             let r = reward::builtin(name, &RewardOptions::default()).unwrap();
             let x = image.clone().autodiff().require_grad();
-            let score = r.score(x.clone());
+            let score = r.score(x.clone(), &[]);
             let grads = score.clone().sum().backward();
             let (v, _) = values(score.without_autodiff());
             let (g, _) = values(x.grad(&grads).unwrap());
@@ -64,6 +64,7 @@ fn prompts(pipe: &Pipeline, json: &serde_json::Value) -> Prompts {
         .map(|p| p.as_str().unwrap().to_string())
         .collect();
     Prompts {
+        texts: list.clone(),
         ids: pipe.tokenize(&list).unwrap(),
         uncond_ids: pipe.tokenize(&[String::new()]).unwrap(),
         guidance: json["guidance_scale"].as_f64().unwrap(),

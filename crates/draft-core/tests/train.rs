@@ -92,7 +92,7 @@ impl Reward for Poisoned {
     fn name(&self) -> &str {
         "poisoned"
     }
-    fn score(&self, images: Tensor<4>) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
         let b = images.dims()[0];
         images.reshape([b as i64, -1]).mean_dim(1).reshape([b]) * f32::NAN
     }
