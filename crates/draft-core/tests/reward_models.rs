@@ -112,11 +112,8 @@ fn clip_rewards_match_pytorch() {
 
 #[test]
 fn the_reward_tokenizes_prompts_like_transformers() {
-    let r = Weights::from_bytes(
-        "reference.safetensors",
-        &std::fs::read(fixtures().join("rewards/reference.safetensors")).unwrap(),
-    )
-    .unwrap();
+    let bytes = std::fs::read(fixtures().join("rewards/reference.safetensors")).unwrap();
+    let r = Weights::from_bytes("reference.safetensors", &bytes).unwrap();
     let (ids, _) = r.read_i64("input_ids").unwrap();
     let tok = tokenizer();
     let got: Vec<i64> = PROMPTS
