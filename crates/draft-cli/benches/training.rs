@@ -3,7 +3,11 @@
 //! fixture's tiny VAE and a one-layer 768-wide random text encoder, so that the UNet dominates).
 //!
 //! `cargo bench -p draft-cli --bench training -- [--devices cpu,wgpu] [--tiny-steps 50]
-//!  [--sd14-steps 6] [--sd14-devices cpu]`
+//!  [--sd14-steps 6] [--sd14-devices cpu] [--reward colorfulness|aesthetic-l14]`
+//!
+//! `--reward aesthetic-l14` scores with the LAION aesthetic reward on a random CLIP ViT-L/14
+//! vision tower (304 M parameters, 224×224 input) instead of colourfulness: the memory a
+//! learned reward adds to a step, and whether it still stays flat in K.
 //!
 //! Each case runs in a child process of its own so that its peak resident memory (VmHWM,
 //! reset with /proc/self/clear_refs after loading) is the step's alone. On a software adapter
@@ -16,11 +20,13 @@ use std::time::Instant;
 use burn::prelude::*;
 use draft_core::engine::{Draws, Engine, Method, Prompts};
 use draft_core::lora::{LoraPlan, LoraTable, LoraTarget};
+use draft_core::models::clip::{CLIPConfig, CLIPModel};
 use draft_core::models::clip_text::{CLIPTextConfig, CLIPTextModel};
 use draft_core::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use draft_core::noise::NoiseRng;
 use draft_core::pipeline::LoraSetup;
 use draft_core::reward::{RewardOptions, WeightedReward};
+use draft_core::reward_models::{AestheticMlp, LaionAesthetic};
 use draft_core::weights::VarBuilder;
 use draft_core::{ModelFiles, Pipeline};
 
@@ -44,6 +50,10 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(6);
     let sd14_devices = flag("--sd14-devices").unwrap_or_else(|| "cpu".into());
+    let reward = flag("--reward").unwrap_or_else(|| "colorfulness".into());
+    if !matches!(reward.as_str(), "colorfulness" | "aesthetic-l14") {
+        panic!("--reward {reward}: expected colorfulness or aesthetic-l14");
+    }
 
     println!(
         "| device | model | sampling steps | method | s / step | UNet grad calls | peak RSS during step (MiB) | stored latents (KiB) |"
@@ -62,7 +72,7 @@ fn main() {
             }
             methods.extend(["lv2".to_string(), "refl".to_string()]);
             for m in methods {
-                let case = format!("{dev}:{model}:{steps}:{m}");
+                let case = format!("{dev}:{model}:{steps}:{m}:{reward}");
                 let out = Command::new(std::env::current_exe().unwrap())
                     .args(["--case", &case])
                     .output()
@@ -95,11 +105,12 @@ fn rss_kib(field: &str) -> u64 {
 
 fn run_case(case: &str) {
     let parts: Vec<&str> = case.split(':').collect();
-    let (dev, model, steps, m) = (
+    let (dev, model, steps, m, reward_name) = (
         parts[0],
         parts[1],
         parts[2].parse::<usize>().unwrap(),
         parts[3],
+        parts[4],
     );
     let device = match dev {
         "cpu" => Device::flex(),
@@ -157,8 +168,31 @@ fn run_case(case: &str) {
         })
         .collect();
     pipe.lora.set_params(&params);
-    let reward =
-        WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default()).unwrap();
+    let reward = match reward_name {
+        "aesthetic-l14" => {
+            // CLIP ViT-L/14's vision tower (random weights) under the aesthetic MLP; a one-layer
+            // text tower, which the aesthetic reward never runs.
+            let config = r#"{"projection_dim": 768,
+                "text_config": {"vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+                  "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 77},
+                "vision_config": {"hidden_size": 1024, "intermediate_size": 4096,
+                  "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 224,
+                  "patch_size": 14}}"#;
+            let (c, text) = CLIPConfig::from_json("clip-l14", config).unwrap();
+            let clip =
+                CLIPModel::load(VarBuilder::random(7, &device), &c, &text, 4.6, None).unwrap();
+            let mlp = AestheticMlp::load_vb(VarBuilder::random(8, &device), 768).unwrap();
+            WeightedReward::new(vec![(
+                Box::new(LaionAesthetic {
+                    clip: std::sync::Arc::new(clip),
+                    mlp,
+                }),
+                1.0,
+            )])
+        }
+        _ => WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default())
+            .unwrap(),
+    };
     let engine = Engine::new(&pipe, steps, 0.0, &reward).unwrap();
     let method = match m {
         "lv2" => Method::DraftLv { n: 2 },
@@ -172,6 +206,7 @@ fn run_case(case: &str) {
     };
     let batch = 1;
     let prompts = Prompts {
+        texts: vec!["a photo of a cat".into()],
         ids: pipe.tokenize(&["a photo of a cat".into()]).unwrap(),
         uncond_ids: pipe.tokenize(&[String::new()]).unwrap(),
         guidance: 7.5,
@@ -205,6 +240,11 @@ fn run_case(case: &str) {
         "SD-1.4 UNet (random) 32×32"
     } else {
         "sd1-tiny 16×16"
+    };
+    let model_name = if reward_name == "aesthetic-l14" {
+        format!("{model_name} + aesthetic on CLIP ViT-L/14")
+    } else {
+        model_name.to_string()
     };
     println!(
         "| {dev} | {model_name} | {steps} | {} | {secs:.2} | {} | {:.0} (+{:.0} over {:.0} before) | {stored} |",

@@ -129,7 +129,12 @@ pub struct AestheticMlp {
 impl AestheticMlp {
     pub fn load(name: &str, bytes: &[u8], input_dim: usize, device: &Device) -> Result<Self> {
         let w = Weights::from_bytes(name, bytes)?;
-        let vb = VarBuilder::new(&w, device).pp("layers");
+        Self::load_vb(VarBuilder::new(&w, device), input_dim)
+    }
+
+    /// From any variable source (e.g. [`VarBuilder::random`] for benchmarks).
+    pub fn load_vb(vb: VarBuilder, input_dim: usize) -> Result<Self> {
+        let vb = vb.pp("layers");
         let sizes = [
             (0, input_dim, 1024),
             (2, 1024, 128),
