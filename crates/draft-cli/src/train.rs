@@ -10,7 +10,9 @@ use clap::Args;
 use draft_core::lora::{LoraFile, LoraTarget};
 use draft_core::pipeline::{LoraSetup, to_nhwc};
 use draft_core::reward::RewardOptions;
-use draft_core::train::{MethodName, OptimizerName, StepMetrics, TrainConfig, Trainer, prompt_set};
+use draft_core::train::{
+    FixedEval, MethodName, OptimizerName, StepMetrics, TrainConfig, Trainer, prompt_set,
+};
 use draft_core::weights::Weights;
 use draft_core::{Pipeline, read_f32};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,7 +24,9 @@ use crate::{files, images, plot};
 
 /// `--lr` and `--train-steps` defaults when training the embedded model (no `--model`).
 const EMBEDDED_LR: f64 = 3e-3;
-const EMBEDDED_TRAIN_STEPS: usize = 60;
+const EMBEDDED_TRAIN_STEPS: usize = 50;
+/// `--eval-every` default for the embedded model (10 otherwise): the main job's time budget.
+const EMBEDDED_EVAL_EVERY: usize = 25;
 
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -154,8 +158,8 @@ pub struct TrainArgs {
     /// before/after grids and the diversity measure [default: 8] (0: none).
     #[arg(long)]
     preview: Option<usize>,
-    /// Measure the evaluation set's reward and diversity every N updates [default: 10] (0: only
-    /// before and after).
+    /// Measure the evaluation set's reward and diversity every N updates and after the last
+    /// [default: 10; 25 on the embedded model] (0: only before and after).
     #[arg(long)]
     eval_every: Option<usize>,
     /// Stop early when the diversity falls below this fraction of its value before training
@@ -347,7 +351,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None if a.resume => bail!("--resume needs --out-dir: the run folder to continue"),
         None => fresh_run_dir(Path::new("runs"))?,
     };
-    let eval_every = a.eval_every.unwrap_or(10);
+    let eval_every = a
+        .eval_every
+        .unwrap_or(if a.model.is_none() { EMBEDDED_EVAL_EVERY } else { 10 });
     if let Some(f) = a.min_diversity
         && !(0.0..1.0).contains(&f)
     {
@@ -470,12 +476,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     bar.set_prefix("training");
     bar.set_position(trainer.step as u64);
     let mut stopped_early = false;
+    // The evaluation of the latest step, reused as the "after" report when it is the last.
+    let mut last_eval: Option<(usize, FixedEval)> = None;
     while trainer.step < total {
         let mut m = pollster::block_on(trainer.train_step())?;
-        if preview > 0 && eval_every > 0 && m.step % eval_every == 0 {
+        // Every `eval_every` steps and at the last one (so the curve ends at "after").
+        if preview > 0 && eval_every > 0 && (m.step % eval_every == 0 || m.step == total) {
             let e = pollster::block_on(trainer.evaluate_fixed(preview))?;
             m.eval_reward = Some(e.reward);
             m.diversity = Some(e.diversity);
+            last_eval = Some((m.step, e));
         }
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
             .and_then(|_| metrics_file.flush())
@@ -528,7 +538,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
     eprintln!("draft: wrote {}", lora_path.display());
     if preview > 0 {
         let after = out_dir.join("samples_after.png");
-        let (r, d, terms) = write_preview(&trainer, preview, &after)?;
+        let e = match last_eval {
+            Some((step, e)) if step == trainer.step => e,
+            _ => pollster::block_on(trainer.evaluate_fixed(preview))?,
+        };
+        let (r, d, terms) = write_eval(e, &after)?;
         if let Some((rb, db, terms_before)) = &eval_before {
             eprintln!(
                 "draft: reward before → after (fixed evaluation set, {preview} images): {rb:.4} → {r:.4}; diversity {db:.4} → {d:.4}"
@@ -566,7 +580,11 @@ fn read_metrics(path: &Path, upto: usize) -> Result<Vec<StepMetrics>> {
 /// Samples the fixed evaluation set with the current LoRA and writes it as a grid (a row of
 /// two seeds per prompt). Returns its mean reward and diversity, comparable across the run.
 fn write_preview(trainer: &Trainer, n: usize, path: &Path) -> Result<(f64, f64, Vec<f64>)> {
-    let e = pollster::block_on(trainer.evaluate_fixed(n))?;
+    write_eval(pollster::block_on(trainer.evaluate_fixed(n))?, path)
+}
+
+/// Writes an evaluation's images as a grid; returns its reward, diversity and term means.
+fn write_eval(e: FixedEval, path: &Path) -> Result<(f64, f64, Vec<f64>)> {
     let (values, shape) = pollster::block_on(read_f32(to_nhwc(e.images)))?;
     images::write_png_grid(path, &values, shape[0], shape[1], shape[2])?;
     eprintln!(
