@@ -193,56 +193,105 @@ fn nearest_color(rgb: [f32; 3]) -> usize {
         .unwrap()
 }
 
-/// Reads background colour (the border's commonest palette colour), shape colour (the
-/// commonest other palette colour) and shape class (from how much of its bounding box the
-/// shape fills: square ≈ 1, circle ≈ π/4, triangle ≈ 1/2) from planar RGB `[3, size, size]`.
+/// Reads background colour, shape colour and shape class from planar RGB `[3, size, size]`,
+/// robustly to the pixel noise of model samples:
+///
+/// 1. the background is the per-channel median of the border pixels (its nearest palette
+///    colour is the background class);
+/// 2. the shape is the largest 4-connected region of pixels farther than 0.3 (RGB distance)
+///    from that background — isolated speckles are other, smaller regions;
+/// 3. its colour is the commonest palette colour among its pixels other than the
+///    background's;
+/// 4. its class comes from how much of its bounding box it fills: square ≈ 1, circle ≈ π/4,
+///    triangle ≈ 1/2.
 pub fn analyse(pixels: &[f32], size: usize) -> Reading {
-    let px = |x: usize, y: usize| -> [f32; 3] {
-        [
-            pixels[y * size + x],
-            pixels[(size + y) * size + x],
-            pixels[(2 * size + y) * size + x],
-        ]
-    };
-    let labels: Vec<usize> = (0..size * size)
-        .map(|i| nearest_color(px(i % size, i / size)))
-        .collect();
-    let mut border = [0usize; COLORS.len()];
+    let n = size * size;
+    let px = |i: usize| -> [f32; 3] { [pixels[i], pixels[n + i], pixels[2 * n + i]] };
+    let mut border: Vec<usize> = Vec::with_capacity(4 * size);
     for i in 0..size {
         for (x, y) in [(i, 0), (i, size - 1), (0, i), (size - 1, i)] {
-            border[labels[y * size + x]] += 1;
+            border.push(y * size + x);
         }
     }
-    let background = (0..COLORS.len()).max_by_key(|&c| border[c]).unwrap();
+    let bg_rgb: [f32; 3] = std::array::from_fn(|c| {
+        let mut v: Vec<f32> = border.iter().map(|&i| px(i)[c]).collect();
+        v.sort_by(f32::total_cmp);
+        v[v.len() / 2]
+    });
+    let background = nearest_color(bg_rgb);
+    let far = |i: usize| {
+        let p = px(i);
+        (0..3).map(|c| (p[c] - bg_rgb[c]).powi(2)).sum::<f32>() > 0.3 * 0.3
+    };
+    let mask: Vec<bool> = (0..n).map(far).collect();
+    // The largest 4-connected component of the mask.
+    let mut seen = vec![false; n];
+    let mut best: Vec<usize> = Vec::new();
+    for start in 0..n {
+        if !mask[start] || seen[start] {
+            continue;
+        }
+        let mut region = vec![start];
+        seen[start] = true;
+        let mut k = 0;
+        while k < region.len() {
+            let i = region[k];
+            k += 1;
+            let (x, y) = (i % size, i / size);
+            let mut visit = |j: usize| {
+                if mask[j] && !seen[j] {
+                    seen[j] = true;
+                    region.push(j);
+                }
+            };
+            if x > 0 {
+                visit(i - 1);
+            }
+            if x + 1 < size {
+                visit(i + 1);
+            }
+            if y > 0 {
+                visit(i - size);
+            }
+            if y + 1 < size {
+                visit(i + size);
+            }
+        }
+        if region.len() > best.len() {
+            best = region;
+        }
+    }
+    if best.is_empty() {
+        // Nothing stands out from the background: no shape to read.
+        let color = (0..COLORS.len()).find(|&c| c != background).unwrap_or(0);
+        return Reading {
+            shape: Shape::Square,
+            color,
+            background,
+        };
+    }
     let mut counts = [0usize; COLORS.len()];
-    for &l in &labels {
-        if l != background {
-            counts[l] += 1;
-        }
+    for &i in &best {
+        counts[nearest_color(px(i))] += 1;
     }
+    counts[background] = 0;
     let color = (0..COLORS.len()).max_by_key(|&c| counts[c]).unwrap();
     let (mut x0, mut y0, mut x1, mut y1) = (size, size, 0, 0);
-    for (i, &l) in labels.iter().enumerate() {
-        if l == color {
-            let (x, y) = (i % size, i / size);
-            x0 = x0.min(x);
-            y0 = y0.min(y);
-            x1 = x1.max(x);
-            y1 = y1.max(y);
-        }
+    for &i in &best {
+        let (x, y) = (i % size, i / size);
+        x0 = x0.min(x);
+        y0 = y0.min(y);
+        x1 = x1.max(x);
+        y1 = y1.max(y);
     }
-    let shape = if counts[color] == 0 || x1 < x0 {
+    let area = ((x1 - x0 + 1) * (y1 - y0 + 1)) as f32;
+    let fill = best.len() as f32 / area;
+    let shape = if fill > 0.9 {
         Shape::Square
+    } else if fill > 0.64 {
+        Shape::Circle
     } else {
-        let area = ((x1 - x0 + 1) * (y1 - y0 + 1)) as f32;
-        let fill = counts[color] as f32 / area;
-        if fill > 0.9 {
-            Shape::Square
-        } else if fill > 0.64 {
-            Shape::Circle
-        } else {
-            Shape::Triangle
-        }
+        Shape::Triangle
     };
     Reading {
         shape,
@@ -299,5 +348,32 @@ mod tests {
         assert!(pct(color_ok) >= 99.0, "colour {:.1}%", pct(color_ok));
         assert!(pct(bg_ok) >= 99.0, "background {:.1}%", pct(bg_ok));
         assert!(pct(shape_ok) >= 97.0, "shape {:.1}%", pct(shape_ok));
+    }
+
+    /// Model samples are speckled: the reading must survive pixel noise of the amplitude
+    /// seen in them (uniform ±0.2 per channel, i.e. ±25 % of the palette's contrast).
+    #[test]
+    fn the_analyser_survives_pixel_noise() {
+        use rand::{RngExt, SeedableRng};
+        let d = Shapes::new(5, 32);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        let n = 600;
+        let (mut shape_ok, mut color_ok, mut bg_ok) = (0, 0, 0);
+        for i in 0..n {
+            let e = d.sample(i);
+            let noisy: Vec<f32> = e
+                .pixels
+                .iter()
+                .map(|v| (v + rng.random_range(-0.2f32..0.2)).clamp(0.0, 1.0))
+                .collect();
+            let r = analyse(&noisy, 32);
+            shape_ok += (r.shape == e.attributes.shape) as usize;
+            color_ok += (r.color == e.attributes.color) as usize;
+            bg_ok += (r.background == e.attributes.background) as usize;
+        }
+        let pct = |k: usize| 100.0 * k as f64 / n as f64;
+        assert!(pct(color_ok) >= 97.0, "colour {:.1}%", pct(color_ok));
+        assert!(pct(bg_ok) >= 99.0, "background {:.1}%", pct(bg_ok));
+        assert!(pct(shape_ok) >= 90.0, "shape {:.1}%", pct(shape_ok));
     }
 }
