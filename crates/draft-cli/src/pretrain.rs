@@ -42,6 +42,10 @@ pub struct PretrainArgs {
     /// Continue from `<out-dir>/checkpoint.safetensors`.
     #[arg(long)]
     pub resume: bool,
+    /// With --resume: only measure the checkpoint's held-out attribute accuracy (written to
+    /// accuracy.jsonl and held_out.png), no training.
+    #[arg(long, requires = "resume")]
+    pub eval_only: bool,
     /// Write the checkpoint and the model every N steps.
     #[arg(long, default_value_t = 250)]
     pub checkpoint_every: usize,
@@ -88,7 +92,9 @@ pub fn run(args: PretrainArgs) -> Result<()> {
             .with_context(|| format!("--resume: cannot read {}", checkpoint_path.display()))?;
         trainer.restore(&checkpoint_path.display().to_string(), &bytes)?;
         eprintln!("draft: resumed at step {}", trainer.step);
-        truncate_metrics(&metrics_path, trainer.step)?;
+        if !args.eval_only {
+            truncate_metrics(&metrics_path, trainer.step)?;
+        }
     } else if checkpoint_path.exists() {
         bail!(
             "{} exists: pass --resume to continue that run, or choose another --out-dir",
@@ -102,6 +108,10 @@ pub fn run(args: PretrainArgs) -> Result<()> {
         "draft: pretraining UNet ({u} parameters) + text encoder ({t}) on {}×{} shapes, batch {}",
         config.image_size, config.image_size, config.batch
     );
+    if args.eval_only {
+        eprintln!("{}", evaluate(&trainer, &args, &device)?);
+        return Ok(());
+    }
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
