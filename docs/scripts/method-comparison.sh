@@ -19,7 +19,6 @@ run draft-lv --method draft-lv --lv-samples 2
 run refl --method refl
 run alignprop --method alignprop --k-min 1 --k-max 10
 run draft-full --method draft
-run draft-2 --method draft-k --k 2
 run draft-5 --method draft-k --k 5
 run draft-10 --method draft-k --k 10
 # A second reward for LoRA mixing: pull towards blue.
