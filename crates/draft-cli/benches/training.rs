@@ -190,8 +190,9 @@ fn run_case(case: &str) {
                 1.0,
             )])
         }
-        _ => WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default())
-            .unwrap(),
+        _ => {
+            WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default()).unwrap()
+        }
     };
     let engine = Engine::new(&pipe, steps, 0.0, &reward).unwrap();
     let method = match m {

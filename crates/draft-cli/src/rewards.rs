@@ -127,7 +127,8 @@ impl ClipFiles {
                 let text = std::fs::read_to_string(&config)
                     .with_context(|| format!("{}: cannot read", config.display()))?;
                 let c = OpenClipConfig::from_json(&config.display().to_string(), &text)?;
-                let Some(w) = first(&["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
+                let Some(w) =
+                    first(&["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
                 else {
                     bail!(
                         "{}: an OpenCLIP folder needs open_clip_model.safetensors or open_clip_pytorch_model.bin",
@@ -209,7 +210,8 @@ fn read_tokenizer_dir(dir: &Path) -> Result<Option<ModelFiles>> {
             files.insert(name, crate::files::read(&p)?);
         }
     }
-    let usable = files.has("tokenizer.json") || (files.has("vocab.json") && files.has("merges.txt"));
+    let usable =
+        files.has("tokenizer.json") || (files.has("vocab.json") && files.has("merges.txt"));
     Ok(usable.then_some(files))
 }
 
@@ -244,7 +246,9 @@ impl RewardFiles {
         let wants = |n: &str| names.iter().any(|x| x == n);
         let need = |role: &str, reward: &str| -> Result<&PathBuf> {
             paths.get(role).with_context(|| {
-                format!("--reward {reward} needs --reward-model {role}=PATH (see `draft train --help`)")
+                format!(
+                    "--reward {reward} needs --reward-model {role}=PATH (see `draft train --help`)"
+                )
             })
         };
         let mut out = Self {
@@ -255,14 +259,21 @@ impl RewardFiles {
             tokenizer: None,
         };
         if wants("laion-aesthetic") || wants("clip-score") {
-            let reward = if wants("laion-aesthetic") { "laion-aesthetic" } else { "clip-score" };
+            let reward = if wants("laion-aesthetic") {
+                "laion-aesthetic"
+            } else {
+                "clip-score"
+            };
             out.clip = Some(ClipFiles::read("clip", need("clip", reward)?)?);
         }
         if wants("laion-aesthetic") {
             out.aesthetic = Some(read_weights(need("laion-aesthetic", "laion-aesthetic")?)?);
         }
         if wants("pickscore") {
-            out.pickscore = Some(ClipFiles::read("pickscore", need("pickscore", "pickscore")?)?);
+            out.pickscore = Some(ClipFiles::read(
+                "pickscore",
+                need("pickscore", "pickscore")?,
+            )?);
         }
         if wants("hpsv2") {
             out.hpsv2 = Some(ClipFiles::read("hpsv2", need("hpsv2", "hpsv2")?)?);
@@ -295,7 +306,12 @@ impl RewardFiles {
             };
             Ok(Arc::new(load_tokenizer_in(source, dir)?))
         };
-        let clip = self.clip.as_ref().map(|f| f.build(device)).transpose()?.map(Arc::new);
+        let clip = self
+            .clip
+            .as_ref()
+            .map(|f| f.build(device))
+            .transpose()?
+            .map(Arc::new);
         let mut learned = |name: &str| -> draft_core::Result<Box<dyn Reward>> {
             let fail = |e: anyhow::Error| draft_core::Error::Input(format!("{e:#}"));
             let similarity = |files: &Option<ClipFiles>,
@@ -320,12 +336,22 @@ impl RewardFiles {
                         mlp: AestheticMlp::load(n, bytes, dim, device)?,
                     }))
                 }
-                "clip-score" => similarity(&self.clip, clip.clone(), Similarity::ClipScore).map_err(fail),
-                "pickscore" => similarity(&self.pickscore, None, Similarity::PickScore).map_err(fail),
+                "clip-score" => {
+                    similarity(&self.clip, clip.clone(), Similarity::ClipScore).map_err(fail)
+                }
+                "pickscore" => {
+                    similarity(&self.pickscore, None, Similarity::PickScore).map_err(fail)
+                }
                 "hpsv2" => similarity(&self.hpsv2, None, Similarity::Hpsv2).map_err(fail),
-                _ => Err(draft_core::Error::Input(format!("reward `{name}` has no weights"))),
+                _ => Err(draft_core::Error::Input(format!(
+                    "reward `{name}` has no weights"
+                ))),
             }
         };
-        Ok(WeightedReward::from_specs_with(specs, options, &mut learned)?)
+        Ok(WeightedReward::from_specs_with(
+            specs,
+            options,
+            &mut learned,
+        )?)
     }
 }

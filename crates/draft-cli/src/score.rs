@@ -14,9 +14,9 @@ use draft_core::{ModelFiles, Pipeline, read_f32};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::{self, DeviceArg};
+use crate::files;
 use crate::rewards::RewardFiles;
 use crate::sample::parse_lora_arg;
-use crate::files;
 
 #[derive(Args)]
 pub struct ScoreArgs {
@@ -63,10 +63,7 @@ fn collect_pngs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
             let mut found: Vec<PathBuf> = std::fs::read_dir(p)
                 .with_context(|| format!("{}: cannot list", p.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| {
-                    f.extension()
-                        .is_some_and(|e| e.eq_ignore_ascii_case("png"))
-                })
+                .filter(|f| f.extension().is_some_and(|e| e.eq_ignore_ascii_case("png")))
                 .collect();
             found.sort();
             if found.is_empty() {
@@ -94,7 +91,10 @@ fn read_png(path: &Path, device: &Device) -> Result<Tensor<4>> {
             chw[c * h * w + i] = p[c] as f32 / 255.0;
         }
     }
-    Ok(Tensor::from_data(TensorData::new(chw, [1, 3, h, w]), device))
+    Ok(Tensor::from_data(
+        TensorData::new(chw, [1, 3, h, w]),
+        device,
+    ))
 }
 
 pub fn run(a: ScoreArgs) -> Result<()> {
@@ -126,7 +126,12 @@ pub fn run(a: ScoreArgs) -> Result<()> {
             reward.describe()
         );
     }
-    let prompt_of = |i: usize| a.prompt.get(i % a.prompt.len().max(1)).cloned().unwrap_or_default();
+    let prompt_of = |i: usize| {
+        a.prompt
+            .get(i % a.prompt.len().max(1))
+            .cloned()
+            .unwrap_or_default()
+    };
 
     // (label, prompt, per-term values)
     let mut rows: Vec<(String, String, Vec<f32>)> = Vec::new();
@@ -207,7 +212,11 @@ fn term_values(
 }
 
 /// A Markdown table: image, prompt, each term, the weighted total; a last row of means.
-pub fn table(reward: &WeightedReward, rows: &[(String, String, Vec<f32>)], prompts: bool) -> String {
+pub fn table(
+    reward: &WeightedReward,
+    rows: &[(String, String, Vec<f32>)],
+    prompts: bool,
+) -> String {
     let mut head = vec!["image".to_string()];
     if prompts {
         head.push("prompt".into());

@@ -351,9 +351,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None if a.resume => bail!("--resume needs --out-dir: the run folder to continue"),
         None => fresh_run_dir(Path::new("runs"))?,
     };
-    let eval_every = a
-        .eval_every
-        .unwrap_or(if a.model.is_none() { EMBEDDED_EVAL_EVERY } else { 10 });
+    let eval_every = a.eval_every.unwrap_or(if a.model.is_none() {
+        EMBEDDED_EVAL_EVERY
+    } else {
+        10
+    });
     if let Some(f) = a.min_diversity
         && !(0.0..1.0).contains(&f)
     {
@@ -547,7 +549,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
             eprintln!(
                 "draft: reward before → after (fixed evaluation set, {preview} images): {rb:.4} → {r:.4}; diversity {db:.4} → {d:.4}"
             );
-            eprint!("{}", before_after_table(&trainer, terms_before, &terms, (*rb, r), (*db, d)));
+            eprint!(
+                "{}",
+                before_after_table(&trainer, terms_before, &terms, (*rb, r), (*db, d))
+            );
         }
     }
     if !history.is_empty() {
@@ -635,4 +640,3 @@ fn fresh_run_dir(parent: &Path) -> Result<PathBuf> {
     }
     bail!("{}: no free run-NNN name", parent.display())
 }
-

@@ -65,7 +65,10 @@ fn scores_a_png_with_the_hand_computed_value() {
     assert!((r[1] - 1.0 / 3.0).abs() < 1e-4, "{table}");
     assert!((r[2] - (want_red + 2.0 / 3.0)).abs() < 1e-4, "{table}");
     let g = row(&table, &dir.join("grey.png").display().to_string());
-    assert!(g[0] < 1e-3 && (g[1] - 128.0 / 255.0).abs() < 1e-4, "{table}");
+    assert!(
+        g[0] < 1e-3 && (g[1] - 128.0 / 255.0).abs() < 1e-4,
+        "{table}"
+    );
     assert!(table.contains("**mean of 2**"), "{table}");
 }
 
@@ -102,7 +105,10 @@ fn hpsv2_from_a_pytorch_checkpoint_equals_its_safetensors() {
     let a = row(&from_folder, "sample 0");
     let b = row(&from_pt, "sample 0");
     assert_eq!(a, b, "{from_folder}\n{from_pt}");
-    assert!(a[0].abs() > 1e-4 && a[0].abs() <= 1.0, "a cosine: {from_folder}");
+    assert!(
+        a[0].abs() > 1e-4 && a[0].abs() <= 1.0,
+        "a cosine: {from_folder}"
+    );
     assert_ne!(row(&from_folder, "sample 1")[0], a[0], "{from_folder}");
 }
 
@@ -113,7 +119,10 @@ fn prompt_rewards_need_prompts_and_weights() {
         .save(dir.join("a.png"))
         .unwrap();
     let spec = format!("pickscore={}", fixtures().join("clip-tiny").display());
-    let tok = format!("tokenizer={}", fixtures().join("sd1-tiny/tokenizer").display());
+    let tok = format!(
+        "tokenizer={}",
+        fixtures().join("sd1-tiny/tokenizer").display()
+    );
     let o = draft(&[
         "score",
         dir.to_str().unwrap(),
@@ -127,7 +136,10 @@ fn prompt_rewards_need_prompts_and_weights() {
         "cpu",
     ]);
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && stderr.contains("give --prompt"), "{stderr}");
+    assert!(
+        !o.status.success() && stderr.contains("give --prompt"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
     // With a prompt it scores.
     let table = ok(&draft(&[

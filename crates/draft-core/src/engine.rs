@@ -251,7 +251,9 @@ impl<'p> Engine<'p> {
                     }
                     _ => unreachable!(),
                 };
-                let (mut g, r, l) = self.reward_grad(latents[n].clone(), 1.0, &prompts.texts).await?;
+                let (mut g, r, l) = self
+                    .reward_grad(latents[n].clone(), 1.0, &prompts.texts)
+                    .await?;
                 rewards_sum = r;
                 loss = l;
                 for i in (n - k..n).rev() {

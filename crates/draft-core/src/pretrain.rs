@@ -116,7 +116,10 @@ impl PretrainConfig {
             return bad("text_width must be a positive multiple of 4, text_layers ≥ 1".into());
         }
         if !(self.min_snr_gamma >= 0.0 && self.min_snr_gamma.is_finite()) {
-            return bad(format!("min_snr_gamma must be ≥ 0, got {}", self.min_snr_gamma));
+            return bad(format!(
+                "min_snr_gamma must be ≥ 0, got {}",
+                self.min_snr_gamma
+            ));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return bad(format!("lr must be positive, got {}", self.lr));

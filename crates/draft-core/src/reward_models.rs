@@ -212,9 +212,19 @@ pub struct ClipSimilarity {
 
 impl ClipSimilarity {
     /// Checks that the tokenizer's ids and length fit the text tower.
-    pub fn new(clip: Arc<CLIPModel>, tokenizer: Arc<ClipTokenizer>, kind: Similarity) -> Result<Self> {
+    pub fn new(
+        clip: Arc<CLIPModel>,
+        tokenizer: Arc<ClipTokenizer>,
+        kind: Similarity,
+    ) -> Result<Self> {
         let text = &clip.text_model;
-        let vocab = text.text_model.embeddings.token_embedding.weight.val().dims()[0];
+        let vocab = text
+            .text_model
+            .embeddings
+            .token_embedding
+            .weight
+            .val()
+            .dims()[0];
         if tokenizer.max_length > text.max_position_embeddings {
             return Err(Error::Input(format!(
                 "{}: the tokenizer makes {} tokens, the CLIP text tower takes at most {}",

@@ -25,5 +25,8 @@ fn held_out_captions_are_followed_well_above_chance() {
     );
     assert_eq!(acc.samples, 36);
     assert!(acc.attributes >= 0.8, "{acc:?}");
-    assert!(acc.shape >= 0.6 && acc.color >= 0.6 && acc.background >= 0.6, "{acc:?}");
+    assert!(
+        acc.shape >= 0.6 && acc.color >= 0.6 && acc.background >= 0.6,
+        "{acc:?}"
+    );
 }

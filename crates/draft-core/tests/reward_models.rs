@@ -8,8 +8,8 @@ mod common;
 use std::sync::Arc;
 
 use common::{devices, fixtures, rel_err, values};
-use draft_core::reward::Reward;
 use draft_core::models::open_clip::OpenClipConfig;
+use draft_core::reward::Reward;
 use draft_core::reward_models::{
     AestheticMlp, ClipSimilarity, LaionAesthetic, Similarity, is_open_clip, load_clip,
     load_open_clip, preprocess,
@@ -139,8 +139,9 @@ fn open_clip_hpsv2_matches_pytorch() {
     let (ids, ids_shape) = r.read_i64("input_ids").unwrap();
     let ids: Vec<Vec<i64>> = ids.chunks(ids_shape[1]).map(|c| c.to_vec()).collect();
     for (dev, device) in devices() {
-        let clip =
-            Arc::new(load_open_clip(&config, "open_clip_model.safetensors", &weights, &device).unwrap());
+        let clip = Arc::new(
+            load_open_clip(&config, "open_clip_model.safetensors", &weights, &device).unwrap(),
+        );
         let image = r.tensor::<4>("image", &device).unwrap();
         let (got, _) = values(clip.image_features(preprocess(image.clone(), clip.image_size)));
         let e = max_abs(&got, &r.read_f32("image_embeds").unwrap().0);
@@ -172,10 +173,14 @@ fn open_clip_configs_refuse_what_the_loader_cannot_compute() {
     assert_eq!(vit_h.embed_dim, 1024);
     let bad = r#"{"embed_dim": 8, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
         "patch_size": 8, "pool_type": "avg"}, "text_cfg": {}}"#;
-    let err = OpenClipConfig::from_json("bad.json", bad).unwrap_err().to_string();
+    let err = OpenClipConfig::from_json("bad.json", bad)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("pool_type"), "{err}");
     let bad = r#"{"embed_dim": 8, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32,
         "patch_size": 8}, "text_cfg": {"hf_model_name": "xlm-roberta-large"}}"#;
-    let err = OpenClipConfig::from_json("bad.json", bad).unwrap_err().to_string();
+    let err = OpenClipConfig::from_json("bad.json", bad)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("hf_model_name"), "{err}");
 }

@@ -17,8 +17,8 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::models::clip::{CLIPModel, CLIPVisionEmbeddings, CLIPVisionTransformer};
 use crate::models::clip_text::{
-    CLIPAttention, CLIPEncoder, CLIPEncoderLayer, CLIPMLP, CLIPTextEmbeddings,
-    CLIPTextTransformer, CLIPTextModel,
+    CLIPAttention, CLIPEncoder, CLIPEncoderLayer, CLIPMLP, CLIPTextEmbeddings, CLIPTextModel,
+    CLIPTextTransformer,
 };
 use crate::nn::{Conv2d, Embedding, LayerNorm, Linear, param};
 use crate::weights::VarBuilder;
@@ -122,7 +122,8 @@ const UNSUPPORTED: [&str; 13] = [
 impl OpenClipConfig {
     /// Parses a model config, or an `open_clip_config.json` (its `model_cfg`).
     pub fn from_json(file: &str, json: &str) -> Result<Self> {
-        let v: Value = serde_json::from_str(json).map_err(|e| Error::config(file, e.to_string()))?;
+        let v: Value =
+            serde_json::from_str(json).map_err(|e| Error::config(file, e.to_string()))?;
         let v = v.get("model_cfg").cloned().unwrap_or(v);
         for tower in ["vision_cfg", "text_cfg"] {
             let Some(obj) = v.get(tower).and_then(Value::as_object) else {
@@ -163,7 +164,10 @@ impl OpenClipConfig {
             ));
         }
         if vc.head_width == 0 || vc.width % vc.head_width != 0 {
-            return Err(Error::config(file, "vision width is not a multiple of head_width"));
+            return Err(Error::config(
+                file,
+                "vision width is not a multiple of head_width",
+            ));
         }
         if c.text_cfg.heads == 0 || c.text_cfg.width % c.text_cfg.heads != 0 {
             return Err(Error::config(file, "text width is not a multiple of heads"));
