@@ -56,9 +56,9 @@ pub fn pytorch_to_safetensors(path: &Path) -> Result<Vec<u8>> {
         PytorchReader::new(path).with_context(|| format!("{name}: not a readable PyTorch file"))?;
     let all = reader.tensors();
     // HPSv2 saves {"state_dict": …, "epoch": …}; DDP training prefixes `module.`.
-    let strip = |k: &str| -> Option<String> {
+    let strip = |k: &str| -> String {
         let k = k.strip_prefix("state_dict.").unwrap_or(k);
-        Some(k.strip_prefix("module.").unwrap_or(k).to_string())
+        k.strip_prefix("module.").unwrap_or(k).to_string()
     };
     let nested = all.keys().any(|k| k.starts_with("state_dict."));
     let mut out: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
@@ -66,7 +66,7 @@ pub fn pytorch_to_safetensors(path: &Path) -> Result<Vec<u8>> {
         if nested && !key.starts_with("state_dict.") {
             continue;
         }
-        let Some(key) = strip(key) else { continue };
+        let key = strip(key);
         let bytes = t
             .read()
             .with_context(|| format!("{name}: cannot read tensor {key}"))?;
