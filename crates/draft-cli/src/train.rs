@@ -22,11 +22,12 @@ use crate::device::{self, DeviceArg};
 use crate::rewards::RewardFiles;
 use crate::{files, images, plot};
 
-/// `--lr` and `--train-steps` defaults when training the embedded model (no `--model`).
-const EMBEDDED_LR: f64 = 3e-3;
-const EMBEDDED_TRAIN_STEPS: usize = 50;
-/// `--eval-every` default for the embedded model (10 otherwise): the main job's time budget.
-const EMBEDDED_EVAL_EVERY: usize = 25;
+/// `--lr`, `--train-steps` and `--eval-every` defaults when training the embedded model (no
+/// `--model`), shared with the browser.
+use draft_core::default_model::{
+    EVAL_EVERY as EMBEDDED_EVAL_EVERY, PROMPT_SET as EMBEDDED_PROMPT_SET,
+    TRAIN_LR as EMBEDDED_LR, TRAIN_STEPS as EMBEDDED_TRAIN_STEPS,
+};
 
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -220,8 +221,6 @@ impl TrainArgs {
 
     fn core_config(&self) -> Result<TrainConfig> {
         let d = TrainConfig::default();
-        // The embedded 1M-parameter model needs a larger step than SD-sized models (the
-        // paper's 4e-4) to move in a few minutes on a CPU.
         let embedded = self.model.is_none();
         let steps = self.steps.unwrap_or(d.steps);
         let mut c = TrainConfig {
@@ -313,7 +312,7 @@ impl TrainArgs {
             return Ok(list);
         }
         let default = if self.model.is_none() {
-            "shapes"
+            EMBEDDED_PROMPT_SET
         } else {
             "animals"
         };

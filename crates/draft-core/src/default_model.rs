@@ -8,6 +8,15 @@ use crate::pipeline::ModelFiles;
 /// How the embedded model is named in messages.
 pub const NAME: &str = "shapes-32 (embedded)";
 
+/// Training defaults for the embedded model, shared by the CLI and the page: the 1M-parameter
+/// model needs a larger step than SD-sized models (the paper's 4e-4) to move in a few minutes
+/// on a CPU, and the main job's time budget sets the number of updates and evaluations.
+pub const TRAIN_LR: f64 = 3e-3;
+pub const TRAIN_STEPS: usize = 50;
+pub const EVAL_EVERY: usize = 25;
+/// The built-in prompt set the embedded model is trained on.
+pub const PROMPT_SET: &str = "shapes";
+
 macro_rules! embedded {
     ($($path:literal),* $(,)?) => {
         &[$(($path, include_bytes!(concat!("../assets/shapes-32/", $path)) as &[u8])),*]

@@ -450,6 +450,15 @@ impl LoraTable {
         Ok(())
     }
 
+    /// Sets the scale of every layer's trainable (first) adapter (`alpha / rank` in training).
+    pub fn set_trainable_scale(&self, scale: f64) {
+        for e in self.lock().iter_mut() {
+            if let Some(ad) = e.adapters.first_mut() {
+                ad.scale = scale;
+            }
+        }
+    }
+
     /// The trainable parameters `[A₀, B₀, A₁, B₁, …]` (first adapter of every layer).
     pub fn params(&self) -> Vec<Tensor<2>> {
         self.lock()

@@ -602,6 +602,18 @@ impl Trainer {
         })
     }
 
+    /// [`evaluate_fixed`](Self::evaluate_fixed) with the trained LoRA at `factor` times its
+    /// scale: 0 is the base model, 1 the trained one, values in between interpolate (the
+    /// browser's before → after slider; `draft sample --lora FILE:SCALE` natively).
+    pub async fn evaluate_at_scale(&self, n: usize, factor: f64) -> Result<FixedEval> {
+        let lora = &self.pipeline.lora;
+        let base = self.config.alpha() / self.config.rank as f64;
+        lora.set_trainable_scale(base * factor);
+        let eval = self.evaluate_fixed(n).await;
+        lora.set_trainable_scale(base);
+        eval
+    }
+
     /// AdamW (PyTorch's: decoupled weight decay, bias-corrected moments) or plain SGD.
     fn update(&mut self, grads: Vec<Tensor<2>>, clip: f64) {
         let c = &self.config;
@@ -730,17 +742,10 @@ pub async fn global_norm(grads: &[Tensor<2>]) -> Result<f64> {
 
 /// Seconds since an arbitrary origin (wall clock; `performance.now()` in the browser).
 pub fn web_time_now() -> f64 {
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use std::sync::OnceLock;
-        static START: OnceLock<std::time::Instant> = OnceLock::new();
-        START
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_secs_f64()
-    }
-    #[cfg(target_arch = "wasm32")]
-    {
-        0.0
-    }
+    use std::sync::OnceLock;
+    static START: OnceLock<web_time::Instant> = OnceLock::new();
+    START
+        .get_or_init(web_time::Instant::now)
+        .elapsed()
+        .as_secs_f64()
 }

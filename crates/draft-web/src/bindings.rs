@@ -1,0 +1,175 @@
+//! The JavaScript face of [`Session`]: promises for the page, one call at a time.
+
+use std::rc::Rc;
+
+use draft_core::{ModelFiles, default_model};
+use js_sys::{Array, Promise, Uint8Array, Uint8ClampedArray};
+use serde::Serialize;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::future_to_promise;
+
+use crate::{Session, WebOptions};
+
+// Burn 0.22.1's matmul WGSL starts with `enable subgroups;`, but wgpu 30's WebGPU backend
+// never asks the browser for the `subgroups` feature, so Chrome rejects the shader and the
+// device is lost. Until wgpu requests it, this shim adds the feature to every
+// `requestDevice` call when the adapter offers it. It must run before the device opens.
+#[wasm_bindgen(inline_js = r#"
+export function draft_install_subgroups_shim() {
+  if (typeof GPUAdapter === "undefined") return false;
+  const proto = GPUAdapter.prototype;
+  if (proto.__draftSubgroups) return true;
+  const requestDevice = proto.requestDevice;
+  proto.requestDevice = function (descriptor) {
+    const d = Object.assign({}, descriptor || {});
+    const features = new Set(d.requiredFeatures || []);
+    if (this.features.has("subgroups")) features.add("subgroups");
+    d.requiredFeatures = [...features];
+    return requestDevice.call(this, d);
+  };
+  proto.__draftSubgroups = true;
+  return true;
+}
+"#)]
+extern "C" {
+    /// Installs the shim; false when the browser has no WebGPU at all.
+    #[wasm_bindgen(js_name = draft_install_subgroups_shim)]
+    pub fn install_subgroups_shim() -> bool;
+}
+
+fn js_error(e: impl std::fmt::Display) -> JsValue {
+    JsError::new(&e.to_string()).into()
+}
+
+fn to_js<T: Serialize>(value: &T) -> Result<JsValue, JsValue> {
+    let json = serde_json::to_string(value).map_err(js_error)?;
+    js_sys::JSON::parse(&json)
+}
+
+/// A diffusers pipeline folder the user picked, file by file (paths relative to the folder:
+/// `unet/config.json`, …).
+#[wasm_bindgen]
+pub struct ModelFolder {
+    files: ModelFiles,
+}
+
+#[wasm_bindgen]
+impl ModelFolder {
+    #[wasm_bindgen(constructor)]
+    pub fn new(name: String) -> ModelFolder {
+        ModelFolder {
+            files: ModelFiles::new(name),
+        }
+    }
+
+    pub fn add(&mut self, path: String, bytes: Vec<u8>) {
+        self.files.insert(path, bytes);
+    }
+}
+
+/// One training run in the page.
+#[wasm_bindgen]
+pub struct WebTrainer {
+    session: Rc<Session>,
+}
+
+impl WebTrainer {
+    /// Runs `f` on the session as a promise; refused while another call holds the trainer.
+    fn run<F, Fut>(&self, f: F) -> Promise
+    where
+        F: FnOnce(Rc<Session>) -> Fut + 'static,
+        Fut: std::future::Future<Output = Result<JsValue, String>> + 'static,
+    {
+        let session = self.session.clone();
+        future_to_promise(async move { f(session).await.map_err(js_error) })
+    }
+}
+
+#[wasm_bindgen]
+impl WebTrainer {
+    /// A trainer on the embedded `shapes-32` model. `options`: a JSON object of `WebOptions`
+    /// (the CLI's flags in camelCase; missing ones take the embedded model's defaults).
+    pub async fn embedded(options: String) -> Result<WebTrainer, JsValue> {
+        let options = WebOptions::parse(&options).map_err(js_error)?;
+        let session = Session::build(&options, default_model::files())
+            .await
+            .map_err(js_error)?;
+        Ok(WebTrainer {
+            session: Rc::new(session),
+        })
+    }
+
+    /// A trainer on a model folder the user picked.
+    #[wasm_bindgen(js_name = withModel)]
+    pub async fn with_model(options: String, model: ModelFolder) -> Result<WebTrainer, JsValue> {
+        let options = WebOptions::parse(&options).map_err(js_error)?;
+        let session = Session::build(&options, model.files)
+            .await
+            .map_err(js_error)?;
+        Ok(WebTrainer {
+            session: Rc::new(session),
+        })
+    }
+
+    /// The run's settings and adapter (`RunInfo` as an object).
+    pub fn info(&self) -> Result<JsValue, JsValue> {
+        to_js(&self.session.info)
+    }
+
+    /// Optimizer updates done.
+    #[wasm_bindgen(getter)]
+    pub fn updates(&self) -> usize {
+        self.session.updates()
+    }
+
+    /// One optimizer update; resolves to its metrics (`StepMetrics` as an object).
+    #[wasm_bindgen(js_name = trainStep)]
+    pub fn train_step(&self) -> Promise {
+        self.run(|s| async move {
+            let metrics = s.train_step().await?;
+            to_js(&metrics).map_err(|e| format!("{e:?}"))
+        })
+    }
+
+    /// Samples the fixed evaluation set (`n` images: `n / 2` prompts × two fixed seeds) with
+    /// the trained LoRA at `scale` × its scale (0: the base model, 1: trained). Resolves to
+    /// `{reward, diversity, terms: [[name, value]], size, prompts, images: [Uint8ClampedArray
+    /// RGBA]}`.
+    pub fn evaluate(&self, n: usize, scale: f64) -> Promise {
+        self.run(move |s| async move {
+            let eval = s.evaluate(n, scale).await?;
+            let out = to_js(&eval).map_err(|e| format!("{e:?}"))?;
+            let images = Array::new();
+            for image in &eval.images {
+                images.push(&Uint8ClampedArray::from(image.as_slice()));
+            }
+            js_sys::Reflect::set(&out, &"images".into(), &images).map_err(|e| format!("{e:?}"))?;
+            Ok(out)
+        })
+    }
+
+    /// The trained LoRA as `pytorch_lora_weights.safetensors` bytes (the native binary's
+    /// layout, loadable by diffusers).
+    #[wasm_bindgen(js_name = loraSafetensors)]
+    pub fn lora_safetensors(&self) -> Promise {
+        self.run(|s| async move {
+            let bytes = s.lora_safetensors().await?;
+            Ok(Uint8Array::from(bytes.as_slice()).into())
+        })
+    }
+}
+
+/// The embedded model's training prompts (the page's default list).
+#[wasm_bindgen(js_name = defaultPrompts)]
+pub fn default_prompts() -> Vec<String> {
+    crate::default_prompts()
+}
+
+/// The weight-free rewards the page can train on.
+#[wasm_bindgen(js_name = rewardNames)]
+pub fn reward_names() -> Vec<String> {
+    draft_core::reward::BUILTIN
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}

@@ -1,0 +1,328 @@
+//! The browser shell: wasm-bindgen bindings over draft-core's [`Trainer`], the same training
+//! loop the `draft` binary runs. The page (`web/`) drives it one optimizer update per promise,
+//! so it stays responsive and can stop between updates.
+//!
+//! WebGPU comes through Burn's wgpu backend; without it the page can fall back to Burn's
+//! pure-Rust CPU backend compiled to WebAssembly (slow, but the same numbers).
+
+use std::cell::{Cell, RefCell};
+
+use burn::prelude::*;
+use draft_core::pipeline::LoraSetup;
+use draft_core::reward::{RewardOptions, WeightedReward};
+use draft_core::train::{MethodName, StepMetrics, TrainConfig, Trainer, prompt_set};
+use draft_core::{ModelFiles, Pipeline, default_model, read_f32};
+use serde::{Deserialize, Serialize};
+
+#[cfg(target_arch = "wasm32")]
+mod bindings;
+#[cfg(target_arch = "wasm32")]
+pub use bindings::{ModelFolder, WebTrainer};
+
+thread_local! {
+    /// Burn refuses to initialise the wgpu runtime twice: one device per page.
+    static WEBGPU: RefCell<Option<(Device, String)>> = const { RefCell::new(None) };
+}
+
+/// `"webgpu"` or `"cpu"` → a Burn device and its name for the page.
+pub async fn open_device(kind: &str) -> Result<(Device, String), String> {
+    match kind {
+        "webgpu" => {
+            if let Some(found) = WEBGPU.with(|d| d.borrow().clone()) {
+                return Ok(found);
+            }
+            #[cfg(target_arch = "wasm32")]
+            if !bindings::install_subgroups_shim() {
+                return Err("this browser has no WebGPU (navigator.gpu is missing)".into());
+            }
+            let device = Device::wgpu_options()
+                .init_async()
+                .await
+                .map_err(|e| format!("cannot open a WebGPU device: {e}"))?;
+            let name = match device.identity() {
+                Some(id) if !id.name.is_empty() => format!("{} (WebGPU)", id.name),
+                _ => "WebGPU".to_string(),
+            };
+            WEBGPU.with(|d| *d.borrow_mut() = Some((device.clone(), name.clone())));
+            Ok((device, name))
+        }
+        "cpu" => Ok((
+            Device::flex(),
+            "CPU (Burn flex backend in WebAssembly)".into(),
+        )),
+        other => Err(format!("unknown device `{other}` (expected webgpu or cpu)")),
+    }
+}
+
+/// What the page can set; everything else is [`TrainConfig::default`]. Field names are the
+/// CLI's flags in camelCase.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+pub struct WebOptions {
+    /// `"webgpu"` or `"cpu"`.
+    pub device: String,
+    /// Training prompts; empty: the model's built-in set (shapes for the embedded model).
+    pub prompts: Vec<String>,
+    /// `name=weight` reward terms.
+    pub rewards: Vec<String>,
+    pub target_color: [f32; 3],
+    /// draft | draft-k | draft-lv | refl | alignprop.
+    pub method: String,
+    pub k: usize,
+    pub lv_samples: usize,
+    pub t_min: usize,
+    pub t_max: usize,
+    pub lr: f64,
+    /// Optimizer updates the page plans (it stops the loop; kept in the checkpointed config).
+    pub train_steps: usize,
+    /// DDIM sampling steps.
+    pub steps: usize,
+    pub batch: usize,
+    pub guidance: f64,
+    pub rank: usize,
+    pub seed: u64,
+}
+
+impl Default for WebOptions {
+    fn default() -> Self {
+        let d = TrainConfig::default();
+        Self {
+            device: "webgpu".into(),
+            prompts: Vec::new(),
+            rewards: d.rewards,
+            target_color: d.reward_options.target_color,
+            method: d.method.name().into(),
+            k: d.k,
+            lv_samples: d.lv_samples,
+            t_min: d.t_min,
+            t_max: d.t_max,
+            lr: default_model::TRAIN_LR,
+            train_steps: default_model::TRAIN_STEPS,
+            steps: d.steps,
+            batch: d.batch,
+            guidance: d.guidance,
+            rank: d.rank,
+            seed: d.seed,
+        }
+    }
+}
+
+impl WebOptions {
+    pub fn parse(json: &str) -> Result<Self, String> {
+        serde_json::from_str(json).map_err(|e| format!("bad training options: {e}"))
+    }
+
+    /// The core configuration and the prompt list, checked as the CLI checks its flags.
+    pub fn config(&self) -> Result<(TrainConfig, Vec<String>), String> {
+        let d = TrainConfig::default();
+        let config = TrainConfig {
+            method: MethodName::parse(&self.method).map_err(|e| e.to_string())?,
+            k: self.k,
+            lv_samples: self.lv_samples,
+            t_min: self.t_min,
+            t_max: self.t_max.min(self.steps),
+            k_max: d.k_max.min(self.steps),
+            rewards: self.rewards.clone(),
+            reward_options: RewardOptions {
+                target_color: self.target_color,
+            },
+            batch: self.batch,
+            steps: self.steps,
+            guidance: self.guidance,
+            train_steps: self.train_steps,
+            lr: self.lr,
+            rank: self.rank,
+            seed: self.seed,
+            ..d
+        };
+        config.validate().map_err(|e| e.to_string())?;
+        let prompts: Vec<String> = self
+            .prompts
+            .iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty())
+            .collect();
+        let prompts = if prompts.is_empty() {
+            prompt_set(default_model::PROMPT_SET).map_err(|e| e.to_string())?
+        } else {
+            prompts
+        };
+        Ok((config, prompts))
+    }
+}
+
+/// What the page shows about the run (the "adapter in use" panel).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunInfo {
+    pub model: String,
+    pub device: String,
+    pub method: String,
+    pub reward: String,
+    pub lora_layers: usize,
+    pub lora_params: usize,
+    pub rank: usize,
+    pub alpha: f64,
+    pub lora_targets: Vec<String>,
+    pub prompts: usize,
+    pub batch: usize,
+    pub steps: usize,
+    pub lr: f64,
+}
+
+/// One training run: the core trainer and what the page shows about it. The page's
+/// `WebTrainer` wraps one; native tests use it directly.
+pub struct Session {
+    trainer: RefCell<Trainer>,
+    pub info: RunInfo,
+    updates: Cell<usize>,
+}
+
+impl Session {
+    /// Loads `model` on the options' device with trainable LoRA slots and builds the trainer.
+    pub async fn build(options: &WebOptions, model: ModelFiles) -> Result<Session, String> {
+        let (config, prompts) = options.config()?;
+        let (device, device_name) = open_device(&options.device).await?;
+        let pipeline = Pipeline::load_with_lora(
+            &model,
+            &device,
+            &LoraSetup::Targets(config.lora_targets.clone()),
+        )
+        .map_err(|e| e.to_string())?;
+        let reward = WeightedReward::from_specs(&config.rewards, &config.reward_options)
+            .map_err(|e| match draft_core::reward::check_specs(&config.rewards) {
+                Ok(()) => format!(
+                    "{e} (learned rewards need weight files; the page trains on the weight-free ones)"
+                ),
+                Err(e) => e.to_string(),
+            })?;
+        let trainer = Trainer::new(pipeline, config, reward, prompts, None, None)
+            .map_err(|e| e.to_string())?;
+        let c = &trainer.config;
+        let info = RunInfo {
+            model: model.name.clone(),
+            device: device_name,
+            method: c.method.name().into(),
+            reward: trainer.reward.describe(),
+            lora_layers: trainer.pipeline.lora.len(),
+            lora_params: trainer.pipeline.lora.num_params(),
+            rank: c.rank,
+            alpha: c.alpha(),
+            lora_targets: c.lora_targets.iter().map(|t| t.name().to_string()).collect(),
+            prompts: trainer.prompts.len(),
+            batch: trainer.batch(),
+            steps: c.steps,
+            lr: c.lr,
+        };
+        Ok(Session {
+            trainer: RefCell::new(trainer),
+            info,
+            updates: Cell::new(0),
+        })
+    }
+
+    /// The trainer; `None` while another call (an update, an evaluation) holds it.
+    pub fn trainer(&self) -> Option<std::cell::RefMut<'_, Trainer>> {
+        self.trainer.try_borrow_mut().ok()
+    }
+
+    /// Optimizer updates done.
+    pub fn updates(&self) -> usize {
+        self.updates.get()
+    }
+
+    /// One optimizer update.
+    pub async fn train_step(&self) -> Result<StepMetrics, String> {
+        let mut trainer = self.trainer().ok_or(BUSY)?;
+        let metrics = trainer.train_step().await.map_err(|e| e.to_string())?;
+        self.updates.set(trainer.step);
+        Ok(metrics)
+    }
+
+    /// The fixed evaluation set with the LoRA at `scale` × its trained scale.
+    pub async fn evaluate(&self, n: usize, scale: f64) -> Result<Evaluation, String> {
+        let trainer = self.trainer().ok_or(BUSY)?;
+        let eval = trainer
+            .evaluate_at_scale(n, scale)
+            .await
+            .map_err(|e| e.to_string())?;
+        let n = eval.images.dims()[0];
+        let prompts = (0..n)
+            .map(|i| trainer.prompts[(i / 2) % trainer.prompts.len()].clone())
+            .collect();
+        let terms = trainer
+            .reward
+            .terms
+            .iter()
+            .zip(&eval.terms)
+            .map(|((r, _), v)| (r.name().to_string(), *v))
+            .collect();
+        drop(trainer);
+        let (size, images) = rgba(eval.images).await.map_err(|e| e.to_string())?;
+        Ok(Evaluation {
+            reward: eval.reward,
+            diversity: eval.diversity,
+            terms,
+            size,
+            prompts,
+            images,
+        })
+    }
+
+    /// The trained LoRA as `pytorch_lora_weights.safetensors` bytes.
+    pub async fn lora_safetensors(&self) -> Result<Vec<u8>, String> {
+        let trainer = self.trainer().ok_or(BUSY)?;
+        trainer
+            .pipeline
+            .lora
+            .to_safetensors()
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+const BUSY: &str = "the trainer is busy with another call; await it first";
+
+/// The evaluation set as the page shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Evaluation {
+    pub reward: f64,
+    pub diversity: f64,
+    /// Each reward term's (name, unweighted mean).
+    pub terms: Vec<(String, f64)>,
+    /// Image side in pixels.
+    pub size: usize,
+    /// The prompt of each image.
+    pub prompts: Vec<String>,
+    /// RGBA bytes per image.
+    #[serde(skip)]
+    pub images: Vec<Vec<u8>>,
+}
+
+/// The embedded model's training prompts (the page's default list).
+pub fn default_prompts() -> Vec<String> {
+    prompt_set(default_model::PROMPT_SET).unwrap_or_default()
+}
+
+/// [n, 3, H, W] in [0, 1] → the side (H = W) and one RGBA buffer per image.
+pub async fn rgba(images: Tensor<4>) -> draft_core::Result<(usize, Vec<Vec<u8>>)> {
+    let [n, c, h, w] = images.dims();
+    let (v, _) = read_f32(images).await?;
+    let px = |x: f32| (x.clamp(0.0, 1.0) * 255.0).round() as u8;
+    let out = (0..n)
+        .map(|i| {
+            let mut image = Vec::with_capacity(h * w * 4);
+            for y in 0..h {
+                for x in 0..w {
+                    for ch in 0..3 {
+                        image.push(px(v[((i * c + ch.min(c - 1)) * h + y) * w + x]));
+                    }
+                    image.push(255);
+                }
+            }
+            image
+        })
+        .collect();
+    Ok((h.max(w), out))
+}
+

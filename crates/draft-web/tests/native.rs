@@ -1,0 +1,65 @@
+//! The browser tests' native twins (CPU backend): the same checks on the same fixtures, and
+//! the native result the browser's sampling is compared with.
+//! `DRAFT_BLESS=1 cargo test --release -p draft-web --test native` rewrites
+//! `tests/fixtures/web/shapes-32-native.safetensors`.
+
+#![cfg(not(target_arch = "wasm32"))]
+
+mod common;
+
+use burn::prelude::*;
+use common::*;
+use draft_core::noise::NoiseRng;
+use draft_core::weights::Weights;
+
+const NATIVE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../tests/fixtures/web/shapes-32-native.safetensors"
+);
+
+#[test]
+fn sd1_sampling_matches_diffusers() {
+    let (got, want) = pollster::block_on(sample_sd1(&Device::flex()));
+    let err = max_abs_diff(&got, &want);
+    eprintln!("sd1-tiny native (CPU) vs diffusers: max abs error {err:.2e}");
+    assert!(err <= 1e-4, "max abs error {err:e}");
+}
+
+#[test]
+fn native_fixture_is_current() {
+    let device = Device::flex();
+    if std::env::var_os("DRAFT_BLESS").is_some() {
+        let noise = NoiseRng::new(7).randn([2, 3, 32, 32], &device);
+        let (noise_values, _) = pollster::block_on(draft_core::read_f32(noise.clone())).unwrap();
+        let images = pollster::block_on(sample_shapes(&device, noise));
+        let bytes = draft_core::weights::serialize_f32(
+            &[
+                ("noise".into(), vec![2, 3, 32, 32], noise_values),
+                ("images".into(), vec![2, 32, 32, 3], images),
+            ],
+            None,
+        )
+        .unwrap();
+        std::fs::write(NATIVE, bytes).unwrap();
+    }
+    let bytes = std::fs::read(NATIVE).unwrap();
+    let w = Weights::from_bytes(NATIVE, &bytes).unwrap();
+    let images = pollster::block_on(sample_shapes(
+        &device,
+        w.tensor::<4>("noise", &device).unwrap(),
+    ));
+    let err = max_abs_diff(&images, &w.read_f32("images").unwrap().0);
+    eprintln!("shapes-32 native (CPU) vs the committed native result: max abs error {err:.2e}");
+    assert!(err <= 1e-5, "the committed native result is stale: {err:e}");
+}
+
+#[test]
+fn one_draft_k_update_raises_the_reward() {
+    let u = pollster::block_on(draft_k_update("cpu"));
+    eprintln!(
+        "native (CPU): evaluation reward {:.4} → {:.4}, max |ΔLoRA| {:.2e}, batch reward {:.4}",
+        u.before, u.after, u.lora_change, u.metrics.reward_mean
+    );
+    assert!(u.lora_change > 1e-4, "the LoRA did not move");
+    assert!(u.after > u.before + 1e-3, "{} → {}", u.before, u.after);
+}

@@ -1,0 +1,349 @@
+// The page: a thin shell over draft-web's WebTrainer (crates/draft-web), which wraps the same
+// Rust Trainer as the `draft` binary. One optimizer update per awaited promise; the loop
+// yields to the browser between updates so Stop and the rest of the page stay live.
+import init, { WebTrainer, ModelFolder, defaultPrompts, rewardNames } from "./pkg/draft_web.js";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  trainer: null,
+  settingsKey: null,
+  stop: false,
+  before: null,
+  evals: [], // {update, reward, diversity}
+  steps: [], // StepMetrics
+  startedAt: 0,
+  trainedSeconds: 0,
+};
+// Read by the end-to-end test (tests/e2e) and handy in the console.
+window.draft = state;
+
+function setState(s) {
+  document.body.dataset.state = s;
+}
+
+function status(text) {
+  $("status").textContent = text;
+}
+
+function showError(e) {
+  const text = e instanceof Error ? e.message : String(e);
+  $("error").textContent = text;
+  $("error").hidden = false;
+  setState("error");
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+const fmt = (x, digits = 4) => (x === undefined || x === null ? "–" : Number(x).toFixed(digits));
+
+function rewardRows(names) {
+  const box = $("rewards");
+  const colour = box.querySelector('label[for="target-color"]');
+  for (const name of names) {
+    const row = document.createElement("div");
+    row.className = "reward";
+    const check = document.createElement("input");
+    check.type = "checkbox";
+    check.id = `reward-${name}`;
+    check.checked = name === "colorfulness";
+    const label = document.createElement("label");
+    label.htmlFor = check.id;
+    label.textContent = name;
+    const weight = document.createElement("input");
+    weight.type = "number";
+    weight.step = "any";
+    weight.value = "1";
+    weight.id = `weight-${name}`;
+    weight.setAttribute("aria-label", `weight of ${name}`);
+    row.append(check, label, weight);
+    box.insertBefore(row, colour);
+  }
+}
+
+function hexToRgb(hex) {
+  const v = parseInt(hex.slice(1), 16);
+  return [(v >> 16) & 255, (v >> 8) & 255, v & 255].map((c) => c / 255);
+}
+
+function num(id) {
+  const v = Number($(id).value);
+  if (!Number.isFinite(v)) throw new Error(`${$(id).labels[0].textContent}: not a number`);
+  return v;
+}
+
+function readOptions(device) {
+  const rewards = [...$("rewards").querySelectorAll(".reward")]
+    .filter((row) => row.querySelector('input[type="checkbox"]').checked)
+    .map((row) => `${row.querySelector("label").textContent}=${row.querySelector('input[type="number"]').value}`);
+  if (rewards.length === 0) throw new Error("Pick at least one reward.");
+  return {
+    device,
+    prompts: $("prompts").value.split("\n").map((p) => p.trim()).filter((p) => p),
+    rewards,
+    targetColor: hexToRgb($("target-color").value),
+    method: $("method").value,
+    k: num("k"),
+    lvSamples: num("lv-samples"),
+    lr: num("lr"),
+    trainSteps: num("train-steps"),
+    steps: num("steps"),
+    batch: num("batch"),
+    seed: num("seed"),
+  };
+}
+
+async function readFolder(input) {
+  const files = [...input.files];
+  if (files.length === 0) return null;
+  const root = files[0].webkitRelativePath.split("/")[0] || "picked folder";
+  const folder = new ModelFolder(root);
+  for (const f of files) {
+    const rel = f.webkitRelativePath.split("/").slice(1).join("/") || f.name;
+    // Only what a diffusers pipeline needs: configs, tokenizer files, safetensors weights.
+    if (!/\.(json|txt|safetensors)$/.test(rel)) continue;
+    folder.add(rel, new Uint8Array(await f.arrayBuffer()));
+  }
+  return folder;
+}
+
+async function createTrainer(options) {
+  const folder = await readFolder($("model-folder"));
+  const json = JSON.stringify(options);
+  return folder ? WebTrainer.withModel(json, folder) : WebTrainer.embedded(json);
+}
+
+async function openTrainer() {
+  const want = $("device").value;
+  const hasGpu = "gpu" in navigator;
+  if (want === "webgpu" && !hasGpu) {
+    throw new Error("This browser has no WebGPU. Use Chrome or Edge 113+, or pick the CPU device.");
+  }
+  const device = want === "auto" ? (hasGpu ? "webgpu" : "cpu") : want;
+  try {
+    return await createTrainer(readOptions(device));
+  } catch (e) {
+    if (want !== "auto" || device !== "webgpu") throw e;
+    status(`WebGPU failed (${e.message}); falling back to the CPU backend.`);
+    return createTrainer(readOptions("cpu"));
+  }
+}
+
+function showAdapter(info) {
+  const rows = [
+    ["Model", info.model],
+    ["Device", info.device],
+    ["Method", info.method],
+    ["Reward", info.reward],
+    ["LoRA", `rank ${info.rank}, alpha ${info.alpha}, ${info.loraLayers} layers (${info.loraTargets.join(", ")}), ${info.loraParams.toLocaleString()} parameters`],
+    ["Batch", `${info.batch} images × ${info.steps} DDIM steps, lr ${info.lr}`],
+    ["Prompts", String(info.prompts)],
+  ];
+  const dl = $("adapter");
+  dl.replaceChildren();
+  for (const [k, v] of rows) {
+    const dt = document.createElement("dt");
+    dt.textContent = k;
+    const dd = document.createElement("dd");
+    dd.textContent = v;
+    dl.append(dt, dd);
+  }
+}
+
+function showGrid(ev) {
+  const grid = $("grid");
+  grid.replaceChildren();
+  ev.images.forEach((pixels, i) => {
+    const item = document.createElement("figure");
+    item.setAttribute("role", "listitem");
+    const canvas = document.createElement("canvas");
+    canvas.width = ev.size;
+    canvas.height = ev.size;
+    canvas.setAttribute("role", "img");
+    canvas.setAttribute("aria-label", `sample ${i + 1}: ${ev.prompts[i]}`);
+    canvas.getContext("2d").putImageData(new ImageData(pixels, ev.size, ev.size), 0, 0);
+    const cap = document.createElement("figcaption");
+    cap.textContent = `${ev.prompts[i]} (seed ${(i % 2) + 1})`;
+    item.append(canvas, cap);
+    grid.append(item);
+  });
+}
+
+function showFigures() {
+  const last = state.evals.at(-1);
+  $("updates").textContent = String(state.steps.length);
+  if (state.before) {
+    $("eval-reward").textContent = `${fmt(state.before.reward)} → ${fmt(last?.reward)}`;
+    $("diversity").textContent = `${fmt(state.before.diversity, 3)} → ${fmt(last?.diversity, 3)}`;
+  }
+  const s = state.steps.at(-1);
+  if (s) {
+    $("batch-reward").textContent = `${fmt(s.reward_mean)} ± ${fmt(s.reward_std)} (loss ${fmt(s.loss)}, |g| ${fmt(s.grad_norm, 2)})`;
+    const rate = state.steps.length / state.trainedSeconds;
+    $("speed").textContent = `${rate.toFixed(3)} updates/s (${(1 / rate).toFixed(1)} s per update)`;
+  }
+  drawCurve();
+}
+
+function drawCurve() {
+  const svg = $("curve");
+  const W = 400, H = 160, pad = 8;
+  const pts = state.steps.map((s) => [s.step, s.reward_mean]);
+  const evs = state.evals.map((e) => [e.update, e.reward]);
+  const all = [...pts, ...evs];
+  if (all.length === 0) return;
+  const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
+  const [x0, x1] = [Math.min(...xs), Math.max(...xs, Math.min(...xs) + 1)];
+  let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
+  if (y1 - y0 < 1e-9) { y0 -= 0.5; y1 += 0.5; }
+  const X = (x) => pad + ((x - x0) / (x1 - x0)) * (W - 2 * pad);
+  const Y = (y) => H - pad - ((y - y0) / (y1 - y0)) * (H - 2 * pad);
+  const dots = pts.map(([x, y]) => `<circle cx="${X(x)}" cy="${Y(y)}" r="2" class="dot"/>`).join("");
+  const line = evs.map(([x, y]) => `${X(x)},${Y(y)}`).join(" ");
+  svg.innerHTML = `${dots}<polyline points="${line}" class="line"/>`;
+  const last = state.evals.at(-1);
+  svg.setAttribute("aria-label",
+    `Reward curve: ${pts.length} updates; evaluation reward ${fmt(state.before?.reward)} before, ${fmt(last?.reward)} at update ${last?.update ?? 0}.`);
+}
+
+async function evaluate(scale = 1) {
+  const n = num("preview");
+  const ev = await state.trainer.evaluate(n, scale);
+  showGrid(ev);
+  return ev;
+}
+
+const yieldToPage = () => new Promise((resolve) => setTimeout(resolve, 0));
+
+async function train(event) {
+  event.preventDefault();
+  clearError();
+  $("train").disabled = true;
+  $("stop").disabled = false;
+  $("scale").disabled = true;
+  state.stop = false;
+  try {
+    const key = JSON.stringify([readOptions($("device").value), $("model-folder").files.length]);
+    if (!state.trainer || key !== state.settingsKey) {
+      setState("loading");
+      status("Loading the model…");
+      state.trainer?.free();
+      state.trainer = await openTrainer();
+      state.settingsKey = key;
+      state.steps = [];
+      state.evals = [];
+      state.trainedSeconds = 0;
+      showAdapter(state.trainer.info());
+      status("Sampling the evaluation set before training…");
+      const ev = await evaluate();
+      state.before = { reward: ev.reward, diversity: ev.diversity };
+      state.evals.push({ update: 0, reward: ev.reward, diversity: ev.diversity });
+      showFigures();
+    }
+    setState("training");
+    const total = num("train-steps");
+    const refresh = num("refresh");
+    while (!state.stop && state.trainer.updates < total) {
+      status(`Training: update ${state.trainer.updates + 1} of ${total}…`);
+      const t0 = performance.now();
+      const m = await state.trainer.trainStep();
+      state.trainedSeconds += (performance.now() - t0) / 1000;
+      state.steps.push(m);
+      showFigures();
+      if (m.step % refresh === 0 || m.step === total) {
+        status(`Update ${m.step}: sampling the evaluation set…`);
+        const ev = await evaluate();
+        state.evals.push({ update: m.step, reward: ev.reward, diversity: ev.diversity });
+        showFigures();
+      }
+      await yieldToPage();
+    }
+    if (state.evals.at(-1).update !== state.trainer.updates) {
+      const ev = await evaluate();
+      state.evals.push({ update: state.trainer.updates, reward: ev.reward, diversity: ev.diversity });
+      showFigures();
+    }
+    const last = state.evals.at(-1);
+    status(`${state.stop ? "Stopped" : "Done"} after ${state.trainer.updates} updates: evaluation reward ${fmt(state.before.reward)} → ${fmt(last.reward)}.`);
+    setState("done");
+  } catch (e) {
+    showError(e);
+    status("Training failed.");
+  } finally {
+    $("train").disabled = false;
+    $("stop").disabled = true;
+    const trained = state.trainer && state.trainer.updates > 0;
+    $("download").disabled = !trained;
+    $("scale").disabled = !trained;
+    $("scale").value = "1";
+    $("scale-value").textContent = "1.00";
+  }
+}
+
+async function download() {
+  try {
+    const bytes = await state.trainer.loraSafetensors();
+    const url = URL.createObjectURL(new Blob([bytes], { type: "application/octet-stream" }));
+    const a = document.createElement("a");
+    a.href = url;
+    a.download = "pytorch_lora_weights.safetensors";
+    a.click();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  } catch (e) {
+    showError(e);
+  }
+}
+
+let scaleBusy = false;
+let scaleWanted = null;
+async function onScale() {
+  const s = Number($("scale").value);
+  $("scale-value").textContent = s.toFixed(2);
+  scaleWanted = s;
+  if (scaleBusy) return; // the running evaluation picks up the latest value when it ends
+  scaleBusy = true;
+  try {
+    while (scaleWanted !== null) {
+      const scale = scaleWanted;
+      scaleWanted = null;
+      status(`Sampling with the LoRA at scale ${scale.toFixed(2)}…`);
+      const ev = await evaluate(scale);
+      status(`LoRA scale ${scale.toFixed(2)}: evaluation reward ${fmt(ev.reward)}.`);
+    }
+  } catch (e) {
+    showError(e);
+  } finally {
+    scaleBusy = false;
+  }
+}
+
+async function main() {
+  try {
+    await init();
+  } catch (e) {
+    showError(`Cannot load the WebAssembly module: ${e.message ?? e}`);
+    return;
+  }
+  rewardRows(rewardNames());
+  $("prompts").value = defaultPrompts().join("\n");
+  if (!("gpu" in navigator)) {
+    $("device").value = "cpu";
+    status("This browser has no WebGPU: training will run on the CPU backend in WebAssembly, " +
+      "which is much slower. Chrome and Edge 113+ have WebGPU.");
+  } else {
+    status("Ready. Pick settings and press Train.");
+  }
+  $("settings").addEventListener("submit", train);
+  $("stop").addEventListener("click", () => {
+    state.stop = true;
+    status("Stopping after the current update…");
+  });
+  $("download").addEventListener("click", download);
+  $("scale").addEventListener("input", onScale);
+  $("train").disabled = false;
+  setState("idle");
+}
+
+main();
