@@ -10,24 +10,39 @@ use wasm_bindgen_futures::future_to_promise;
 
 use crate::{Session, WebOptions};
 
-// Burn 0.22.1's matmul WGSL starts with `enable subgroups;`, but wgpu 30's WebGPU backend
-// never asks the browser for the `subgroups` feature, so Chrome rejects the shader and the
-// device is lost. Until wgpu requests it, this shim adds the feature to every
-// `requestDevice` call when the adapter offers it. It must run before the device opens.
+// Two shims for Burn 0.22.1's WGSL in Chrome, installed before the device opens:
+// - its matmul kernels start with `enable subgroups;`, but wgpu 30's WebGPU backend never asks
+//   the browser for the `subgroups` feature, so Chrome rejects them and the device is lost:
+//   `requestDevice` gets the feature added when the adapter offers it;
+// - Chrome's WGSL compiler (Tint) also runs the subgroup uniformity analysis, which rejects
+//   some of those kernels ("'subgroupAdd' must only be called from subgroup uniform control
+//   flow"); naga, which compiles the same WGSL natively, has no such check. Shaders that
+//   enable subgroups get `diagnostic(off, subgroup_uniformity);`, the WGSL directive that
+//   turns the analysis off. The browser tests check the results against the native ones.
 #[wasm_bindgen(inline_js = r#"
 export function draft_install_subgroups_shim() {
-  if (typeof GPUAdapter === "undefined") return false;
-  const proto = GPUAdapter.prototype;
-  if (proto.__draftSubgroups) return true;
-  const requestDevice = proto.requestDevice;
-  proto.requestDevice = function (descriptor) {
+  if (typeof GPUAdapter === "undefined" || typeof GPUDevice === "undefined") return false;
+  const adapter = GPUAdapter.prototype;
+  if (adapter.__draftSubgroups) return true;
+  const requestDevice = adapter.requestDevice;
+  adapter.requestDevice = function (descriptor) {
     const d = Object.assign({}, descriptor || {});
     const features = new Set(d.requiredFeatures || []);
     if (this.features.has("subgroups")) features.add("subgroups");
     d.requiredFeatures = [...features];
     return requestDevice.call(this, d);
   };
-  proto.__draftSubgroups = true;
+  const createShaderModule = GPUDevice.prototype.createShaderModule;
+  GPUDevice.prototype.createShaderModule = function (descriptor) {
+    const code = descriptor && descriptor.code;
+    if (typeof code === "string" && code.includes("enable subgroups;") && !code.includes("subgroup_uniformity")) {
+      descriptor = Object.assign({}, descriptor, {
+        code: code.replace("enable subgroups;", "enable subgroups;\ndiagnostic(off, subgroup_uniformity);"),
+      });
+    }
+    return createShaderModule.call(this, descriptor);
+  };
+  adapter.__draftSubgroups = true;
   return true;
 }
 "#)]

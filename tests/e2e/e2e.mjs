@@ -1,0 +1,146 @@
+// End-to-end test of the page: serves web/ (built by `wasm-pack build … --out-dir ../../web/pkg`)
+// on localhost, opens it in headless Chromium with WebGPU, sets a short run through the form,
+// presses Train, waits for the updates, and checks that the evaluation reward rose and that
+// the sample grid shows images. Saves a screenshot.
+//
+//   node tests/e2e/e2e.mjs [--updates N] [--steps S] [--device webgpu|cpu] [--screenshot FILE]
+//
+// Prints one JSON line with the figures (updates/s included) for docs/web.md.
+import { createServer } from "node:http";
+import { readFile, mkdir } from "node:fs/promises";
+import { dirname, extname, join, normalize, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+import { launch } from "./chromium.mjs";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const WEB = resolve(here, "../../web");
+const { values: args } = parseArgs({
+  options: {
+    updates: { type: "string", default: "4" },
+    steps: { type: "string", default: "10" },
+    method: { type: "string", default: "draft-k" },
+    lr: { type: "string", default: "0.01" },
+    device: { type: "string", default: "webgpu" },
+    refresh: { type: "string", default: "2" },
+    timeout: { type: "string", default: "1200" },
+    screenshot: { type: "string", default: resolve(here, "../../target/e2e/web-demo.png") },
+  },
+});
+
+const MIME = {
+  ".html": "text/html; charset=utf-8",
+  ".js": "text/javascript; charset=utf-8",
+  ".css": "text/css; charset=utf-8",
+  ".wasm": "application/wasm",
+  ".json": "application/json",
+  ".png": "image/png",
+};
+
+function serve() {
+  const server = createServer(async (req, res) => {
+    const path = normalize(decodeURIComponent(new URL(req.url, "http://x").pathname));
+    const file = join(WEB, path.endsWith("/") ? join(path, "index.html") : path);
+    if (!file.startsWith(WEB)) {
+      res.writeHead(403).end();
+      return;
+    }
+    try {
+      const body = await readFile(file);
+      res.writeHead(200, { "content-type": MIME[extname(file)] ?? "application/octet-stream" });
+      res.end(body);
+    } catch {
+      res.writeHead(404).end("not found");
+    }
+  });
+  return new Promise((ok) => server.listen(0, "127.0.0.1", () => ok(server)));
+}
+
+function fail(message) {
+  console.error(`e2e: FAIL: ${message}`);
+  process.exitCode = 1;
+}
+
+const server = await serve();
+const url = `http://127.0.0.1:${server.address().port}/`;
+const browser = await launch();
+const t0 = Date.now();
+const log = (m) => console.error(`[e2e ${((Date.now() - t0) / 1000).toFixed(1)} s] ${m}`);
+try {
+  const page = await browser.newPage({ viewport: { width: 1280, height: 1100 } });
+  page.on("console", (m) => log(`console.${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => log(`page error: ${e.message}`));
+  await page.goto(url);
+  await page.waitForSelector("body[data-state=idle]", { timeout: 60_000 });
+  log("page ready");
+
+  // A short run, set through the form as a user would.
+  await page.selectOption("#device", args.device);
+  await page.selectOption("#method", args.method);
+  await page.fill("#train-steps", args.updates);
+  await page.fill("#steps", args.steps);
+  await page.fill("#lr", args.lr);
+  await page.fill("#refresh", args.refresh);
+  await page.click("#train");
+
+  const timeout = Number(args.timeout) * 1000;
+  await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null, {
+    timeout,
+    polling: 1000,
+  });
+  const result = await page.evaluate(() => ({
+    state: document.body.dataset.state,
+    error: document.getElementById("error").textContent,
+    status: document.getElementById("status").textContent,
+    before: window.draft.before,
+    evals: window.draft.evals,
+    rewards: window.draft.steps.map((s) => s.reward_mean),
+    updates: window.draft.steps.length,
+    trainedSeconds: window.draft.trainedSeconds,
+    device: window.draft.trainer?.info().device,
+    // Images rendered: canvases whose pixels are not all one value.
+    canvases: [...document.querySelectorAll("#grid canvas")].map((c) => {
+      const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+      let min = 255, max = 0;
+      for (let i = 0; i < d.length; i += 4) for (let k = 0; k < 3; k++) {
+        min = Math.min(min, d[i + k]);
+        max = Math.max(max, d[i + k]);
+      }
+      return { width: c.width, alpha: d[3], range: max - min };
+    }),
+  }));
+  await mkdir(dirname(args.screenshot), { recursive: true });
+  await page.screenshot({ path: args.screenshot, fullPage: true });
+  log(`screenshot: ${args.screenshot}`);
+
+  const last = result.evals.at(-1);
+  const figures = {
+    device: result.device,
+    updates: result.updates,
+    samplingSteps: Number(args.steps),
+    method: args.method,
+    evalRewardBefore: result.before?.reward,
+    evalRewardAfter: last?.reward,
+    secondsPerUpdate: result.trainedSeconds / Math.max(result.updates, 1),
+    updatesPerSecond: result.updates / result.trainedSeconds,
+  };
+  console.log(JSON.stringify(figures));
+  if (result.state !== "done") fail(`the page ended in state ${result.state}: ${result.error}`);
+  else {
+    if (result.updates !== Number(args.updates)) fail(`${result.updates} updates, wanted ${args.updates}`);
+    if (!(last && last.update === result.updates)) fail("no evaluation after the last update");
+    if (!(last && last.reward > result.before.reward)) {
+      fail(`the evaluation reward did not rise: ${result.before?.reward} → ${last?.reward}`);
+    }
+    if (result.canvases.length === 0) fail("no sample images on the page");
+    for (const c of result.canvases) {
+      if (c.alpha !== 255 || c.range < 10) fail(`a sample image is blank: ${JSON.stringify(c)}`);
+    }
+  }
+  if (!process.exitCode) console.error("e2e: ok");
+} catch (e) {
+  fail(e.stack ?? String(e));
+} finally {
+  await browser.close();
+  server.close();
+}
