@@ -180,7 +180,7 @@ function showFigures() {
   }
   const s = state.steps.at(-1);
   if (s) {
-    $("batch-reward").textContent = `${fmt(s.reward_mean)} ± ${fmt(s.reward_std)} (loss ${fmt(s.loss)}, |g| ${fmt(s.grad_norm, 2)})`;
+    $("batch-reward").textContent = `${fmt(s.reward_mean)} ± ${fmt(s.reward_std)} (loss ${fmt(s.loss)}, gradient norm ${Number(s.grad_norm).toExponential(2)})`;
     const rate = state.steps.length / state.trainedSeconds;
     $("speed").textContent = `${rate.toFixed(3)} updates/s (${(1 / rate).toFixed(1)} s per update)`;
   }

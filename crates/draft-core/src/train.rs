@@ -327,7 +327,11 @@ fn mix(mut z: u64) -> u64 {
 
 /// The seed of stream `purpose` of micro-batch `micro` of step `step`.
 pub fn stream_seed(seed: u64, step: usize, micro: usize, purpose: u64) -> u64 {
-    mix(mix(mix(seed) ^ step as u64) ^ ((micro as u64) << 8 | purpose))
+    stream_seed_u64(seed, step as u64, micro, purpose)
+}
+
+fn stream_seed_u64(seed: u64, step: u64, micro: usize, purpose: u64) -> u64 {
+    mix(mix(mix(seed) ^ step) ^ ((micro as u64) << 8 | purpose))
 }
 
 /// A LoRA training run on a pipeline loaded with trainable LoRA slots.
@@ -564,7 +568,9 @@ impl Trainer {
             .map(|i| self.prompts[(i / 2) % self.prompts.len()].clone())
             .collect();
         let [c, h, w] = self.latent_shape;
-        let x_t = NoiseRng::new(stream_seed(self.config.seed, usize::MAX, 0, 5))
+        // u64::MAX, not usize::MAX: the browser's usize is 32 bits, and its evaluation set
+        // must be the native one.
+        let x_t = NoiseRng::new(stream_seed_u64(self.config.seed, u64::MAX, 0, 5))
             .randn([n, c, h, w], &pipe.device);
         let options = crate::pipeline::SampleOptions {
             prompts: prompts.clone(),

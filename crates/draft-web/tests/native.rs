@@ -1,6 +1,6 @@
 //! The browser tests' native twins (CPU backend): the same checks on the same fixtures, and
 //! the native result the browser's sampling is compared with.
-//! `DRAFT_BLESS=1 cargo test --release -p draft-web --test native` rewrites
+//! `DRAFT_BLESS=1 cargo test --release --workspace --test native -- --test-threads 1` rewrites
 //! `tests/fixtures/web/shapes-32-native.safetensors`.
 
 #![cfg(not(target_arch = "wasm32"))]
@@ -32,10 +32,16 @@ fn native_fixture_is_current() {
         let noise = NoiseRng::new(7).randn([2, 3, 32, 32], &device);
         let (noise_values, _) = pollster::block_on(draft_core::read_f32(noise.clone())).unwrap();
         let images = pollster::block_on(sample_shapes(&device, noise));
+        let u = pollster::block_on(draft_k_update("cpu"));
         let bytes = draft_core::weights::serialize_f32(
             &[
                 ("noise".into(), vec![2, 3, 32, 32], noise_values),
                 ("images".into(), vec![2, 32, 32, 3], images),
+                (
+                    "draft_k_reward".into(),
+                    vec![2],
+                    vec![u.before as f32, u.after as f32],
+                ),
             ],
             None,
         )
@@ -56,6 +62,14 @@ fn native_fixture_is_current() {
 #[test]
 fn one_draft_k_update_raises_the_reward() {
     let u = pollster::block_on(draft_k_update("cpu"));
+    let bytes = std::fs::read(NATIVE).unwrap();
+    let w = Weights::from_bytes(NATIVE, &bytes).unwrap();
+    let want = w.read_f32("draft_k_reward").unwrap().0;
+    let got = [u.before as f32, u.after as f32];
+    assert!(
+        max_abs_diff(&got, &want) <= 1e-5,
+        "the committed native result is stale: {got:?} vs {want:?}"
+    );
     eprintln!(
         "native (CPU): evaluation reward {:.4} → {:.4}, max |ΔLoRA| {:.2e}, batch reward {:.4}",
         u.before, u.after, u.lora_change, u.metrics.reward_mean

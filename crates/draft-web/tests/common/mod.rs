@@ -104,12 +104,15 @@ pub struct Update {
     pub metrics: StepMetrics,
 }
 
+/// Small enough for SwiftShader (a CPU emulation of a GPU, ~5 s per UNet call here): 4 DDIM
+/// steps, one image per batch, an evaluation set of two.
 pub async fn draft_k_update(device: &str) -> Update {
     let options = WebOptions {
         device: device.into(),
         method: "draft-k".into(),
         k: 1,
-        steps: SHAPES_STEPS,
+        steps: 4,
+        batch: 1,
         lr: 0.01,
         ..WebOptions::default()
     };
@@ -117,10 +120,10 @@ pub async fn draft_k_update(device: &str) -> Update {
         .await
         .unwrap();
     let mut trainer = session.trainer().unwrap();
-    let before = trainer.evaluate_fixed(4).await.unwrap().reward;
+    let before = trainer.evaluate_fixed(2).await.unwrap().reward;
     let start = trainer.pipeline.lora.params();
     let metrics = trainer.train_step().await.unwrap();
-    let after = trainer.evaluate_fixed(4).await.unwrap().reward;
+    let after = trainer.evaluate_fixed(2).await.unwrap().reward;
     let mut lora_change = 0f32;
     for (old, new) in start.into_iter().zip(trainer.pipeline.lora.params()) {
         let (old, _) = read_f32(old).await.unwrap();
