@@ -89,7 +89,10 @@ try {
   await page.fill("#refresh", args.refresh);
   await page.fill("#batch", args.batch);
   await page.fill("#preview", args.preview);
-  await page.click("#train");
+  // Pressed from a timer: with the CPU backend an update runs on the page's thread, and a
+  // synchronous click would wait for it.
+  await page.focus("#train");
+  await page.evaluate(() => setTimeout(() => document.getElementById("train").click(), 0));
 
   const timeout = Number(args.timeout) * 1000;
   await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null, {
