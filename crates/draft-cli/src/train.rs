@@ -25,8 +25,8 @@ use crate::{files, images, plot};
 /// `--lr`, `--train-steps` and `--eval-every` defaults when training the embedded model (no
 /// `--model`), shared with the browser.
 use draft_core::default_model::{
-    EVAL_EVERY as EMBEDDED_EVAL_EVERY, PROMPT_SET as EMBEDDED_PROMPT_SET,
-    TRAIN_LR as EMBEDDED_LR, TRAIN_STEPS as EMBEDDED_TRAIN_STEPS,
+    EVAL_EVERY as EMBEDDED_EVAL_EVERY, PROMPT_SET as EMBEDDED_PROMPT_SET, TRAIN_LR as EMBEDDED_LR,
+    TRAIN_STEPS as EMBEDDED_TRAIN_STEPS,
 };
 
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";

@@ -208,7 +208,11 @@ impl Session {
             lora_params: trainer.pipeline.lora.num_params(),
             rank: c.rank,
             alpha: c.alpha(),
-            lora_targets: c.lora_targets.iter().map(|t| t.name().to_string()).collect(),
+            lora_targets: c
+                .lora_targets
+                .iter()
+                .map(|t| t.name().to_string())
+                .collect(),
             prompts: trainer.prompts.len(),
             batch: trainer.batch(),
             steps: c.steps,
@@ -325,4 +329,3 @@ pub async fn rgba(images: Tensor<4>) -> draft_core::Result<(usize, Vec<Vec<u8>>)
         .collect();
     Ok((h.max(w), out))
 }
-

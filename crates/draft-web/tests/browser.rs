@@ -57,5 +57,10 @@ async fn one_draft_k_update_raises_the_reward() {
     let native = w.read_f32("draft_k_reward").unwrap().0;
     let err = max_abs_diff(&[u.before as f32, u.after as f32], &native);
     console_log!("evaluation rewards vs native {native:?}: max abs error {err:.2e}");
-    assert!(err <= 1e-3, "native {native:?}, here {} → {}", u.before, u.after);
+    assert!(
+        err <= 1e-3,
+        "native {native:?}, here {} → {}",
+        u.before,
+        u.after
+    );
 }

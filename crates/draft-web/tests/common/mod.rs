@@ -34,7 +34,8 @@ const SD1_FILES: &[(&str, &[u8])] = sd1!(
 
 /// diffusers' outputs for it (`reference.json` run "a": these prompts, no negative prompt,
 /// guidance 7.5, 10 DDIM steps, η = 0, latents `init_noise`).
-pub const SD1_REFERENCE: &[u8] = include_bytes!("../../../../tests/fixtures/sd1-tiny/reference.safetensors");
+pub const SD1_REFERENCE: &[u8] =
+    include_bytes!("../../../../tests/fixtures/sd1-tiny/reference.safetensors");
 const SD1_PROMPTS: [&str; 2] = [
     "a red circle on a blue background",
     "A photo of an astronaut riding a horse!",
@@ -51,7 +52,10 @@ pub fn sd1_files() -> ModelFiles {
 /// Largest |a − b|.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 async fn sample(
