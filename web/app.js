@@ -225,7 +225,11 @@ async function train(event) {
   $("scale").disabled = true;
   state.stop = false;
   try {
-    const key = JSON.stringify([readOptions($("device").value), $("model-folder").files.length]);
+    // A new run when a setting changes; more updates, or the refresh rate, continue this one.
+    const key = JSON.stringify([
+      { ...readOptions($("device").value), trainSteps: 0 },
+      $("model-folder").files.length,
+    ]);
     if (!state.trainer || key !== state.settingsKey) {
       setState("loading");
       status("Loading the model…");
