@@ -3,8 +3,8 @@
 // presses Train, waits for the updates, and checks that the evaluation reward rose and that
 // the sample grid shows images. Saves a screenshot.
 //
-//   node tests/e2e/e2e.mjs [--updates 3] [--steps 4] [--batch 1] [--preview 2] [--method draft-k]
-//                          [--lr 0.01] [--refresh 3] [--device webgpu|cpu] [--screenshot FILE]
+//   node tests/e2e/e2e.mjs [--updates 2] [--steps 4] [--batch 1] [--preview 2] [--method draft-k]
+//                          [--lr 0.01] [--refresh 2] [--device webgpu|cpu] [--screenshot FILE]
 //
 // Prints one JSON line with the figures (updates/s included) for docs/web.md.
 import { createServer } from "node:http";
@@ -19,14 +19,14 @@ const WEB = resolve(here, "../../web");
 const { values: args } = parseArgs({
   options: {
     // Small: SwiftShader, CI's WebGPU, emulates the GPU on the CPU (~5 s per UNet call).
-    updates: { type: "string", default: "3" },
+    updates: { type: "string", default: "2" },
     steps: { type: "string", default: "4" },
     batch: { type: "string", default: "1" },
     preview: { type: "string", default: "2" },
     method: { type: "string", default: "draft-k" },
     lr: { type: "string", default: "0.01" },
     device: { type: "string", default: "webgpu" },
-    refresh: { type: "string", default: "3" },
+    refresh: { type: "string", default: "2" },
     timeout: { type: "string", default: "1200" },
     screenshot: { type: "string", default: resolve(here, "../../target/e2e/web-demo.png") },
   },
