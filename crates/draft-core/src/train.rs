@@ -315,6 +315,8 @@ pub struct FixedEval {
     pub diversity: f64,
     /// The images, [n, 3, H, W] in [0, 1].
     pub images: Tensor<4>,
+    /// The prompt of each image.
+    pub prompts: Vec<String>,
 }
 
 /// SplitMix64: independent seeds for the streams of each step.
@@ -605,6 +607,7 @@ impl Trainer {
             terms,
             diversity,
             images,
+            prompts,
         })
     }
 

@@ -250,10 +250,6 @@ impl Session {
             .evaluate_at_scale(n, scale)
             .await
             .map_err(|e| e.to_string())?;
-        let n = eval.images.dims()[0];
-        let prompts = (0..n)
-            .map(|i| trainer.prompts[(i / 2) % trainer.prompts.len()].clone())
-            .collect();
         let terms = trainer
             .reward
             .terms
@@ -268,7 +264,7 @@ impl Session {
             diversity: eval.diversity,
             terms,
             size,
-            prompts,
+            prompts: eval.prompts,
             images,
         })
     }
