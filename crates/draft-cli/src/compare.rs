@@ -90,7 +90,22 @@ pub fn run(a: CompareArgs) -> Result<()> {
         );
     }
     if let Some(out) = &a.out {
-        plot::curves(out, &series)?;
+        let (title, y) = match a.metric {
+            Metric::EvalReward => (
+                "Fixed evaluation set reward",
+                "evaluation-set reward",
+            ),
+            Metric::Reward => ("Training batch reward", "batch mean reward"),
+            Metric::Diversity => ("Fixed evaluation set diversity", "diversity"),
+        };
+        let labelled: Vec<(String, Vec<(f64, f64)>)> =
+            labels.iter().cloned().zip(series.iter().cloned()).collect();
+        let labels = plot::Labels {
+            title,
+            x: "update",
+            y,
+        };
+        plot::curves(out, &labels, &labelled)?;
         eprintln!("draft: wrote {}", out.display());
     }
     Ok(())

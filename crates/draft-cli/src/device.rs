@@ -60,7 +60,11 @@ fn wgpu_named(api: WgpuBackend) -> Result<(Device, String)> {
 
 /// The name of the first hardware (non-CPU) adapter wgpu can see, if any.
 fn gpu_adapter() -> Option<String> {
-    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle());
+    // Only the APIs draft runs on: wgpu's GL backend would probe for a Wayland display, and
+    // libwayland prints "XDG_RUNTIME_DIR is invalid or not set" on a headless machine.
+    let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle();
+    descriptor.backends = wgpu::Backends::PRIMARY;
+    let instance = wgpu::Instance::new(descriptor);
     let adapters = pollster::block_on(instance.enumerate_adapters(wgpu::Backends::PRIMARY));
     adapters.into_iter().map(|a| a.get_info()).find_map(|info| {
         matches!(

@@ -5,20 +5,91 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use draft_core::ModelFiles;
 
-/// Reads every file of the diffusers layout that exists under `dir`.
-pub fn read_model_dir(dir: &Path) -> Result<ModelFiles> {
+/// The standard CLIP BPE tokenizer SD-1.x/2.x were trained with (49408 tokens; the files
+/// `tests/fixtures/make_fixtures.py` rebuilds from open_clip's vocabulary): single-file
+/// checkpoints carry none.
+const CLIP_TOKENIZER: [(&str, &[u8]); 2] = [
+    (
+        "vocab.json",
+        include_bytes!("../../../tests/fixtures/clip-tokenizer/vocab.json"),
+    ),
+    (
+        "merges.txt",
+        include_bytes!("../../../tests/fixtures/clip-tokenizer/merges.txt"),
+    ),
+];
+
+/// `--model PATH` (with `--variant`, `--model-config`): a diffusers folder, a single-file
+/// checkpoint, or without a path the embedded model.
+pub fn read_model(
+    path: Option<&Path>,
+    variant: Option<&str>,
+    config: Option<&Path>,
+) -> Result<ModelFiles> {
+    let Some(path) = path else {
+        if variant.is_some() || config.is_some() {
+            bail!("--variant and --model-config need --model");
+        }
+        return Ok(draft_core::default_model::files());
+    };
+    if path.is_dir() {
+        if config.is_some() {
+            bail!(
+                "--model-config is for a single-file checkpoint; {} is a folder with its own configs",
+                path.display()
+            );
+        }
+        return read_model_dir(path, variant);
+    }
+    if !path.is_file() {
+        bail!("{}: model folder or checkpoint file not found", path.display());
+    }
+    if variant.is_some() {
+        bail!("--variant selects files in a diffusers folder; {} is a single file", path.display());
+    }
+    let (name, bytes) = crate::rewards::read_weights(path)?;
+    let config = config.map(read_config_dir).transpose()?;
+    Ok(draft_core::layouts::ldm::model_files(
+        &name,
+        bytes,
+        config.as_ref(),
+        &CLIP_TOKENIZER,
+    )?)
+}
+
+/// Reads every file of the diffusers layout that exists under `dir`, the weights of `variant`
+/// (PyTorch `.bin` weights converted to safetensors in memory).
+pub fn read_model_dir(dir: &Path, variant: Option<&str>) -> Result<ModelFiles> {
     if !dir.is_dir() {
         bail!("{}: model folder not found", dir.display());
     }
-    ModelFiles::read_layout(dir.display().to_string(), |rel| {
+    ModelFiles::read_layout_variant(dir.display().to_string(), variant, |rel| {
         let path = dir.join(rel);
         if !path.is_file() {
             return Ok(None);
+        }
+        if rel.ends_with(".bin") {
+            return crate::rewards::pytorch_to_safetensors(&path).map(Some);
         }
         let bytes =
             std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
         Ok(Some(bytes))
     })
+}
+
+/// The config and tokenizer files of a diffusers folder, without its weights.
+fn read_config_dir(dir: &Path) -> Result<ModelFiles> {
+    if !dir.is_dir() {
+        bail!("{}: --model-config folder not found", dir.display());
+    }
+    let mut files = ModelFiles::new(dir.display().to_string());
+    for rel in ModelFiles::LAYOUT {
+        let path = dir.join(rel);
+        if path.is_file() {
+            files.insert(*rel, read(&path)?);
+        }
+    }
+    Ok(files)
 }
 
 pub fn read(path: &Path) -> Result<Vec<u8>> {

@@ -203,9 +203,8 @@ fn evaluate(
     write_png_grid(
         &args.out_dir.join("held_out.png"),
         &nhwc,
-        images.len(),
-        s,
-        s,
+        (images.len(), s, s),
+        &[],
     )?;
     let mut record = serde_json::to_value(&acc)?;
     record["step"] = trainer.step.into();

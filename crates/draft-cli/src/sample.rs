@@ -17,9 +17,17 @@ use crate::{files, images};
 #[derive(Args)]
 pub struct SampleArgs {
     /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    /// scheduler/) [default: the embedded shapes-32 model].
+    /// scheduler/) or a single-file SD-1.x/2.x checkpoint (.safetensors, .ckpt) [default: the
+    /// embedded shapes-32 model].
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Load this weights variant of a diffusers folder (e.g. `fp16`), as diffusers' `variant=`.
+    #[arg(long)]
+    variant: Option<String>,
+    /// For a single-file --model: a diffusers folder whose config files (and tokenizer) replace
+    /// the ones inferred from the checkpoint.
+    #[arg(long)]
+    model_config: Option<PathBuf>,
     /// The prompt; repeat for a batch of different prompts (cycled over --batch).
     #[arg(long, required = true)]
     prompt: Vec<String>,
@@ -59,8 +67,8 @@ pub struct SampleArgs {
     out_tensor: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     device: DeviceArg,
-    /// A LoRA file (diffusers layout, e.g. `draft train`'s pytorch_lora_weights.safetensors)
-    /// at an optional scale; repeat to mix several.
+    /// A LoRA file (diffusers/peft layout, e.g. `draft train`'s pytorch_lora_weights.safetensors,
+    /// or kohya's, e.g. its lora_kohya.safetensors) at an optional scale; repeat to mix several.
     #[arg(long, value_name = "FILE[:SCALE]")]
     lora: Vec<String>,
 }
@@ -82,10 +90,11 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if !(a.guidance.is_finite() && a.eta.is_finite() && a.eta >= 0.0) {
         bail!("--guidance must be finite and --eta finite and ≥ 0");
     }
-    let model = match &a.model {
-        Some(dir) => files::read_model_dir(dir)?,
-        None => draft_core::default_model::files(),
-    };
+    let model = files::read_model(
+        a.model.as_deref(),
+        a.variant.as_deref(),
+        a.model_config.as_deref(),
+    )?;
     let noise_bytes = a.init_noise.as_ref().map(|p| files::read(p)).transpose()?;
     let mut loras = Vec::new();
     for spec in &a.lora {
@@ -151,7 +160,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     bar.finish();
 
     let [b, h, w] = [shape[0], shape[1], shape[2]];
-    images::write_png_grid(&a.out, &values, b, h, w)?;
+    images::write_png_grid(&a.out, &values, (b, h, w), &[])?;
     eprintln!("draft: wrote {} ({b} images, {w}×{h})", a.out.display());
     if let Some(path) = &a.out_tensor {
         images::write_tensors(path, &[("images", &values, shape.clone())])

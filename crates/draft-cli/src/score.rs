@@ -25,9 +25,16 @@ pub struct ScoreArgs {
     /// Sample this many images from --model (prompts cycled) and score them instead.
     #[arg(long)]
     sample: Option<usize>,
-    /// A diffusers pipeline folder for --sample [default: the embedded shapes-32 model].
+    /// A diffusers pipeline folder or single-file checkpoint for --sample [default: the
+    /// embedded shapes-32 model].
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Weights variant of a diffusers --model (e.g. `fp16`).
+    #[arg(long)]
+    variant: Option<String>,
+    /// Config folder for a single-file --model.
+    #[arg(long)]
+    model_config: Option<PathBuf>,
     /// A LoRA for --sample, FILE[:SCALE]; repeatable.
     #[arg(long, value_name = "FILE[:SCALE]")]
     lora: Vec<String>,
@@ -115,8 +122,11 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let pngs = collect_pngs(&a.images)?;
     let device = device::select(a.device)?;
     let model: Option<ModelFiles> = match (&a.sample, &a.model) {
-        (Some(_), Some(dir)) => Some(files::read_model_dir(dir)?),
-        (Some(_), None) => Some(draft_core::default_model::files()),
+        (Some(_), model) => Some(files::read_model(
+            model.as_deref(),
+            a.variant.as_deref(),
+            a.model_config.as_deref(),
+        )?),
         (None, _) => None,
     };
     let reward = reward_files.build(&specs, &options, model.as_ref(), &device)?;

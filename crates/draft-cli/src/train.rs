@@ -30,6 +30,8 @@ use draft_core::default_model::{
 };
 
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+/// The same LoRA in kohya's layout, for A1111 and ComfyUI.
+pub const KOHYA_FILE: &str = "lora_kohya.safetensors";
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
 /// Every flag is optional here so that `--config FILE.toml` can set it; the TOML keys are the
@@ -41,9 +43,18 @@ pub struct TrainArgs {
     #[arg(long)]
     #[serde(skip)]
     config: Option<PathBuf>,
-    /// A diffusers pipeline folder [default: the embedded shapes-32 model].
+    /// A diffusers pipeline folder, or a single-file SD-1.x/2.x checkpoint (.safetensors,
+    /// .ckpt) [default: the embedded shapes-32 model].
     #[arg(long)]
     model: Option<PathBuf>,
+    /// Load this weights variant of a diffusers folder (`fp16` reads
+    /// diffusion_pytorch_model.fp16.safetensors, …), as diffusers' `variant=`.
+    #[arg(long)]
+    variant: Option<String>,
+    /// For a single-file --model: a diffusers folder whose config files (and tokenizer) replace
+    /// the ones inferred from the checkpoint.
+    #[arg(long)]
+    model_config: Option<PathBuf>,
     #[arg(long, value_enum)]
     device: Option<DeviceArg>,
     /// draft (whole chain) | draft-k | draft-lv | refl | alignprop [default: draft-lv].
@@ -198,6 +209,7 @@ impl TrainArgs {
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         for p in [
             &mut f.model,
+            &mut f.model_config,
             &mut f.prompts,
             &mut f.init_lora,
             &mut f.init_noise,
@@ -210,7 +222,7 @@ impl TrainArgs {
                 *p = base.join(&*p);
             }
         }
-        merge!(self, f; model, device, method, k, lv_samples, t_min, t_max, k_min, k_max, reward, reward_model,
+        merge!(self, f; model, variant, model_config, device, method, k, lv_samples, t_min, t_max, k_min, k_max, reward, reward_model,
             target_color, prompt, prompts, prompt_set, negative_prompt, batch, steps, guidance,
             eta, train_steps, lr, optimizer, weight_decay, rank, alpha, lora_targets,
             clip_grad_norm, grad_accum, seed, init_lora, init_noise, out_dir, checkpoint_every,
@@ -275,9 +287,6 @@ impl TrainArgs {
         };
         c.lora_targets.sort();
         c.lora_targets.dedup();
-        if self.batch.is_some() && self.init_noise.is_some() {
-            bail!("--batch and --init-noise both set the batch: give one of them");
-        }
         c.validate()?;
         Ok(c)
     }
@@ -375,10 +384,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None
     };
 
-    let model = match &a.model {
-        Some(dir) => files::read_model_dir(dir)?,
-        None => draft_core::default_model::files(),
-    };
+    let model = files::read_model(
+        a.model.as_deref(),
+        a.variant.as_deref(),
+        a.model_config.as_deref(),
+    )?;
     let device = device::select(a.device.unwrap_or(DeviceArg::Auto))?;
     let pipeline = Pipeline::load_with_lora(
         &model,
@@ -395,7 +405,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let init_noise = match (&a.init_noise, &noise_bytes) {
         (Some(p), Some(bytes)) => {
             let name = p.display().to_string();
-            Some(Weights::from_bytes(&name, bytes)?.tensor::<4>("noise", &device)?)
+            let noise = Weights::from_bytes(&name, bytes)?.tensor::<4>("noise", &device)?;
+            let b = noise.dims()[0];
+            if let Some(n) = a.batch.filter(|&n| n != b) {
+                bail!("--batch {n} does not match {name}: tensor `noise` holds a batch of {b}");
+            }
+            Some(noise)
         }
         _ => None,
     };
@@ -536,7 +551,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let lora_bytes = pollster::block_on(trainer.pipeline.lora.to_safetensors())?;
     let lora_path = out_dir.join(LORA_FILE);
     files::write_atomic(&lora_path, &lora_bytes)?;
-    eprintln!("draft: wrote {}", lora_path.display());
+    let kohya_bytes = pollster::block_on(trainer.pipeline.lora.to_kohya_safetensors())?;
+    let kohya_path = out_dir.join(KOHYA_FILE);
+    files::write_atomic(&kohya_path, &kohya_bytes)?;
+    eprintln!(
+        "draft: wrote {} (diffusers) and {} (A1111, ComfyUI)",
+        lora_path.display(),
+        kohya_path.display()
+    );
     if preview > 0 {
         let after = out_dir.join("samples_after.png");
         let e = match last_eval {
@@ -590,7 +612,8 @@ fn write_preview(trainer: &Trainer, n: usize, path: &Path) -> Result<(f64, f64, 
 /// Writes an evaluation's images as a grid; returns its reward, diversity and term means.
 fn write_eval(e: FixedEval, path: &Path) -> Result<(f64, f64, Vec<f64>)> {
     let (values, shape) = pollster::block_on(read_f32(to_nhwc(e.images)))?;
-    images::write_png_grid(path, &values, shape[0], shape[1], shape[2])?;
+    let captions: Vec<String> = e.per_image.iter().map(|r| format!("{r:.4}")).collect();
+    images::write_png_grid(path, &values, (shape[0], shape[1], shape[2]), &captions)?;
     eprintln!(
         "draft: wrote {} (mean reward {:.4}, diversity {:.4})",
         path.display(),

@@ -9,6 +9,7 @@
 pub mod default_model;
 pub mod engine;
 pub mod error;
+pub mod layouts;
 pub mod lora;
 pub mod models;
 pub mod nn;

@@ -21,6 +21,7 @@ use burn::tensor::ops::ConvOptions;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::layouts::kohya::{self, module_id};
 use crate::weights::Weights;
 
 /// What an adapted layer is: the shapes and conv options its adapter needs.
@@ -204,7 +205,7 @@ pub struct LoraPlan {
 #[derive(Debug, Clone)]
 enum Selection {
     Targets(Vec<LoraTarget>),
-    /// Exactly these module paths (the ones a LoRA file names).
+    /// Exactly these layers, by [`module_id`] (the ones a LoRA file names).
     Paths(BTreeSet<String>),
 }
 
@@ -229,7 +230,7 @@ impl LoraPlan {
     pub fn slot(&self, path: &str, kind: LoraKind) -> Option<LoraSlot> {
         let selected = match &self.select {
             Selection::Targets(t) => t.iter().any(|t| t.matches(&self.component, path)),
-            Selection::Paths(p) => p.contains(path),
+            Selection::Paths(p) => p.contains(&module_id(&self.component, path)),
         };
         selected.then(|| {
             let key = format!("{}.{}", self.component, path);
@@ -241,57 +242,45 @@ impl LoraPlan {
     }
 }
 
-/// A LoRA file's contents: module key (`unet.<path>`) → (A, B) as read, B including the
-/// file's scale.
+/// One layer's adapter as a LoRA file holds it.
+#[derive(Debug, Clone)]
+pub struct LoraModule {
+    /// The layer's name in the file (for messages).
+    pub key: String,
+    pub a: Vec<f32>,
+    pub a_shape: Vec<usize>,
+    /// `B` with the file's scale folded in (kohya's `alpha / r`; diffusers files carry none).
+    pub b: Vec<f32>,
+    pub b_shape: Vec<usize>,
+}
+
+/// A LoRA file's contents: layer id ([`module_id`]) → adapter.
 pub struct LoraFile {
     pub name: String,
-    pub modules: BTreeMap<String, (Vec<f32>, Vec<usize>, Vec<f32>, Vec<usize>)>,
+    pub modules: BTreeMap<String, LoraModule>,
+}
+
+/// A layer key of the [`LoraTable`] (`unet.<path>`) as its [`module_id`].
+fn entry_id(key: &str) -> String {
+    let (component, path) = key.split_once('.').unwrap_or(("", key));
+    module_id(component, path)
 }
 
 impl LoraFile {
-    /// Reads a diffusers / peft LoRA file: keys `<component>.<module path>.lora_A.weight`
-    /// and `….lora_B.weight`.
+    /// Reads a LoRA file in diffusers / peft layout (keys `<component>.<module path>.lora_A.weight`
+    /// and `….lora_B.weight`, with or without the text encoder's `text_model.`) or in kohya's
+    /// (`lora_unet_….lora_down.weight`, `.lora_up.weight`, `.alpha`; see [`kohya`]).
     pub fn parse(name: &str, bytes: &[u8]) -> Result<Self> {
         let w = Weights::from_bytes(name, bytes)?;
-        let mut a_keys = BTreeMap::new();
-        let mut b_keys = BTreeMap::new();
-        for key in w.keys() {
-            if let Some(m) = key.strip_suffix(".lora_A.weight") {
-                a_keys.insert(m.to_string(), key.clone());
-            } else if let Some(m) = key.strip_suffix(".lora_B.weight") {
-                b_keys.insert(m.to_string(), key.clone());
-            } else {
-                return Err(Error::Input(format!(
-                    "{name}: `{key}` is not a LoRA weight (expected keys ending in .lora_A.weight / .lora_B.weight)"
-                )));
-            }
-        }
-        if a_keys.is_empty() {
+        let keys = w.keys();
+        let modules = if kohya::is_kohya(&keys) {
+            parse_kohya(name, &w)?
+        } else {
+            parse_peft(name, &w)?
+        };
+        if modules.is_empty() {
             return Err(Error::Input(format!(
                 "{name}: the file holds no LoRA weights"
-            )));
-        }
-        let mut modules = BTreeMap::new();
-        for (m, ak) in &a_keys {
-            let bk = b_keys.get(m).ok_or_else(|| {
-                Error::Input(format!("{name}: `{ak}` has no matching lora_B.weight"))
-            })?;
-            let (a, a_shape) = w.read_f32(ak)?;
-            let (b, b_shape) = w.read_f32(bk)?;
-            let ranks_agree = a_shape.len() >= 2
-                && b_shape.len() >= 2
-                && a_shape[0] == b_shape[1]
-                && b_shape[2..].iter().all(|&d| d == 1);
-            if !ranks_agree {
-                return Err(Error::Input(format!(
-                    "{name}: `{m}` has lora_A {a_shape:?} and lora_B {b_shape:?}, whose ranks disagree"
-                )));
-            }
-            modules.insert(m.clone(), (a, a_shape, b, b_shape));
-        }
-        if let Some(m) = b_keys.keys().find(|m| !a_keys.contains_key(*m)) {
-            return Err(Error::Input(format!(
-                "{name}: `{m}.lora_B.weight` has no matching lora_A.weight"
             )));
         }
         Ok(Self {
@@ -300,18 +289,138 @@ impl LoraFile {
         })
     }
 
-    /// The module paths of one component (`unet`, `text_encoder`), without the prefix.
+    /// The layer ids ([`module_id`]) of one component (`unet`, `text_encoder`).
     pub fn paths(&self, component: &str) -> BTreeSet<String> {
-        let prefix = format!("{component}.");
+        let prefix = format!("{component}:");
         self.modules
             .keys()
-            .filter_map(|k| k.strip_prefix(&prefix).map(str::to_string))
+            .filter(|k| k.starts_with(&prefix))
+            .cloned()
             .collect()
     }
 
     pub fn rank(&self) -> usize {
-        self.modules.values().next().map_or(0, |(_, s, _, _)| s[0])
+        self.modules.values().next().map_or(0, |m| m.a_shape[0])
     }
+}
+
+fn parse_peft(name: &str, w: &Weights) -> Result<BTreeMap<String, LoraModule>> {
+    let mut a_keys = BTreeMap::new();
+    let mut b_keys = BTreeMap::new();
+    for key in w.keys() {
+        if let Some(m) = key.strip_suffix(".lora_A.weight") {
+            a_keys.insert(m.to_string(), key.clone());
+        } else if let Some(m) = key.strip_suffix(".lora_B.weight") {
+            b_keys.insert(m.to_string(), key.clone());
+        } else {
+            return Err(Error::Input(format!(
+                "{name}: `{key}` is not a LoRA weight (expected keys ending in .lora_A.weight / .lora_B.weight, or kohya's lora_unet_…)"
+            )));
+        }
+    }
+    let mut modules = BTreeMap::new();
+    for (m, ak) in &a_keys {
+        let bk = b_keys.get(m).ok_or_else(|| {
+            Error::Input(format!("{name}: `{ak}` has no matching lora_B.weight"))
+        })?;
+        let (a, a_shape) = w.read_f32(ak)?;
+        let (b, b_shape) = w.read_f32(bk)?;
+        check_ranks(name, m, &a_shape, &b_shape)?;
+        let (component, path) = m.split_once('.').unwrap_or(("", m));
+        modules.insert(
+            module_id(component, path),
+            LoraModule {
+                key: m.clone(),
+                a,
+                a_shape,
+                b,
+                b_shape,
+            },
+        );
+    }
+    if let Some(m) = b_keys.keys().find(|m| !a_keys.contains_key(*m)) {
+        return Err(Error::Input(format!(
+            "{name}: `{m}.lora_B.weight` has no matching lora_A.weight"
+        )));
+    }
+    Ok(modules)
+}
+
+fn parse_kohya(name: &str, w: &Weights) -> Result<BTreeMap<String, LoraModule>> {
+    // id → (module name, down key, up key, alpha key)
+    let mut layers: BTreeMap<String, [Option<String>; 4]> = BTreeMap::new();
+    for key in w.keys() {
+        let Some((id, part)) = kohya::parse_key(&key) else {
+            return Err(Error::Input(format!(
+                "{name}: `{key}` is not a kohya LoRA weight of an SD-1.x/2.x layer (expected lora_unet_… / lora_te_… with .lora_down.weight, .lora_up.weight, .alpha)"
+            )));
+        };
+        let module = key.split('.').next().unwrap_or(&key).to_string();
+        let slot = layers.entry(id).or_default();
+        slot[0] = Some(module);
+        let i = match part {
+            kohya::Part::Down => 1,
+            kohya::Part::Up => 2,
+            kohya::Part::Alpha => 3,
+        };
+        slot[i] = Some(key.clone());
+    }
+    let mut modules = BTreeMap::new();
+    for (id, [module, down, up, alpha]) in layers {
+        let module = module.expect("set with any part");
+        let (Some(down), Some(up)) = (down, up) else {
+            return Err(Error::Input(format!(
+                "{name}: `{module}` needs both lora_down.weight and lora_up.weight"
+            )));
+        };
+        let (a, a_shape) = w.read_f32(&down)?;
+        let (b, b_shape) = w.read_f32(&up)?;
+        check_ranks(name, &module, &a_shape, &b_shape)?;
+        let rank = a_shape[0];
+        // No alpha means alpha = rank: scale 1.
+        let alpha = match alpha {
+            None => rank as f64,
+            Some(k) => {
+                let v = match w.read_f32(&k) {
+                    Ok((v, _)) => v.first().map(|x| *x as f64),
+                    Err(Error::TensorDtype { .. }) => {
+                        w.read_i64(&k)?.0.first().map(|x| *x as f64)
+                    }
+                    Err(e) => return Err(e),
+                };
+                v.filter(|a| a.is_finite()).ok_or_else(|| {
+                    Error::Input(format!("{name}: `{k}` is not one finite number"))
+                })?
+            }
+        };
+        let scale = alpha / rank as f64;
+        let b = b.iter().map(|v| (*v as f64 * scale) as f32).collect();
+        modules.insert(
+            id,
+            LoraModule {
+                key: module,
+                a,
+                a_shape,
+                b,
+                b_shape,
+            },
+        );
+    }
+    Ok(modules)
+}
+
+fn check_ranks(name: &str, module: &str, a_shape: &[usize], b_shape: &[usize]) -> Result<()> {
+    let ranks_agree = a_shape.len() >= 2
+        && b_shape.len() >= 2
+        && a_shape[0] == b_shape[1]
+        && a_shape[0] > 0
+        && b_shape[2..].iter().all(|&d| d == 1);
+    if !ranks_agree {
+        return Err(Error::Input(format!(
+            "{name}: `{module}` has lora_A {a_shape:?} and lora_B {b_shape:?}, whose ranks disagree"
+        )));
+    }
+    Ok(())
 }
 
 impl LoraTable {
@@ -383,7 +492,14 @@ impl LoraTable {
         let mut entries = self.lock();
         let mut matched = 0;
         for e in entries.iter_mut() {
-            let Some((a, a_shape, b, b_shape)) = file.modules.get(&e.key) else {
+            let Some(LoraModule {
+                a,
+                a_shape,
+                b,
+                b_shape,
+                ..
+            }) = file.modules.get(&entry_id(&e.key))
+            else {
                 continue;
             };
             let rank = a_shape[0];
@@ -412,9 +528,13 @@ impl LoraTable {
             matched += 1;
         }
         if matched != file.modules.len() {
-            let known: BTreeSet<&String> = entries.iter().map(|e| &e.key).collect();
-            let missing: Vec<&String> =
-                file.modules.keys().filter(|k| !known.contains(k)).collect();
+            let known: BTreeSet<String> = entries.iter().map(|e| entry_id(&e.key)).collect();
+            let missing: Vec<&String> = file
+                .modules
+                .iter()
+                .filter(|(id, _)| !known.contains(*id))
+                .map(|(_, m)| &m.key)
+                .collect();
             return Err(unmatched(&file.name, &missing));
         }
         Ok(())
@@ -427,18 +547,26 @@ impl LoraTable {
         let index: BTreeMap<String, usize> = entries
             .iter()
             .enumerate()
-            .map(|(i, e)| (e.key.clone(), i))
+            .map(|(i, e)| (entry_id(&e.key), i))
             .collect();
         let missing: Vec<&String> = file
             .modules
-            .keys()
-            .filter(|k| !index.contains_key(*k))
+            .iter()
+            .filter(|(id, _)| !index.contains_key(*id))
+            .map(|(_, m)| &m.key)
             .collect();
         if !missing.is_empty() {
             return Err(unmatched(&file.name, &missing));
         }
-        for (key, (a, a_shape, b, b_shape)) in &file.modules {
-            let e = &mut entries[index[key]];
+        for (id, m) in &file.modules {
+            let LoraModule {
+                a,
+                a_shape,
+                b,
+                b_shape,
+                ..
+            } = m;
+            let e = &mut entries[index[id]];
             let rank = a_shape[0];
             check_shapes(&file.name, e, rank, a_shape, b_shape)?;
             e.adapters.push(Adapter {
@@ -508,6 +636,31 @@ impl LoraTable {
             let (b, _) = crate::read_f32(ad.b.clone() * ad.scale).await?;
             tensors.push((format!("{}.lora_A.weight", e.key), e.kind.a_shape(rank), a));
             tensors.push((format!("{}.lora_B.weight", e.key), e.kind.b_shape(rank), b));
+        }
+        crate::weights::serialize_f32(&tensors, None)
+    }
+
+    /// The trainable adapters as a kohya LoRA file (`lora_kohya.safetensors`, for A1111 and
+    /// ComfyUI): `lora_down` = `A`, `lora_up` = `B` times the scale and `alpha` = r, so the
+    /// strength at weight 1 is ours — the scale is folded, as in the diffusers file and as
+    /// diffusers' `convert_state_dict_to_kohya` writes alpha. f32.
+    pub async fn to_kohya_safetensors(&self) -> Result<Vec<u8>> {
+        let entries = self.entries();
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for e in &entries {
+            let Some(ad) = e.adapters.first() else {
+                continue;
+            };
+            let (component, path) = e.key.split_once('.').unwrap_or(("", &e.key));
+            let name = kohya::module_name(component, path).ok_or_else(|| {
+                Error::Input(format!("`{}`: no kohya name for this layer", e.key))
+            })?;
+            let rank = ad.a.dims()[0];
+            let (a, _) = crate::read_f32(ad.a.clone()).await?;
+            let (b, _) = crate::read_f32(ad.b.clone() * ad.scale).await?;
+            tensors.push((format!("{name}.lora_down.weight"), e.kind.a_shape(rank), a));
+            tensors.push((format!("{name}.lora_up.weight"), e.kind.b_shape(rank), b));
+            tensors.push((format!("{name}.alpha"), vec![], vec![rank as f32]));
         }
         crate::weights::serialize_f32(&tensors, None)
     }

@@ -18,25 +18,33 @@ use crate::tokenizer::{ClipTokenizer, SpecialTokens};
 use crate::weights::{VarBuilder, Weights};
 
 /// The files of a diffusers pipeline folder, by path relative to the folder.
+///
+/// Weights may be one safetensors file per component, a sharded set (`*.safetensors.index.json`
+/// and the shards its `weight_map` names), a variant (`diffusion_pytorch_model.fp16.safetensors`,
+/// chosen with [`variant`](Self::variant) as diffusers' `variant=`), or PyTorch `.bin` files,
+/// whose bytes the shell has converted to safetensors (the core has no pickle reader). A
+/// single-file checkpoint in the original LDM layout is held under [`checkpoint`](Self::checkpoint)
+/// instead, with the folder's config files beside it ([`crate::layouts::ldm::model_files`]).
 pub struct ModelFiles {
     /// How the folder is named in error messages (its path, for the CLI).
     pub name: String,
     pub files: BTreeMap<String, Vec<u8>>,
+    /// The weights variant to load (`fp16`, …); `None`: the plain files, else `fp16`.
+    pub variant: Option<String>,
+    /// The key in `files` of a single-file LDM checkpoint holding every component's weights.
+    pub checkpoint: Option<String>,
 }
 
+/// The components that have weight files.
+pub const COMPONENTS: [&str; 3] = ["unet", "vae", "text_encoder"];
+
 impl ModelFiles {
-    /// Every file the loader may read; weights are listed in order of preference.
+    /// Every file other than weights the loader may read.
     pub const LAYOUT: &'static [&'static str] = &[
         "model_index.json",
         "unet/config.json",
-        "unet/diffusion_pytorch_model.safetensors",
-        "unet/diffusion_pytorch_model.fp16.safetensors",
         "vae/config.json",
-        "vae/diffusion_pytorch_model.safetensors",
-        "vae/diffusion_pytorch_model.fp16.safetensors",
         "text_encoder/config.json",
-        "text_encoder/model.safetensors",
-        "text_encoder/model.fp16.safetensors",
         "tokenizer/tokenizer.json",
         "tokenizer/vocab.json",
         "tokenizer/merges.txt",
@@ -49,21 +57,85 @@ impl ModelFiles {
         Self {
             name: name.into(),
             files: BTreeMap::new(),
+            variant: None,
+            checkpoint: None,
         }
     }
 
-    /// Collects every file of [`Self::LAYOUT`] that `read(path)` finds (`Ok(None)`: absent).
+    /// Collects every file of [`Self::LAYOUT`] and the weights [`Self::weight_names`] picks
+    /// that `read(path)` finds (`Ok(None)`: absent).
     pub fn read_layout<E>(
         name: impl Into<String>,
+        read: impl FnMut(&str) -> std::result::Result<Option<Vec<u8>>, E>,
+    ) -> std::result::Result<Self, E> {
+        Self::read_layout_variant(name, None, read)
+    }
+
+    /// [`read_layout`](Self::read_layout) for a weights variant (`--variant fp16`): only the
+    /// first weights found per component are read, and for a sharded set its shards.
+    pub fn read_layout_variant<E>(
+        name: impl Into<String>,
+        variant: Option<&str>,
         mut read: impl FnMut(&str) -> std::result::Result<Option<Vec<u8>>, E>,
     ) -> std::result::Result<Self, E> {
         let mut files = Self::new(name);
+        files.variant = variant.map(str::to_string);
         for rel in Self::LAYOUT {
             if let Some(bytes) = read(rel)? {
                 files.insert(*rel, bytes);
             }
         }
+        for component in COMPONENTS {
+            for path in files.weight_names(component) {
+                let Some(bytes) = read(&path)? else {
+                    continue;
+                };
+                // A malformed index is reported when the component loads.
+                let shards = shard_names(&bytes).unwrap_or_default();
+                files.insert(path, bytes);
+                for shard in shards {
+                    let rel = format!("{component}/{shard}");
+                    if let Some(bytes) = read(&rel)? {
+                        files.insert(rel, bytes);
+                    }
+                }
+                break;
+            }
+        }
         Ok(files)
+    }
+
+    /// The weight files `component` may have, best first: for the chosen variant (without one:
+    /// the plain files, then `fp16`), safetensors before a sharded safetensors index before
+    /// PyTorch `.bin` (single, then sharded). diffusers' names.
+    pub fn weight_names(&self, component: &str) -> Vec<String> {
+        let (st, bin) = if component == "text_encoder" {
+            ("model", "pytorch_model")
+        } else {
+            ("diffusion_pytorch_model", "diffusion_pytorch_model")
+        };
+        let variants: Vec<Option<&str>> = match &self.variant {
+            Some(v) => vec![Some(v.as_str())],
+            None => vec![None, Some("fp16")],
+        };
+        let mut names = Vec::new();
+        for v in variants {
+            let file = |stem: &str, ext: &str| match v {
+                Some(v) => format!("{component}/{stem}.{v}.{ext}"),
+                None => format!("{component}/{stem}.{ext}"),
+            };
+            let index = |stem: &str, ext: &str| match v {
+                Some(v) => format!("{component}/{stem}.{ext}.index.{v}.json"),
+                None => format!("{component}/{stem}.{ext}.index.json"),
+            };
+            names.extend([
+                file(st, "safetensors"),
+                index(st, "safetensors"),
+                file(bin, "bin"),
+                index(bin, "bin"),
+            ]);
+        }
+        names
     }
 
     pub fn insert(&mut self, path: impl Into<String>, bytes: Vec<u8>) {
@@ -100,9 +172,64 @@ impl ModelFiles {
             .ok_or_else(|| Error::config(&self.display(candidates[0]), "file is missing"))
     }
 
-    fn weights(&self, path: &str) -> Result<Weights<'_>> {
-        Weights::from_bytes(&self.display(path), self.bytes(path)?)
+    /// The weights of `component` (`unet`, `vae`, `text_encoder`) under the diffusers /
+    /// transformers keys its module asks for, whatever layout they are stored in.
+    pub fn component_weights(&self, component: &str) -> Result<Weights<'_>> {
+        if let Some(key) = &self.checkpoint {
+            let w = Weights::from_bytes(&self.name, self.bytes(key)?)?;
+            return crate::layouts::ldm::component(w, component);
+        }
+        let names = self.weight_names(component);
+        let Some(path) = names.iter().find(|p| self.has(p)) else {
+            let looked: Vec<&str> = names
+                .iter()
+                .map(|n| n.rsplit('/').next().unwrap_or(n))
+                .collect();
+            let hint = match &self.variant {
+                Some(v) => format!(" (variant `{v}`; without --variant the plain files are read)"),
+                None => String::new(),
+            };
+            return Err(Error::config(
+                &self.display(component),
+                format!("no weights: looked for {}{hint}", looked.join(", ")),
+            ));
+        };
+        let w = if path.ends_with(".json") {
+            let shards = shard_names(self.bytes(path)?)
+                .map_err(|reason| Error::config(&self.display(path), reason))?;
+            let mut parts = Vec::with_capacity(shards.len());
+            for shard in shards {
+                let rel = format!("{component}/{shard}");
+                parts.push((self.display(&rel), self.bytes(&rel)?));
+            }
+            Weights::from_shards(&self.display(path), &parts)?
+        } else {
+            Weights::from_bytes(&self.display(path), self.bytes(path)?)?
+        };
+        if component == "text_encoder" {
+            return crate::layouts::text_model_prefix(w);
+        }
+        Ok(w)
     }
+}
+
+/// The shard files a `*.index.json` names in its `weight_map`, in order of first use.
+fn shard_names(index: &[u8]) -> std::result::Result<Vec<String>, String> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let index: Index = serde_json::from_slice(index).map_err(|e| e.to_string())?;
+    let mut names: Vec<String> = index.weight_map.into_values().collect();
+    names.sort();
+    names.dedup();
+    if let Some(bad) = names
+        .iter()
+        .find(|n| n.contains('/') || n.contains('\\') || n.starts_with('.'))
+    {
+        return Err(format!("shard `{bad}` is not a file name in the folder"));
+    }
+    Ok(names)
 }
 
 /// Text encoder + tokenizer + UNet + VAE + noise schedule.
@@ -199,6 +326,18 @@ impl Pipeline {
         }
 
         let tokenizer = load_tokenizer(files)?;
+        if tokenizer.id_bound() > text_config.vocab_size {
+            return Err(Error::config(
+                &files.display("text_encoder/config.json"),
+                format!(
+                    "vocab_size {} is smaller than the tokenizer's {} tokens (a tokenizer of \
+                     another model? a single-file checkpoint takes its tokenizer from \
+                     --model-config)",
+                    text_config.vocab_size,
+                    tokenizer.id_bound()
+                ),
+            ));
+        }
         if tokenizer.max_length > text_config.max_position_embeddings {
             return Err(Error::config(
                 &files.display("tokenizer/tokenizer_config.json"),
@@ -209,11 +348,7 @@ impl Pipeline {
             ));
         }
 
-        let path = files.first_of(&[
-            "unet/diffusion_pytorch_model.safetensors",
-            "unet/diffusion_pytorch_model.fp16.safetensors",
-        ])?;
-        let w = files.weights(path)?;
+        let w = files.component_weights("unet")?;
         let unet = UNet2DConditionModel::load(
             VarBuilder::new(&w, device).with_lora(lora.plan(&table, "unet")),
             &unet_config,
@@ -223,11 +358,7 @@ impl Pipeline {
         let vae = match &vae_config {
             None => None,
             Some(vae_config) => {
-                let path = files.first_of(&[
-                    "vae/diffusion_pytorch_model.safetensors",
-                    "vae/diffusion_pytorch_model.fp16.safetensors",
-                ])?;
-                let w = files.weights(path)?;
+                let w = files.component_weights("vae")?;
                 Some(AutoencoderKL::load(
                     VarBuilder::new(&w, device),
                     vae_config,
@@ -235,11 +366,7 @@ impl Pipeline {
             }
         };
 
-        let path = files.first_of(&[
-            "text_encoder/model.safetensors",
-            "text_encoder/model.fp16.safetensors",
-        ])?;
-        let w = files.weights(path)?;
+        let w = files.component_weights("text_encoder")?;
         let text_encoder = CLIPTextModel::load(
             VarBuilder::new(&w, device).with_lora(lora.plan(&table, "text_encoder")),
             &text_config,

@@ -185,6 +185,15 @@ impl ClipTokenizer {
             .map_err(|e| tok_err("tokenizer.json", e))
     }
 
+    /// One more than the largest token id it can produce (added tokens included).
+    pub fn id_bound(&self) -> usize {
+        self.tokenizer
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1)
+    }
+
     /// Whether `word` is in the vocabulary (for word-level tokenizers: whether a prompt word
     /// is known).
     pub fn knows(&self, word: &str) -> bool {

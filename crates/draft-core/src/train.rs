@@ -313,6 +313,8 @@ pub struct FixedEval {
     /// Each reward term's mean (unweighted), in the order of the reward's terms.
     pub terms: Vec<f64>,
     pub diversity: f64,
+    /// Each image's (weighted) reward.
+    pub per_image: Vec<f64>,
     /// The images, [n, 3, H, W] in [0, 1].
     pub images: Tensor<4>,
     /// The prompt of each image.
@@ -586,15 +588,19 @@ impl Trainer {
         let images = pipe.decode(latents);
         let mut terms = Vec::new();
         let mut reward = 0.0;
+        let mut per_image = vec![0.0; n];
         for ((_, weight), t) in self
             .reward
             .terms
             .iter()
             .zip(self.reward.score_terms(images.clone(), &prompts))
         {
-            let mean = crate::read_f32(t.mean()).await?.0[0] as f64;
+            let mean = crate::read_f32(t.clone().mean()).await?.0[0] as f64;
             reward += weight * mean;
             terms.push(mean);
+            for (r, v) in per_image.iter_mut().zip(crate::read_f32(t).await?.0) {
+                *r += weight * v as f64;
+            }
         }
         let [_, ch, ih, iw] = images.dims();
         let pairs = images.clone().reshape([n / 2, 2, ch * ih * iw]);
@@ -606,6 +612,7 @@ impl Trainer {
             reward,
             terms,
             diversity,
+            per_image,
             images,
             prompts,
         })

@@ -11,23 +11,99 @@ use safetensors::{Dtype, SafeTensors};
 use crate::error::{Error, Result};
 use crate::lora::{LoraKind, LoraPlan, LoraSlot};
 
-/// One parsed safetensors file plus the name it is reported under in errors.
+/// One or more parsed safetensors files (the shards of one component) plus the name they are
+/// reported under in errors, with the keys the model asks for mapped onto the keys in the files.
+///
+/// Other layouts (a transformers-5 text encoder without `text_model.`, a single-file LDM
+/// checkpoint) are read through [`Weights::renamed`]: the module code always asks for the
+/// diffusers/transformers key.
 pub struct Weights<'a> {
     file: String,
-    st: SafeTensors<'a>,
+    shards: Vec<(String, SafeTensors<'a>)>,
+    /// Key the model asks for → where it is in the files.
+    keys: std::collections::BTreeMap<String, Entry>,
+}
+
+/// Where one tensor of a [`Weights`] is: its shard, its key there and, for a tensor that is
+/// one of `n` equal row blocks of a fused file tensor (OpenCLIP's `in_proj_weight` as q, k, v),
+/// which block.
+#[derive(Clone)]
+struct Entry {
+    shard: usize,
+    key: String,
+    chunk: Option<(usize, usize)>,
 }
 
 impl<'a> Weights<'a> {
     /// Parses the header of `bytes`; `file` names the file in error messages.
     pub fn from_bytes(file: &str, bytes: &'a [u8]) -> Result<Self> {
-        let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
-            file: file.to_string(),
-            reason: e.to_string(),
-        })?;
+        Self::from_shards(file, &[(file.to_string(), bytes)])
+    }
+
+    /// The shards of one sharded checkpoint (`*.safetensors.index.json`'s files), read as one:
+    /// `file` (the index) names the set, each shard's own name its tensors. A key found in two
+    /// shards is refused.
+    pub fn from_shards(file: &str, shards: &[(String, &'a [u8])]) -> Result<Self> {
+        let mut parsed = Vec::with_capacity(shards.len());
+        let mut keys = std::collections::BTreeMap::new();
+        for (i, (name, bytes)) in shards.iter().enumerate() {
+            let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
+                file: name.clone(),
+                reason: e.to_string(),
+            })?;
+            for key in st.names() {
+                let entry = Entry {
+                    shard: i,
+                    key: key.to_string(),
+                    chunk: None,
+                };
+                if let Some(other) = keys.insert(key.to_string(), entry) {
+                    return Err(Error::Safetensors {
+                        file: name.clone(),
+                        reason: format!("tensor `{key}` is also in {}", shards[other.shard].0),
+                    });
+                }
+            }
+            parsed.push((name.clone(), st));
+        }
         Ok(Self {
             file: file.to_string(),
-            st,
+            shards: parsed,
+            keys,
         })
+    }
+
+    /// The same tensors under other keys: `rename(key in the file)` gives the key the model
+    /// asks for, or `None` to hide the tensor. Two file keys renamed alike are refused.
+    pub fn renamed(self, rename: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        self.remapped(|k| rename(k).map(|new| (new, None)).into_iter().collect())
+    }
+
+    /// Like [`renamed`](Self::renamed), where one file tensor may also become several:
+    /// `(new key, Some((i, n)))` is the `i`-th of `n` equal blocks of its rows.
+    pub fn remapped(
+        self,
+        map: impl Fn(&str) -> Vec<(String, Option<(usize, usize)>)>,
+    ) -> Result<Self> {
+        let mut keys = std::collections::BTreeMap::new();
+        for entry in self.keys.into_values() {
+            for (new, chunk) in map(&entry.key) {
+                let e = Entry {
+                    chunk,
+                    ..entry.clone()
+                };
+                if let Some(other) = keys.insert(new.clone(), e) {
+                    return Err(Error::Safetensors {
+                        file: self.file.clone(),
+                        reason: format!(
+                            "tensors `{}` and `{}` both map to `{new}`",
+                            other.key, entry.key
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(Self { keys, ..self })
     }
 
     pub fn file(&self) -> &str {
@@ -35,23 +111,70 @@ impl<'a> Weights<'a> {
     }
 
     pub fn contains(&self, key: &str) -> bool {
-        self.st.tensor(key).is_ok()
+        self.keys.contains_key(key)
     }
 
     pub fn keys(&self) -> Vec<String> {
-        self.st.names().into_iter().map(|s| s.to_string()).collect()
+        self.keys.keys().cloned().collect()
     }
 
-    fn view(&self, key: &str) -> Result<safetensors::tensor::TensorView<'_>> {
-        self.st.tensor(key).map_err(|_| Error::MissingTensor {
+    /// The shape of `key` without reading its values.
+    pub fn shape(&self, key: &str) -> Result<Vec<usize>> {
+        let (file, view, chunk) = self.view(key)?;
+        let mut shape = view.shape().to_vec();
+        if let Some((_, n)) = chunk {
+            Self::check_chunk(file, key, &shape, n)?;
+            shape[0] /= n;
+        }
+        Ok(shape)
+    }
+
+    fn check_chunk(file: &str, key: &str, shape: &[usize], n: usize) -> Result<()> {
+        if shape.first().is_none_or(|&rows| rows % n != 0) {
+            return Err(Error::Safetensors {
+                file: file.to_string(),
+                reason: format!("tensor for `{key}` has shape {shape:?}, not {n} row blocks"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The tensor `key`, the name of the file holding it and its row block, if any.
+    fn view(
+        &self,
+        key: &str,
+    ) -> Result<(
+        &str,
+        safetensors::tensor::TensorView<'_>,
+        Option<(usize, usize)>,
+    )> {
+        let missing = || Error::MissingTensor {
             file: self.file.clone(),
             key: key.to_string(),
-        })
+        };
+        let entry = self.keys.get(key).ok_or_else(missing)?;
+        let (name, st) = &self.shards[entry.shard];
+        let view = st.tensor(&entry.key).map_err(|_| missing())?;
+        Ok((name, view, entry.chunk))
     }
 
-    fn dtype_error(&self, key: &str, dtype: Dtype, expected: &str) -> Error {
+    /// The bytes of `key` (its row block only, for a block of a fused tensor) and its shape.
+    fn data(&self, key: &str) -> Result<(&str, Dtype, &[u8], Vec<usize>)> {
+        let (file, view, chunk) = self.view(key)?;
+        let mut shape = view.shape().to_vec();
+        let mut bytes = view.data();
+        if let Some((i, n)) = chunk {
+            Self::check_chunk(file, key, &shape, n)?;
+            let block = bytes.len() / n;
+            bytes = &bytes[i * block..(i + 1) * block];
+            shape[0] /= n;
+        }
+        Ok((file, view.dtype(), bytes, shape))
+    }
+
+    fn dtype_error(file: &str, key: &str, dtype: Dtype, expected: &str) -> Error {
         Error::TensorDtype {
-            file: self.file.clone(),
+            file: file.to_string(),
             key: key.to_string(),
             dtype: format!("{dtype:?}"),
             expected: expected.to_string(),
@@ -60,9 +183,8 @@ impl<'a> Weights<'a> {
 
     /// Reads `key` as f32 values and its shape.
     pub fn read_f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let view = self.view(key)?;
-        let bytes = view.data();
-        let values = match view.dtype() {
+        let (file, dtype, bytes, shape) = self.data(key)?;
+        let values = match dtype {
             Dtype::F32 => bytes
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -75,16 +197,19 @@ impl<'a> Weights<'a> {
                 .chunks_exact(2)
                 .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
                 .collect(),
-            other => return Err(self.dtype_error(key, other, "F32, F16 or BF16")),
+            Dtype::F64 => bytes
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
+                .collect(),
+            other => return Err(Self::dtype_error(file, key, other, "F32, F16, BF16 or F64")),
         };
-        Ok((values, view.shape().to_vec()))
+        Ok((values, shape))
     }
 
     /// Reads an integer tensor (I64 or I32) as i64 values and its shape.
     pub fn read_i64(&self, key: &str) -> Result<(Vec<i64>, Vec<usize>)> {
-        let view = self.view(key)?;
-        let bytes = view.data();
-        let values = match view.dtype() {
+        let (file, dtype, bytes, shape) = self.data(key)?;
+        let values = match dtype {
             Dtype::I64 => bytes
                 .chunks_exact(8)
                 .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
@@ -93,9 +218,9 @@ impl<'a> Weights<'a> {
                 .chunks_exact(4)
                 .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64)
                 .collect(),
-            other => return Err(self.dtype_error(key, other, "I64 or I32")),
+            other => return Err(Self::dtype_error(file, key, other, "I64 or I32")),
         };
-        Ok((values, view.shape().to_vec()))
+        Ok((values, shape))
     }
 
     /// Reads `key` as a float tensor of rank `D` on `device`, whatever its shape.
@@ -402,7 +527,11 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
             }
         };
         let (values, found) = weights.read_f32(&key)?;
-        if found != shape {
+        // A 1×1 conv kernel [o, i, 1, 1] serves a Linear [o, i] (the LDM VAE's attention).
+        let squeezed = found.len() > D
+            && found[..D] == shape
+            && found[D..].iter().all(|&d| d == 1);
+        if found != shape && !squeezed {
             return Err(Error::TensorShape {
                 file: weights.file.clone(),
                 key,
