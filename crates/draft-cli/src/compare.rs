@@ -91,10 +91,7 @@ pub fn run(a: CompareArgs) -> Result<()> {
     }
     if let Some(out) = &a.out {
         let (title, y) = match a.metric {
-            Metric::EvalReward => (
-                "Fixed evaluation set reward",
-                "evaluation-set reward",
-            ),
+            Metric::EvalReward => ("Fixed evaluation set reward", "evaluation-set reward"),
             Metric::Reward => ("Training batch reward", "batch mean reward"),
             Metric::Diversity => ("Fixed evaluation set diversity", "diversity"),
         };

@@ -42,10 +42,16 @@ pub fn read_model(
         return read_model_dir(path, variant);
     }
     if !path.is_file() {
-        bail!("{}: model folder or checkpoint file not found", path.display());
+        bail!(
+            "{}: model folder or checkpoint file not found",
+            path.display()
+        );
     }
     if variant.is_some() {
-        bail!("--variant selects files in a diffusers folder; {} is a single file", path.display());
+        bail!(
+            "--variant selects files in a diffusers folder; {} is a single file",
+            path.display()
+        );
     }
     let (name, bytes) = crate::rewards::read_weights(path)?;
     let config = config.map(read_config_dir).transpose()?;

@@ -38,8 +38,14 @@ pub fn write_png_grid(
         }
     }
     if !captions.is_empty() {
-        crate::plot::caption_tiles(&mut rgb, (gw as u32, gh as u32), (tw, th, strip), cols, captions)
-            .map_err(|e| anyhow::anyhow!("{}: cannot draw captions: {e}", path.display()))?;
+        crate::plot::caption_tiles(
+            &mut rgb,
+            (gw as u32, gh as u32),
+            (tw, th, strip),
+            cols,
+            captions,
+        )
+        .map_err(|e| anyhow::anyhow!("{}: cannot draw captions: {e}", path.display()))?;
     }
     let grid = image::RgbImage::from_raw(gw as u32, gh as u32, rgb).expect("buffer size matches");
     let mut bytes = Vec::new();

@@ -83,6 +83,8 @@ fn draw_reward(rgb: &mut [u8], size: (u32, u32), history: &[StepMetrics]) -> Dra
         .build_cartesian_2d(first..last, lo..hi)?;
     chart
         .configure_mesh()
+        .x_labels(((last - first) as usize + 1).min(10))
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .x_desc("update")
         .y_desc("reward")
         .label_style((FONT, 14))
@@ -111,22 +113,27 @@ fn draw_reward(rgb: &mut [u8], size: (u32, u32), history: &[StepMetrics]) -> Dra
         ))?
         .label("batch mean")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(1)));
-    let w = (history.len() / 10).max(1);
-    let smooth: Vec<(f64, f64)> = (0..history.len())
-        .map(|i| {
-            let s = i.saturating_sub(w - 1);
-            let mean =
-                history[s..=i].iter().map(|m| m.reward_mean).sum::<f64>() / (i - s + 1) as f64;
-            (history[i].step as f64, mean)
-        })
-        .collect();
-    chart
-        .draw_series(LineSeries::new(smooth, RED.stroke_width(2)))?
-        .label(format!("batch mean, moving average of {w}"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    let w = history.len() / 10;
+    if w > 1 {
+        let smooth: Vec<(f64, f64)> = (0..history.len())
+            .map(|i| {
+                let s = i.saturating_sub(w - 1);
+                let mean =
+                    history[s..=i].iter().map(|m| m.reward_mean).sum::<f64>() / (i - s + 1) as f64;
+                (history[i].step as f64, mean)
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(smooth, RED.stroke_width(2)))?
+            .label(format!("batch mean, moving average of {w}"))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+    }
     if !evals.is_empty() {
         let green = RGBColor(44, 160, 44);
-        chart.draw_series(LineSeries::new(evals.iter().copied(), green.stroke_width(2)))?;
+        chart.draw_series(LineSeries::new(
+            evals.iter().copied(),
+            green.stroke_width(2),
+        ))?;
         chart
             .draw_series(evals.iter().map(|&p| Circle::new(p, 4, green.filled())))?
             .label("fixed evaluation set")
@@ -210,7 +217,9 @@ fn draw_curves(
         chart
             .draw_series(LineSeries::new(s.iter().copied(), color.stroke_width(2)))?
             .label(label.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         chart.draw_series(s.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
     }
     chart
@@ -235,12 +244,12 @@ pub fn caption_tiles(
 ) -> Draw {
     font()?;
     let root = BitMapBackend::with_buffer(rgb, size).into_drawing_area();
-    let style = TextStyle::from((FONT, 15).into_font())
-        .color(&BLACK)
-        .pos(plotters::style::text_anchor::Pos::new(
+    let style = TextStyle::from((FONT, 15).into_font()).color(&BLACK).pos(
+        plotters::style::text_anchor::Pos::new(
             plotters::style::text_anchor::HPos::Center,
             plotters::style::text_anchor::VPos::Center,
-        ));
+        ),
+    );
     for (i, text) in captions.iter().enumerate() {
         let x = (i % cols) * tw + tw / 2;
         let y = (i / cols) * (th + strip) + th + strip / 2;

@@ -121,7 +121,10 @@ fn transformers5_folder_samples_like_diffusers() {
     let dir = layouts().join("sd1-tf5");
     // The fixture is what transformers ≥ 5 writes: no `text_model.` level.
     let keys = safetensors_keys(&dir.join("text_encoder/model.safetensors"));
-    assert!(keys.iter().any(|k| k == "embeddings.token_embedding.weight"));
+    assert!(
+        keys.iter()
+            .any(|k| k == "embeddings.token_embedding.weight")
+    );
     assert!(!keys.iter().any(|k| k.starts_with("text_model.")));
     let got = sample_run_a("sd1-tiny", &["--model", dir.to_str().unwrap()], "tf5");
     assert_images("sd1-tf5", got, sd1_images());
@@ -139,8 +142,17 @@ fn sharded_fp16_variant_samples_like_diffusers() {
     assert_images("sd1-sharded-fp16", got, want);
     // A variant the folder does not have is refused, naming it.
     let o = draft(&[
-        "sample", "--model", model, "--variant", "bf16", "--prompt", "x", "--steps", "2",
-        "--device", "cpu",
+        "sample",
+        "--model",
+        model,
+        "--variant",
+        "bf16",
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
     ]);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());

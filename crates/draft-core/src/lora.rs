@@ -320,9 +320,9 @@ fn parse_peft(name: &str, w: &Weights) -> Result<BTreeMap<String, LoraModule>> {
     }
     let mut modules = BTreeMap::new();
     for (m, ak) in &a_keys {
-        let bk = b_keys.get(m).ok_or_else(|| {
-            Error::Input(format!("{name}: `{ak}` has no matching lora_B.weight"))
-        })?;
+        let bk = b_keys
+            .get(m)
+            .ok_or_else(|| Error::Input(format!("{name}: `{ak}` has no matching lora_B.weight")))?;
         let (a, a_shape) = w.read_f32(ak)?;
         let (b, b_shape) = w.read_f32(bk)?;
         check_ranks(name, m, &a_shape, &b_shape)?;
@@ -383,9 +383,7 @@ fn parse_kohya(name: &str, w: &Weights) -> Result<BTreeMap<String, LoraModule>> 
             Some(k) => {
                 let v = match w.read_f32(&k) {
                     Ok((v, _)) => v.first().map(|x| *x as f64),
-                    Err(Error::TensorDtype { .. }) => {
-                        w.read_i64(&k)?.0.first().map(|x| *x as f64)
-                    }
+                    Err(Error::TensorDtype { .. }) => w.read_i64(&k)?.0.first().map(|x| *x as f64),
                     Err(e) => return Err(e),
                 };
                 v.filter(|a| a.is_finite()).ok_or_else(|| {

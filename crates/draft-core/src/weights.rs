@@ -528,9 +528,7 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
         };
         let (values, found) = weights.read_f32(&key)?;
         // A 1×1 conv kernel [o, i, 1, 1] serves a Linear [o, i] (the LDM VAE's attention).
-        let squeezed = found.len() > D
-            && found[..D] == shape
-            && found[D..].iter().all(|&d| d == 1);
+        let squeezed = found.len() > D && found[..D] == shape && found[D..].iter().all(|&d| d == 1);
         if found != shape && !squeezed {
             return Err(Error::TensorShape {
                 file: weights.file.clone(),

@@ -42,8 +42,16 @@ fn kohya_writer_matches_diffusers_convert_state_dict_to_kohya() {
         .renamed(|k| Some(k.replacen("lora_te1_", "lora_te_", 1)))
         .unwrap();
     assert_eq!(ours.keys(), theirs.keys(), "key sets differ");
-    assert!(ours.keys().iter().any(|k| k.starts_with("lora_te_text_model_encoder_layers_")));
-    assert!(ours.keys().iter().any(|k| k.ends_with("conv1.lora_down.weight")));
+    assert!(
+        ours.keys()
+            .iter()
+            .any(|k| k.starts_with("lora_te_text_model_encoder_layers_"))
+    );
+    assert!(
+        ours.keys()
+            .iter()
+            .any(|k| k.ends_with("conv1.lora_down.weight"))
+    );
     let mut worst = 0f32;
     for key in theirs.keys() {
         let (a, sa) = ours.read_f32(&key).unwrap();
@@ -88,12 +96,11 @@ fn kohya_files_read_as_the_same_lora_as_the_diffusers_file() {
             let k = &kohya.modules[id];
             assert_eq!(k.a, m.a, "{name} {id}: A");
             assert_eq!(k.b_shape, m.b_shape, "{name} {id}: B shape");
-            let err = k
-                .b
-                .iter()
-                .zip(&m.b)
-                .map(|(x, y)| (x - y).abs() / y.abs().max(1e-3))
-                .fold(0f32, f32::max);
+            let err =
+                k.b.iter()
+                    .zip(&m.b)
+                    .map(|(x, y)| (x - y).abs() / y.abs().max(1e-3))
+                    .fold(0f32, f32::max);
             assert!(err <= 1e-6, "{name} {id}: B differs by {err}");
         }
     }
@@ -113,11 +120,12 @@ fn inferred_architecture_is_sd15_and_sd21() {
             serde_json::from_value(all[name].clone()).unwrap();
         let inferred = ldm::infer(name, &shapes).unwrap();
         let configs = &all["configs"][name];
-        let check = |what: &str, got: &serde_json::Value, want: &serde_json::Value, fields: &[&str]| {
-            for f in fields {
-                assert_eq!(got[f], want[f], "{name} {what}: {f}");
-            }
-        };
+        let check =
+            |what: &str, got: &serde_json::Value, want: &serde_json::Value, fields: &[&str]| {
+                for f in fields {
+                    assert_eq!(got[f], want[f], "{name} {what}: {f}");
+                }
+            };
         check(
             "unet",
             &inferred.unet,
@@ -160,6 +168,15 @@ fn inferred_architecture_is_sd15_and_sd21() {
                 "hidden_act",
             ],
         );
+        // What the loader makes of them.
+        use draft_core::models::{
+            clip_text::CLIPTextConfig, unet::UNet2DConditionConfig, vae::AutoencoderKLConfig,
+        };
+        UNet2DConditionConfig::from_json(name, &inferred.unet.to_string()).unwrap();
+        AutoencoderKLConfig::from_json(name, &inferred.vae.to_string()).unwrap();
+        CLIPTextConfig::from_json(name, &inferred.text_encoder.to_string()).unwrap();
+        draft_core::schedule::SchedulerConfig::from_json(name, &inferred.scheduler.to_string())
+            .unwrap();
         let want_v = name == "sd21";
         assert_eq!(
             inferred.scheduler["prediction_type"] == "v_prediction",

@@ -15,7 +15,10 @@
 pub fn module_id(component: &str, path: &str) -> String {
     let flat = path.replace('.', "_");
     let flat = match component {
-        "text_encoder" => flat.strip_prefix("text_model_").unwrap_or(&flat).to_string(),
+        "text_encoder" => flat
+            .strip_prefix("text_model_")
+            .unwrap_or(&flat)
+            .to_string(),
         _ => flat,
     };
     format!("{component}:{flat}")
@@ -95,16 +98,24 @@ mod tests {
         let te = "text_model.encoder.layers.0.self_attn.q_proj";
         let name = module_name("text_encoder", te).unwrap();
         assert_eq!(name, "lora_te_text_model_encoder_layers_0_self_attn_q_proj");
-        assert_eq!(parse_key(&format!("{name}.alpha")).unwrap().0, module_id("text_encoder", te));
+        assert_eq!(
+            parse_key(&format!("{name}.alpha")).unwrap().0,
+            module_id("text_encoder", te)
+        );
         // transformers 5's path without `text_model.` is the same layer.
         assert_eq!(
             module_id("text_encoder", "encoder.layers.0.self_attn.q_proj"),
             module_id("text_encoder", te)
         );
         assert_eq!(
-            parse_key("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha").unwrap().0,
+            parse_key("lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha")
+                .unwrap()
+                .0,
             module_id("text_encoder", te)
         );
-        assert_eq!(parse_key("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha"), None);
+        assert_eq!(
+            parse_key("lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha"),
+            None
+        );
     }
 }

@@ -139,7 +139,9 @@ pub fn component<'a>(w: Weights<'a>, component: &str) -> Result<Weights<'a>> {
                 None => Vec::new(),
             }),
         },
-        other => Err(Error::Input(format!("no component `{other}` in a checkpoint"))),
+        other => Err(Error::Input(format!(
+            "no component `{other}` in a checkpoint"
+        ))),
     }
 }
 
@@ -184,10 +186,12 @@ fn has_prefix(s: &Shapes, prefix: &str) -> bool {
 }
 
 fn shape<'s>(file: &str, s: &'s Shapes, key: &str) -> Result<&'s [usize]> {
-    s.get(key).map(Vec::as_slice).ok_or_else(|| Error::MissingTensor {
-        file: file.to_string(),
-        key: key.to_string(),
-    })
+    s.get(key)
+        .map(Vec::as_slice)
+        .ok_or_else(|| Error::MissingTensor {
+            file: file.to_string(),
+            key: key.to_string(),
+        })
 }
 
 /// One LDM input block: a resnet (with its output channels and whether an attention follows)
@@ -290,10 +294,7 @@ fn unet_key(k: &str, lpb: usize) -> Option<String> {
                 ("0", true) => rest
                     .strip_prefix("op.")
                     .map(|t| format!("down_blocks.{level}.downsamplers.0.conv.{t}")),
-                ("0", false) => Some(format!(
-                    "down_blocks.{level}.resnets.{j}.{}",
-                    resnet(rest)?
-                )),
+                ("0", false) => Some(format!("down_blocks.{level}.resnets.{j}.{}", resnet(rest)?)),
                 ("1", false) => Some(format!("down_blocks.{level}.attentions.{j}.{rest}")),
                 _ => None,
             }
@@ -416,7 +417,9 @@ fn clip_key(k: &str) -> Option<String> {
 fn open_clip_keys(k: &str) -> Vec<(String, Option<(usize, usize)>)> {
     let one = |s: String| vec![(s, None)];
     match k {
-        "token_embedding.weight" => return one("text_model.embeddings.token_embedding.weight".into()),
+        "token_embedding.weight" => {
+            return one("text_model.embeddings.token_embedding.weight".into());
+        }
         "positional_embedding" => {
             return one("text_model.embeddings.position_embedding.weight".into());
         }
@@ -524,7 +527,10 @@ pub fn infer(file: &str, s: &Shapes) -> Result<Inferred> {
     let up_types: Vec<&str> = (0..levels.len())
         .map(|l| {
             if has_prefix(s, &format!("{UNET}output_blocks.{}.1.", l * (lpb + 1)))
-                && !s.contains_key(&format!("{UNET}output_blocks.{}.1.conv.weight", l * (lpb + 1)))
+                && !s.contains_key(&format!(
+                    "{UNET}output_blocks.{}.1.conv.weight",
+                    l * (lpb + 1)
+                ))
             {
                 "CrossAttnUpBlock2D"
             } else {
@@ -635,14 +641,15 @@ pub fn infer(file: &str, s: &Shapes) -> Result<Inferred> {
             "projection_dim": emb[1],
         })
     } else {
-        let t = |k: &str| -> String {
-            let with = format!("{CLIP}text_model.{k}");
-            if s.contains_key(&with) {
-                with
-            } else {
-                format!("{CLIP}{k}")
-            }
+        // Old checkpoints (transformers < 4.?) lack the `text_model.` level.
+        let base = if s.contains_key(&format!(
+            "{CLIP}text_model.embeddings.token_embedding.weight"
+        )) {
+            format!("{CLIP}text_model.")
+        } else {
+            CLIP.to_string()
         };
+        let t = |k: &str| format!("{base}{k}");
         let emb = shape(t("embeddings.token_embedding.weight"))?;
         let prefix = t("encoder.layers.");
         json!({
@@ -794,7 +801,10 @@ mod tests {
         );
         assert_eq!(
             open_clip_keys("transformer.resblocks.0.mlp.c_proj.weight"),
-            vec![("text_model.encoder.layers.0.mlp.fc2.weight".to_string(), None)]
+            vec![(
+                "text_model.encoder.layers.0.mlp.fc2.weight".to_string(),
+                None
+            )]
         );
         assert!(open_clip_keys("text_projection").is_empty());
     }
