@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{Result, anyhow};
 use draft_core::train::StepMetrics;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::{FontStyle, register_font};
 
@@ -24,6 +25,48 @@ fn font() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 type Draw = Result<(), Box<dyn std::error::Error>>;
+
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// A titled chart over `xs` × `ys` with labelled axes (integer x ticks for updates).
+fn chart<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    labels: &Labels,
+    xs: std::ops::Range<f64>,
+    ys: std::ops::Range<f64>,
+) -> Result<Chart<'a, 'b>, Box<dyn std::error::Error>> {
+    let ticks = ((xs.end - xs.start) as usize + 1).min(10);
+    let mut chart = ChartBuilder::on(root)
+        .caption(labels.title, (FONT, 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(64)
+        .build_cartesian_2d(xs, ys)?;
+    chart
+        .configure_mesh()
+        .x_labels(ticks)
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_desc(labels.x)
+        .y_desc(labels.y)
+        .label_style((FONT, 14))
+        .axis_desc_style((FONT, 16))
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    Ok(chart)
+}
+
+/// The legend of the series drawn with labels.
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, position: SeriesLabelPosition) -> Draw {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font((FONT, 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
+}
 
 /// Mean reward per update (line) with its ±1 std band over the batch, a moving average, and the
 /// fixed evaluation set's reward where it was measured; titled, with axes and a legend.
@@ -75,22 +118,12 @@ fn draw_reward(rgb: &mut [u8], size: (u32, u32), history: &[StepMetrics]) -> Dra
     let (lo, hi) = padded(lo, hi);
     let first = history[0].step as f64;
     let last = (history[history.len() - 1].step as f64).max(first + 1.0);
-    let mut chart = ChartBuilder::on(&root)
-        .caption("Reward during training", (FONT, 22))
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d(first..last, lo..hi)?;
-    chart
-        .configure_mesh()
-        .x_labels(((last - first) as usize + 1).min(10))
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .x_desc("update")
-        .y_desc("reward")
-        .label_style((FONT, 14))
-        .axis_desc_style((FONT, 16))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()?;
+    let labels = Labels {
+        title: "Reward during training",
+        x: "update",
+        y: "reward",
+    };
+    let mut chart = chart(&root, &labels, first..last, lo..hi)?;
     let band: Vec<(f64, f64)> = history
         .iter()
         .map(|m| (m.step as f64, m.reward_mean + m.reward_std))
@@ -139,13 +172,7 @@ fn draw_reward(rgb: &mut [u8], size: (u32, u32), history: &[StepMetrics]) -> Dra
             .label("fixed evaluation set")
             .legend(move |(x, y)| Circle::new((x + 10, y), 4, green.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .label_font((FONT, 14))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     root.present()?;
     Ok(())
 }
@@ -198,20 +225,7 @@ fn draw_curves(
     }
     let x1 = x1.max(x0 + 1.0);
     let (y0, y1) = padded(y0, y1);
-    let mut chart = ChartBuilder::on(&root)
-        .caption(labels.title, (FONT, 22))
-        .margin(16)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
-        .build_cartesian_2d(x0..x1, y0..y1)?;
-    chart
-        .configure_mesh()
-        .x_desc(labels.x)
-        .y_desc(labels.y)
-        .label_style((FONT, 14))
-        .axis_desc_style((FONT, 16))
-        .light_line_style(WHITE.mix(0.0))
-        .draw()?;
+    let mut chart = chart(&root, labels, x0..x1, y0..y1)?;
     for (i, (label, s)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()].1;
         chart
@@ -222,13 +236,7 @@ fn draw_curves(
             });
         chart.draw_series(s.iter().map(|&p| Circle::new(p, 3, color.filled())))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font((FONT, 14))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present()?;
     Ok(())
 }

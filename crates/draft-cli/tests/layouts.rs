@@ -282,3 +282,79 @@ fn kohya_lora_samples_like_diffusers_load_lora_weights() {
     );
     assert_images("diffusers LoRA", got, want);
 }
+
+/// `--device auto` on a machine without a display: wgpu's adapter probe must not print
+/// libwayland's "XDG_RUNTIME_DIR is invalid or not set" (it did through wgpu's GL backend).
+#[test]
+fn device_auto_is_quiet_without_a_display() {
+    let model = fixtures().join("sd1-tiny");
+    let out = scratch("auto");
+    let png = out.join("x.png");
+    let o = Command::new(env!("CARGO_BIN_EXE_draft"))
+        .args([
+            "sample",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--steps",
+            "2",
+            "--out",
+            png.to_str().unwrap(),
+        ])
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("WAYLAND_DISPLAY")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(!stderr.contains("XDG_RUNTIME_DIR"), "{stderr}");
+}
+
+/// `draft train --init-lora` continues from a kohya file (here sd-scripts' layout with alpha 2 ≠
+/// rank 4) as from the diffusers file of the same LoRA: the first update's reward is the same.
+#[test]
+fn init_lora_reads_kohya_files() {
+    let model = fixtures().join("sd1-tiny");
+    let first_reward = |lora: &Path, test: &str| -> f64 {
+        let out = scratch(test);
+        let o = draft(&[
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--steps",
+            "3",
+            "--batch",
+            "1",
+            "--prompt",
+            "a red circle",
+            "--lora-targets",
+            "attn,ff,proj,conv,text",
+            "--init-lora",
+            lora.to_str().unwrap(),
+            "--train-steps",
+            "1",
+            "--preview",
+            "0",
+            "--out-dir",
+            out.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{stderr}");
+        assert!(out.join("lora_kohya.safetensors").is_file());
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let m: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
+        m["reward_mean"].as_f64().unwrap()
+    };
+    let peft = first_reward(
+        &fixtures().join("draft/lora_targets.safetensors"),
+        "init-peft",
+    );
+    let kohya = first_reward(
+        &layouts().join("lora_kohya_sd_scripts.safetensors"),
+        "init-kohya",
+    );
+    assert!((peft - kohya).abs() <= 1e-5, "{peft} vs {kohya}");
+}
