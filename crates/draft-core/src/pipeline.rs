@@ -190,8 +190,12 @@ impl ModelFiles {
                 None => String::new(),
             };
             return Err(Error::config(
-                &self.display(component),
-                format!("no weights: looked for {}{hint}", looked.join(", ")),
+                &self.display(&names[0]),
+                format!(
+                    "file is missing, and so are the other weight files of `{component}` \
+                     ({}){hint}",
+                    looked[1..].join(", ")
+                ),
             ));
         };
         let w = if path.ends_with(".json") {
