@@ -19,6 +19,20 @@ pub enum DeviceArg {
     Cpu,
 }
 
+/// On a machine with no Wayland session, points `XDG_RUNTIME_DIR` (when unset) at a folder that
+/// does not exist. Mesa's Vulkan drivers (lavapipe included) probe for a Wayland display when
+/// wgpu enables `VK_KHR_wayland_surface`, and libwayland prints "XDG_RUNTIME_DIR is invalid or
+/// not set in the environment." on stderr for every probe when the variable is unset; with it
+/// set, the probe finds no compositor and says nothing — the truth on a headless machine. Call
+/// before any thread starts.
+pub fn quiet_headless_wayland() {
+    let unset = |k: &str| std::env::var_os(k).is_none_or(|v| v.is_empty());
+    if unset("XDG_RUNTIME_DIR") && unset("WAYLAND_DISPLAY") {
+        // SAFETY: called first thing in `main`, while the process has one thread.
+        unsafe { std::env::set_var("XDG_RUNTIME_DIR", "/nonexistent/draft-headless") };
+    }
+}
+
 /// Opens the device and prints which adapter is in use.
 pub fn select(arg: DeviceArg) -> Result<Device> {
     let (device, name) = match arg {
@@ -60,8 +74,7 @@ fn wgpu_named(api: WgpuBackend) -> Result<(Device, String)> {
 
 /// The name of the first hardware (non-CPU) adapter wgpu can see, if any.
 fn gpu_adapter() -> Option<String> {
-    // Only the APIs draft runs on: wgpu's GL backend would probe for a Wayland display, and
-    // libwayland prints "XDG_RUNTIME_DIR is invalid or not set" on a headless machine.
+    // Only the APIs draft runs on (wgpu's GL backend would probe for a display too).
     let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle();
     descriptor.backends = wgpu::Backends::PRIMARY;
     let instance = wgpu::Instance::new(descriptor);

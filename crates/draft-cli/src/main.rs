@@ -43,6 +43,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    device::quiet_headless_wayland();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sample(args) => sample::run(args),

@@ -284,7 +284,8 @@ fn kohya_lora_samples_like_diffusers_load_lora_weights() {
 }
 
 /// `--device auto` on a machine without a display: wgpu's adapter probe must not print
-/// libwayland's "XDG_RUNTIME_DIR is invalid or not set" (it did through wgpu's GL backend).
+/// libwayland's "XDG_RUNTIME_DIR is invalid or not set" (Mesa's Vulkan drivers, lavapipe
+/// included, probe for a Wayland display when wgpu enables VK_KHR_wayland_surface).
 #[test]
 fn device_auto_is_quiet_without_a_display() {
     let model = fixtures().join("sd1-tiny");
