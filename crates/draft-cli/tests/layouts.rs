@@ -359,3 +359,30 @@ fn init_lora_reads_kohya_files() {
     );
     assert!((peft - kohya).abs() <= 1e-5, "{peft} vs {kohya}");
 }
+
+/// `--variant fp16` takes the variant where a component has it and the plain files elsewhere
+/// (diffusers does the same); here only the UNet has a variant file, and its plain file is
+/// damaged, so the images prove which file was read.
+#[test]
+fn variant_falls_back_to_plain_files_per_component() {
+    let dir = scratch("variant-mix");
+    let src = fixtures().join("sd1-tiny");
+    for entry in ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"] {
+        let from = src.join(entry);
+        if from.is_dir() {
+            std::fs::create_dir_all(dir.join(entry)).unwrap();
+            for f in std::fs::read_dir(&from).unwrap() {
+                let f = f.unwrap();
+                std::fs::copy(f.path(), dir.join(entry).join(f.file_name())).unwrap();
+            }
+        } else {
+            std::fs::copy(&from, dir.join(entry)).unwrap();
+        }
+    }
+    let unet = dir.join("unet/diffusion_pytorch_model.safetensors");
+    std::fs::rename(&unet, dir.join("unet/diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    std::fs::write(&unet, b"not a safetensors file").unwrap();
+    let model = dir.to_str().unwrap();
+    let got = sample_run_a("sd1-tiny", &["--model", model, "--variant", "fp16"], "mix");
+    assert_images("unet fp16 variant + plain vae/text_encoder", got, sd1_images());
+}

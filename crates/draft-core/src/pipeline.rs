@@ -29,7 +29,8 @@ pub struct ModelFiles {
     /// How the folder is named in error messages (its path, for the CLI).
     pub name: String,
     pub files: BTreeMap<String, Vec<u8>>,
-    /// The weights variant to load (`fp16`, …); `None`: the plain files, else `fp16`.
+    /// The weights variant to load (`fp16`, …; a component without it loads its plain files);
+    /// `None`: the plain files, else `fp16`.
     pub variant: Option<String>,
     /// The key in `files` of a single-file LDM checkpoint holding every component's weights.
     pub checkpoint: Option<String>,
@@ -105,8 +106,8 @@ impl ModelFiles {
         Ok(files)
     }
 
-    /// The weight files `component` may have, best first: for the chosen variant (without one:
-    /// the plain files, then `fp16`), safetensors before a sharded safetensors index before
+    /// The weight files `component` may have, best first: the chosen variant, then the plain
+    /// files (without a variant: the plain files, then `fp16`), safetensors before a sharded safetensors index before
     /// PyTorch `.bin` (single, then sharded). diffusers' names.
     pub fn weight_names(&self, component: &str) -> Vec<String> {
         let (st, bin) = if component == "text_encoder" {
@@ -115,7 +116,8 @@ impl ModelFiles {
             ("diffusion_pytorch_model", "diffusion_pytorch_model")
         };
         let variants: Vec<Option<&str>> = match &self.variant {
-            Some(v) => vec![Some(v.as_str())],
+            // As diffusers: a component without the variant loads its plain files.
+            Some(v) => vec![Some(v.as_str()), None],
             None => vec![None, Some("fp16")],
         };
         let mut names = Vec::new();
@@ -186,7 +188,7 @@ impl ModelFiles {
                 .map(|n| n.rsplit('/').next().unwrap_or(n))
                 .collect();
             let hint = match &self.variant {
-                Some(v) => format!(" (variant `{v}`; without --variant the plain files are read)"),
+                Some(v) => format!("; the folder has no weights of variant `{v}`"),
                 None => String::new(),
             };
             return Err(Error::config(
