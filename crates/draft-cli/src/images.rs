@@ -60,7 +60,7 @@ pub fn write_png_grid(
 /// The smallest divisor of `b` that is at least √b: a full grid, as square as `b` allows.
 fn grid_columns(b: usize) -> usize {
     (1..=b.max(1))
-        .find(|&c| b.max(1) % c == 0 && c * c >= b)
+        .find(|&c| b.max(1).is_multiple_of(c) && c * c >= b)
         .unwrap_or(1)
 }
 

@@ -367,7 +367,14 @@ fn init_lora_reads_kohya_files() {
 fn variant_falls_back_to_plain_files_per_component() {
     let dir = scratch("variant-mix");
     let src = fixtures().join("sd1-tiny");
-    for entry in ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"] {
+    for entry in [
+        "model_index.json",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+        "vae",
+    ] {
         let from = src.join(entry);
         if from.is_dir() {
             std::fs::create_dir_all(dir.join(entry)).unwrap();
@@ -380,9 +387,17 @@ fn variant_falls_back_to_plain_files_per_component() {
         }
     }
     let unet = dir.join("unet/diffusion_pytorch_model.safetensors");
-    std::fs::rename(&unet, dir.join("unet/diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    std::fs::rename(
+        &unet,
+        dir.join("unet/diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .unwrap();
     std::fs::write(&unet, b"not a safetensors file").unwrap();
     let model = dir.to_str().unwrap();
     let got = sample_run_a("sd1-tiny", &["--model", model, "--variant", "fp16"], "mix");
-    assert_images("unet fp16 variant + plain vae/text_encoder", got, sd1_images());
+    assert_images(
+        "unet fp16 variant + plain vae/text_encoder",
+        got,
+        sd1_images(),
+    );
 }
