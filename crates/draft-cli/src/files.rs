@@ -88,14 +88,10 @@ fn read_config_dir(dir: &Path) -> Result<ModelFiles> {
     if !dir.is_dir() {
         bail!("{}: --model-config folder not found", dir.display());
     }
-    let mut files = ModelFiles::new(dir.display().to_string());
-    for rel in ModelFiles::LAYOUT {
+    ModelFiles::read_configs(dir.display().to_string(), |rel| {
         let path = dir.join(rel);
-        if path.is_file() {
-            files.insert(*rel, read(&path)?);
-        }
-    }
-    Ok(files)
+        path.is_file().then(|| read(&path)).transpose()
+    })
 }
 
 pub fn read(path: &Path) -> Result<Vec<u8>> {

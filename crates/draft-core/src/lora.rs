@@ -620,20 +620,33 @@ impl LoraTable {
             .collect()
     }
 
-    /// The trainable adapters as a diffusers LoRA file (`pytorch_lora_weights.safetensors`):
-    /// `A` as is, `B` times the scale (the format carries no alpha), f32.
-    pub async fn to_safetensors(&self) -> Result<Vec<u8>> {
-        let entries = self.entries();
-        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-        for e in &entries {
+    /// The trainable (first) adapter of every layer on the host, the scale folded into `B`:
+    /// what both LoRA files hold.
+    async fn folded(&self) -> Result<Vec<LoraModule>> {
+        let mut out = Vec::new();
+        for e in &self.entries() {
             let Some(ad) = e.adapters.first() else {
                 continue;
             };
             let rank = ad.a.dims()[0];
-            let (a, _) = crate::read_f32(ad.a.clone()).await?;
-            let (b, _) = crate::read_f32(ad.b.clone() * ad.scale).await?;
-            tensors.push((format!("{}.lora_A.weight", e.key), e.kind.a_shape(rank), a));
-            tensors.push((format!("{}.lora_B.weight", e.key), e.kind.b_shape(rank), b));
+            out.push(LoraModule {
+                key: e.key.clone(),
+                a: crate::read_f32(ad.a.clone()).await?.0,
+                a_shape: e.kind.a_shape(rank),
+                b: crate::read_f32(ad.b.clone() * ad.scale).await?.0,
+                b_shape: e.kind.b_shape(rank),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The trainable adapters as a diffusers LoRA file (`pytorch_lora_weights.safetensors`):
+    /// `A` as is, `B` times the scale (the format carries no alpha), f32.
+    pub async fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for m in self.folded().await? {
+            tensors.push((format!("{}.lora_A.weight", m.key), m.a_shape, m.a));
+            tensors.push((format!("{}.lora_B.weight", m.key), m.b_shape, m.b));
         }
         crate::weights::serialize_f32(&tensors, None)
     }
@@ -643,21 +656,15 @@ impl LoraTable {
     /// strength at weight 1 is ours — the scale is folded, as in the diffusers file and as
     /// diffusers' `convert_state_dict_to_kohya` writes alpha. f32.
     pub async fn to_kohya_safetensors(&self) -> Result<Vec<u8>> {
-        let entries = self.entries();
         let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-        for e in &entries {
-            let Some(ad) = e.adapters.first() else {
-                continue;
-            };
-            let (component, path) = e.key.split_once('.').unwrap_or(("", &e.key));
+        for m in self.folded().await? {
+            let (component, path) = m.key.split_once('.').unwrap_or(("", &m.key));
             let name = kohya::module_name(component, path).ok_or_else(|| {
-                Error::Input(format!("`{}`: no kohya name for this layer", e.key))
+                Error::Input(format!("`{}`: no kohya name for this layer", m.key))
             })?;
-            let rank = ad.a.dims()[0];
-            let (a, _) = crate::read_f32(ad.a.clone()).await?;
-            let (b, _) = crate::read_f32(ad.b.clone() * ad.scale).await?;
-            tensors.push((format!("{name}.lora_down.weight"), e.kind.a_shape(rank), a));
-            tensors.push((format!("{name}.lora_up.weight"), e.kind.b_shape(rank), b));
+            let rank = m.a_shape[0];
+            tensors.push((format!("{name}.lora_down.weight"), m.a_shape, m.a));
+            tensors.push((format!("{name}.lora_up.weight"), m.b_shape, m.b));
             tensors.push((format!("{name}.alpha"), vec![], vec![rank as f32]));
         }
         crate::weights::serialize_f32(&tensors, None)

@@ -79,13 +79,8 @@ impl ModelFiles {
         variant: Option<&str>,
         mut read: impl FnMut(&str) -> std::result::Result<Option<Vec<u8>>, E>,
     ) -> std::result::Result<Self, E> {
-        let mut files = Self::new(name);
+        let mut files = Self::read_configs(name, &mut read)?;
         files.variant = variant.map(str::to_string);
-        for rel in Self::LAYOUT {
-            if let Some(bytes) = read(rel)? {
-                files.insert(*rel, bytes);
-            }
-        }
         for component in COMPONENTS {
             for path in files.weight_names(component) {
                 let Some(bytes) = read(&path)? else {
@@ -101,6 +96,21 @@ impl ModelFiles {
                     }
                 }
                 break;
+            }
+        }
+        Ok(files)
+    }
+
+    /// Collects the files of [`Self::LAYOUT`] that `read(path)` finds — configs and tokenizer,
+    /// no weights (`--model-config`).
+    pub fn read_configs<E>(
+        name: impl Into<String>,
+        mut read: impl FnMut(&str) -> std::result::Result<Option<Vec<u8>>, E>,
+    ) -> std::result::Result<Self, E> {
+        let mut files = Self::new(name);
+        for rel in Self::LAYOUT {
+            if let Some(bytes) = read(rel)? {
+                files.insert(*rel, bytes);
             }
         }
         Ok(files)
@@ -163,15 +173,6 @@ impl ModelFiles {
     pub fn text(&self, path: &str) -> Result<&str> {
         std::str::from_utf8(self.bytes(path)?)
             .map_err(|_| Error::config(&self.display(path), "not UTF-8 text"))
-    }
-
-    /// The first of `candidates` present, or an error naming the first.
-    pub fn first_of<'p>(&self, candidates: &[&'p str]) -> Result<&'p str> {
-        candidates
-            .iter()
-            .find(|p| self.has(p))
-            .copied()
-            .ok_or_else(|| Error::config(&self.display(candidates[0]), "file is missing"))
     }
 
     /// The weights of `component` (`unet`, `vae`, `text_encoder`) under the diffusers /
