@@ -3,7 +3,14 @@
 //! fixture's tiny VAE and a one-layer 768-wide random text encoder, so that the UNet dominates).
 //!
 //! `cargo bench -p draft-cli --bench training -- [--devices cpu,wgpu] [--tiny-steps 50]
-//!  [--sd14-steps 6] [--sd14-devices cpu] [--reward colorfulness|aesthetic-l14]`
+//!  [--sd14-steps 6] [--sd14-devices cpu] [--reward colorfulness|aesthetic-l14]
+//!  [--methods k1,k5,k50,lv2,refl] [--threads 1,2] [--torch PYTHON [--torch-threads 1,2]]`
+//!
+//! `--threads` runs every CPU case once per thread count (`RAYON_NUM_THREADS` of the child;
+//! default: all cores). `--torch PYTHON` runs `tests/fixtures/bench_torch.py` with that
+//! interpreter on the same models, steps and methods right after (PyTorch's full chain and K > 1
+//! checkpointed, as ours), at each of `--torch-threads` (default 1,2), and ends with a table of
+//! our time over PyTorch's best time for each case.
 //!
 //! `--reward aesthetic-l14` scores with the LAION aesthetic reward on a random CLIP ViT-L/14
 //! vision tower (304 M parameters, 224×224 input) instead of colourfulness: the memory a
@@ -54,11 +61,17 @@ fn main() {
     if !matches!(reward.as_str(), "colorfulness" | "aesthetic-l14") {
         panic!("--reward {reward}: expected colorfulness or aesthetic-l14");
     }
+    let only: Option<Vec<String>> =
+        flag("--methods").map(|m| m.split(',').map(str::to_string).collect());
+    let threads: Vec<Option<String>> = match flag("--threads") {
+        Some(t) => t.split(',').map(|n| Some(n.to_string())).collect(),
+        None => vec![None],
+    };
 
-    println!(
-        "| device | model | sampling steps | method | s / step | UNet grad calls | peak RSS during step (MiB) | stored latents (KiB) |"
-    );
+    let header = "| device | model | sampling steps | method | s / step | UNet grad calls | peak RSS during step (MiB) | stored latents (KiB) |";
+    println!("{header}");
     println!("|---|---|---|---|---|---|---|---|");
+    let mut rows: Vec<String> = Vec::new();
     for dev in devices.split(',') {
         let mut models = vec![("sd1-tiny", tiny_steps)];
         if sd14_steps > 0 && sd14_devices.split(',').any(|d| d == dev) {
@@ -71,26 +84,103 @@ fn main() {
                 methods.push(format!("k{steps}"));
             }
             methods.extend(["lv2".to_string(), "refl".to_string()]);
-            for m in methods {
-                let case = format!("{dev}:{model}:{steps}:{m}:{reward}");
-                let out = Command::new(std::env::current_exe().unwrap())
-                    .args(["--case", &case])
-                    .output()
-                    .expect("run case");
-                let stdout = String::from_utf8_lossy(&out.stdout);
-                match stdout.lines().find(|l| l.starts_with('|')) {
-                    Some(row) => println!("{row}"),
-                    None => println!(
-                        "| {dev} | {model} | {steps} | {m} | failed: {} |",
-                        String::from_utf8_lossy(&out.stderr)
-                            .lines()
-                            .last()
-                            .unwrap_or("")
-                    ),
+            methods.retain(|m| only.as_ref().is_none_or(|o| o.contains(m)));
+            for m in &methods {
+                for t in if dev == "cpu" { &threads[..] } else { &[None][..] } {
+                    let case = format!("{dev}:{model}:{steps}:{m}:{reward}");
+                    let mut cmd = Command::new(std::env::current_exe().unwrap());
+                    cmd.args(["--case", &case]);
+                    if let Some(t) = t {
+                        cmd.env("RAYON_NUM_THREADS", t);
+                    }
+                    let out = cmd.output().expect("run case");
+                    let stdout = String::from_utf8_lossy(&out.stdout);
+                    let row = match stdout.lines().find(|l| l.starts_with('|')) {
+                        Some(row) => row.to_string(),
+                        None => format!(
+                            "| {dev} | {model} | {steps} | {m} | failed: {} |",
+                            String::from_utf8_lossy(&out.stderr)
+                                .lines()
+                                .last()
+                                .unwrap_or("")
+                        ),
+                    };
+                    println!("{row}");
+                    rows.push(row);
                 }
             }
         }
     }
+    if let Some(python) = flag("--torch") {
+        let torch_threads = flag("--torch-threads").unwrap_or_else(|| "1,2".into());
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bench_torch.py");
+        let mut cmd = Command::new(python);
+        cmd.arg(script).args([
+            "--tiny-steps",
+            &tiny_steps.to_string(),
+            "--sd14-steps",
+            &sd14_steps.to_string(),
+            "--variants",
+            "checkpoint",
+            "--threads",
+            &torch_threads,
+        ]);
+        if let Some(o) = &only {
+            let mut m = o.clone();
+            // bench_torch.py names the full chain k<steps> per model, as we do.
+            m.dedup();
+            cmd.args(["--methods", &m.join(",")]);
+        }
+        let out = cmd.output().expect("run bench_torch.py");
+        let torch_rows: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.starts_with("| cpu (PyTorch"))
+            .map(str::to_string)
+            .collect();
+        if torch_rows.is_empty() {
+            eprintln!("bench_torch.py printed no rows: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        println!();
+        println!("{header}");
+        println!("|---|---|---|---|---|---|---|---|");
+        for r in &torch_rows {
+            println!("{r}");
+        }
+        println!();
+        println!("| ours | model | sampling steps | method | s / step (ours) | s / step (PyTorch, best of threads) | ours / PyTorch |");
+        println!("|---|---|---|---|---|---|---|");
+        for r in &rows {
+            let Some((dev, model, steps, method, secs)) = fields(r) else {
+                continue;
+            };
+            let best = torch_rows
+                .iter()
+                .filter_map(|t| fields(t))
+                .filter(|t| t.1 == model && t.2 == steps && t.3 == method)
+                .map(|t| t.4)
+                .fold(f64::INFINITY, f64::min);
+            if best.is_finite() {
+                println!(
+                    "| {dev} | {model} | {steps} | {method} | {secs:.2} | {best:.2} | {:.2} |",
+                    secs / best
+                );
+            }
+        }
+    }
+}
+
+/// (device, model, steps, method without a "[variant]" suffix, seconds) of a table row.
+fn fields(row: &str) -> Option<(String, String, String, String, f64)> {
+    let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+    let secs = cells.get(5)?.parse().ok()?;
+    let method = cells.get(4)?.split(" [").next()?.to_string();
+    Some((
+        cells[1].to_string(),
+        cells[2].to_string(),
+        cells[3].to_string(),
+        method,
+        secs,
+    ))
 }
 
 fn rss_kib(field: &str) -> u64 {
@@ -246,6 +336,12 @@ fn run_case(case: &str) {
         format!("{model_name} + aesthetic on CLIP ViT-L/14")
     } else {
         model_name.to_string()
+    };
+    let dev = if dev == "cpu" {
+        let n = rayon::current_num_threads();
+        format!("cpu ({n} thread{})", if n == 1 { "" } else { "s" })
+    } else {
+        dev.to_string()
     };
     println!(
         "| {dev} | {model_name} | {steps} | {} | {secs:.2} | {} | {:.0} (+{:.0} over {:.0} before) | {stored} |",

@@ -33,10 +33,26 @@ pub fn quiet_headless_wayland() {
     }
 }
 
+/// Sizes the CPU backend's thread pool: `--threads N` when given, else rayon's own default
+/// (`RAYON_NUM_THREADS`, else one thread per logical core). Call before any tensor work.
+pub fn cpu_threads(threads: Option<usize>) -> Result<()> {
+    let Some(n) = threads else { return Ok(()) };
+    anyhow::ensure!(n >= 1, "--threads must be at least 1");
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .context("cannot start the CPU backend's thread pool")
+}
+
+/// The number of threads the CPU backend runs on.
+pub fn cpu_thread_count() -> usize {
+    rayon::current_num_threads()
+}
+
 /// Opens the device and prints which adapter is in use.
 pub fn select(arg: DeviceArg) -> Result<Device> {
     let (device, name) = match arg {
-        DeviceArg::Cpu => (Device::flex(), "CPU (Burn flex backend)".to_string()),
+        DeviceArg::Cpu => (Device::flex(), cpu_name()),
         DeviceArg::Auto => match gpu_adapter() {
             Some(name) => (init_wgpu(WgpuBackend::Auto)?, name),
             None => {
@@ -44,7 +60,7 @@ pub fn select(arg: DeviceArg) -> Result<Device> {
                     "draft: no GPU adapter found; falling back to the CPU backend \
                      (software adapters such as lavapipe are used only with --device wgpu)"
                 );
-                (Device::flex(), "CPU (Burn flex backend)".to_string())
+                (Device::flex(), cpu_name())
             }
         },
         DeviceArg::Wgpu => wgpu_named(WgpuBackend::Auto)?,
@@ -54,6 +70,12 @@ pub fn select(arg: DeviceArg) -> Result<Device> {
     };
     eprintln!("draft: device {name}");
     Ok(device)
+}
+
+fn cpu_name() -> String {
+    let n = cpu_thread_count();
+    let threads = if n == 1 { "1 thread".to_string() } else { format!("{n} threads") };
+    format!("CPU (Burn flex backend, {threads})")
 }
 
 fn init_wgpu(api: WgpuBackend) -> Result<Device> {

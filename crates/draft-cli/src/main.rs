@@ -24,6 +24,10 @@ use clap::{Parser, Subcommand};
     about = "DRaFT: reward fine-tuning of diffusion models on any GPU"
 )]
 struct Cli {
+    /// Threads of the CPU backend (its matrix products, convolutions and element-wise kernels).
+    /// Default: `RAYON_NUM_THREADS` when set, else one per logical core.
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,6 +49,10 @@ enum Command {
 fn main() -> ExitCode {
     device::quiet_headless_wayland();
     let cli = Cli::parse();
+    if let Err(e) = device::cpu_threads(cli.threads) {
+        eprintln!("error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let result = match cli.command {
         Command::Sample(args) => sample::run(args),
         Command::Train(args) => train::run(args),

@@ -109,8 +109,9 @@ impl LoraSlot {
     /// `x·Aᵀ·Bᵀ·s` summed over the adapters, for a `Linear` input `[.., in]`.
     pub fn linear<const D: usize>(&self, x: &Tensor<D>, mut y: Tensor<D>) -> Tensor<D> {
         for ad in self.adapters() {
-            let h = linear(x.clone(), ad.a.transpose(), None);
-            y = y + linear(h, ad.b.transpose(), None) * ad.scale;
+            // The scale on the rank-r intermediate: r columns to multiply, not the output's.
+            let h = scaled(linear(x.clone(), ad.a.transpose(), None), ad.scale);
+            y = y + linear(h, ad.b.transpose(), None);
         }
         y
     }
@@ -125,13 +126,17 @@ impl LoraSlot {
             let [r, _] = ad.a.dims();
             let [out, _] = ad.b.dims();
             let a = ad.a.reshape([r, c_in, kernel, kernel]);
-            let h = conv2d(x.clone(), a, None, options.clone());
+            let h = scaled(conv2d(x.clone(), a, None, options.clone()), ad.scale);
             let b = ad.b.reshape([out, r, 1, 1]);
             let pointwise = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
-            y = y + conv2d(h, b, None, pointwise) * ad.scale;
+            y = y + conv2d(h, b, None, pointwise);
         }
         y
     }
+}
+
+fn scaled<const D: usize>(h: Tensor<D>, scale: f64) -> Tensor<D> {
+    if scale == 1.0 { h } else { h * scale }
 }
 
 /// Groups of layers LoRA can adapt (`--lora-targets`).

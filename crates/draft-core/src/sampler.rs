@@ -8,11 +8,13 @@ use crate::models::unet::UNet2DConditionModel;
 use crate::schedule::Ddim;
 
 /// The conditioning of a batch: prompt embeddings and, for guidance, the unconditional
-/// (empty or negative prompt) embeddings broadcast to the batch.
+/// (empty or negative prompt) embeddings broadcast to the batch, stacked once as the UNet's
+/// context `[uncond; cond]` for every step.
 #[derive(Clone)]
 pub struct Conditioning {
     pub cond: Tensor<3>,
-    pub uncond: Option<Tensor<3>>,
+    /// `[uncond; cond]` when guidance applies.
+    pub guided_context: Option<Tensor<3>>,
     pub guidance: f64,
 }
 
@@ -27,9 +29,10 @@ impl Conditioning {
                 uncond.narrow(0, 0, 1).expand([b, n, d])
             }
         });
+        let guided_context = uncond.map(|u| Tensor::cat(vec![u, cond.clone()], 0));
         Self {
             cond,
-            uncond,
+            guided_context,
             guidance,
         }
     }
@@ -41,13 +44,13 @@ impl Conditioning {
         x: Tensor<4>,
         timestep: f32,
     ) -> Tensor<4> {
-        match &self.uncond {
+        match &self.guided_context {
             None => unet.forward(x, timestep, self.cond.clone()),
-            Some(uncond) => {
+            Some(context) => {
                 // One UNet call on [uncond; cond], as diffusers batches it.
                 let b = x.dims()[0];
-                let context = Tensor::cat(vec![uncond.clone(), self.cond.clone()], 0);
-                let out = unet.forward(Tensor::cat(vec![x.clone(), x], 0), timestep, context);
+                let out =
+                    unet.forward(Tensor::cat(vec![x.clone(), x], 0), timestep, context.clone());
                 let u = out.clone().narrow(0, 0, b);
                 let c = out.narrow(0, b, b);
                 u.clone() + (c - u) * self.guidance
