@@ -73,7 +73,10 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|");
     let mut rows: Vec<String> = Vec::new();
     for dev in devices.split(',') {
-        let mut models = vec![("sd1-tiny", tiny_steps)];
+        let mut models = Vec::new();
+        if tiny_steps > 0 {
+            models.push(("sd1-tiny", tiny_steps));
+        }
         if sd14_steps > 0 && sd14_devices.split(',').any(|d| d == dev) {
             models.push(("sd14", sd14_steps));
         }
@@ -86,7 +89,11 @@ fn main() {
             methods.extend(["lv2".to_string(), "refl".to_string()]);
             methods.retain(|m| only.as_ref().is_none_or(|o| o.contains(m)));
             for m in &methods {
-                for t in if dev == "cpu" { &threads[..] } else { &[None][..] } {
+                for t in if dev == "cpu" {
+                    &threads[..]
+                } else {
+                    &[None][..]
+                } {
                     let case = format!("{dev}:{model}:{steps}:{m}:{reward}");
                     let mut cmd = Command::new(std::env::current_exe().unwrap());
                     cmd.args(["--case", &case]);
@@ -113,7 +120,16 @@ fn main() {
     }
     if let Some(python) = flag("--torch") {
         let torch_threads = flag("--torch-threads").unwrap_or_else(|| "1,2".into());
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bench_torch.py");
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bench_torch.py");
+        // `cargo bench` runs this in crates/draft-cli: a relative interpreter path such as
+        // tests/fixtures/.venv/bin/python is taken from the workspace root.
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let python = if python.contains('/') && Path::new(&python).is_relative() {
+            root.join(&python).display().to_string()
+        } else {
+            python
+        };
         let mut cmd = Command::new(python);
         cmd.arg(script).args([
             "--tiny-steps",
@@ -138,7 +154,10 @@ fn main() {
             .map(str::to_string)
             .collect();
         if torch_rows.is_empty() {
-            eprintln!("bench_torch.py printed no rows: {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "bench_torch.py printed no rows: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         println!();
         println!("{header}");
@@ -147,7 +166,9 @@ fn main() {
             println!("{r}");
         }
         println!();
-        println!("| ours | model | sampling steps | method | s / step (ours) | s / step (PyTorch, best of threads) | ours / PyTorch |");
+        println!(
+            "| ours | model | sampling steps | method | s / step (ours) | s / step (PyTorch, best of threads) | ours / PyTorch |"
+        );
         println!("|---|---|---|---|---|---|---|");
         for r in &rows {
             let Some((dev, model, steps, method, secs)) = fields(r) else {

@@ -74,7 +74,11 @@ pub fn select(arg: DeviceArg) -> Result<Device> {
 
 fn cpu_name() -> String {
     let n = cpu_thread_count();
-    let threads = if n == 1 { "1 thread".to_string() } else { format!("{n} threads") };
+    let threads = if n == 1 {
+        "1 thread".to_string()
+    } else {
+        format!("{n} threads")
+    };
     format!("CPU (Burn flex backend, {threads})")
 }
 

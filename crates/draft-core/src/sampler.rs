@@ -49,8 +49,11 @@ impl Conditioning {
             Some(context) => {
                 // One UNet call on [uncond; cond], as diffusers batches it.
                 let b = x.dims()[0];
-                let out =
-                    unet.forward(Tensor::cat(vec![x.clone(), x], 0), timestep, context.clone());
+                let out = unet.forward(
+                    Tensor::cat(vec![x.clone(), x], 0),
+                    timestep,
+                    context.clone(),
+                );
                 let u = out.clone().narrow(0, 0, b);
                 let c = out.narrow(0, b, b);
                 u.clone() + (c - u) * self.guidance

@@ -13,7 +13,7 @@ use burn::tensor::ops::ConvOptions;
 const TOL: f64 = 2e-6;
 
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+    pollster::block_on(draft_core::read_f32(t)).unwrap().0
 }
 
 /// ‖got − want‖ / ‖want‖.
@@ -50,7 +50,12 @@ fn rand(shape: [usize; 4], dev: &Device, seed: u64) -> (Tensor<4>, Vec<f32>) {
 #[test]
 fn attention_pieces_match_f64() {
     let dev = Device::flex();
-    for &(b, h, n, m) in &[(2, 2, 256, 256), (2, 2, 256, 77), (2, 8, 64, 64), (1, 1, 5, 3)] {
+    for &(b, h, n, m) in &[
+        (2, 2, 256, 256),
+        (2, 2, 256, 77),
+        (2, 8, 64, 64),
+        (1, 1, 5, 3),
+    ] {
         let tag = format!("[{b},{h},{n},{m}]");
         let (x, xv) = rand([b, h, n, m], &dev, 1);
         let (w, wv) = rand([b, h, n, m], &dev, 2);
@@ -78,7 +83,11 @@ fn attention_pieces_match_f64() {
                 gy[r * m + j] = y[r * m + j] * (wv[r * m + j] as f64 - dot);
             }
         }
-        check(&format!("{tag} softmax backward"), &host(xa.grad(&grads).unwrap()), &gy);
+        check(
+            &format!("{tag} softmax backward"),
+            &host(xa.grad(&grads).unwrap()),
+            &gy,
+        );
 
         let dims = [b, h, n, m];
         for d in 0..4 {
@@ -90,21 +99,41 @@ fn attention_pieces_match_f64() {
                 idx[d] = 0;
                 s[((idx[0] * out[1] + idx[1]) * out[2] + idx[2]) * out[3] + idx[3]] += *v as f64;
             }
-            check(&format!("{tag} sum_dim({d})"), &host(x.clone().sum_dim(d)), &s);
+            check(
+                &format!("{tag} sum_dim({d})"),
+                &host(x.clone().sum_dim(d)),
+                &s,
+            );
         }
 
         let rowsum = x.clone().sum_dim(3);
         let rs = host(rowsum.clone());
-        let prod: Vec<f64> = xv.iter().zip(&wv).map(|(a, c)| *a as f64 * *c as f64).collect();
+        let prod: Vec<f64> = xv
+            .iter()
+            .zip(&wv)
+            .map(|(a, c)| *a as f64 * *c as f64)
+            .collect();
         check(&format!("{tag} mul"), &host(x.clone() * w.clone()), &prod);
-        let sub: Vec<f64> = xv.iter().enumerate().map(|(i, a)| *a as f64 - rs[i / m] as f64).collect();
-        check(&format!("{tag} sub (broadcast)"), &host(x.clone() - rowsum.clone()), &sub);
+        let sub: Vec<f64> = xv
+            .iter()
+            .enumerate()
+            .map(|(i, a)| *a as f64 - rs[i / m] as f64)
+            .collect();
+        check(
+            &format!("{tag} sub (broadcast)"),
+            &host(x.clone() - rowsum.clone()),
+            &sub,
+        );
         let div: Vec<f64> = xv
             .iter()
             .enumerate()
             .map(|(i, a)| *a as f64 / (rs[i / m].abs() as f64 + 1.0))
             .collect();
-        check(&format!("{tag} div (broadcast)"), &host(x.clone() / (rowsum.abs() + 1.0)), &div);
+        check(
+            &format!("{tag} div (broadcast)"),
+            &host(x.clone() / (rowsum.abs() + 1.0)),
+            &div,
+        );
         let exp: Vec<f64> = xv.iter().map(|a| (*a as f64).exp()).collect();
         check(&format!("{tag} exp"), &host(x.clone().exp()), &exp);
 
@@ -118,7 +147,11 @@ fn attention_pieces_match_f64() {
                 }
             }
         }
-        check(&format!("{tag} x·wᵀ"), &host(x.matmul(w.swap_dims(2, 3))), &mm);
+        check(
+            &format!("{tag} x·wᵀ"),
+            &host(x.matmul(w.swap_dims(2, 3))),
+            &mm,
+        );
     }
 }
 
@@ -181,7 +214,11 @@ fn convolutions_and_the_lora_conv_chain_match_f64() {
         let (y, gx, gw) = conv_ref(&xv, [b, c, h, h], &wv, [o, c, k, k], &up);
         let pad = k / 2;
         let opts = ConvOptions::new([1, 1], [pad, pad], [1, 1], 1);
-        check(&tag, &host(conv2d(x.clone(), w.clone(), None, opts.clone())), &y);
+        check(
+            &tag,
+            &host(conv2d(x.clone(), w.clone(), None, opts.clone())),
+            &y,
+        );
         let xa = x.autodiff().require_grad();
         let wa = w.autodiff().require_grad();
         let loss = (conv2d(xa.clone(), wa.clone(), None, opts) * u.autodiff()).sum();
