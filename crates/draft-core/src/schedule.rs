@@ -216,17 +216,33 @@ impl Ddim {
                     .map(|i| i * ratio + config.steps_offset)
                     .collect()
             }
+            // diffusers computes these two with numpy, whose `round` rounds halves to even,
+            // and whose `arange` / `linspace` fill `start + i·δ`: the same operations here
+            // give its timesteps bit for bit (1000 train steps, 7 linspace steps: …, 166 — not
+            // 167; 16 trailing steps: 999, 937, 874, 811, … — not …, 874, 812).
             "trailing" => {
-                let ratio = n as f64 / steps as f64;
-                (1..=steps)
-                    .rev()
-                    .map(|i| ((i as f64 * ratio).round() as usize).saturating_sub(1))
+                // np.round(np.arange(n, 0, -n / steps)) - 1; arange's δ is (n − ratio) − n.
+                let start = n as f64;
+                let delta = (start - n as f64 / steps as f64) - start;
+                (0..steps)
+                    .map(|i| {
+                        ((start + i as f64 * delta).round_ties_even() as i64 - 1).max(0) as usize
+                    })
                     .collect()
             }
-            _ => (0..steps)
-                .rev()
-                .map(|i| (i as f64 * (n - 1) as f64 / (steps - 1).max(1) as f64).round() as usize)
-                .collect(),
+            _ => {
+                // np.linspace(0, n − 1, steps).round()[::-1]: i · ((n − 1) / (steps − 1)),
+                // the last point exactly n − 1.
+                let step = (n - 1) as f64 / (steps - 1).max(1) as f64;
+                (0..steps)
+                    .rev()
+                    .map(|i| match i {
+                        0 => 0,
+                        i if i == steps - 1 => n - 1,
+                        i => (i as f64 * step).round_ties_even() as usize,
+                    })
+                    .collect()
+            }
         };
         if let Some(&t) = timesteps.iter().find(|&&t| t >= n) {
             return Err(Error::Input(format!(
@@ -337,6 +353,18 @@ mod tests {
         let a = sd14().alphas_cumprod();
         assert!((a[0] - 0.99915).abs() < 1e-6, "{}", a[0]);
         assert!((a[999] - 0.0046).abs() < 1e-4, "{}", a[999]);
+    }
+
+    #[test]
+    fn trailing_and_linspace_round_halves_to_even_as_numpy() {
+        // DDIMScheduler(timestep_spacing=…).set_timesteps(n).timesteps (diffusers 0.39).
+        let mut c = sd14();
+        c.timestep_spacing = "trailing".into();
+        let d = Ddim::new(&c, 16).unwrap();
+        assert_eq!(&d.timesteps[..4], &[999, 937, 874, 811]);
+        c.timestep_spacing = "linspace".into();
+        let d = Ddim::new(&c, 7).unwrap();
+        assert_eq!(d.timesteps, vec![999, 832, 666, 500, 333, 166, 0]);
     }
 
     #[test]
