@@ -14,7 +14,7 @@ use draft_core::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use draft_core::noise::NoiseRng;
 use draft_core::sampler::{Conditioning, sample};
 use draft_core::schedule::{Ddim, SchedulerConfig};
-use draft_core::weights::VarBuilder;
+use draft_core::var_builder::VarBuilder;
 use draft_core::{ModelFiles, Pipeline};
 
 const SD14_SCHEDULER: &str = r#"{"beta_start":0.00085,"beta_end":0.012,"beta_schedule":"scaled_linear",

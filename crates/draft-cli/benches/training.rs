@@ -34,7 +34,7 @@ use draft_core::noise::NoiseRng;
 use draft_core::pipeline::LoraSetup;
 use draft_core::reward::{RewardOptions, WeightedReward};
 use draft_core::reward_models::{AestheticMlp, LaionAesthetic};
-use draft_core::weights::VarBuilder;
+use draft_core::var_builder::VarBuilder;
 use draft_core::{ModelFiles, Pipeline};
 
 fn main() {
@@ -331,7 +331,7 @@ fn run_case(case: &str) {
     };
     let step = |seed: u64| {
         let e = pollster::block_on(engine.evaluate(method, &prompts, draws(seed))).unwrap();
-        let norm = pollster::block_on(draft_core::train::global_norm(&e.grads)).unwrap();
+        let norm = pollster::block_on(draft_core::optim::global_norm(&e.grads)).unwrap();
         device.sync().unwrap();
         (e, norm)
     };

@@ -3,7 +3,9 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use burn::prelude::{Device, Tensor};
 use draft_core::ModelFiles;
+use draft_core::weights::Weights;
 
 /// The standard CLIP BPE tokenizer SD-1.x/2.x were trained with (49408 tokens; the files
 /// `tests/fixtures/make_fixtures.py` rebuilds from open_clip's vocabulary): single-file
@@ -94,6 +96,17 @@ fn read_config_dir(dir: &Path) -> Result<ModelFiles> {
     })
 }
 
+/// `--init-noise`: the tensor `noise` [B, C, h, w] of a safetensors file (`name` in messages),
+/// float, finite, no axis empty. Its shape against the model is the caller's check.
+pub fn init_noise(name: &str, bytes: &[u8], device: &Device) -> Result<Tensor<4>> {
+    let noise = Weights::from_bytes(name, bytes)?.tensor::<4>("noise", device)?;
+    let dims = noise.dims();
+    if dims.contains(&0) {
+        bail!("{name}: tensor `noise` has shape {dims:?}, with an empty axis");
+    }
+    Ok(noise)
+}
+
 pub fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))
 }
@@ -106,15 +119,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
             .with_context(|| format!("{}: cannot create", parent.display()))?;
     }
     let tmp = path.with_extension("tmp");
-    {
+    let written = (|| {
         use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)
-            .with_context(|| format!("{}: cannot write", tmp.display()))?;
+        let mut f = std::fs::File::create(&tmp)?;
         // Flushed to disk before the rename: a crash leaves the old file or the new one.
-        f.write_all(bytes)
-            .and_then(|_| f.sync_all())
-            .with_context(|| format!("{}: cannot write", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        // A full or read-only disk: the previous file stays as it was, no partial file is left.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("{}: cannot write", path.display()));
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot write", path.display()))?;
     Ok(())
 }

@@ -3,7 +3,6 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use safetensors::{Dtype, tensor::TensorView};
 
 use crate::files::write_atomic;
 
@@ -64,26 +63,14 @@ fn grid_columns(b: usize) -> usize {
         .unwrap_or(1)
 }
 
-/// Writes f32 tensors to a safetensors file.
+/// Writes f32 tensors to a safetensors file (with the core's one writer).
 pub fn write_tensors(path: &Path, tensors: &[(&str, &[f32], Vec<usize>)]) -> Result<()> {
-    let views = tensors
+    let owned: Vec<(String, Vec<usize>, Vec<f32>)> = tensors
         .iter()
-        .map(|(name, values, shape)| {
-            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-            (name.to_string(), shape.clone(), bytes)
-        })
-        .collect::<Vec<_>>();
-    let views = views
-        .iter()
-        .map(|(name, shape, bytes)| {
-            Ok((
-                name.clone(),
-                TensorView::new(Dtype::F32, shape.clone(), bytes)?,
-            ))
-        })
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
-        .context("cannot build the safetensors file")?;
-    let bytes = safetensors::serialize(views, None).context("cannot serialize tensors")?;
+        .map(|(name, values, shape)| (name.to_string(), shape.clone(), values.to_vec()))
+        .collect();
+    let bytes = draft_core::weights::serialize_f32(&owned, None)
+        .with_context(|| format!("cannot serialize tensors for {}", path.display()))?;
     write_atomic(path, &bytes)
 }
 

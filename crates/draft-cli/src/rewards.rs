@@ -91,15 +91,11 @@ pub fn pytorch_to_safetensors(path: &Path) -> Result<Vec<u8>> {
     if out.is_empty() {
         bail!("{name}: no tensors found");
     }
-    let views = out
-        .iter()
-        .map(|(k, (dtype, shape, bytes))| {
-            safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
-                .map(|v| (k.clone(), v))
-                .with_context(|| format!("{name}: tensor {k}"))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    safetensors::tensor::serialize(views, None).with_context(|| format!("{name}: cannot convert"))
+    let raw: Vec<_> = out
+        .into_iter()
+        .map(|(k, (dtype, shape, bytes))| (k, dtype, shape, bytes))
+        .collect();
+    draft_core::weights::serialize(&raw, None).with_context(|| format!("{name}: cannot convert"))
 }
 
 /// How a CLIP model's weights are laid out.

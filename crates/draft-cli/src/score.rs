@@ -86,12 +86,33 @@ fn collect_pngs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// The largest image side `draft score` reads: far above what any reward model looks at (they
+/// resize to 224 or so), and it bounds the decode of a small file that claims a huge image.
+pub const MAX_IMAGE_SIDE: u32 = 4096;
+
 /// A PNG as `[1, 3, H, W]` in [0, 1].
-fn read_png(path: &Path, device: &Device) -> Result<Tensor<4>> {
-    let img = image::open(path)
-        .with_context(|| format!("{}: not a readable image", path.display()))?
+pub(crate) fn read_png(path: &Path, device: &Device) -> Result<Tensor<4>> {
+    let name = path.display();
+    let mut reader = image::ImageReader::open(path)
+        .with_context(|| format!("{name}: cannot read"))?
+        .with_guessed_format()
+        .with_context(|| format!("{name}: cannot read"))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_IMAGE_SIDE);
+    limits.max_image_height = Some(MAX_IMAGE_SIDE);
+    reader.limits(limits);
+    let img = reader
+        .decode()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{name}: not a readable image ({MAX_IMAGE_SIDE} pixels a side at most): {e}"
+            )
+        })?
         .to_rgb8();
     let (w, h) = (img.width() as usize, img.height() as usize);
+    if w == 0 || h == 0 {
+        bail!("{name}: the image is empty ({w}×{h})");
+    }
     let mut chw = vec![0f32; 3 * h * w];
     for (i, p) in img.pixels().enumerate() {
         for c in 0..3 {
@@ -116,7 +137,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
         options.target_color = crate::train::parse_color(s)?;
     }
     let reward_files = RewardFiles::read(&specs, &a.reward_model)?;
-    if a.sample.is_some() == !a.images.is_empty() {
+    if a.sample.is_some() != a.images.is_empty() {
         bail!("give PNG files/folders to score, or --sample N (not both)");
     }
     let pngs = collect_pngs(&a.images)?;
@@ -215,7 +236,7 @@ fn term_values(
     prompts: &[String],
 ) -> Result<Vec<Vec<f32>>> {
     reward
-        .score_terms(images, prompts)
+        .score_terms(images, prompts)?
         .into_iter()
         .map(|t| Ok(pollster::block_on(read_f32(t))?.0))
         .collect()

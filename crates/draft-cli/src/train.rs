@@ -197,12 +197,13 @@ impl TrainArgs {
         let mut f: TrainArgs = toml::from_str(&text).map_err(|e| {
             let line = e
                 .span()
-                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+                .and_then(|s| text.get(..s.start))
+                .map(|before| before.matches('\n').count() + 1);
             anyhow::anyhow!(
                 "{}{}: {}",
                 path.display(),
                 line.map(|l| format!(" line {l}")).unwrap_or_default(),
-                e.message().trim()
+                draft_core::error::one_line(e.message().trim())
             )
         })?;
         // Relative paths in the file are relative to the file's folder.
@@ -231,7 +232,38 @@ impl TrainArgs {
         Ok(self)
     }
 
+    /// The settings of a `--config` file alone, checked as `draft train` checks them before it
+    /// loads anything (tests/fuzz.rs).
+    #[cfg(test)]
+    #[allow(dead_code)]
+    pub(crate) fn check_file(path: &Path) -> Result<()> {
+        let args = TrainArgs {
+            config: Some(path.to_path_buf()),
+            ..Default::default()
+        }
+        .with_file()?;
+        args.core_config()?;
+        args.prompts()?;
+        Ok(())
+    }
+
+    /// An error about a setting names the `--config` file, where the setting may come from.
+    fn in_file<T>(&self, r: Result<T>) -> Result<T> {
+        match &self.config {
+            Some(path) => r.with_context(|| path.display().to_string()),
+            None => r,
+        }
+    }
+
     fn core_config(&self) -> Result<TrainConfig> {
+        self.in_file(self.settings())
+    }
+
+    fn prompts(&self) -> Result<Vec<String>> {
+        self.in_file(self.prompt_list())
+    }
+
+    fn settings(&self) -> Result<TrainConfig> {
         let d = TrainConfig::default();
         let embedded = self.model.is_none();
         let steps = self.steps.unwrap_or(d.steps);
@@ -291,7 +323,7 @@ impl TrainArgs {
         Ok(c)
     }
 
-    fn prompts(&self) -> Result<Vec<String>> {
+    fn prompt_list(&self) -> Result<Vec<String>> {
         let given = [
             self.prompt.is_some(),
             self.prompts.is_some(),
@@ -470,14 +502,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
         trainer.config.steps
     );
 
-    let before = out_dir.join("samples_before.png");
-    let mut eval_before = None;
-    if preview > 0 && (!before.exists() || trainer.step == 0) {
-        eval_before = Some(write_preview(&trainer, preview, &before)?);
+    // The evaluation before training: made once, at step 0, and carried by the checkpoint.
+    let before_png = out_dir.join("samples_before.png");
+    if preview > 0 && trainer.step == 0 {
+        let e = pollster::block_on(trainer.evaluate_fixed(preview))?;
+        trainer.before = Some(e.summary());
+        write_eval(e, &before_png)?;
     }
+    // A checkpoint from before the evaluation was kept, or one made with another --preview.
+    let eval_before = trainer
+        .before
+        .clone()
+        .filter(|b| preview > 0 && b.images == preview.max(2).div_ceil(2) * 2);
     // The diversity the early stop compares with: before training (also after a resume).
     let initial_diversity = match &eval_before {
-        Some(e) => Some(e.1),
+        Some(b) => Some(b.diversity),
         None => history.iter().find_map(|m| m.diversity),
     };
 
@@ -566,13 +605,15 @@ pub fn run(args: TrainArgs) -> Result<()> {
             _ => pollster::block_on(trainer.evaluate_fixed(preview))?,
         };
         let (r, d, terms) = write_eval(e, &after)?;
-        if let Some((rb, db, terms_before)) = &eval_before {
+        if let Some(b) = &eval_before {
+            let (rb, db) = (b.reward, b.diversity);
             eprintln!(
-                "draft: reward before → after (fixed evaluation set, {preview} images): {rb:.4} → {r:.4}; diversity {db:.4} → {d:.4}"
+                "draft: reward before → after (fixed evaluation set, {} images): {rb:.4} → {r:.4}; diversity {db:.4} → {d:.4}",
+                b.images
             );
             eprint!(
                 "{}",
-                before_after_table(&trainer, terms_before, &terms, (*rb, r), (*db, d))
+                before_after_table(&trainer, &b.terms, &terms, (rb, r), (db, d))
             );
         }
     }
@@ -603,13 +644,8 @@ fn read_metrics(path: &Path, upto: usize) -> Result<Vec<StepMetrics>> {
         .collect())
 }
 
-/// Samples the fixed evaluation set with the current LoRA and writes it as a grid (a row of
-/// two seeds per prompt). Returns its mean reward and diversity, comparable across the run.
-fn write_preview(trainer: &Trainer, n: usize, path: &Path) -> Result<(f64, f64, Vec<f64>)> {
-    write_eval(pollster::block_on(trainer.evaluate_fixed(n))?, path)
-}
-
-/// Writes an evaluation's images as a grid; returns its reward, diversity and term means.
+/// Writes an evaluation's images as a grid (a row of two seeds per prompt); returns its reward,
+/// diversity and term means, comparable across the run.
 fn write_eval(e: FixedEval, path: &Path) -> Result<(f64, f64, Vec<f64>)> {
     let (values, shape) = pollster::block_on(read_f32(to_nhwc(e.images)))?;
     let captions: Vec<String> = e.per_image.iter().map(|r| format!("{r:.4}")).collect();

@@ -188,189 +188,35 @@ impl<'p> Engine<'p> {
     ) -> Result<Evaluation> {
         let n = self.steps();
         method.validate(n)?;
-        let lora = &self.pipeline.lora;
-        let plain = lora.params();
-        let leaves: Vec<Tensor<2>> = plain
-            .iter()
-            .map(|p| p.clone().autodiff().require_grad())
-            .collect();
-        let mut acc = Accumulator {
-            leaves: leaves.clone(),
-            sums: vec![None; leaves.len()],
-        };
+        let mut pass = Pass::new(self, prompts);
 
-        // Plain conditioning for the passes without gradient.
-        let cond = self.pipeline.text_encoder.forward(prompts.ids.clone());
-        let uncond = self
-            .pipeline
-            .text_encoder
-            .forward(prompts.uncond_ids.clone());
-        let plain_cond = Conditioning::new(cond.clone(), uncond.clone(), prompts.guidance);
-        let mut cond_grads: (Option<Tensor<3>>, Option<Tensor<3>>) = (None, None);
-
-        let shape = draws.x_t.dims();
-        let device = draws.x_t.device();
-        let mut noises: Vec<Option<Tensor<4>>> = Vec::new();
-        let next_noise = |rng: &mut NoiseRng| -> Option<Tensor<4>> {
-            (self.eta > 0.0).then(|| rng.randn(shape, &device))
-        };
-
-        // Forward without a graph, keeping the latents.
+        // Forward without a graph, keeping the latents (ReFL stops where its x̂₀ is predicted).
         let stop = match method {
             Method::Refl {
                 min_remaining,
                 max_remaining,
-            } => {
-                let r = min_remaining
-                    + ((draws.truncation * (max_remaining - min_remaining + 1) as f64) as usize)
-                        .min(max_remaining - min_remaining);
-                n - r
-            }
+            } => n - uniform_in(draws.truncation, min_remaining, max_remaining),
             _ => n,
         };
-        let mut latents = vec![draws.x_t.clone()];
-        for i in 0..stop {
-            let z = next_noise(&mut draws.step_noise);
-            let x = self.step(i, latents[i].clone(), &plain_cond, z.clone(), false);
-            noises.push(z);
-            latents.push(x);
-        }
+        let chain = pass.sample_chain(&mut draws, stop);
 
-        let mut rewards_sum: Vec<f32>;
-        let loss: f32;
-        let k: usize;
-        let mut grad_calls = 0;
-        match method {
-            Method::DraftK { .. } | Method::AlignProp { .. } => {
-                k = match method {
-                    Method::DraftK { k } => k,
-                    Method::AlignProp { k_min, k_max } => {
-                        k_min
-                            + ((draws.truncation * (k_max - k_min + 1) as f64) as usize)
-                                .min(k_max - k_min)
-                    }
-                    _ => unreachable!(),
-                };
-                let (mut g, r, l) = self
-                    .reward_grad(latents[n].clone(), 1.0, &prompts.texts)
-                    .await?;
-                rewards_sum = r;
-                loss = l;
-                for i in (n - k..n).rev() {
-                    let need_x = i > n - k;
-                    g = self.backprop_step(
-                        i,
-                        latents[i].clone(),
-                        &cond,
-                        &uncond,
-                        prompts.guidance,
-                        noises[i].clone(),
-                        g,
-                        need_x,
-                        false,
-                        &mut acc,
-                        &mut cond_grads,
-                    );
-                    grad_calls += 1;
-                }
+        let outcome = match method {
+            Method::DraftK { k } => pass.draft_k(&chain, k).await?,
+            Method::AlignProp { k_min, k_max } => {
+                pass.draft_k(&chain, uniform_in(draws.truncation, k_min, k_max))
+                    .await?
             }
-            Method::DraftLv { n: samples } => {
-                k = 1;
-                let last = n - 1;
-                let c = self.ddim.coefficients(last, self.eta);
-                let a = c.alpha_prod_t;
-                let x0 = latents[n].clone();
-                let weight = 1.0 / samples as f64;
-                rewards_sum = vec![0.0; shape[0]];
-                let mut loss_sum = 0.0;
-                for j in 0..samples {
-                    let eps = match &draws.lv_noise {
-                        Some(v) => v.get(j).cloned().ok_or_else(|| {
-                            Error::Input(format!(
-                                "DRaFT-LV needs {samples} noises, got {}",
-                                v.len()
-                            ))
-                        })?,
-                        None => draws.step_noise.randn(shape, &device),
-                    };
-                    let x_t = x0.clone() * a.sqrt() + eps * (1.0 - a).sqrt();
-                    let z = next_noise(&mut draws.step_noise);
-                    let y = self.step(last, x_t.clone(), &plain_cond, z.clone(), false);
-                    let (g, r, l) = self.reward_grad(y, weight, &prompts.texts).await?;
-                    for (s, v) in rewards_sum.iter_mut().zip(&r) {
-                        *s += v * weight as f32;
-                    }
-                    loss_sum += l * weight as f32;
-                    self.backprop_step(
-                        last,
-                        x_t,
-                        &cond,
-                        &uncond,
-                        prompts.guidance,
-                        z,
-                        g,
-                        false,
-                        false,
-                        &mut acc,
-                        &mut cond_grads,
-                    );
-                    grad_calls += 1;
-                }
-                loss = loss_sum;
-            }
-            Method::Refl { .. } => {
-                k = 1;
-                let x = latents[stop].clone();
-                let x0 = self.step(stop, x.clone(), &plain_cond, None, true);
-                let (g, r, l) = self.reward_grad(x0, 1.0, &prompts.texts).await?;
-                rewards_sum = r;
-                loss = l;
-                self.backprop_step(
-                    stop,
-                    x,
-                    &cond,
-                    &uncond,
-                    prompts.guidance,
-                    None,
-                    g,
-                    false,
-                    true,
-                    &mut acc,
-                    &mut cond_grads,
-                );
-                grad_calls += 1;
-            }
-        }
-
-        // Prompt-embedding gradients → text-encoder LoRA gradients.
-        if self.text_lora {
-            lora.set_params(&leaves);
-            let te = &self.pipeline.text_encoder;
-            let mut total: Option<Tensor<1>> = None;
-            if let Some(g) = cond_grads.0.take() {
-                total = Some((te.forward(prompts.ids.clone()) * g).sum());
-            }
-            if let Some(g) = cond_grads.1.take() {
-                let t = (te.forward(prompts.uncond_ids.clone()) * g).sum();
-                total = Some(match total {
-                    Some(s) => s + t,
-                    None => t,
-                });
-            }
-            lora.set_params(&plain);
-            if let Some(total) = total
-                && total.is_tracked()
-            {
-                acc.add(&total.backward(), 1.0);
-            }
-        }
-
+            Method::DraftLv { n: samples } => pass.draft_lv(&chain, &mut draws, samples).await?,
+            Method::Refl { .. } => pass.refl(&chain).await?,
+        };
+        let unet_grad_calls = pass.grad_calls;
+        let grads = pass.finish();
         Ok(Evaluation {
-            loss,
-            rewards: std::mem::take(&mut rewards_sum),
-            grads: acc.finish(&plain),
-            k,
-            unet_grad_calls: grad_calls,
+            loss: outcome.loss,
+            rewards: outcome.rewards,
+            grads,
+            k: outcome.k,
+            unet_grad_calls,
         })
     }
 
@@ -405,7 +251,7 @@ impl<'p> Engine<'p> {
     ) -> Result<(Tensor<4>, Vec<f32>, f32)> {
         let z = z.autodiff().require_grad();
         let images = self.pipeline.decode(z.clone());
-        let rewards = self.reward.score(images, texts);
+        let rewards = self.reward.score(images, texts)?;
         let loss = -rewards.clone().mean();
         let (values, _) = crate::read_f32(rewards.clone().without_autodiff()).await?;
         let loss_value = crate::read_f32(loss.clone().without_autodiff()).await?.0[0];
@@ -415,61 +261,245 @@ impl<'p> Engine<'p> {
         })?;
         Ok((g, values, loss_value))
     }
+}
+
+/// `lo + ⌊u·(hi − lo + 1)⌋` for `u` uniform in [0, 1): uniform on `lo..=hi` (clamped, so
+/// `u` = 1 − ε stays in range).
+pub fn uniform_in(u: f64, lo: usize, hi: usize) -> usize {
+    lo + ((u * (hi - lo + 1) as f64) as usize).min(hi - lo)
+}
+
+/// The latents of the chain sampled without a graph, and the step noises (η > 0) to reuse in
+/// the backward.
+struct Chain {
+    latents: Vec<Tensor<4>>,
+    noises: Vec<Option<Tensor<4>>>,
+}
+
+/// What one objective yields besides the gradients.
+struct Outcome {
+    rewards: Vec<f32>,
+    loss: f32,
+    k: usize,
+}
+
+/// The state of one [`Engine::evaluate`]: the conditioning, the LoRA leaves and the gradients
+/// accumulated so far.
+struct Pass<'e, 'p> {
+    engine: &'e Engine<'p>,
+    prompts: &'e Prompts,
+    /// Plain prompt embeddings (constants, or where text-encoder gradients are taken).
+    cond: Tensor<3>,
+    uncond: Tensor<3>,
+    /// The same, stacked for CFG, for the passes without gradient.
+    plain: Conditioning,
+    /// The LoRA parameters as plain tensors (what the table holds between passes).
+    params: Vec<Tensor<2>>,
+    acc: Accumulator,
+    cond_grads: (Option<Tensor<3>>, Option<Tensor<3>>),
+    grad_calls: usize,
+}
+
+impl<'e, 'p> Pass<'e, 'p> {
+    fn new(engine: &'e Engine<'p>, prompts: &'e Prompts) -> Self {
+        let pipeline = engine.pipeline;
+        let params = pipeline.lora.params();
+        let leaves: Vec<Tensor<2>> = params
+            .iter()
+            .map(|p| p.clone().autodiff().require_grad())
+            .collect();
+        let cond = pipeline.text_encoder.forward(prompts.ids.clone());
+        let uncond = pipeline.text_encoder.forward(prompts.uncond_ids.clone());
+        let plain = Conditioning::new(cond.clone(), uncond.clone(), prompts.guidance);
+        Self {
+            engine,
+            prompts,
+            cond,
+            uncond,
+            plain,
+            acc: Accumulator {
+                sums: vec![None; leaves.len()],
+                leaves,
+            },
+            params,
+            cond_grads: (None, None),
+            grad_calls: 0,
+        }
+    }
+
+    fn shape_device(draws: &Draws) -> ([usize; 4], Device) {
+        (draws.x_t.dims(), draws.x_t.device())
+    }
+
+    /// The step noise of the next step (η > 0), from the draws' stream.
+    fn next_noise(&self, draws: &mut Draws) -> Option<Tensor<4>> {
+        let (shape, device) = Self::shape_device(draws);
+        (self.engine.eta > 0.0).then(|| draws.step_noise.randn(shape, &device))
+    }
+
+    /// Samples steps `0..stop` without a graph.
+    fn sample_chain(&self, draws: &mut Draws, stop: usize) -> Chain {
+        let mut latents = vec![draws.x_t.clone()];
+        let mut noises = Vec::with_capacity(stop);
+        for i in 0..stop {
+            let z = self.next_noise(draws);
+            let x = self
+                .engine
+                .step(i, latents[i].clone(), &self.plain, z.clone(), false);
+            noises.push(z);
+            latents.push(x);
+        }
+        Chain { latents, noises }
+    }
+
+    /// DRaFT-K (and AlignProp's drawn K): the reward's gradient at x₀, back through the last
+    /// `k` steps.
+    async fn draft_k(&mut self, chain: &Chain, k: usize) -> Result<Outcome> {
+        let n = self.engine.steps();
+        let (mut g, rewards, loss) = self
+            .engine
+            .reward_grad(chain.latents[n].clone(), 1.0, &self.prompts.texts)
+            .await?;
+        for i in (n - k..n).rev() {
+            let x = chain.latents[i].clone();
+            match self.backprop_step(i, x, chain.noises[i].clone(), g, i > n - k, false)? {
+                Some(gx) => g = gx,
+                None => break,
+            }
+        }
+        Ok(Outcome { rewards, loss, k })
+    }
+
+    /// DRaFT-LV: `samples` re-noisings of x₀ to the last timestep, each denoised one step with
+    /// gradient; rewards and loss averaged.
+    async fn draft_lv(
+        &mut self,
+        chain: &Chain,
+        draws: &mut Draws,
+        samples: usize,
+    ) -> Result<Outcome> {
+        let engine = self.engine;
+        let n = engine.steps();
+        let last = n - 1;
+        let a = engine.ddim.coefficients(last, engine.eta).alpha_prod_t;
+        let x0 = chain.latents[n].clone();
+        let (shape, device) = Self::shape_device(draws);
+        let weight = 1.0 / samples as f64;
+        let mut rewards = vec![0.0; shape[0]];
+        let mut loss = 0.0;
+        for j in 0..samples {
+            let eps = match &draws.lv_noise {
+                Some(v) => v.get(j).cloned().ok_or_else(|| {
+                    Error::Input(format!("DRaFT-LV needs {samples} noises, got {}", v.len()))
+                })?,
+                None => draws.step_noise.randn(shape, &device),
+            };
+            let x_t = x0.clone() * a.sqrt() + eps * (1.0 - a).sqrt();
+            let z = self.next_noise(draws);
+            let y = engine.step(last, x_t.clone(), &self.plain, z.clone(), false);
+            let (g, r, l) = engine.reward_grad(y, weight, &self.prompts.texts).await?;
+            for (s, v) in rewards.iter_mut().zip(&r) {
+                *s += v * weight as f32;
+            }
+            loss += l * weight as f32;
+            self.backprop_step(last, x_t, z, g, false, false)?;
+        }
+        Ok(Outcome { rewards, loss, k: 1 })
+    }
+
+    /// ReFL: x̂₀ predicted in one step with gradient from where the chain stopped.
+    async fn refl(&mut self, chain: &Chain) -> Result<Outcome> {
+        let stop = chain.latents.len() - 1;
+        let x = chain.latents[stop].clone();
+        let x0 = self.engine.step(stop, x.clone(), &self.plain, None, true);
+        let (g, rewards, loss) = self
+            .engine
+            .reward_grad(x0, 1.0, &self.prompts.texts)
+            .await?;
+        self.backprop_step(stop, x, None, g, false, true)?;
+        Ok(Outcome { rewards, loss, k: 1 })
+    }
 
     /// Recomputes step `i` from `x` with a graph and back-propagates `⟨x_{i+1}, g⟩`: LoRA
-    /// gradients go to `acc`, prompt-embedding gradients to `cond_grads`; returns ∂/∂x when
-    /// `need_x` (else `g` unchanged is meaningless and a zero-size placeholder is not made:
-    /// the caller ignores it).
-    #[allow(clippy::too_many_arguments)]
+    /// gradients go to the accumulator, prompt-embedding gradients to `cond_grads`; with
+    /// `need_x`, returns ∂/∂x (an error if the graph does not reach `x`).
     fn backprop_step(
-        &self,
+        &mut self,
         i: usize,
         x: Tensor<4>,
-        cond: &Tensor<3>,
-        uncond: &Tensor<3>,
-        guidance: f64,
         noise: Option<Tensor<4>>,
         g: Tensor<4>,
         need_x: bool,
         to_x0: bool,
-        acc: &mut Accumulator,
-        cond_grads: &mut (Option<Tensor<3>>, Option<Tensor<3>>),
-    ) -> Tensor<4> {
-        let lora = &self.pipeline.lora;
-        let plain = lora.params();
-        lora.set_params(&acc.leaves);
+    ) -> Result<Option<Tensor<4>>> {
+        let engine = self.engine;
+        let lora = &engine.pipeline.lora;
+        lora.set_params(&self.acc.leaves);
         let x_in = if need_x {
             x.autodiff().require_grad()
         } else {
             x
         };
-        let (c_leaf, u_leaf) = if self.text_lora {
-            (
-                Some(cond.clone().autodiff().require_grad()),
-                Some(uncond.clone().autodiff().require_grad()),
-            )
-        } else {
-            (None, None)
+        let leaf = |t: &Tensor<3>| {
+            engine
+                .text_lora
+                .then(|| t.clone().autodiff().require_grad())
         };
+        let (c_leaf, u_leaf) = (leaf(&self.cond), leaf(&self.uncond));
         let conditioning = Conditioning::new(
-            c_leaf.clone().unwrap_or_else(|| cond.clone()),
-            u_leaf.clone().unwrap_or_else(|| uncond.clone()),
-            guidance,
+            c_leaf.clone().unwrap_or_else(|| self.cond.clone()),
+            u_leaf.clone().unwrap_or_else(|| self.uncond.clone()),
+            self.prompts.guidance,
         );
-        let y = self.step(i, x_in.clone(), &conditioning, noise, to_x0);
-        lora.set_params(&plain);
-        let grads = (y * g.clone()).sum().backward();
-        acc.add(&grads, 1.0);
+        let y = engine.step(i, x_in.clone(), &conditioning, noise, to_x0);
+        lora.set_params(&self.params);
+        let grads = (y * g).sum().backward();
+        self.grad_calls += 1;
+        self.acc.add(&grads, 1.0);
         if let Some(c) = &c_leaf {
-            add_opt(&mut cond_grads.0, c.grad(&grads));
+            add_opt(&mut self.cond_grads.0, c.grad(&grads));
         }
         if let Some(u) = &u_leaf {
-            add_opt(&mut cond_grads.1, u.grad(&grads));
+            add_opt(&mut self.cond_grads.1, u.grad(&grads));
         }
-        if need_x {
-            x_in.grad(&grads).unwrap_or(g)
-        } else {
-            g
+        if !need_x {
+            return Ok(None);
         }
+        x_in.grad(&grads).map(Some).ok_or_else(|| {
+            Error::Device(format!(
+                "sampling step {i} has no gradient with respect to its input latents"
+            ))
+        })
+    }
+
+    /// Prompt-embedding gradients → text-encoder LoRA gradients; the accumulated LoRA
+    /// gradients in parameter order.
+    fn finish(mut self) -> Vec<Tensor<2>> {
+        let engine = self.engine;
+        if engine.text_lora {
+            let lora = &engine.pipeline.lora;
+            lora.set_params(&self.acc.leaves);
+            let te = &engine.pipeline.text_encoder;
+            let mut total: Option<Tensor<1>> = None;
+            for (g, ids) in [
+                (self.cond_grads.0.take(), &self.prompts.ids),
+                (self.cond_grads.1.take(), &self.prompts.uncond_ids),
+            ] {
+                if let Some(g) = g {
+                    let t = (te.forward(ids.clone()) * g).sum();
+                    total = Some(match total {
+                        Some(s) => s + t,
+                        None => t,
+                    });
+                }
+            }
+            lora.set_params(&self.params);
+            if let Some(total) = total
+                && total.is_tracked()
+            {
+                self.acc.add(&total.backward(), 1.0);
+            }
+        }
+        self.acc.finish(&self.params)
     }
 }

@@ -14,6 +14,7 @@ pub mod lora;
 pub mod models;
 pub mod nn;
 pub mod noise;
+pub mod optim;
 pub mod pipeline;
 pub mod pretrain;
 pub mod reward;
@@ -23,6 +24,7 @@ pub mod schedule;
 pub mod shapes;
 pub mod tokenizer;
 pub mod train;
+pub mod var_builder;
 pub mod weights;
 
 pub use error::{Error, Result};

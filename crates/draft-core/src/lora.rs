@@ -10,7 +10,7 @@
 //! hold a slot index into it, so the trainer swaps all adapters at once (plain tensors for a
 //! pass without gradient, autodiff leaves for a pass with gradient) without walking the model.
 //! Which layers get a slot is decided at load time by a [`LoraPlan`] carried by the
-//! [`VarBuilder`](crate::weights::VarBuilder).
+//! [`VarBuilder`](crate::var_builder::VarBuilder).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -382,7 +382,7 @@ fn parse_kohya(name: &str, w: &Weights) -> Result<BTreeMap<String, LoraModule>> 
         let (b, b_shape) = w.read_f32(&up)?;
         check_ranks(name, &module, &a_shape, &b_shape)?;
         let rank = a_shape[0];
-        // No alpha means alpha = rank: scale 1.
+        // No alpha, or alpha 0 (as kohya's sd-scripts reads it), means alpha = rank: scale 1.
         let alpha = match alpha {
             None => rank as f64,
             Some(k) => {
@@ -391,13 +391,24 @@ fn parse_kohya(name: &str, w: &Weights) -> Result<BTreeMap<String, LoraModule>> 
                     Err(Error::TensorDtype { .. }) => w.read_i64(&k)?.0.first().map(|x| *x as f64),
                     Err(e) => return Err(e),
                 };
-                v.filter(|a| a.is_finite()).ok_or_else(|| {
-                    Error::Input(format!("{name}: `{k}` is not one finite number"))
-                })?
+                match v.filter(|a| a.is_finite()) {
+                    Some(0.0) => rank as f64,
+                    Some(a) => a,
+                    None => {
+                        return Err(Error::Input(format!(
+                            "{name}: `{k}` is not one finite number"
+                        )));
+                    }
+                }
             }
         };
         let scale = alpha / rank as f64;
-        let b = b.iter().map(|v| (*v as f64 * scale) as f32).collect();
+        let b: Vec<f32> = b.iter().map(|v| (*v as f64 * scale) as f32).collect();
+        if b.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Input(format!(
+                "{name}: `{module}`: alpha {alpha} / rank {rank} scales lora_up.weight past f32's range"
+            )));
+        }
         modules.insert(
             id,
             LoraModule {

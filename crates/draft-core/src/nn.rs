@@ -11,7 +11,7 @@ use burn::tensor::ops::ConvOptions;
 
 use crate::error::Result;
 use crate::lora::{LoraKind, LoraSlot};
-use crate::weights::VarBuilder;
+use crate::var_builder::VarBuilder;
 
 /// A module parameter holding `t` as it is. Unlike `Param::from_tensor` this never marks the
 /// tensor as requiring a gradient: for plain tensors that is a no-op anyway, and `draft

@@ -15,7 +15,8 @@ use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::schedule::SchedulerConfig;
 use crate::tokenizer::{ClipTokenizer, SpecialTokens};
-use crate::weights::{VarBuilder, Weights};
+use crate::var_builder::VarBuilder;
+use crate::weights::Weights;
 
 /// The files of a diffusers pipeline folder, by path relative to the folder.
 ///
@@ -400,6 +401,9 @@ impl Pipeline {
 
     /// Token ids [B, max_length] for the prompts.
     pub fn tokenize(&self, prompts: &[String]) -> Result<Tensor<2, Int>> {
+        if prompts.is_empty() {
+            return Err(Error::Input("at least one prompt is needed".into()));
+        }
         let mut ids = Vec::new();
         for p in prompts {
             ids.extend(self.tokenizer.encode(p)?.into_iter().map(|i| i as i64));

@@ -31,7 +31,8 @@ use crate::schedule::SchedulerConfig;
 use crate::shapes::{Attributes, COLORS, Shape, Shapes};
 use crate::tokenizer::{ClipTokenizer, SpecialTokens};
 use crate::train::stream_seed;
-use crate::weights::{ParamStore, VarBuilder};
+use crate::optim::{OptimState, Optimizer, clip_coefficient, global_norm};
+use crate::var_builder::{ParamStore, VarBuilder};
 
 /// Every word of the dataset's captions: the tokenizer's vocabulary after the special tokens.
 pub fn vocabulary() -> Vec<&'static str> {
@@ -266,8 +267,8 @@ pub struct Pretrainer {
     /// UNet then text encoder parameters (two stores, one optimiser).
     stores: [ParamStore; 2],
     ema: [Vec<Tensor<1>>; 2],
-    m: [Vec<Tensor<1>>; 2],
-    v: [Vec<Tensor<1>>; 2],
+    /// AdamW's moments of each store.
+    opt: [OptimState<1>; 2],
     pub step: usize,
     dataset: Shapes,
     device: Device,
@@ -319,16 +320,12 @@ impl Pretrainer {
             s.with_tensors(s.tensors())
         };
         let stores = [freeze(&unet), freeze(&text)];
-        let zeros = |s: &ParamStore| {
-            s.tensors()
-                .iter()
-                .map(|t| t.zeros_like())
-                .collect::<Vec<_>>()
-        };
         Ok(Self {
             ema: [stores[0].tensors(), stores[1].tensors()],
-            m: [zeros(&stores[0]), zeros(&stores[1])],
-            v: [zeros(&stores[0]), zeros(&stores[1])],
+            opt: [
+                OptimState::zeros(&stores[0].tensors()),
+                OptimState::zeros(&stores[1].tensors()),
+            ],
             stores,
             alphas_cumprod: scheduler.alphas_cumprod(),
             dataset: Shapes::new(config.seed, config.image_size),
@@ -434,29 +431,14 @@ impl Pretrainer {
         });
         drop((unet, text));
 
-        let mut total: Option<Tensor<1>> = None;
-        for g in grads.iter().flatten() {
-            let sq = g.clone().square().sum();
-            total = Some(match total {
-                Some(t) => t + sq,
-                None => sq,
-            });
-        }
-        let norm = match total {
-            Some(t) => (crate::read_f32(t).await?.0[0] as f64).sqrt(),
-            None => 0.0,
-        };
+        let norm = global_norm(grads.iter().flatten()).await?;
         if !loss_value.is_finite() || !norm.is_finite() {
             return Err(Error::Input(format!(
                 "step {}: non-finite loss {loss_value} / gradient norm {norm}; lower --lr",
                 self.step
             )));
         }
-        let clip = if c.max_grad_norm > 0.0 && norm > c.max_grad_norm {
-            c.max_grad_norm / norm
-        } else {
-            1.0
-        };
+        let clip = clip_coefficient(norm, (c.max_grad_norm > 0.0).then_some(c.max_grad_norm));
         let lr = self.lr(self.step);
         self.update(grads, clip, lr);
         self.step += 1;
@@ -470,31 +452,24 @@ impl Pretrainer {
 
     fn update(&mut self, grads: [Vec<Tensor<1>>; 2], clip: f64, lr: f64) {
         let c = &self.config;
-        let (beta1, beta2, eps) = (0.9f64, 0.999f64, 1e-8);
-        let t = (self.step + 1) as i32;
-        let bc1 = 1.0 - beta1.powi(t);
-        let bc2 = 1.0 - beta2.powi(t);
+        let opt = Optimizer::AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: c.weight_decay,
+        };
         // EMA with the usual warm-up, so early checkpoints are not dominated by the init.
         let decay = c
             .ema_decay
             .min((1.0 + self.step as f64) / (10.0 + self.step as f64));
         for (i, grads) in grads.into_iter().enumerate() {
-            let params = self.stores[i].tensors();
-            let mut new = Vec::with_capacity(params.len());
-            for (j, (p, g)) in params.into_iter().zip(grads).enumerate() {
-                let g = if clip != 1.0 { g * clip } else { g };
-                let p = if c.weight_decay != 0.0 {
-                    p * (1.0 - lr * c.weight_decay)
-                } else {
-                    p
-                };
-                let m = self.m[i][j].clone() * beta1 + g.clone() * (1.0 - beta1);
-                let v = self.v[i][j].clone() * beta2 + g.square() * (1.0 - beta2);
-                let p = p - (m.clone() / bc1) / ((v.clone() / bc2).sqrt() + eps) * lr;
-                self.ema[i][j] = self.ema[i][j].clone() * decay + p.clone() * (1.0 - decay);
-                self.m[i][j] = m;
-                self.v[i][j] = v;
-                new.push(p);
+            let grads = grads
+                .into_iter()
+                .map(|g| if clip != 1.0 { g * clip } else { g })
+                .collect();
+            let new = opt.step(self.stores[i].tensors(), grads, lr, &mut self.opt[i]);
+            for (e, p) in self.ema[i].iter_mut().zip(&new) {
+                *e = e.clone() * decay + p.clone() * (1.0 - decay);
             }
             self.stores[i] = self.stores[i].with_tensors(new);
         }
@@ -557,8 +532,8 @@ impl Pretrainer {
             for (prefix, list) in [
                 ("param", self.stores[i].tensors()),
                 ("ema", self.ema[i].clone()),
-                ("adam_m", self.m[i].clone()),
-                ("adam_v", self.v[i].clone()),
+                ("adam_m", self.opt[i].m.clone()),
+                ("adam_v", self.opt[i].v.clone()),
             ] {
                 for ((key, shape), t) in keys.iter().zip(list) {
                     let (values, _) = crate::read_f32(t).await?;
@@ -628,8 +603,9 @@ impl Pretrainer {
             };
             let params = load("param")?;
             self.ema[i] = load("ema")?;
-            self.m[i] = load("adam_m")?;
-            self.v[i] = load("adam_v")?;
+            self.opt[i].m = load("adam_m")?;
+            self.opt[i].v = load("adam_v")?;
+            self.opt[i].updates = step;
             self.stores[i] = self.stores[i].with_tensors(params);
         }
         self.step = step;

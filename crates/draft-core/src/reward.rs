@@ -17,7 +17,9 @@ pub const EPS: f64 = 1e-8;
 /// score read it; the others ignore it).
 pub trait Reward: Send + Sync {
     fn name(&self) -> &str;
-    fn score(&self, images: Tensor<4>, prompts: &[String]) -> Tensor<1>;
+    /// An error, not a panic, for what the images or prompts cannot be scored on (a prompt
+    /// the reward's tokenizer refuses, a prompt count that is not the image count).
+    fn score(&self, images: Tensor<4>, prompts: &[String]) -> Result<Tensor<1>>;
     /// Whether `score` needs the prompts (one per image).
     fn needs_prompts(&self) -> bool {
         false
@@ -47,8 +49,8 @@ impl Reward for Brightness {
     fn name(&self) -> &str {
         "brightness"
     }
-    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
-        mean_chw(images)
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Result<Tensor<1>> {
+        Ok(mean_chw(images))
     }
 }
 
@@ -61,7 +63,7 @@ impl Reward for Colorfulness {
     fn name(&self) -> &str {
         "colorfulness"
     }
-    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Result<Tensor<1>> {
         let (r, g, b) = (
             channel(&images, 0),
             channel(&images, 1),
@@ -71,7 +73,7 @@ impl Reward for Colorfulness {
         let yb = (r + g) * 0.5 - b;
         let sigma = (var_hw(rg.clone()) + var_hw(yb.clone()) + EPS).sqrt();
         let mu = (mean_chw(rg).square() + mean_chw(yb).square() + EPS).sqrt();
-        sigma + mu * 0.3
+        Ok(sigma + mu * 0.3)
     }
 }
 
@@ -82,10 +84,10 @@ impl Reward for Contrast {
     fn name(&self) -> &str {
         "contrast"
     }
-    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Result<Tensor<1>> {
         let y =
             channel(&images, 0) * 0.299 + channel(&images, 1) * 0.587 + channel(&images, 2) * 0.114;
-        (var_hw(y) + EPS).sqrt()
+        Ok((var_hw(y) + EPS).sqrt())
     }
 }
 
@@ -97,11 +99,11 @@ impl Reward for Smoothness {
     fn name(&self) -> &str {
         "smoothness"
     }
-    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Result<Tensor<1>> {
         let [_, _, h, w] = images.dims();
         let dy = images.clone().narrow(2, 1, h - 1) - images.clone().narrow(2, 0, h - 1);
         let dx = images.clone().narrow(3, 1, w - 1) - images.narrow(3, 0, w - 1);
-        -(mean_chw(dy.abs()) + mean_chw(dx.abs()))
+        Ok(-(mean_chw(dy.abs()) + mean_chw(dx.abs())))
     }
 }
 
@@ -112,9 +114,9 @@ impl Reward for Symmetry {
     fn name(&self) -> &str {
         "symmetry"
     }
-    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Result<Tensor<1>> {
         let flipped = images.clone().flip([3]);
-        -mean_chw((images - flipped).square())
+        Ok(-mean_chw((images - flipped).square()))
     }
 }
 
@@ -125,10 +127,10 @@ impl Reward for TargetColor {
     fn name(&self) -> &str {
         "target-color"
     }
-    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Result<Tensor<1>> {
         let device = images.device();
         let c = Tensor::<1>::from_floats(self.0, &device).reshape([1, 3, 1, 1]);
-        -mean_chw((images - c).square())
+        Ok(-mean_chw((images - c).square()))
     }
 }
 
@@ -260,20 +262,20 @@ impl WeightedReward {
     }
 
     /// `[B, 3, H, W]` and the prompt of each image → `[B]`.
-    pub fn score(&self, images: Tensor<4>, prompts: &[String]) -> Tensor<1> {
+    pub fn score(&self, images: Tensor<4>, prompts: &[String]) -> Result<Tensor<1>> {
         let mut total: Option<Tensor<1>> = None;
-        for ((_, weight), r) in self.terms.iter().zip(self.score_terms(images, prompts)) {
+        for ((_, weight), r) in self.terms.iter().zip(self.score_terms(images, prompts)?) {
             let r = r * *weight;
             total = Some(match total {
                 Some(t) => t + r,
                 None => r,
             });
         }
-        total.expect("at least one reward term")
+        total.ok_or_else(|| Error::Input("at least one reward is needed".into()))
     }
 
     /// Each term's unweighted score `[B]`, in the order of `terms` (for reports).
-    pub fn score_terms(&self, images: Tensor<4>, prompts: &[String]) -> Vec<Tensor<1>> {
+    pub fn score_terms(&self, images: Tensor<4>, prompts: &[String]) -> Result<Vec<Tensor<1>>> {
         self.terms
             .iter()
             .map(|(reward, _)| reward.score(images.clone(), prompts))

@@ -15,9 +15,11 @@ use crate::models::open_clip::{self, OpenClipConfig};
 use crate::nn::Linear;
 use crate::reward::Reward;
 use crate::tokenizer::ClipTokenizer;
-use crate::weights::{VarBuilder, Weights};
+use crate::var_builder::VarBuilder;
+use crate::weights::Weights;
 
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)] // the published values, digit for digit
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_11];
 
 /// Loads a transformers `CLIPModel` from its `config.json` text and safetensors bytes.
@@ -169,11 +171,11 @@ impl Reward for LaionAesthetic {
     fn name(&self) -> &str {
         "laion-aesthetic"
     }
-    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Result<Tensor<1>> {
         let e = self
             .clip
             .image_features(preprocess(images, self.clip.image_size));
-        self.mlp.forward(l2_normalize(e))
+        Ok(self.mlp.forward(l2_normalize(e)))
     }
 }
 
@@ -297,22 +299,22 @@ impl Reward for ClipSimilarity {
     fn needs_prompts(&self) -> bool {
         true
     }
-    fn score(&self, images: Tensor<4>, prompts: &[String]) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, prompts: &[String]) -> Result<Tensor<1>> {
         let b = images.dims()[0];
-        assert_eq!(
-            prompts.len(),
-            b,
-            "{} scores each image against its prompt: {b} images, {} prompts",
-            self.kind.name(),
-            prompts.len()
-        );
-        let text = self
-            .prompt_embeddings(prompts)
-            .unwrap_or_else(|e| panic!("{}: cannot tokenize the prompts: {e}", self.kind.name()));
+        if prompts.len() != b {
+            return Err(Error::Input(format!(
+                "{} scores each image against its prompt: {b} images, {} prompts",
+                self.kind.name(),
+                prompts.len()
+            )));
+        }
+        let text = self.prompt_embeddings(prompts).map_err(|e| {
+            Error::Input(format!("{}: cannot tokenize the prompts: {e}", self.kind.name()))
+        })?;
         let e = l2_normalize(
             self.clip
                 .image_features(preprocess(images, self.clip.image_size)),
         );
-        (e * text).sum_dim(1).reshape([b]) * self.scale
+        Ok((e * text).sum_dim(1).reshape([b]) * self.scale)
     }
 }

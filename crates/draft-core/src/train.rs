@@ -14,6 +14,7 @@ use crate::engine::{Draws, Engine, Method, Prompts};
 use crate::error::{Error, Result};
 use crate::lora::LoraTarget;
 use crate::noise::NoiseRng;
+use crate::optim::{OptimState, Optimizer, clip_coefficient, global_norm};
 use crate::pipeline::Pipeline;
 use crate::reward::{RewardOptions, WeightedReward};
 
@@ -321,6 +322,29 @@ pub struct FixedEval {
     pub prompts: Vec<String>,
 }
 
+/// The fixed evaluation set's figures before training: kept in the checkpoint, so that a
+/// resumed run still reports before → after and its early stop (`--min-diversity`) compares
+/// with the start of the run, not with the first evaluation after the resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalSummary {
+    /// The size of the evaluation set.
+    pub images: usize,
+    pub reward: f64,
+    pub terms: Vec<f64>,
+    pub diversity: f64,
+}
+
+impl FixedEval {
+    pub fn summary(&self) -> EvalSummary {
+        EvalSummary {
+            images: self.per_image.len(),
+            reward: self.reward,
+            terms: self.terms.clone(),
+            diversity: self.diversity,
+        }
+    }
+}
+
 /// SplitMix64: independent seeds for the streams of each step.
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -348,14 +372,15 @@ pub struct Trainer {
     /// Initial latents of the first step's batch (`--init-noise`).
     init_noise: Option<Tensor<4>>,
     latent_shape: [usize; 3],
-    /// Adam moments, in parameter order.
-    m: Vec<Tensor<2>>,
-    v: Vec<Tensor<2>>,
+    /// The optimiser's moments, in parameter order.
+    opt: OptimState<2>,
     /// Optimizer updates done (also Adam's bias-correction step count).
     pub step: usize,
     /// Non-finite updates skipped so far, and how many in a row.
     pub skipped: usize,
     pub bad_run: usize,
+    /// The evaluation before the first update, once the shell has made it.
+    pub before: Option<EvalSummary>,
 }
 
 impl Trainer {
@@ -406,8 +431,7 @@ impl Trainer {
                 )));
             }
         }
-        let params = pipeline.lora.params();
-        let zeros: Vec<Tensor<2>> = params.iter().map(|p| p.zeros_like()).collect();
+        let opt = OptimState::zeros(&pipeline.lora.params());
         Ok(Self {
             pipeline,
             reward,
@@ -415,11 +439,11 @@ impl Trainer {
             method,
             init_noise,
             latent_shape,
-            m: zeros.clone(),
-            v: zeros,
+            opt,
             step: 0,
             skipped: 0,
             bad_run: 0,
+            before: None,
             config,
         })
     }
@@ -518,10 +542,7 @@ impl Trainer {
         let lr = self.config.lr;
         if finite {
             self.bad_run = 0;
-            let clip = match self.config.clip_grad_norm {
-                Some(max) if grad_norm > max => max / (grad_norm + 1e-6),
-                _ => 1.0,
-            };
+            let clip = clip_coefficient(grad_norm, self.config.clip_grad_norm);
             self.update(grads, clip);
         } else {
             self.skipped += 1;
@@ -593,7 +614,7 @@ impl Trainer {
             .reward
             .terms
             .iter()
-            .zip(self.reward.score_terms(images.clone(), &prompts))
+            .zip(self.reward.score_terms(images.clone(), &prompts)?)
         {
             let mean = crate::read_f32(t.clone().mean()).await?.0[0] as f64;
             reward += weight * mean;
@@ -630,35 +651,30 @@ impl Trainer {
         eval
     }
 
-    /// AdamW (PyTorch's: decoupled weight decay, bias-corrected moments) or plain SGD.
-    fn update(&mut self, grads: Vec<Tensor<2>>, clip: f64) {
+    /// The optimiser of the run: PyTorch's AdamW, or SGD without momentum or weight decay.
+    pub fn optimizer(&self) -> Optimizer {
         let c = &self.config;
-        let params = self.pipeline.lora.params();
-        let t = (self.step - self.skipped + 1) as i32;
-        let mut new = Vec::with_capacity(params.len());
-        for (i, (p, g)) in params.into_iter().zip(grads).enumerate() {
-            let g = if clip != 1.0 { g * clip } else { g };
-            let p = match c.optimizer {
-                OptimizerName::Sgd => p - g * c.lr,
-                OptimizerName::Adamw => {
-                    let p = if c.weight_decay != 0.0 {
-                        p * (1.0 - c.lr * c.weight_decay)
-                    } else {
-                        p
-                    };
-                    let m = self.m[i].clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
-                    let v = self.v[i].clone() * c.beta2 + g.square() * (1.0 - c.beta2);
-                    let bc1 = 1.0 - c.beta1.powi(t);
-                    let bc2 = 1.0 - c.beta2.powi(t);
-                    let denom = (v.clone() / bc2).sqrt() + c.adam_eps;
-                    let p = p - (m.clone() / bc1) / denom * c.lr;
-                    self.m[i] = m;
-                    self.v[i] = v;
-                    p
-                }
-            };
-            new.push(p);
+        match c.optimizer {
+            OptimizerName::Sgd => Optimizer::Sgd { weight_decay: 0.0 },
+            OptimizerName::Adamw => Optimizer::AdamW {
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.adam_eps,
+                weight_decay: c.weight_decay,
+            },
         }
+    }
+
+    /// One optimiser update of the LoRA parameters with `grads` scaled by `clip`.
+    fn update(&mut self, grads: Vec<Tensor<2>>, clip: f64) {
+        let grads = grads
+            .into_iter()
+            .map(|g| if clip != 1.0 { g * clip } else { g })
+            .collect();
+        let params = self.pipeline.lora.params();
+        let new = self
+            .optimizer()
+            .step(params, grads, self.config.lr, &mut self.opt);
         self.pipeline.lora.set_params(&new);
     }
 
@@ -667,7 +683,11 @@ impl Trainer {
         let names = self.pipeline.lora.param_names();
         let params = self.pipeline.lora.params();
         let mut tensors = Vec::new();
-        for (prefix, list) in [("param", &params), ("adam_m", &self.m), ("adam_v", &self.v)] {
+        for (prefix, list) in [
+            ("param", &params),
+            ("adam_m", &self.opt.m),
+            ("adam_v", &self.opt.v),
+        ] {
             for (name, t) in names.iter().zip(list.iter()) {
                 let (values, shape) = crate::read_f32(t.clone()).await?;
                 tensors.push((format!("{prefix}.{name}"), shape, values));
@@ -681,6 +701,12 @@ impl Trainer {
             "config".into(),
             serde_json::to_string(&self.config).map_err(|e| Error::Input(e.to_string()))?,
         );
+        if let Some(b) = &self.before {
+            meta.insert(
+                "before".into(),
+                serde_json::to_string(b).map_err(|e| Error::Input(e.to_string()))?,
+            );
+        }
         crate::weights::serialize_f32(&tensors, Some(meta))
     }
 
@@ -730,29 +756,24 @@ impl Trainer {
                 .collect()
         };
         let params = load("param")?;
-        self.m = load("adam_m")?;
-        self.v = load("adam_v")?;
+        self.opt.m = load("adam_m")?;
+        self.opt.v = load("adam_v")?;
         self.pipeline.lora.set_params(&params);
         self.step = num("step")?;
         self.skipped = num("skipped")?;
+        if self.skipped > self.step {
+            return Err(Error::config(name, "checkpoint has more skipped updates than steps"));
+        }
+        self.opt.updates = self.step - self.skipped;
+        // Checkpoints of earlier versions have no "before" evaluation.
+        self.before = match meta.get("before") {
+            Some(b) => Some(serde_json::from_str(b).map_err(|e| {
+                Error::config(name, format!("bad `before` in checkpoint metadata: {e}"))
+            })?),
+            None => None,
+        };
         self.bad_run = num("bad_run")?;
         Ok(())
-    }
-}
-
-/// `sqrt(Σ‖g‖²)` over all tensors, read back to the host.
-pub async fn global_norm(grads: &[Tensor<2>]) -> Result<f64> {
-    let mut total: Option<Tensor<1>> = None;
-    for g in grads {
-        let s = g.clone().square().sum();
-        total = Some(match total {
-            Some(t) => t + s,
-            None => s,
-        });
-    }
-    match total {
-        None => Ok(0.0),
-        Some(t) => Ok((crate::read_f32(t).await?.0[0] as f64).sqrt()),
     }
 }
 

@@ -1,15 +1,11 @@
-//! safetensors bytes → tensors, addressed by the same dotted paths as the PyTorch modules.
-//!
-//! A [`VarBuilder`] is a cursor into one safetensors file: `vb.pp("down_blocks").pp(0)` descends
-//! one module level, `vb.get("weight", [..])` reads a tensor, checks its shape and converts
-//! f16/bf16 to f32. Module code builds itself from these paths, so a key in the file *is* the
-//! field path in the code.
+//! safetensors bytes → tensors, addressed by the same dotted paths as the PyTorch modules
+//! (read through [`VarBuilder`](crate::var_builder::VarBuilder)), and the one safetensors writer
+//! of the project ([`serialize_f32`]).
 
 use burn::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::lora::{LoraKind, LoraPlan, LoraSlot};
 
 /// One or more parsed safetensors files (the shards of one component) plus the name they are
 /// reported under in errors, with the keys the model asks for mapped onto the keys in the files.
@@ -23,6 +19,9 @@ pub struct Weights<'a> {
     /// Key the model asks for → where it is in the files.
     keys: std::collections::BTreeMap<String, Entry>,
 }
+
+/// A tensor found: the name of the file holding it, its view and its row block, if any.
+type View<'s> = (&'s str, safetensors::tensor::TensorView<'s>, Option<(usize, usize)>);
 
 /// Where one tensor of a [`Weights`] is: its shard, its key there and, for a tensor that is
 /// one of `n` equal row blocks of a fused file tensor (OpenCLIP's `in_proj_weight` as q, k, v),
@@ -140,14 +139,7 @@ impl<'a> Weights<'a> {
     }
 
     /// The tensor `key`, the name of the file holding it and its row block, if any.
-    fn view(
-        &self,
-        key: &str,
-    ) -> Result<(
-        &str,
-        safetensors::tensor::TensorView<'_>,
-        Option<(usize, usize)>,
-    )> {
+    fn view(&self, key: &str) -> Result<View<'_>> {
         let missing = || Error::MissingTensor {
             file: self.file.clone(),
             key: key.to_string(),
@@ -181,10 +173,11 @@ impl<'a> Weights<'a> {
         }
     }
 
-    /// Reads `key` as f32 values and its shape.
+    /// Reads `key` as f32 values and its shape; a value that is not finite (NaN, ±∞, or an
+    /// F64 beyond f32's range) is an error naming the tensor.
     pub fn read_f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let (file, dtype, bytes, shape) = self.data(key)?;
-        let values = match dtype {
+        let values: Vec<f32> = match dtype {
             Dtype::F32 => bytes
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -203,6 +196,17 @@ impl<'a> Weights<'a> {
                 .collect(),
             other => return Err(Self::dtype_error(file, key, other, "F32, F16, BF16 or F64")),
         };
+        // A NaN or infinite weight turns every output into NaN; refuse it here, by name,
+        // rather than as a black image or a NaN reward many steps later.
+        if let Some(i) = values.iter().position(|v: &f32| !v.is_finite()) {
+            return Err(Error::Safetensors {
+                file: file.to_string(),
+                reason: format!(
+                    "tensor `{key}` holds {} at index {i} (as f32): weights must be finite",
+                    values[i]
+                ),
+            });
+        }
         Ok((values, shape))
     }
 
@@ -244,17 +248,30 @@ pub fn serialize_f32(
     tensors: &[(String, Vec<usize>, Vec<f32>)],
     metadata: Option<std::collections::HashMap<String, String>>,
 ) -> Result<Vec<u8>> {
-    let bytes: Vec<Vec<u8>> = tensors
+    let raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
-        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .map(|(name, shape, v)| {
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (name.clone(), Dtype::F32, shape.clone(), bytes)
+        })
         .collect();
+    serialize(&raw, metadata)
+}
+
+/// Writes tensors `(name, dtype, shape, little-endian bytes)` as a safetensors file: the one
+/// safetensors writer of the project (LoRA files, checkpoints, pretrained models, sampled
+/// images, converted PyTorch weights).
+pub fn serialize(
+    tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
     let mut views = Vec::with_capacity(tensors.len());
-    for ((name, shape, _), data) in tensors.iter().zip(&bytes) {
+    for (name, dtype, shape, data) in tensors {
         let view =
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), data).map_err(|e| {
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).map_err(|e| {
                 Error::Safetensors {
-                    file: name.clone(),
-                    reason: e.to_string(),
+                    file: "(output)".into(),
+                    reason: format!("tensor {name}: {e}"),
                 }
             })?;
         views.push((name.clone(), view));
@@ -263,283 +280,4 @@ pub fn serialize_f32(
         file: "(output)".into(),
         reason: e.to_string(),
     })
-}
-
-/// Where a [`VarBuilder`] takes its tensors from.
-#[derive(Clone)]
-enum Source<'w, 'a> {
-    File(&'w Weights<'a>),
-    /// Small random values of whatever shape is asked for: models with real architectures
-    /// but no weights file, for benchmarks and shape tests.
-    Random(std::rc::Rc<std::cell::RefCell<crate::noise::NoiseRng>>),
-    /// Tensors held in memory by key (what `draft pretrain` trains); keys the store lacks are
-    /// initialised and added when the store has an initialiser, an error otherwise.
-    Store(std::rc::Rc<std::cell::RefCell<ParamStore>>),
-}
-
-/// A model's parameters by their file keys, in the file's layout (a Linear weight is
-/// `[out, in]` here, as in the safetensors file): what a full training run optimises and writes.
-/// Each tensor is kept flat; [`VarBuilder::get`] reshapes it, so the reshape (and a Linear's
-/// transpose) is part of the autodiff graph and gradients come back in file layout.
-#[derive(Clone, Default)]
-pub struct ParamStore {
-    pub entries: std::collections::BTreeMap<String, (Tensor<1>, Vec<usize>)>,
-    init: Option<std::rc::Rc<std::cell::RefCell<rand::rngs::StdRng>>>,
-}
-
-impl ParamStore {
-    /// An empty store that initialises every tensor asked for the way PyTorch's layers do:
-    /// Linear/Conv weights U(±1/√fan_in), biases 0, norm scales 1, embeddings N(0, 0.02²).
-    pub fn init(seed: u64) -> Self {
-        use rand::SeedableRng;
-        Self {
-            entries: Default::default(),
-            init: Some(std::rc::Rc::new(std::cell::RefCell::new(
-                rand::rngs::StdRng::seed_from_u64(seed),
-            ))),
-        }
-    }
-
-    /// Every tensor of a safetensors file.
-    pub fn from_weights(w: &Weights, device: &Device) -> Result<Self> {
-        let mut entries = std::collections::BTreeMap::new();
-        for key in w.keys() {
-            let (values, shape) = match w.read_f32(&key) {
-                Ok(v) => v,
-                // Integer buffers (e.g. transformers' `position_ids`) are not parameters.
-                Err(Error::TensorDtype { .. }) => continue,
-                Err(e) => return Err(e),
-            };
-            let n = values.len();
-            entries.insert(
-                key,
-                (
-                    Tensor::from_data(TensorData::new(values, [n]), device),
-                    shape,
-                ),
-            );
-        }
-        Ok(Self {
-            entries,
-            init: None,
-        })
-    }
-
-    /// The same keys and shapes with other tensors (e.g. autodiff leaves, or updated values).
-    pub fn with_tensors(&self, tensors: Vec<Tensor<1>>) -> Self {
-        assert_eq!(tensors.len(), self.entries.len());
-        Self {
-            entries: self
-                .entries
-                .iter()
-                .zip(tensors)
-                .map(|((k, (_, shape)), t)| (k.clone(), (t, shape.clone())))
-                .collect(),
-            init: None,
-        }
-    }
-
-    /// The flat tensors in key order.
-    pub fn tensors(&self) -> Vec<Tensor<1>> {
-        self.entries.values().map(|(t, _)| t.clone()).collect()
-    }
-
-    pub fn num_values(&self) -> usize {
-        self.entries
-            .values()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
-    }
-
-    /// The store as a safetensors file (f32), with optional metadata.
-    pub async fn to_safetensors(
-        &self,
-        metadata: Option<std::collections::HashMap<String, String>>,
-    ) -> Result<Vec<u8>> {
-        let mut tensors = Vec::with_capacity(self.entries.len());
-        for (key, (t, shape)) in &self.entries {
-            let (values, _) = crate::read_f32(t.clone()).await?;
-            tensors.push((key.clone(), shape.clone(), values));
-        }
-        serialize_f32(&tensors, metadata)
-    }
-
-    fn initial(&self, key: &str, shape: &[usize], device: &Device) -> Option<Tensor<1>> {
-        use rand::RngExt;
-        let rng = self.init.as_ref()?;
-        let mut rng = rng.borrow_mut();
-        let n: usize = shape.iter().product();
-        let leaf = key.rsplit('.').next().unwrap_or(key);
-        let values: Vec<f32> = if leaf == "bias" {
-            vec![0.0; n]
-        } else if shape.len() == 1 {
-            vec![1.0; n]
-        } else if key.contains("embedding") {
-            use rand_distr::{Distribution, StandardNormal};
-            (0..n)
-                .map(|_| {
-                    0.02 * <StandardNormal as Distribution<f32>>::sample(&StandardNormal, &mut *rng)
-                })
-                .collect()
-        } else {
-            let fan_in: usize = shape[1..].iter().product();
-            let bound = 1.0 / (fan_in as f32).sqrt();
-            (0..n).map(|_| rng.random_range(-bound..bound)).collect()
-        };
-        Some(Tensor::from_data(TensorData::new(values, [n]), device))
-    }
-}
-
-/// A cursor at one module path inside a [`Weights`] file.
-#[derive(Clone)]
-pub struct VarBuilder<'w, 'a> {
-    source: Source<'w, 'a>,
-    prefix: String,
-    device: Device,
-    lora: Option<LoraPlan>,
-}
-
-impl<'w, 'a> VarBuilder<'w, 'a> {
-    pub fn new(weights: &'w Weights<'a>, device: &Device) -> Self {
-        Self {
-            source: Source::File(weights),
-            prefix: String::new(),
-            device: device.clone(),
-            lora: None,
-        }
-    }
-
-    /// A builder that makes up N(0, 0.02²) weights (norm scales N(1, 0.02²)) from `seed`.
-    pub fn random(seed: u64, device: &Device) -> VarBuilder<'static, 'static> {
-        VarBuilder {
-            source: Source::Random(std::rc::Rc::new(std::cell::RefCell::new(
-                crate::noise::NoiseRng::new(seed),
-            ))),
-            prefix: String::new(),
-            device: device.clone(),
-            lora: None,
-        }
-    }
-
-    /// A builder over the tensors of `store`; with [`ParamStore::init`], missing tensors are
-    /// created (and added to the store) as the model asks for them.
-    pub fn from_store(
-        store: std::rc::Rc<std::cell::RefCell<ParamStore>>,
-        device: &Device,
-    ) -> VarBuilder<'static, 'static> {
-        VarBuilder {
-            source: Source::Store(store),
-            prefix: String::new(),
-            device: device.clone(),
-            lora: None,
-        }
-    }
-
-    /// Layers selected by `plan` get a LoRA slot as they load.
-    pub fn with_lora(mut self, plan: Option<LoraPlan>) -> Self {
-        self.lora = plan;
-        self
-    }
-
-    /// The LoRA slot of the layer at this cursor, if the plan selects it.
-    pub fn lora_slot(&self, kind: LoraKind) -> Option<LoraSlot> {
-        self.lora.as_ref().and_then(|p| p.slot(&self.prefix, kind))
-    }
-
-    /// Descends into the sub-module `name` (a field name or a list index).
-    pub fn pp(&self, name: impl ToString) -> Self {
-        let name = name.to_string();
-        let prefix = if self.prefix.is_empty() {
-            name
-        } else {
-            format!("{}.{}", self.prefix, name)
-        };
-        Self {
-            source: self.source.clone(),
-            prefix,
-            device: self.device.clone(),
-            lora: self.lora.clone(),
-        }
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// The full dotted path of `name` under this cursor.
-    pub fn path(&self, name: &str) -> String {
-        if self.prefix.is_empty() {
-            name.to_string()
-        } else {
-            format!("{}.{}", self.prefix, name)
-        }
-    }
-
-    pub fn contains(&self, name: &str) -> bool {
-        match &self.source {
-            Source::File(w) => w.contains(&self.path(name)),
-            Source::Random(_) => true,
-            Source::Store(s) => {
-                let s = s.borrow();
-                s.init.is_some() || s.entries.contains_key(&self.path(name))
-            }
-        }
-    }
-
-    /// Reads the tensor `name` and checks that its shape is `shape`.
-    pub fn get<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
-        let key = self.path(name);
-        let weights = match &self.source {
-            Source::File(w) => *w,
-            Source::Random(rng) => {
-                let t = rng.borrow_mut().randn(shape, &self.device) * 0.02;
-                let is_norm_scale = D == 1 && name == "weight" && key.contains("norm");
-                return Ok(if is_norm_scale { t + 1.0 } else { t });
-            }
-            Source::Store(store) => {
-                let mut store = store.borrow_mut();
-                let flat = match store.entries.get(&key) {
-                    Some((t, found)) => {
-                        if found.as_slice() != shape {
-                            return Err(Error::TensorShape {
-                                file: "(parameters)".into(),
-                                key,
-                                expected: shape.to_vec(),
-                                found: found.clone(),
-                            });
-                        }
-                        t.clone()
-                    }
-                    None => {
-                        let t = store.initial(&key, &shape, &self.device).ok_or_else(|| {
-                            Error::MissingTensor {
-                                file: "(parameters)".into(),
-                                key: key.clone(),
-                            }
-                        })?;
-                        store
-                            .entries
-                            .insert(key.clone(), (t.clone(), shape.to_vec()));
-                        t
-                    }
-                };
-                return Ok(flat.reshape(shape));
-            }
-        };
-        let (values, found) = weights.read_f32(&key)?;
-        // A 1×1 conv kernel [o, i, 1, 1] serves a Linear [o, i] (the LDM VAE's attention).
-        let squeezed = found.len() > D && found[..D] == shape && found[D..].iter().all(|&d| d == 1);
-        if found != shape && !squeezed {
-            return Err(Error::TensorShape {
-                file: weights.file.clone(),
-                key,
-                expected: shape.to_vec(),
-                found,
-            });
-        }
-        Ok(Tensor::from_data(
-            TensorData::new(values, shape.to_vec()),
-            &self.device,
-        ))
-    }
 }

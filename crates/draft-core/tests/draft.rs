@@ -39,7 +39,7 @@ fn rewards_match_pytorch() {
         for name in reward::BUILTIN {
             let r = reward::builtin(name, &RewardOptions::default()).unwrap();
             let x = image.clone().autodiff().require_grad();
-            let score = r.score(x.clone(), &[]);
+            let score = r.score(x.clone(), &[]).unwrap();
             let grads = score.clone().sum().backward();
             let (v, _) = values(score.without_autodiff());
             let (g, _) = values(x.grad(&grads).unwrap());

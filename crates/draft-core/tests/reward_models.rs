@@ -97,7 +97,7 @@ fn clip_rewards_match_pytorch() {
         ];
         for (key, reward) in rewards {
             let x = image.clone().autodiff().require_grad();
-            let score = reward.score(x.clone(), &prompts());
+            let score = reward.score(x.clone(), &prompts()).unwrap();
             let grads = score.clone().sum().backward();
             let (v, _) = values(score.without_autodiff());
             let (g, _) = values(x.grad(&grads).unwrap());
@@ -154,7 +154,7 @@ fn open_clip_hpsv2_matches_pytorch() {
 
         let reward = ClipSimilarity::new(clip, tokenizer(), Similarity::Hpsv2).unwrap();
         let x = image.clone().autodiff().require_grad();
-        let score = reward.score(x.clone(), &prompts());
+        let score = reward.score(x.clone(), &prompts()).unwrap();
         let grads = score.clone().sum().backward();
         let (v, _) = values(score.without_autodiff());
         let (g, _) = values(x.grad(&grads).unwrap());

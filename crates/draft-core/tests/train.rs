@@ -9,6 +9,7 @@ use draft_core::Pipeline;
 use draft_core::lora::LoraTarget;
 use draft_core::pipeline::LoraSetup;
 use draft_core::reward::{Reward, RewardOptions, WeightedReward};
+use draft_core::Result;
 use draft_core::train::{MethodName, TrainConfig, Trainer};
 
 fn config() -> TrainConfig {
@@ -92,9 +93,9 @@ impl Reward for Poisoned {
     fn name(&self) -> &str {
         "poisoned"
     }
-    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Tensor<1> {
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Result<Tensor<1>> {
         let b = images.dims()[0];
-        images.reshape([b as i64, -1]).mean_dim(1).reshape([b]) * f32::NAN
+        Ok(images.reshape([b as i64, -1]).mean_dim(1).reshape([b]) * f32::NAN)
     }
 }
 
@@ -128,6 +129,58 @@ fn non_finite_updates_are_skipped_then_stop_training() {
             v.iter().all(|x| x.is_finite()),
             "{k} is finite in the checkpoint"
         );
+    }
+}
+
+/// A reward that is NaN on one call only (the `bad`-th, counting from 0).
+struct NanOnce {
+    calls: std::sync::atomic::AtomicUsize,
+    bad: usize,
+}
+
+impl Reward for NanOnce {
+    fn name(&self) -> &str {
+        "nan-once"
+    }
+    fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Result<Tensor<1>> {
+        let b = images.dims()[0];
+        let call = self
+            .calls
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let r = images.reshape([b as i64, -1]).mean_dim(1).reshape([b]);
+        Ok(if call == self.bad { r * f32::NAN } else { r })
+    }
+}
+
+#[test]
+fn one_nan_gradient_is_skipped_and_never_reaches_the_lora_or_the_checkpoint() {
+    let reward = || {
+        WeightedReward::new(vec![(
+            Box::new(NanOnce {
+                calls: 0.into(),
+                bad: 1,
+            }),
+            1.0,
+        )])
+    };
+    // One reward call per update (DRaFT-K): update 2 gets the NaN.
+    let mut t = trainer(config(), Some(reward()));
+    let mut lora = vec![lora_bytes(&t)];
+    for _ in 0..4 {
+        let m = pollster::block_on(t.train_step()).unwrap();
+        assert_eq!(m.skipped, m.step == 2, "step {}: {m:?}", m.step);
+        lora.push(lora_bytes(&t));
+    }
+    assert_eq!(t.skipped, 1);
+    assert_eq!(lora[2], lora[1], "the NaN update left the LoRA as it was");
+    assert_ne!(lora[3], lora[2], "training went on after it");
+    let ckpt = pollster::block_on(t.checkpoint()).unwrap();
+    for bytes in [&ckpt, &lora[4]] {
+        let w = draft_core::weights::Weights::from_bytes("out", bytes).unwrap();
+        for k in w.keys() {
+            let (v, _) = w.read_f32(&k).unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{k} is not finite");
+        }
     }
 }
 

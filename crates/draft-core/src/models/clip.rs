@@ -11,7 +11,7 @@ use crate::models::clip_text::{
     CLIPEncoder, CLIPEncoderLayer, CLIPTextConfig, CLIPTextModel, LayerDims,
 };
 use crate::nn::{Conv2d, Embedding, LayerNorm, Linear};
-use crate::weights::VarBuilder;
+use crate::var_builder::VarBuilder;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct CLIPVisionConfig {
@@ -49,30 +49,65 @@ pub struct CLIPConfig {
 
 impl CLIPConfig {
     pub fn from_json(file: &str, json: &str) -> Result<(Self, CLIPTextConfig)> {
-        let c: Self = serde_json::from_str(json).map_err(|e| Error::config(file, e.to_string()))?;
+        let c: Self = crate::error::from_json(file, json)?;
         let v = &c.vision_config;
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        for (field, x) in [
+            ("hidden_size", v.hidden_size),
+            ("intermediate_size", v.intermediate_size),
+            ("num_hidden_layers", v.num_hidden_layers),
+            ("num_attention_heads", v.num_attention_heads),
+            ("image_size", v.image_size),
+            ("patch_size", v.patch_size),
+            ("num_channels", v.num_channels),
+        ] {
+            Error::check_size(file, &format!("vision_config.{field}"), x, 1)?;
+        }
+        Error::check_size(file, "projection_dim", c.projection_dim, 1)?;
+        if !v.image_size.is_multiple_of(v.patch_size) {
             return Err(Error::config(
                 file,
                 format!(
-                    "image_size {} is not a multiple of patch_size {}",
+                    "`vision_config.image_size` = {} is not a multiple of `vision_config.patch_size` = {}",
                     v.image_size, v.patch_size
                 ),
             ));
         }
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(Error::config(
                 file,
-                "vision hidden_size is not divisible by its heads",
+                format!(
+                    "`vision_config.hidden_size` = {} is not divisible by \
+                     `vision_config.num_attention_heads` = {}",
+                    v.hidden_size, v.num_attention_heads
+                ),
             ));
         }
         if !matches!(v.hidden_act.as_str(), "quick_gelu" | "gelu") {
             return Err(Error::config(
                 file,
-                format!("hidden_act `{}` is not supported", v.hidden_act),
+                format!(
+                    "`vision_config.hidden_act` {:?} is not supported",
+                    v.hidden_act
+                ),
             ));
         }
-        let text = CLIPTextConfig::from_json(file, &c.text_config.to_string())?;
+        Error::check_number(
+            file,
+            "vision_config.layer_norm_eps",
+            v.layer_norm_eps,
+            0.0..=1.0,
+        )?;
+        let text: CLIPTextConfig =
+            serde_path_to_error::deserialize(&c.text_config).map_err(|e| {
+                let path = e.path().to_string();
+                let field = if path == "." {
+                    String::new()
+                } else {
+                    format!(".{path}")
+                };
+                Error::config(file, format!("`text_config{field}`: {}", e.inner()))
+            })?;
+        text.check(file, "text_config.")?;
         Ok((c, text))
     }
 }

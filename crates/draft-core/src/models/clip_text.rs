@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::nn::{
     Embedding, LayerNorm, Linear, merge_heads, scaled_dot_product_attention, split_heads,
 };
-use crate::weights::VarBuilder;
+use crate::var_builder::VarBuilder;
 
 /// The fields of `text_encoder/config.json` that shape the model (transformers' names).
 #[derive(Debug, Clone, Deserialize)]
@@ -35,27 +35,47 @@ fn default_eps() -> f64 {
 
 impl CLIPTextConfig {
     pub fn from_json(file: &str, json: &str) -> Result<Self> {
-        let config: Self =
-            serde_json::from_str(json).map_err(|e| Error::config(file, e.to_string()))?;
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
-            return Err(Error::config(
-                file,
-                format!(
-                    "hidden_size {} is not divisible by num_attention_heads {}",
-                    config.hidden_size, config.num_attention_heads
-                ),
-            ));
-        }
-        if !matches!(config.hidden_act.as_str(), "quick_gelu" | "gelu") {
-            return Err(Error::config(
-                file,
-                format!(
-                    "hidden_act `{}` is not supported (quick_gelu, gelu)",
-                    config.hidden_act
-                ),
-            ));
-        }
+        let config: Self = crate::error::from_json(file, json)?;
+        config.check(file, "")?;
         Ok(config)
+    }
+
+    /// Checks the sizes; `prefix` names the object the fields are in (`text_config.`).
+    pub fn check(&self, file: &str, prefix: &str) -> Result<()> {
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            Error::check_size(file, &format!("{prefix}{field}"), v, 1)?;
+        }
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
+            return Err(Error::config(
+                file,
+                format!(
+                    "`{prefix}hidden_size` = {} is not divisible by `{prefix}num_attention_heads` = {}",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        if !matches!(self.hidden_act.as_str(), "quick_gelu" | "gelu") {
+            return Err(Error::config(
+                file,
+                format!(
+                    "`{prefix}hidden_act` {:?} is not supported (quick_gelu, gelu)",
+                    self.hidden_act
+                ),
+            ));
+        }
+        Error::check_number(
+            file,
+            &format!("{prefix}layer_norm_eps"),
+            self.layer_norm_eps,
+            0.0..=1.0,
+        )
     }
 }
 

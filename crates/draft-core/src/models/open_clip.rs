@@ -21,7 +21,7 @@ use crate::models::clip_text::{
     CLIPTextTransformer,
 };
 use crate::nn::{Conv2d, Embedding, LayerNorm, Linear, param};
-use crate::weights::VarBuilder;
+use crate::var_builder::VarBuilder;
 
 /// open_clip's `ViT-H-14.json` (the architecture of HPSv2 and of laion/CLIP-ViT-H-14-*).
 pub const VIT_H_14: &str = r#"{
@@ -124,6 +124,11 @@ impl OpenClipConfig {
     pub fn from_json(file: &str, json: &str) -> Result<Self> {
         let v: Value =
             serde_json::from_str(json).map_err(|e| Error::config(file, e.to_string()))?;
+        let root = if v.get("model_cfg").is_some() {
+            "model_cfg"
+        } else {
+            ""
+        };
         let v = v.get("model_cfg").cloned().unwrap_or(v);
         for tower in ["vision_cfg", "text_cfg"] {
             let Some(obj) = v.get(tower).and_then(Value::as_object) else {
@@ -137,7 +142,7 @@ impl OpenClipConfig {
                 if set {
                     return Err(Error::config(
                         file,
-                        format!("{tower}.{key} is not supported by this OpenCLIP loader"),
+                        format!("`{tower}.{key}` is not supported by this OpenCLIP loader"),
                     ));
                 }
             }
@@ -147,30 +152,69 @@ impl OpenClipConfig {
                 Some(other) => {
                     return Err(Error::config(
                         file,
-                        format!("{tower}.pool_type = {other} is not supported (tok, argmax)"),
+                        format!("`{tower}.pool_type` = {other} is not supported (tok, argmax)"),
                     ));
                 }
             }
         }
-        let c: Self = serde_json::from_value(v).map_err(|e| Error::config(file, e.to_string()))?;
-        let vc = &c.vision_cfg;
-        if vc.patch_size == 0 || vc.image_size % vc.patch_size != 0 {
+        let c: Self = serde_path_to_error::deserialize(&v).map_err(|e| {
+            let path = match (root, e.path().to_string()) {
+                ("", p) if p == "." => String::new(),
+                (r, p) if p == "." => r.to_string(),
+                ("", p) => p,
+                (r, p) if p.starts_with('[') => format!("{r}{p}"),
+                (r, p) => format!("{r}.{p}"),
+            };
+            match path.as_str() {
+                "" => Error::config(file, e.inner().to_string()),
+                _ => Error::config(file, format!("`{path}`: {}", e.inner())),
+            }
+        })?;
+        let (vc, tc) = (&c.vision_cfg, &c.text_cfg);
+        for (field, x) in [
+            ("embed_dim", c.embed_dim),
+            ("vision_cfg.image_size", vc.image_size),
+            ("vision_cfg.layers", vc.layers),
+            ("vision_cfg.width", vc.width),
+            ("vision_cfg.head_width", vc.head_width),
+            ("vision_cfg.patch_size", vc.patch_size),
+            ("text_cfg.context_length", tc.context_length),
+            ("text_cfg.vocab_size", tc.vocab_size),
+            ("text_cfg.width", tc.width),
+            ("text_cfg.heads", tc.heads),
+            ("text_cfg.layers", tc.layers),
+        ] {
+            Error::check_size(file, field, x, 1)?;
+        }
+        // The MLP's width is width × mlp_ratio (4 in every released model).
+        Error::check_number(file, "vision_cfg.mlp_ratio", vc.mlp_ratio, 0.01..=64.0)?;
+        Error::check_number(file, "text_cfg.mlp_ratio", tc.mlp_ratio, 0.01..=64.0)?;
+        if !vc.image_size.is_multiple_of(vc.patch_size) {
             return Err(Error::config(
                 file,
                 format!(
-                    "image_size {} is not a multiple of patch_size {}",
+                    "`vision_cfg.image_size` = {} is not a multiple of `vision_cfg.patch_size` = {}",
                     vc.image_size, vc.patch_size
                 ),
             ));
         }
-        if vc.head_width == 0 || vc.width % vc.head_width != 0 {
+        if !vc.width.is_multiple_of(vc.head_width) {
             return Err(Error::config(
                 file,
-                "vision width is not a multiple of head_width",
+                format!(
+                    "`vision_cfg.width` = {} is not a multiple of `vision_cfg.head_width` = {}",
+                    vc.width, vc.head_width
+                ),
             ));
         }
-        if c.text_cfg.heads == 0 || c.text_cfg.width % c.text_cfg.heads != 0 {
-            return Err(Error::config(file, "text width is not a multiple of heads"));
+        if !tc.width.is_multiple_of(tc.heads) {
+            return Err(Error::config(
+                file,
+                format!(
+                    "`text_cfg.width` = {} is not a multiple of `text_cfg.heads` = {}",
+                    tc.width, tc.heads
+                ),
+            ));
         }
         Ok(c)
     }

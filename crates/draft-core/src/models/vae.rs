@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::nn::{
     Conv2d, GroupNorm, Linear, merge_heads, scaled_dot_product_attention, split_heads,
 };
-use crate::weights::VarBuilder;
+use crate::var_builder::VarBuilder;
 
 /// The fields of `vae/config.json` (diffusers' names and defaults).
 #[derive(Debug, Clone, Deserialize)]
@@ -65,17 +65,22 @@ fn d_true() -> bool {
     true
 }
 
+/// The most blocks a VAE config may have (SD's has 4: a downscale of 8).
+pub const MAX_BLOCKS: usize = 8;
+
 impl AutoencoderKLConfig {
     pub fn from_json(file: &str, json: &str) -> Result<Self> {
-        let c: Self = serde_json::from_str(json).map_err(|e| Error::config(file, e.to_string()))?;
+        let c: Self = crate::error::from_json(file, json)?;
         let n = c.block_out_channels.len();
         let bad = |reason: String| Err(Error::config(file, reason));
-        if n == 0 {
-            return bad("`block_out_channels` is empty".into());
+        if n == 0 || n > MAX_BLOCKS {
+            return bad(format!(
+                "`block_out_channels` has {n} entries (1 to {MAX_BLOCKS} blocks are supported)"
+            ));
         }
         if c.down_block_types.len() != n || c.up_block_types.len() != n {
             return bad(format!(
-                "{n} block_out_channels but {} down_block_types and {} up_block_types",
+                "{n} `block_out_channels` but {} `down_block_types` and {} `up_block_types`",
                 c.down_block_types.len(),
                 c.up_block_types.len()
             ));
@@ -85,23 +90,44 @@ impl AutoencoderKLConfig {
             .iter()
             .find(|t| *t != "DownEncoderBlock2D")
         {
-            return bad(format!("unknown down block type `{t}`"));
+            return bad(format!("`down_block_types`: unknown block type {t:?}"));
         }
         if let Some(t) = c.up_block_types.iter().find(|t| *t != "UpDecoderBlock2D") {
-            return bad(format!("unknown up block type `{t}`"));
+            return bad(format!("`up_block_types`: unknown block type {t:?}"));
         }
         if c.act_fn != "silu" {
-            return bad(format!("act_fn `{}` is not supported", c.act_fn));
+            return bad(format!("`act_fn` {:?} is not supported", c.act_fn));
         }
-        if let Some(ch) = c
-            .block_out_channels
-            .iter()
-            .find(|ch| **ch % c.norm_num_groups != 0)
-        {
+        for (field, v) in [
+            ("in_channels", c.in_channels),
+            ("out_channels", c.out_channels),
+            ("latent_channels", c.latent_channels),
+            ("layers_per_block", c.layers_per_block),
+            ("norm_num_groups", c.norm_num_groups),
+            ("sample_size", c.sample_size),
+        ] {
+            Error::check_size(file, field, v, 1)?;
+        }
+        for (i, &ch) in c.block_out_channels.iter().enumerate() {
+            Error::check_size(file, &format!("block_out_channels[{i}]"), ch, 1)?;
+            if !ch.is_multiple_of(c.norm_num_groups) {
+                return bad(format!(
+                    "`block_out_channels[{i}]` = {ch} cannot be split into `norm_num_groups` = {}",
+                    c.norm_num_groups
+                ));
+            }
+        }
+        // Latents are divided by the scaling factor before decoding.
+        if !(c.scaling_factor.is_finite() && c.scaling_factor != 0.0) {
             return bad(format!(
-                "{ch} channels cannot be split into {} groups",
-                c.norm_num_groups
+                "`scaling_factor` = {} must be finite and non-zero",
+                c.scaling_factor
             ));
+        }
+        if let Some(s) = c.shift_factor
+            && !s.is_finite()
+        {
+            return bad(format!("`shift_factor` = {s} must be finite"));
         }
         Ok(c)
     }

@@ -6,7 +6,7 @@ use burn::prelude::*;
 use super::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
 use super::transformer::{Transformer2DModel, TransformerConfig};
 use crate::error::Result;
-use crate::weights::VarBuilder;
+use crate::var_builder::VarBuilder;
 
 /// `DownBlock2D` (no `attentions`) or `CrossAttnDownBlock2D`.
 #[derive(Module, Debug)]

@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::nn::{Conv2d, GroupNorm, Linear};
-use crate::weights::VarBuilder;
+use crate::var_builder::VarBuilder;
 use blocks::{DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D};
 use resnet::ResnetConfig;
 use transformer::TransformerConfig;
@@ -144,6 +144,12 @@ fn d_kernel() -> usize {
     3
 }
 
+/// The most blocks (resolution levels) a UNet config may have: SD has 4.
+pub const MAX_BLOCKS: usize = 12;
+
+/// The largest `sample_size` (latents or pixels per side) a config may give.
+pub const MAX_SAMPLE_SIZE: usize = 4096;
+
 /// The config resolved to one value per block, after diffusers' own defaulting rules.
 #[derive(Debug, Clone)]
 pub struct ResolvedUNet {
@@ -154,7 +160,7 @@ pub struct ResolvedUNet {
 
 impl UNet2DConditionConfig {
     pub fn from_json(file: &str, json: &str) -> Result<Self> {
-        let c: Self = serde_json::from_str(json).map_err(|e| Error::config(file, e.to_string()))?;
+        let c: Self = crate::error::from_json(file, json)?;
         c.resolve(file)?;
         Ok(c)
     }
@@ -163,12 +169,41 @@ impl UNet2DConditionConfig {
     pub fn resolve(&self, file: &str) -> Result<ResolvedUNet> {
         let n = self.block_out_channels.len();
         let bad = |reason: String| Err(Error::config(file, reason));
-        if n == 0 {
-            return bad("`block_out_channels` is empty".into());
+        if n == 0 || n > MAX_BLOCKS {
+            return bad(format!(
+                "`block_out_channels` has {n} entries (1 to {MAX_BLOCKS} blocks are supported)"
+            ));
         }
+        for (i, &c) in self.block_out_channels.iter().enumerate() {
+            Error::check_size(file, &format!("block_out_channels[{i}]"), c, 1)?;
+        }
+        Error::check_size(file, "in_channels", self.in_channels, 1)?;
+        Error::check_size(file, "out_channels", self.out_channels, 1)?;
+        Error::check_size(file, "cross_attention_dim", self.cross_attention_dim, 1)?;
+        Error::check_size(file, "norm_num_groups", self.norm_num_groups, 1)?;
+        if !(1..=MAX_SAMPLE_SIZE).contains(&self.sample_size) {
+            return bad(format!(
+                "`sample_size` = {} is out of range (1 to {MAX_SAMPLE_SIZE})",
+                self.sample_size
+            ));
+        }
+        // diffusers' models use 0 or 1; larger values only pad the activations.
+        if self.downsample_padding > 1 || self.freq_shift > 1 {
+            return bad(format!(
+                "`downsample_padding` = {} / `freq_shift` = {}: only 0 and 1 are supported",
+                self.downsample_padding, self.freq_shift
+            ));
+        }
+        Error::check_number(file, "norm_eps", self.norm_eps, 0.0..=1.0)?;
+        Error::check_number(
+            file,
+            "mid_block_scale_factor",
+            self.mid_block_scale_factor,
+            f64::MIN_POSITIVE..=f64::MAX,
+        )?;
         if self.down_block_types.len() != n || self.up_block_types.len() != n {
             return bad(format!(
-                "{} block_out_channels but {} down_block_types and {} up_block_types",
+                "{} `block_out_channels` but {} `down_block_types` and {} `up_block_types`",
                 n,
                 self.down_block_types.len(),
                 self.up_block_types.len()
@@ -176,42 +211,45 @@ impl UNet2DConditionConfig {
         }
         for t in &self.down_block_types {
             if !matches!(t.as_str(), "DownBlock2D" | "CrossAttnDownBlock2D") {
-                return bad(format!("unknown down block type `{t}`"));
+                return bad(format!("`down_block_types`: unknown block type {t:?}"));
             }
         }
         for t in &self.up_block_types {
             if !matches!(t.as_str(), "UpBlock2D" | "CrossAttnUpBlock2D") {
-                return bad(format!("unknown up block type `{t}`"));
+                return bad(format!("`up_block_types`: unknown block type {t:?}"));
             }
         }
         match self.mid_block_type.as_deref() {
             Some("UNetMidBlock2DCrossAttn") => {}
-            other => return bad(format!("unsupported mid_block_type {other:?}")),
+            other => return bad(format!("`mid_block_type` {other:?} is not supported")),
         }
         let unsupported = [
-            (self.act_fn != "silu", format!("act_fn `{}`", self.act_fn)),
-            (self.dual_cross_attention, "dual_cross_attention".into()),
+            (self.act_fn != "silu", format!("`act_fn` {:?}", self.act_fn)),
+            (self.dual_cross_attention, "`dual_cross_attention`".into()),
             (
                 self.only_cross_attention.as_bool().unwrap_or(false)
                     || self.only_cross_attention.is_array(),
-                "only_cross_attention".into(),
+                "`only_cross_attention`".into(),
             ),
-            (self.class_embed_type.is_some(), "class_embed_type".into()),
+            (self.class_embed_type.is_some(), "`class_embed_type`".into()),
             (
                 self.addition_embed_type.is_some(),
-                "addition_embed_type".into(),
+                "`addition_embed_type`".into(),
             ),
             (
                 self.time_embedding_type != "positional",
-                format!("time_embedding_type `{}`", self.time_embedding_type),
+                format!("`time_embedding_type` {:?}", self.time_embedding_type),
             ),
             (
                 self.resnet_time_scale_shift != "default",
-                format!("resnet_time_scale_shift `{}`", self.resnet_time_scale_shift),
+                format!(
+                    "`resnet_time_scale_shift` {:?}",
+                    self.resnet_time_scale_shift
+                ),
             ),
             (
                 self.conv_in_kernel != 3 || self.conv_out_kernel != 3,
-                "conv kernels other than 3".into(),
+                "`conv_in_kernel` / `conv_out_kernel` other than 3".into(),
             ),
         ];
         if let Some((_, what)) = unsupported.iter().find(|(bad, _)| *bad) {
@@ -219,26 +257,41 @@ impl UNet2DConditionConfig {
         }
         // diffusers passes `attention_head_dim` as the number of heads when
         // `num_attention_heads` is absent (a historical naming slip that SD configs rely on).
+        let heads_field = if self.num_attention_heads.is_some() {
+            "num_attention_heads"
+        } else {
+            "attention_head_dim"
+        };
         let heads = self
             .num_attention_heads
             .as_ref()
             .unwrap_or(&self.attention_head_dim)
-            .expand(n, "attention_head_dim", file)?;
+            .expand(n, heads_field, file)?;
         let layers = self.layers_per_block.expand(n, "layers_per_block", file)?;
         let transformer_layers = self
             .transformer_layers_per_block
             .clone()
             .unwrap_or(PerBlock::One(1))
             .expand(n, "transformer_layers_per_block", file)?;
-        for (i, (&c, &h)) in self.block_out_channels.iter().zip(&heads).enumerate() {
-            if h == 0 || c % h != 0 {
+        for (i, ((&c, &h), (&l, &t))) in self
+            .block_out_channels
+            .iter()
+            .zip(&heads)
+            .zip(layers.iter().zip(&transformer_layers))
+            .enumerate()
+        {
+            Error::check_size(file, &format!("{heads_field}[{i}]"), h, 1)?;
+            Error::check_size(file, &format!("layers_per_block[{i}]"), l, 1)?;
+            Error::check_size(file, &format!("transformer_layers_per_block[{i}]"), t, 1)?;
+            if !c.is_multiple_of(h) {
                 return bad(format!(
-                    "block {i}: {c} channels cannot be split into {h} heads"
+                    "`block_out_channels[{i}]` = {c} cannot be split into {h} heads \
+                     (`{heads_field}`)"
                 ));
             }
-            if c % self.norm_num_groups != 0 {
+            if !c.is_multiple_of(self.norm_num_groups) {
                 return bad(format!(
-                    "block {i}: {c} channels cannot be split into {} groups",
+                    "`block_out_channels[{i}]` = {c} cannot be split into `norm_num_groups` = {}",
                     self.norm_num_groups
                 ));
             }

@@ -7,7 +7,7 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
 use crate::error::Result;
 use crate::nn::{Conv2d, GroupNorm, Linear};
-use crate::weights::VarBuilder;
+use crate::var_builder::VarBuilder;
 
 /// `ResnetBlock2D` with `time_embedding_norm="default"`; `time_emb_proj` is absent in the VAE.
 #[derive(Module, Debug)]

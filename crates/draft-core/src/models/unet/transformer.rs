@@ -8,7 +8,7 @@ use crate::error::Result;
 use crate::nn::{
     Conv2d, GroupNorm, LayerNorm, Linear, merge_heads, scaled_dot_product_attention, split_heads,
 };
-use crate::weights::VarBuilder;
+use crate::var_builder::VarBuilder;
 
 /// `Attention` as the UNet uses it: bias-free `to_q/to_k/to_v`, `to_out.0` with bias.
 /// Self-attention when `context` is `None`, cross-attention otherwise.
