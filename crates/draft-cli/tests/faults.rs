@@ -331,6 +331,11 @@ mkdir -p '{saved}' && cp -r '{mnt}/run/.' '{saved}/'
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{stderr}");
     assert!(stderr.contains("resumed from"), "{stderr}");
+    // The evaluation before training came back from the checkpoint: the report is complete.
+    assert!(
+        stderr.contains("reward before → after") && stderr.contains("| diversity |"),
+        "{stderr}"
+    );
     assert_eq!(lora_files(&saved), lora_files(&full));
     let _ = std::fs::remove_dir_all(&root);
 }

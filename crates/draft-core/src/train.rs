@@ -358,6 +358,12 @@ pub fn stream_seed(seed: u64, step: usize, micro: usize, purpose: u64) -> u64 {
     stream_seed_u64(seed, step as u64, micro, purpose)
 }
 
+/// The uniform draw in [0, 1) that sets ReFL's / AlignProp's random truncation of
+/// micro-batch `micro` of step `step` ([`crate::engine::uniform_in`] maps it to a step count).
+pub fn truncation_draw(seed: u64, step: usize, micro: usize) -> f64 {
+    (mix(stream_seed(seed, step, micro, 4)) >> 11) as f64 / (1u64 << 53) as f64
+}
+
 fn stream_seed_u64(seed: u64, step: u64, micro: usize, purpose: u64) -> u64 {
     mix(mix(mix(seed) ^ step) ^ ((micro as u64) << 8 | purpose))
 }
@@ -493,8 +499,7 @@ impl Trainer {
             _ => NoiseRng::new(stream_seed(self.config.seed, step, micro, 2))
                 .randn([b, c, h, w], device),
         };
-        let truncation =
-            (mix(stream_seed(self.config.seed, step, micro, 4)) >> 11) as f64 / (1u64 << 53) as f64;
+        let truncation = truncation_draw(self.config.seed, step, micro);
         Draws {
             x_t,
             step_noise: NoiseRng::new(stream_seed(self.config.seed, step, micro, 3)),

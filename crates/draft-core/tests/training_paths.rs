@@ -17,7 +17,9 @@ use draft_core::optim::{OptimState, Optimizer};
 use draft_core::pipeline::LoraSetup;
 use draft_core::reward::{self, RewardOptions, WeightedReward};
 use draft_core::schedule::{Ddim, SchedulerConfig};
-use draft_core::train::{MethodName, OptimizerName, TrainConfig, Trainer, stream_seed};
+use draft_core::train::{
+    MethodName, OptimizerName, TrainConfig, Trainer, stream_seed, truncation_draw,
+};
 use draft_core::weights::Weights;
 
 /// ‖Δg‖/‖g‖ over all LoRA parameters (docs/parity.md's bound).
@@ -390,18 +392,9 @@ fn lv3_refl_and_alignprop_match_pytorch() {
     }
 }
 
-/// SplitMix64's output function, as `train.rs` uses it.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// The truncation rule `uniform_in` maps u ∈ [0, 1) uniformly onto lo..=hi: exactly on a
 /// stratified grid, and within a chi-square bound over the u of 10,000 training steps drawn as
-/// `Trainer::draws` draws them (`mix(stream_seed(seed, step, micro, 4)) >> 11` over 2⁵³; that
-/// function is private, so its two lines are repeated here).
+/// `Trainer::draws` draws them (`train::truncation_draw`).
 #[test]
 fn truncation_draws_are_uniform() {
     for (lo, hi) in [(1, 10), (3, 7), (1, 1), (2, 50)] {
@@ -431,8 +424,7 @@ fn truncation_draws_are_uniform() {
         let steps = 10_000;
         let mut counts = vec![0f64; m];
         for step in 0..steps {
-            let u =
-                (mix(stream_seed(7 + lo as u64, step, 0, 4)) >> 11) as f64 / (1u64 << 53) as f64;
+            let u = truncation_draw(7 + lo as u64, step, 0);
             assert!((0.0..1.0).contains(&u));
             counts[uniform_in(u, lo, hi) - lo] += 1.0;
         }
