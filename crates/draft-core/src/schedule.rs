@@ -63,6 +63,9 @@ fn d_spacing() -> String {
     "leading".into()
 }
 
+/// The most training timesteps a scheduler config may have (released models have 1000).
+pub const MAX_TRAIN_TIMESTEPS: usize = 1_000_000;
+
 /// What the model predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Prediction {
@@ -73,12 +76,20 @@ pub enum Prediction {
 
 impl SchedulerConfig {
     pub fn from_json(file: &str, json: &str) -> Result<Self> {
-        let c: Self = serde_json::from_str(json).map_err(|e| Error::config(file, e.to_string()))?;
+        let c: Self = crate::error::from_json(file, json)?;
         let bad = |r: String| Err(Error::config(file, r));
-        if c.num_train_timesteps < 2 {
+        // The schedule is a table of num_train_timesteps values: 1000 in every released
+        // model; the cap keeps a hostile file from asking for terabytes.
+        if !(2..=MAX_TRAIN_TIMESTEPS).contains(&c.num_train_timesteps) {
             return bad(format!(
-                "num_train_timesteps {} is too small",
+                "`num_train_timesteps` = {} is out of range (2 to {MAX_TRAIN_TIMESTEPS})",
                 c.num_train_timesteps
+            ));
+        }
+        if c.steps_offset >= c.num_train_timesteps {
+            return bad(format!(
+                "`steps_offset` = {} is not below num_train_timesteps {}",
+                c.steps_offset, c.num_train_timesteps
             ));
         }
         if !matches!(
@@ -86,25 +97,62 @@ impl SchedulerConfig {
             "linear" | "scaled_linear" | "squaredcos_cap_v2"
         ) && c.trained_betas.is_none()
         {
-            return bad(format!("unknown beta_schedule `{}`", c.beta_schedule));
+            return bad(format!("unknown `beta_schedule` {:?}", c.beta_schedule));
         }
+        // β must be a probability below 1, or ᾱ_t reaches 0 (or goes negative) and the DDIM
+        // step divides by it.
+        let beta = 0.0..=0.999;
+        if c.trained_betas.is_none() {
+            Error::check_number(file, "beta_start", c.beta_start, beta.clone())?;
+            Error::check_number(file, "beta_end", c.beta_end, beta.clone())?;
+        }
+        Error::check_number(
+            file,
+            "clip_sample_range",
+            c.clip_sample_range,
+            0.0..=f64::MAX,
+        )?;
         if !matches!(
             c.timestep_spacing.as_str(),
             "leading" | "trailing" | "linspace"
         ) {
-            return bad(format!("unknown timestep_spacing `{}`", c.timestep_spacing));
+            return bad(format!(
+                "unknown `timestep_spacing` {:?}",
+                c.timestep_spacing
+            ));
         }
         c.prediction(file)?;
         if c.thresholding || c.rescale_betas_zero_snr {
-            return bad("thresholding and rescale_betas_zero_snr are not supported".into());
+            return bad("`thresholding` and `rescale_betas_zero_snr` are not supported".into());
         }
-        if let Some(b) = &c.trained_betas
-            && b.len() != c.num_train_timesteps
-        {
+        if let Some(b) = &c.trained_betas {
+            if b.len() != c.num_train_timesteps {
+                return bad(format!(
+                    "`trained_betas` has {} values, expected num_train_timesteps = {}",
+                    b.len(),
+                    c.num_train_timesteps
+                ));
+            }
+            if let Some((i, v)) = b.iter().enumerate().find(|(_, v)| !beta.contains(*v)) {
+                return bad(format!(
+                    "`trained_betas[{i}]` = {v} is out of range (0 to 0.999)"
+                ));
+            }
+        }
+        // DDIM divides by ᾱ_t and by 1 − ᾱ_t: both must stay above 0 in f32 at every t
+        // (ᾱ only decreases, so its first and last values tell).
+        let a = c.alphas_cumprod();
+        if a.first().is_some_and(|&a0| a0 >= 1.0) {
             return bad(format!(
-                "trained_betas has {} values, expected {}",
-                b.len(),
-                c.num_train_timesteps
+                "the betas give ᾱ_0 = 1 (no noise at t = 0): `beta_start` {} is too small",
+                c.beta_start
+            ));
+        }
+        if a.last().is_some_and(|&last| last <= 0.0) {
+            return bad(format!(
+                "the betas drive ᾱ to 0 before t = {}: `beta_end` {} is too large for \
+                 num_train_timesteps",
+                c.num_train_timesteps, c.beta_end
             ));
         }
         Ok(c)
@@ -117,7 +165,7 @@ impl SchedulerConfig {
             "v_prediction" => Ok(Prediction::VPrediction),
             other => Err(Error::config(
                 file,
-                format!("unknown prediction_type `{other}`"),
+                format!("unknown `prediction_type` {other:?}"),
             )),
         }
     }

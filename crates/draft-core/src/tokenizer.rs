@@ -68,14 +68,37 @@ impl SpecialTokens {
             }
             // Tokenizers saved without a limit store a huge sentinel (1e30); ignore those.
             if let Some(m) = v.get("model_max_length").and_then(Value::as_f64)
-                && m >= 1.0
-                && m < 1e6
+                && (1.0..1e6).contains(&m)
             {
                 out.model_max_length = m as usize;
             }
         }
         Ok(out)
     }
+}
+
+/// Checks BPE merges as the `tokenizers` builder needs them (it panics on some it does not
+/// check): both parts and the merged token are in the vocabulary, and the second part starts
+/// with the continuing-subword prefix.
+fn check_merges<'m>(
+    file: &str,
+    known: impl Fn(&str) -> bool,
+    prefix: &str,
+    merges: impl Iterator<Item = (&'m str, &'m str)>,
+) -> Result<()> {
+    for (i, (a, b)) in merges.enumerate() {
+        let merged = b.strip_prefix(prefix).map(|rest| format!("{a}{rest}"));
+        if !(known(a) && known(b) && merged.is_some_and(|m| known(&m))) {
+            return Err(tok_err(
+                file,
+                format!(
+                    "merge {} ({a:?} + {b:?}) names a token missing from the vocabulary",
+                    i + 1
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn tok_err(file: &str, e: impl ToString) -> Error {
@@ -111,6 +134,12 @@ impl ClipTokenizer {
                 }
             }
         }
+        check_merges(
+            "merges.txt",
+            |t| vocab.contains_key(t),
+            "",
+            merges.iter().map(|(a, b)| (a.as_str(), b.as_str())),
+        )?;
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .unk_token(EOS.to_string())
@@ -220,6 +249,22 @@ impl ClipTokenizer {
 
     /// From a `tokenizer.json` file.
     pub fn from_tokenizer_json(bytes: &[u8], special: &SpecialTokens) -> Result<Self> {
+        let json: Value =
+            serde_json::from_slice(bytes).map_err(|e| tok_err("tokenizer.json", e))?;
+        let model = &json["model"];
+        if model["type"] == "BPE"
+            && let (Some(vocab), Some(merges)) =
+                (model["vocab"].as_object(), model["merges"].as_array())
+        {
+            let prefix = model["continuing_subword_prefix"].as_str().unwrap_or("");
+            // Merges as "a b" or ["a", "b"]; other forms are the deserializer's to refuse.
+            let pairs = merges.iter().filter_map(|m| match m {
+                Value::String(s) => s.split_once(' '),
+                Value::Array(p) if p.len() == 2 => p[0].as_str().zip(p[1].as_str()),
+                _ => None,
+            });
+            check_merges("tokenizer.json", |t| vocab.contains_key(t), prefix, pairs)?;
+        }
         let tokenizer = Tokenizer::from_bytes(bytes).map_err(|e| tok_err("tokenizer.json", e))?;
         Self::finish(tokenizer, special, "tokenizer.json")
     }
@@ -233,6 +278,11 @@ impl ClipTokenizer {
         if special.model_max_length < 2 {
             return Err(tok_err(file, "model_max_length must be at least 2"));
         }
+        // A pipeline that cannot encode (a word-level model without its unknown token, …) is
+        // refused here, naming the file, rather than at the first prompt.
+        tokenizer
+            .encode("a photo of an unheard-of ☃ zyxwvut, 42", false)
+            .map_err(|e| tok_err(file, format!("cannot encode a test prompt: {e}")))?;
         Ok(Self {
             bos_id: id(BOS)?,
             eos_id: id(EOS)?,

@@ -185,13 +185,20 @@ fn has_prefix(s: &Shapes, prefix: &str) -> bool {
         .is_some_and(|(k, _)| k.starts_with(prefix))
 }
 
+/// The shape of a weight the architecture is read from: a conv, linear or embedding weight,
+/// so at least two axes.
 fn shape<'s>(file: &str, s: &'s Shapes, key: &str) -> Result<&'s [usize]> {
-    s.get(key)
-        .map(Vec::as_slice)
-        .ok_or_else(|| Error::MissingTensor {
-            file: file.to_string(),
-            key: key.to_string(),
-        })
+    let found = s.get(key).ok_or_else(|| Error::MissingTensor {
+        file: file.to_string(),
+        key: key.to_string(),
+    })?;
+    if found.len() < 2 {
+        return Err(Error::config(
+            file,
+            format!("tensor `{key}` has shape {found:?}: a weight has at least 2 axes"),
+        ));
+    }
+    Ok(found)
 }
 
 /// One LDM input block: a resnet (with its output channels and whether an attention follows)
@@ -502,7 +509,7 @@ pub fn infer(file: &str, s: &Shapes) -> Result<Inferred> {
                 InputBlock::Downsample => None,
             })
             .collect();
-        if resnets.len() != lpb {
+        if resnets.len() != lpb || lpb == 0 {
             return Err(Error::config(
                 file,
                 format!(
@@ -549,9 +556,9 @@ pub fn infer(file: &str, s: &Shapes) -> Result<Inferred> {
             .find(|(k, _)| k.starts_with(UNET) && k.ends_with(end))
             .map(|(k, v)| (k.clone(), v.clone()))
     };
-    let (_, attn) = unet_key_ending(".attn2.to_k.weight")
+    let (attn_key, _) = unet_key_ending(".attn2.to_k.weight")
         .ok_or_else(|| Error::config(file, "the UNet has no cross-attention (attn2)"))?;
-    let cross_attention_dim = attn[1];
+    let cross_attention_dim = shape(attn_key)?[1];
     let (proj_in, proj_shape) = unet_key_ending(".proj_in.weight")
         .ok_or_else(|| Error::config(file, "the UNet's attention blocks have no proj_in"))?;
     let use_linear_projection = proj_shape.len() == 2;
