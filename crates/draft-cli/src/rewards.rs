@@ -52,8 +52,8 @@ pub fn pytorch_to_safetensors(path: &Path) -> Result<Vec<u8>> {
     use pytorch_reader::{DType, PytorchReader};
     use safetensors::Dtype;
     let name = path.display();
-    let reader =
-        PytorchReader::new(path).with_context(|| format!("{name}: not a readable PyTorch file"))?;
+    let reader = PytorchReader::new(path)
+        .map_err(|e| one_line_error(&name, "not a readable PyTorch file", e))?;
     let all = reader.tensors();
     // HPSv2 saves {"state_dict": …, "epoch": …}; DDP training prefixes `module.`.
     let strip = |k: &str| -> String {
@@ -69,7 +69,7 @@ pub fn pytorch_to_safetensors(path: &Path) -> Result<Vec<u8>> {
         let key = strip(key);
         let bytes = t
             .read()
-            .with_context(|| format!("{name}: cannot read tensor {key}"))?;
+            .map_err(|e| one_line_error(&name, &format!("cannot read tensor {key:?}"), e))?;
         let (dtype, bytes) = match t.dtype() {
             DType::F32 => (Dtype::F32, bytes),
             DType::F16 => (Dtype::F16, bytes),
@@ -96,6 +96,16 @@ pub fn pytorch_to_safetensors(path: &Path) -> Result<Vec<u8>> {
         .map(|(k, (dtype, shape, bytes))| (k, dtype, shape, bytes))
         .collect();
     draft_core::weights::serialize(&raw, None).with_context(|| format!("{name}: cannot convert"))
+}
+
+/// `{name}: {what}: {e}` on one line: the reader's messages quote the file's own bytes.
+fn one_line_error(
+    name: &impl std::fmt::Display,
+    what: &str,
+    e: impl std::fmt::Display,
+) -> anyhow::Error {
+    let msg = format!("{name}: {what}: {e}");
+    anyhow::anyhow!("{}", draft_core::error::one_line(&msg))
 }
 
 /// How a CLIP model's weights are laid out.

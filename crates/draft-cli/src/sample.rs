@@ -7,7 +7,6 @@ use clap::Args;
 use draft_core::lora::LoraFile;
 use draft_core::noise::NoiseRng;
 use draft_core::pipeline::{LoraSetup, SampleOptions, to_nhwc};
-use draft_core::weights::Weights;
 use draft_core::{Pipeline, read_f32};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -110,8 +109,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let x_t = match (&a.init_noise, &noise_bytes) {
         (Some(path), Some(bytes)) => {
             let name = path.display().to_string();
-            let w = Weights::from_bytes(&name, bytes)?;
-            let noise = w.tensor::<4>("noise", &device)?;
+            let noise = files::init_noise(&name, bytes, &device)?;
             let [b, c, h, wd] = noise.dims();
             let expected = pipe.latent_shape(
                 a.height.unwrap_or(h * pipe.downscale()),

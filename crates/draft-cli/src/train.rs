@@ -247,10 +247,14 @@ impl TrainArgs {
         Ok(())
     }
 
-    /// An error about a setting names the `--config` file, where the setting may come from.
+    /// An error about a setting names the `--config` file, where the setting may come from,
+    /// on one line whatever the file's strings hold.
     fn in_file<T>(&self, r: Result<T>) -> Result<T> {
         match &self.config {
-            Some(path) => r.with_context(|| path.display().to_string()),
+            Some(path) => r.map_err(|e| {
+                let msg = format!("{}: {e:#}", path.display());
+                anyhow::anyhow!("{}", draft_core::error::one_line(&msg))
+            }),
             None => r,
         }
     }
@@ -299,7 +303,7 @@ impl TrainArgs {
             optimizer: match self.optimizer.as_deref() {
                 None | Some("adamw") => OptimizerName::Adamw,
                 Some("sgd") => OptimizerName::Sgd,
-                Some(o) => bail!("unknown optimizer `{o}` (expected adamw or sgd)"),
+                Some(o) => bail!("unknown optimizer {o:?} (expected adamw or sgd)"),
             },
             weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
             rank: self.rank.unwrap_or(d.rank),
@@ -334,7 +338,7 @@ impl TrainArgs {
         }
         if let Some(p) = &self.prompt {
             if let Some(e) = p.iter().find(|p| p.trim().is_empty()) {
-                bail!("--prompt `{e}` is empty");
+                bail!("--prompt {e:?} is empty");
             }
             return Ok(p.clone());
         }
@@ -366,10 +370,10 @@ pub fn parse_color(s: &str) -> Result<[f32; 3]> {
         .split(',')
         .map(|x| x.trim().parse::<f32>())
         .collect::<Result<_, _>>()
-        .with_context(|| format!("--target-color `{s}`: expected R,G,B numbers in [0, 1]"))?;
+        .with_context(|| format!("--target-color {s:?}: expected R,G,B numbers in [0, 1]"))?;
     match v.as_slice() {
         [r, g, b] if v.iter().all(|x| (0.0..=1.0).contains(x)) => Ok([*r, *g, *b]),
-        _ => bail!("--target-color `{s}`: expected three numbers in [0, 1]"),
+        _ => bail!("--target-color {s:?}: expected three numbers in [0, 1]"),
     }
 }
 
