@@ -10,6 +10,7 @@ use clap::Args;
 use draft_core::lora::{LoraFile, LoraTarget};
 use draft_core::pipeline::{LoraSetup, to_nhwc};
 use draft_core::reward::RewardOptions;
+use draft_core::run::{Run, RunPolicy};
 use draft_core::train::{
     FixedEval, MethodName, OptimizerName, StepMetrics, TrainConfig, Trainer, prompt_set,
 };
@@ -400,19 +401,18 @@ pub fn run(args: TrainArgs) -> Result<()> {
     } else {
         10
     });
-    if let Some(f) = a.min_diversity
-        && !(0.0..1.0).contains(&f)
-    {
-        bail!("--min-diversity {f}: expected a fraction in [0, 1)");
-    }
     let checkpoint_every = a.checkpoint_every.unwrap_or(10);
     if checkpoint_every == 0 {
         bail!("--checkpoint-every must be at least 1");
     }
-    let preview = a.preview.unwrap_or(8);
-    if a.min_diversity.is_some() && preview < 2 {
-        bail!("--min-diversity needs an evaluation set: --preview of at least 2");
-    }
+    let policy = RunPolicy {
+        eval_images: a.preview.unwrap_or(8),
+        eval_every,
+        checkpoint_every,
+        min_diversity: a.min_diversity,
+    };
+    policy.validate()?;
+    let preview = policy.eval_images;
     let checkpoint_path = out_dir.join(CHECKPOINT_FILE);
     let checkpoint = if a.resume && checkpoint_path.is_file() {
         Some(files::read(&checkpoint_path)?)
@@ -506,25 +506,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         trainer.config.steps
     );
 
+    let mut run = Run::new(trainer, policy)?.with_history(&history);
     // The evaluation before training: made once, at step 0, and carried by the checkpoint.
-    let before_png = out_dir.join("samples_before.png");
-    if preview > 0 && trainer.step == 0 {
-        let e = pollster::block_on(trainer.evaluate_fixed(preview))?;
-        trainer.before = Some(e.summary());
-        write_eval(e, &before_png)?;
+    if let Some(e) = pollster::block_on(run.evaluate_before())? {
+        write_eval(e, &out_dir.join("samples_before.png"))?;
     }
-    // A checkpoint from before the evaluation was kept, or one made with another --preview.
-    let eval_before = trainer
-        .before
-        .clone()
-        .filter(|b| preview > 0 && b.images == preview.max(2).div_ceil(2) * 2);
-    // The diversity the early stop compares with: before training (also after a resume).
-    let initial_diversity = match &eval_before {
-        Some(b) => Some(b.diversity),
-        None => history.iter().find_map(|m| m.diversity),
-    };
 
-    let total = trainer.config.train_steps;
+    let total = run.trainer.config.train_steps;
     let bar = ProgressBar::new(total as u64).with_style(
         ProgressStyle::with_template(
             "{prefix} [{bar:30}] {pos}/{len} {msg} · {elapsed} (eta {eta})",
@@ -533,31 +521,23 @@ pub fn run(args: TrainArgs) -> Result<()> {
         .progress_chars("=> "),
     );
     bar.set_prefix("training");
-    bar.set_position(trainer.step as u64);
-    let mut stopped_early = false;
-    // The evaluation of the latest step, reused as the "after" report when it is the last.
-    let mut last_eval: Option<(usize, FixedEval)> = None;
-    while trainer.step < total {
-        let mut m = pollster::block_on(trainer.train_step())?;
-        // Every `eval_every` steps and at the last one (so the curve ends at "after").
-        if preview > 0 && eval_every > 0 && (m.step % eval_every == 0 || m.step == total) {
-            let e = pollster::block_on(trainer.evaluate_fixed(preview))?;
-            m.eval_reward = Some(e.reward);
-            m.diversity = Some(e.diversity);
-            last_eval = Some((m.step, e));
-        }
+    bar.set_position(run.trainer.step as u64);
+    while !run.done() {
+        let u = pollster::block_on(run.update())?;
+        let m = u.metrics;
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
             .and_then(|_| metrics_file.flush())
             .with_context(|| format!("{}: cannot write", metrics_path.display()))?;
         bar.set_position(m.step as u64);
+        let skipped = run.trainer.skipped;
         bar.set_message(format!(
             "reward {:.4} ± {:.4} · |g| {:.3e} · {:.2} s/step{}",
             m.reward_mean,
             m.reward_std,
             m.grad_norm,
             m.seconds,
-            if trainer.skipped > 0 {
-                format!(" · {} skipped", trainer.skipped)
+            if skipped > 0 {
+                format!(" · {skipped} skipped")
             } else {
                 String::new()
             }
@@ -568,33 +548,24 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 m.step, m.loss, m.grad_norm
             ));
         }
-        let collapsed = match (a.min_diversity, initial_diversity, m.diversity) {
-            (Some(f), Some(d0), Some(d)) if d < f * d0 => Some((d0, d)),
-            _ => None,
-        };
-        history.push(m);
-        if let Some((d0, d)) = collapsed {
+        if let Some((d0, d)) = u.collapsed {
             bar.println(format!(
                 "draft: step {}: diversity {d:.4} fell below {} × its initial {d0:.4}; stopping early (--min-diversity)",
-                trainer.step,
+                m.step,
                 a.min_diversity.unwrap_or_default()
             ));
-            stopped_early = true;
         }
-        if stopped_early || trainer.step % checkpoint_every == 0 || trainer.step == total {
-            let bytes = pollster::block_on(trainer.checkpoint())?;
+        history.push(m);
+        if let Some(bytes) = u.checkpoint {
             files::write_atomic(&checkpoint_path, &bytes)?;
-        }
-        if stopped_early {
-            break;
         }
     }
     bar.finish();
 
-    let lora_bytes = pollster::block_on(trainer.pipeline.lora.to_safetensors())?;
+    let lora_bytes = pollster::block_on(run.trainer.pipeline.lora.to_safetensors())?;
     let lora_path = out_dir.join(LORA_FILE);
     files::write_atomic(&lora_path, &lora_bytes)?;
-    let kohya_bytes = pollster::block_on(trainer.pipeline.lora.to_kohya_safetensors())?;
+    let kohya_bytes = pollster::block_on(run.trainer.pipeline.lora.to_kohya_safetensors())?;
     let kohya_path = out_dir.join(KOHYA_FILE);
     files::write_atomic(&kohya_path, &kohya_bytes)?;
     eprintln!(
@@ -604,12 +575,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     );
     if preview > 0 {
         let after = out_dir.join("samples_after.png");
-        let e = match last_eval {
-            Some((step, e)) if step == trainer.step => e,
-            _ => pollster::block_on(trainer.evaluate_fixed(preview))?,
-        };
+        let e = pollster::block_on(run.evaluate_after())?;
         let (r, d, terms) = write_eval(e, &after)?;
-        if let Some(b) = &eval_before {
+        if let Some(b) = run.before() {
             let (rb, db) = (b.reward, b.diversity);
             eprintln!(
                 "draft: reward before → after (fixed evaluation set, {} images): {rb:.4} → {r:.4}; diversity {db:.4} → {d:.4}",
@@ -617,7 +585,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             );
             eprint!(
                 "{}",
-                before_after_table(&trainer, &b.terms, &terms, (rb, r), (db, d))
+                before_after_table(&run.trainer, &b.terms, &terms, (rb, r), (db, d))
             );
         }
     }
@@ -630,7 +598,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             first.reward_mean,
             last.reward_mean,
             history.len(),
-            trainer.skipped,
+            run.trainer.skipped,
             out_dir.display()
         );
     }

@@ -19,6 +19,7 @@ pub mod pipeline;
 pub mod pretrain;
 pub mod reward;
 pub mod reward_models;
+pub mod run;
 pub mod sampler;
 pub mod schedule;
 pub mod shapes;

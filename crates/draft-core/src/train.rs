@@ -309,6 +309,7 @@ pub struct StepMetrics {
 }
 
 /// The fixed evaluation set's figures ([`Trainer::evaluate_fixed`]).
+#[derive(Clone)]
 pub struct FixedEval {
     pub reward: f64,
     /// Each reward term's mean (unweighted), in the order of the reward's terms.

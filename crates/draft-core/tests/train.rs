@@ -219,3 +219,103 @@ fn every_method_raises_the_reward() {
     let _ = values::<1>;
     let _ = RewardOptions::default();
 }
+
+/// The run policy both shells drive: evaluation and checkpoint cadence, the before → after
+/// evaluations, the early stop on diversity, and the "before" figures kept in checkpoints.
+#[test]
+fn run_policy_evaluates_checkpoints_and_stops_as_asked() {
+    use draft_core::run::{Run, RunPolicy};
+    let policy = RunPolicy {
+        eval_images: 2,
+        eval_every: 2,
+        checkpoint_every: 3,
+        min_diversity: Some(0.5),
+    };
+    let cfg = TrainConfig {
+        train_steps: 4,
+        ..config()
+    };
+    let mut run = Run::new(trainer(cfg.clone(), None), policy.clone()).unwrap();
+    let before = pollster::block_on(run.evaluate_before()).unwrap().unwrap();
+    assert_eq!(run.before().unwrap().diversity, before.diversity);
+    assert!(
+        pollster::block_on(run.evaluate_before()).unwrap().is_none(),
+        "the before evaluation is made once"
+    );
+    let mut seen = Vec::new();
+    let mut last_ckpt = None;
+    while !run.done() {
+        let u = pollster::block_on(run.update()).unwrap();
+        assert!(u.collapsed.is_none());
+        assert_eq!(u.eval.is_some(), u.metrics.diversity.is_some());
+        seen.push((u.metrics.step, u.eval.is_some(), u.checkpoint.is_some()));
+        if u.checkpoint.is_some() {
+            last_ckpt = u.checkpoint;
+        }
+    }
+    assert_eq!(
+        seen,
+        [(1, false, false), (2, true, false), (3, false, true), (4, true, true)]
+    );
+    // The after evaluation is the last update's (not sampled again), and equals a fresh one.
+    let after = pollster::block_on(run.evaluate_after()).unwrap();
+    let fresh = pollster::block_on(run.trainer.evaluate_fixed(2)).unwrap();
+    assert_eq!(after.reward, fresh.reward);
+
+    // A resumed run gets the before figures from the checkpoint, and does not evaluate again.
+    let mut t = trainer(cfg.clone(), None);
+    t.restore("checkpoint", last_ckpt.as_ref().unwrap()).unwrap();
+    let mut resumed = Run::new(t, policy.clone()).unwrap();
+    assert_eq!(resumed.before().unwrap().diversity, before.diversity);
+    assert!(pollster::block_on(resumed.evaluate_before()).unwrap().is_none());
+    assert!(resumed.done());
+
+    // Another evaluation-set size: the stored figures do not apply.
+    let other = Run::new(
+        {
+            let mut t = trainer(cfg.clone(), None);
+            t.restore("checkpoint", last_ckpt.as_ref().unwrap()).unwrap();
+            t
+        },
+        RunPolicy {
+            eval_images: 4,
+            ..policy.clone()
+        },
+    )
+    .unwrap();
+    assert!(other.before().is_none());
+
+    // A diversity far below the reference stops the run at the first evaluation, with a
+    // checkpoint.
+    let mut t = trainer(cfg, None);
+    t.before = Some(draft_core::train::EvalSummary {
+        images: 2,
+        reward: 0.0,
+        terms: vec![0.0, 0.0],
+        diversity: 1e9,
+    });
+    let mut run = Run::new(t, policy).unwrap();
+    assert!(pollster::block_on(run.evaluate_before()).unwrap().is_none());
+    let u1 = pollster::block_on(run.update()).unwrap();
+    assert!(u1.collapsed.is_none() && !run.done());
+    let u2 = pollster::block_on(run.update()).unwrap();
+    assert!(u2.collapsed.is_some() && u2.checkpoint.is_some() && run.done());
+
+    // Impossible policies are refused.
+    for bad in [
+        RunPolicy {
+            eval_images: 0,
+            eval_every: 1,
+            checkpoint_every: 1,
+            min_diversity: Some(0.5),
+        },
+        RunPolicy {
+            eval_images: 4,
+            eval_every: 1,
+            checkpoint_every: 1,
+            min_diversity: Some(1.5),
+        },
+    ] {
+        assert!(bad.validate().is_err());
+    }
+}
