@@ -1,6 +1,7 @@
 // The page: a thin shell over draft-web's WebTrainer (crates/draft-web), which wraps the same
-// Rust Trainer as the `draft` binary. One optimizer update per awaited promise; the loop
-// yields to the browser between updates so Stop and the rest of the page stay live.
+// Rust run (trainer + run policy: the evaluation before, the evaluation cadence, the early stop
+// on diversity, the evaluation after) as the `draft` binary. One optimizer update per awaited
+// promise; the loop yields to the browser between updates so Stop and the page stay live.
 import init, { WebTrainer, ModelFolder, defaultPrompts, rewardNames } from "./pkg/draft_web.js";
 
 const $ = (id) => document.getElementById(id);
@@ -92,6 +93,8 @@ function readOptions(device) {
     steps: num("steps"),
     batch: num("batch"),
     seed: num("seed"),
+    preview: num("preview"),
+    evalEvery: num("refresh"),
   };
 }
 
@@ -187,22 +190,56 @@ function showFigures() {
   drawCurve();
 }
 
+// "Nice" tick values covering [lo, hi]: steps of 1, 2 or 5 × 10^k, about `n` of them.
+function ticks(lo, hi, n) {
+  const raw = (hi - lo) / Math.max(n, 1);
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw) ?? raw;
+  const out = [];
+  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(+v.toPrecision(12));
+  return { values: out, step };
+}
+
 function drawCurve() {
   const svg = $("curve");
-  const W = 400, H = 160, pad = 8;
+  // Plot area inside the 400 × 160 view box: room for the y labels on the left, the x labels
+  // and the axis title below, the legend on top.
+  const W = 400, H = 160, left = 46, right = 8, top = 18, bottom = 30;
   const pts = state.steps.map((s) => [s.step, s.reward_mean]);
   const evs = state.evals.map((e) => [e.update, e.reward]);
   const all = [...pts, ...evs];
   if (all.length === 0) return;
   const xs = all.map((p) => p[0]), ys = all.map((p) => p[1]);
-  const [x0, x1] = [Math.min(...xs), Math.max(...xs, Math.min(...xs) + 1)];
+  const [x0, x1] = [0, Math.max(...xs, 1)];
   let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
   if (y1 - y0 < 1e-9) { y0 -= 0.5; y1 += 0.5; }
-  const X = (x) => pad + ((x - x0) / (x1 - x0)) * (W - 2 * pad);
-  const Y = (y) => H - pad - ((y - y0) / (y1 - y0)) * (H - 2 * pad);
-  const dots = pts.map(([x, y]) => `<circle cx="${X(x)}" cy="${Y(y)}" r="2" class="dot"/>`).join("");
-  const line = evs.map(([x, y]) => `${X(x)},${Y(y)}`).join(" ");
-  svg.innerHTML = `${dots}<polyline points="${line}" class="line"/>`;
+  const yt = ticks(y0, y1, 4);
+  y0 = Math.min(y0, yt.values[0] ?? y0);
+  y1 = Math.max(y1, yt.values.at(-1) ?? y1);
+  const xt = ticks(x0, x1, 5);
+  const X = (x) => left + ((x - x0) / (x1 - x0)) * (W - left - right);
+  const Y = (y) => H - bottom - ((y - y0) / (y1 - y0)) * (H - top - bottom);
+  const digits = Math.max(0, -Math.floor(Math.log10(yt.step)));
+  const parts = [];
+  for (const v of yt.values) {
+    parts.push(`<line x1="${left}" x2="${W - right}" y1="${Y(v)}" y2="${Y(v)}" class="grid"/>`);
+    parts.push(`<text x="${left - 4}" y="${Y(v) + 3}" class="tick" text-anchor="end">${v.toFixed(digits)}</text>`);
+  }
+  for (const v of xt.values.filter((v) => Number.isInteger(v))) {
+    parts.push(`<line x1="${X(v)}" x2="${X(v)}" y1="${H - bottom}" y2="${H - bottom + 3}" class="axis"/>`);
+    parts.push(`<text x="${X(v)}" y="${H - bottom + 13}" class="tick" text-anchor="middle">${v}</text>`);
+  }
+  parts.push(`<line x1="${left}" x2="${W - right}" y1="${H - bottom}" y2="${H - bottom}" class="axis"/>`);
+  parts.push(`<line x1="${left}" x2="${left}" y1="${top}" y2="${H - bottom}" class="axis"/>`);
+  parts.push(`<text x="${(left + W - right) / 2}" y="${H - 3}" class="label" text-anchor="middle">update</text>`);
+  parts.push(`<text x="10" y="${(top + H - bottom) / 2}" class="label" text-anchor="middle" transform="rotate(-90 10 ${(top + H - bottom) / 2})">reward</text>`);
+  parts.push(...pts.map(([x, y]) => `<circle cx="${X(x)}" cy="${Y(y)}" r="2" class="dot"/>`));
+  parts.push(`<polyline points="${evs.map(([x, y]) => `${X(x)},${Y(y)}`).join(" ")}" class="line"/>`);
+  parts.push(...evs.map(([x, y]) => `<circle cx="${X(x)}" cy="${Y(y)}" r="2.5" class="eval-dot"/>`));
+  // Legend.
+  parts.push(`<circle cx="${left + 6}" cy="8" r="2.5" class="dot"/><text x="${left + 12}" y="11" class="tick">batch reward</text>`);
+  parts.push(`<line x1="${left + 100}" x2="${left + 116}" y1="8" y2="8" class="line"/><text x="${left + 120}" y="11" class="tick">evaluation-set reward</text>`);
+  svg.innerHTML = parts.join("");
   const last = state.evals.at(-1);
   svg.setAttribute("aria-label",
     `Reward curve: ${pts.length} updates; evaluation reward ${fmt(state.before?.reward)} before, ${fmt(last?.reward)} at update ${last?.update ?? 0}.`);
@@ -213,6 +250,12 @@ async function evaluate(scale = 1) {
   const ev = await state.trainer.evaluate(n, scale);
   showGrid(ev);
   return ev;
+}
+
+function recordEval(update, ev) {
+  showGrid(ev);
+  state.evals.push({ update, reward: ev.reward, diversity: ev.diversity });
+  showFigures();
 }
 
 const yieldToPage = () => new Promise((resolve) => setTimeout(resolve, 0));
@@ -227,7 +270,7 @@ async function train(event) {
   try {
     // A new run when a setting changes; more updates, or the refresh rate, continue this one.
     const key = JSON.stringify([
-      { ...readOptions($("device").value), trainSteps: 0 },
+      { ...readOptions($("device").value), trainSteps: 0, evalEvery: 0 },
       $("model-folder").files.length,
     ]);
     if (!state.trainer || key !== state.settingsKey) {
@@ -238,13 +281,15 @@ async function train(event) {
       state.settingsKey = key;
       state.steps = [];
       state.evals = [];
+      state.before = null;
       state.trainedSeconds = 0;
       showAdapter(state.trainer.info());
       status("Sampling the evaluation set before training…");
-      const ev = await evaluate();
-      state.before = { reward: ev.reward, diversity: ev.diversity };
-      state.evals.push({ update: 0, reward: ev.reward, diversity: ev.diversity });
-      showFigures();
+      const ev = await state.trainer.start();
+      if (ev) {
+        state.before = { reward: ev.reward, diversity: ev.diversity };
+        recordEval(0, ev);
+      }
     }
     setState("training");
     const total = num("train-steps");
@@ -252,25 +297,25 @@ async function train(event) {
     while (!state.stop && state.trainer.updates < total) {
       status(`Training: update ${state.trainer.updates + 1} of ${total}…`);
       const t0 = performance.now();
-      const m = await state.trainer.trainStep();
+      // One update, then the evaluation the run policy asks for (every `refresh` and the last).
+      const u = await state.trainer.update(total, refresh);
       state.trainedSeconds += (performance.now() - t0) / 1000;
-      state.steps.push(m);
+      state.steps.push(u.metrics);
       showFigures();
-      if (m.step % refresh === 0 || m.step === total) {
-        status(`Update ${m.step}: sampling the evaluation set…`);
-        const ev = await evaluate();
-        state.evals.push({ update: m.step, reward: ev.reward, diversity: ev.diversity });
-        showFigures();
+      if (u.eval) recordEval(u.metrics.step, u.eval);
+      if (u.collapsed) {
+        status(`Update ${u.metrics.step}: the evaluation set's diversity fell to ${fmt(u.collapsed[1], 3)} from ${fmt(u.collapsed[0], 3)}; stopped early.`);
+        break;
       }
+      if (u.done) break;
       await yieldToPage();
     }
-    if (state.evals.at(-1).update !== state.trainer.updates) {
-      const ev = await evaluate();
-      state.evals.push({ update: state.trainer.updates, reward: ev.reward, diversity: ev.diversity });
-      showFigures();
+    if (state.evals.at(-1)?.update !== state.trainer.updates) {
+      recordEval(state.trainer.updates, await state.trainer.finish());
     }
     const last = state.evals.at(-1);
-    status(`${state.stop ? "Stopped" : "Done"} after ${state.trainer.updates} updates: evaluation reward ${fmt(state.before.reward)} → ${fmt(last.reward)}.`);
+    if (!state.evals.at(-1) || !last) throw new Error("no evaluation set");
+    status(`${state.stop ? "Stopped" : "Done"} after ${state.trainer.updates} updates: evaluation reward ${fmt(state.before?.reward)} → ${fmt(last.reward)}.`);
     setState("done");
   } catch (e) {
     showError(e);

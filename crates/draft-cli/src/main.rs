@@ -37,7 +37,7 @@ enum Command {
     /// Sample images from a diffusers-layout model with DDIM and classifier-free guidance.
     Sample(sample::SampleArgs),
     /// Fine-tune LoRA weights to maximise a differentiable reward (DRaFT and its baselines).
-    Train(train::TrainArgs),
+    Train(Box<train::TrainArgs>),
     /// Train the small text-to-image model on the procedural shapes dataset (the default model).
     Pretrain(pretrain::PretrainArgs),
     /// Compare runs: their metrics on one figure and a table of first/last/best values.
@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Sample(args) => sample::run(args),
-        Command::Train(args) => train::run(args),
+        Command::Train(args) => train::run(*args),
         Command::Pretrain(args) => pretrain::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Score(args) => score::run(args),

@@ -131,9 +131,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             let size = pipe.default_image_size();
             let [c, h, w] = pipe.latent_shape(a.height.unwrap_or(size), a.width.unwrap_or(size))?;
             let b = a.batch.unwrap_or(a.prompt.len());
-            if b == 0 {
-                bail!("--batch must be at least 1");
-            }
+            draft_core::pipeline::check_batch("--batch", b)?;
             NoiseRng::new(a.seed).randn([b, c, h, w], &device)
         }
     };

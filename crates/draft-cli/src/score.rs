@@ -168,9 +168,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let mut rows: Vec<(String, String, Vec<f32>)> = Vec::new();
     match a.sample {
         Some(n) => {
-            if n == 0 {
-                bail!("--sample must be at least 1");
-            }
+            draft_core::pipeline::check_batch("--sample", n)?;
             if a.prompt.is_empty() {
                 bail!("--sample needs --prompt");
             }

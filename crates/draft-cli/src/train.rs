@@ -14,7 +14,6 @@ use draft_core::run::{Run, RunPolicy};
 use draft_core::train::{
     FixedEval, MethodName, OptimizerName, StepMetrics, TrainConfig, Trainer, prompt_set,
 };
-use draft_core::weights::Weights;
 use draft_core::{Pipeline, read_f32};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
@@ -441,8 +440,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let init_noise = match (&a.init_noise, &noise_bytes) {
         (Some(p), Some(bytes)) => {
             let name = p.display().to_string();
-            let noise = Weights::from_bytes(&name, bytes)?.tensor::<4>("noise", &device)?;
+            let noise = files::init_noise(&name, bytes, &device)?;
             let b = noise.dims()[0];
+            draft_core::pipeline::check_batch(&format!("the batch of {name}"), b)?;
             if let Some(n) = a.batch.filter(|&n| n != b) {
                 bail!("--batch {n} does not match {name}: tensor `noise` holds a batch of {b}");
             }

@@ -206,7 +206,10 @@ fn sigkill_at_random_moments_then_resume_gives_the_same_lora() {
         "{kills} SIGKILLs ({kills_in_write} during a checkpoint write) over {lives} lives; checkpoint steps seen after the kills: {resumed_steps:?}"
     );
     assert!(kills >= 20, "only {kills} kills before the run finished");
-    assert!(kills_in_write >= 3, "only {kills_in_write} kills during a write");
+    assert!(
+        kills_in_write >= 3,
+        "only {kills_in_write} kills during a write"
+    );
     assert_eq!(
         lora_files(&part),
         lora_files(&full),
@@ -265,7 +268,10 @@ fn disk_fault(fault: &str, cause: &str) {
         .map(|a| format!("'{a}'"))
         .collect();
     let act = match fault {
-        "full" => format!("dd if=/dev/zero of='{}/filler' bs=64k 2>/dev/null || true", mnt.display()),
+        "full" => format!(
+            "dd if=/dev/zero of='{}/filler' bs=64k 2>/dev/null || true",
+            mnt.display()
+        ),
         // A read-only file system mounted over the run folder: every file the run creates or
         // replaces from now on is refused with EROFS (a remount of the tmpfs itself is refused
         // while the run holds `metrics.jsonl` open for writing).
@@ -307,8 +313,16 @@ mkdir -p '{saved}' && cp -r '{mnt}/run/.' '{saved}/'
     );
     let status = std::fs::read_to_string(root.join("status")).unwrap();
     let stderr = std::fs::read_to_string(root.join("stderr")).unwrap();
-    eprintln!("[{fault}] {}: {}", status.trim(), stderr.lines().last().unwrap_or(""));
-    assert_eq!(status.trim(), "exit=1", "draft must fail with an error:\n{stderr}");
+    eprintln!(
+        "[{fault}] {}: {}",
+        status.trim(),
+        stderr.lines().last().unwrap_or("")
+    );
+    assert_eq!(
+        status.trim(),
+        "exit=1",
+        "draft must fail with an error:\n{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
     let error: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(error.len(), 1, "one error line:\n{stderr}");

@@ -93,6 +93,17 @@ fn impossible_settings_are_refused() {
         false,
     );
     expect_refusal(&["--rank", "0"], &["--rank"], false);
+    // Settings that would allocate without bound are refused before any work.
+    expect_refusal(
+        &["--rank", "1099511627776"],
+        &["--rank must be at most 4096"],
+        false,
+    );
+    expect_refusal(
+        &["--grad-accum", "1000000000000"],
+        &["--grad-accum must be at most 1048576"],
+        false,
+    );
     expect_refusal(&["--reward", "beauty"], &["unknown reward `beauty`"], false);
     expect_refusal(&["--reward", "brightness=x"], &["not a number"], false);
     expect_refusal(&["--method", "ddpo"], &["unknown method `ddpo`"], false);

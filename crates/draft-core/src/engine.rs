@@ -48,7 +48,7 @@ impl Method {
             Method::DraftK { k } if k == 0 || k > steps => bad(format!(
                 "K must be between 1 and the number of sampling steps ({steps}), got {k}"
             )),
-            Method::DraftLv { n } if n == 0 => bad("--lv-samples must be at least 1".into()),
+            Method::DraftLv { n: 0 } => bad("--lv-samples must be at least 1".into()),
             Method::Refl {
                 min_remaining,
                 max_remaining,
@@ -404,7 +404,11 @@ impl<'e, 'p> Pass<'e, 'p> {
             loss += l * weight as f32;
             self.backprop_step(last, x_t, z, g, false, false)?;
         }
-        Ok(Outcome { rewards, loss, k: 1 })
+        Ok(Outcome {
+            rewards,
+            loss,
+            k: 1,
+        })
     }
 
     /// ReFL: x̂₀ predicted in one step with gradient from where the chain stopped.
@@ -417,7 +421,11 @@ impl<'e, 'p> Pass<'e, 'p> {
             .reward_grad(x0, 1.0, &self.prompts.texts)
             .await?;
         self.backprop_step(stop, x, None, g, false, true)?;
-        Ok(Outcome { rewards, loss, k: 1 })
+        Ok(Outcome {
+            rewards,
+            loss,
+            k: 1,
+        })
     }
 
     /// Recomputes step `i` from `x` with a graph and back-propagates `⟨x_{i+1}, g⟩`: LoRA

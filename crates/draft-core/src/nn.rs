@@ -148,7 +148,7 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(vb: VarBuilder, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if num_groups == 0 || channels % num_groups != 0 {
+        if num_groups == 0 || !channels.is_multiple_of(num_groups) {
             return Err(crate::Error::Input(format!(
                 "{}: {channels} channels cannot be split into {num_groups} groups",
                 vb.path("weight")

@@ -54,7 +54,11 @@ impl Optimizer {
         state: &mut OptimState<D>,
     ) -> Vec<Tensor<D>> {
         assert_eq!(params.len(), grads.len(), "one gradient per parameter");
-        assert_eq!(params.len(), state.m.len(), "optimiser state of other params");
+        assert_eq!(
+            params.len(),
+            state.m.len(),
+            "optimiser state of other params"
+        );
         let t = (state.updates + 1) as i32;
         let mut new = Vec::with_capacity(params.len());
         for (i, (p, g)) in params.into_iter().zip(grads).enumerate() {

@@ -18,6 +18,21 @@ use crate::tokenizer::{ClipTokenizer, SpecialTokens};
 use crate::var_builder::VarBuilder;
 use crate::weights::Weights;
 
+/// The largest batch of images any command samples or trains on at once (a guard against a
+/// setting that would allocate without bound, not a practical limit).
+pub const MAX_BATCH: usize = 4096;
+/// The largest image side in pixels.
+pub const MAX_IMAGE_SIDE: usize = 16384;
+
+/// Refuses a batch of 0 or above [`MAX_BATCH`]; `what` names the setting.
+pub fn check_batch(what: &str, n: usize) -> Result<()> {
+    if n == 0 || n > MAX_BATCH {
+        return Err(Error::Input(format!(
+            "{what} must be between 1 and {MAX_BATCH}, got {n}"
+        )));
+    }
+    Ok(())
+}
 /// The files of a diffusers pipeline folder, by path relative to the folder.
 ///
 /// Weights may be one safetensors file per component, a sharded set (`*.safetensors.index.json`
@@ -428,9 +443,14 @@ impl Pipeline {
     /// Latent shape [C, h, w] for an image of `height` × `width` pixels.
     pub fn latent_shape(&self, height: usize, width: usize) -> Result<[usize; 3]> {
         let f = self.downscale();
-        if height == 0 || width == 0 || height % f != 0 || width % f != 0 {
+        if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
             return Err(Error::Input(format!(
                 "height and width must be positive multiples of {f}, got {height}×{width}"
+            )));
+        }
+        if height.max(width) > MAX_IMAGE_SIDE {
+            return Err(Error::Input(format!(
+                "height and width must be at most {MAX_IMAGE_SIDE} pixels, got {height}×{width}"
             )));
         }
         Ok([self.unet_config.in_channels, height / f, width / f])

@@ -26,12 +26,12 @@ use crate::error::{Error, Result};
 use crate::models::clip_text::{CLIPTextConfig, CLIPTextModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::noise::NoiseRng;
+use crate::optim::{OptimState, Optimizer, clip_coefficient, global_norm};
 use crate::pipeline::{ModelFiles, Pipeline, SampleOptions};
 use crate::schedule::SchedulerConfig;
 use crate::shapes::{Attributes, COLORS, Shape, Shapes};
 use crate::tokenizer::{ClipTokenizer, SpecialTokens};
 use crate::train::stream_seed;
-use crate::optim::{OptimState, Optimizer, clip_coefficient, global_norm};
 use crate::var_builder::{ParamStore, VarBuilder};
 
 /// Every word of the dataset's captions: the tokenizer's vocabulary after the special tokens.
@@ -102,7 +102,7 @@ impl PretrainConfig {
             return bad("channels needs at least two levels (the first has no attention)".into());
         }
         let levels = self.channels.len() - 1;
-        if self.image_size == 0 || self.image_size % (1 << levels) != 0 {
+        if self.image_size == 0 || !self.image_size.is_multiple_of(1 << levels) {
             return bad(format!(
                 "image_size {} must be a positive multiple of {} for {} levels",
                 self.image_size,
@@ -113,7 +113,7 @@ impl PretrainConfig {
         if let Some(c) = self.channels.iter().find(|&&c| c == 0 || c % 8 != 0) {
             return bad(format!("channel count {c} is not a positive multiple of 8"));
         }
-        if self.text_width == 0 || self.text_width % 4 != 0 || self.text_layers == 0 {
+        if self.text_width == 0 || !self.text_width.is_multiple_of(4) || self.text_layers == 0 {
             return bad("text_width must be a positive multiple of 4, text_layers ≥ 1".into());
         }
         if !(self.min_snr_gamma >= 0.0 && self.min_snr_gamma.is_finite()) {

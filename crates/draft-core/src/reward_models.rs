@@ -309,7 +309,10 @@ impl Reward for ClipSimilarity {
             )));
         }
         let text = self.prompt_embeddings(prompts).map_err(|e| {
-            Error::Input(format!("{}: cannot tokenize the prompts: {e}", self.kind.name()))
+            Error::Input(format!(
+                "{}: cannot tokenize the prompts: {e}",
+                self.kind.name()
+            ))
         })?;
         let e = l2_normalize(
             self.clip

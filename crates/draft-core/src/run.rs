@@ -116,6 +116,17 @@ impl Run {
         Ok(Some(e))
     }
 
+    /// Plans `n` updates in all (a run may be extended, as `--resume` with a larger
+    /// `--train-steps` does).
+    pub fn set_train_steps(&mut self, n: usize) {
+        self.trainer.config.train_steps = n;
+    }
+
+    /// Whether it stopped early (`min_diversity`).
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
     /// Whether the run is over: all updates done, or stopped early.
     pub fn done(&self) -> bool {
         self.stopped || self.trainer.step >= self.trainer.config.train_steps
@@ -128,7 +139,9 @@ impl Run {
         let total = self.trainer.config.train_steps;
         let p = &self.policy;
         let mut eval = None;
-        if p.eval_set() > 0 && p.eval_every > 0 && (step.is_multiple_of(p.eval_every) || step == total)
+        if p.eval_set() > 0
+            && p.eval_every > 0
+            && (step.is_multiple_of(p.eval_every) || step == total)
         {
             let e = self.trainer.evaluate_fixed(p.eval_images).await?;
             metrics.eval_reward = Some(e.reward);

@@ -181,8 +181,17 @@ impl TrainConfig {
         {
             return bad(format!("--alpha must be positive, got {a}"));
         }
-        if self.batch == 0 {
-            return bad("--batch must be at least 1".into());
+        crate::pipeline::check_batch("--batch", self.batch)?;
+        // Guards against settings that would allocate without bound (a TOML `rank = 2^40`).
+        for (flag, v, max) in [
+            ("--steps", self.steps, 10_000),
+            ("--rank", self.rank, 4096),
+            ("--lv-samples", self.lv_samples, 1024),
+            ("--grad-accum", self.grad_accum, 1 << 20),
+        ] {
+            if v > max {
+                return bad(format!("{flag} must be at most {max}, got {v}"));
+            }
         }
         if self.grad_accum == 0 {
             return bad("--grad-accum must be at least 1".into());
@@ -768,7 +777,10 @@ impl Trainer {
         self.step = num("step")?;
         self.skipped = num("skipped")?;
         if self.skipped > self.step {
-            return Err(Error::config(name, "checkpoint has more skipped updates than steps"));
+            return Err(Error::config(
+                name,
+                "checkpoint has more skipped updates than steps",
+            ));
         }
         self.opt.updates = self.step - self.skipped;
         // Checkpoints of earlier versions have no "before" evaluation.

@@ -21,7 +21,11 @@ pub struct Weights<'a> {
 }
 
 /// A tensor found: the name of the file holding it, its view and its row block, if any.
-type View<'s> = (&'s str, safetensors::tensor::TensorView<'s>, Option<(usize, usize)>);
+type View<'s> = (
+    &'s str,
+    safetensors::tensor::TensorView<'s>,
+    Option<(usize, usize)>,
+);
 
 /// Where one tensor of a [`Weights`] is: its shard, its key there and, for a tensor that is
 /// one of `n` equal row blocks of a fused file tensor (OpenCLIP's `in_proj_weight` as q, k, v),

@@ -1334,7 +1334,7 @@ fn lora_files() {
             }
             // Into a pipeline at a scale (the user path of `draft sample --lora`), for some.
             n.set(n.get() + 1);
-            if n.get() % 8 == 0 {
+            if n.get().is_multiple_of(8) {
                 let setup = LoraSetup::Files(vec![(&f, 0.5)]);
                 match Pipeline::load_with_lora(&base, &dev, &setup) {
                     Ok(pipe) => {
@@ -1509,7 +1509,7 @@ fn ldm_checkpoints() {
                 }
             }
             n.set(n.get() + 1);
-            if n.get() % 4 == 0
+            if n.get().is_multiple_of(4)
                 && let Err(e) = Pipeline::load(&files, &dev)
             {
                 check_message(&e.to_string(), name)?;

@@ -6,10 +6,10 @@ mod common;
 use burn::prelude::*;
 use common::{fixtures, read_model, values};
 use draft_core::Pipeline;
+use draft_core::Result;
 use draft_core::lora::LoraTarget;
 use draft_core::pipeline::LoraSetup;
 use draft_core::reward::{Reward, RewardOptions, WeightedReward};
-use draft_core::Result;
 use draft_core::train::{MethodName, TrainConfig, Trainer};
 
 fn config() -> TrainConfig {
@@ -144,9 +144,7 @@ impl Reward for NanOnce {
     }
     fn score(&self, images: Tensor<4>, _prompts: &[String]) -> Result<Tensor<1>> {
         let b = images.dims()[0];
-        let call = self
-            .calls
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let r = images.reshape([b as i64, -1]).mean_dim(1).reshape([b]);
         Ok(if call == self.bad { r * f32::NAN } else { r })
     }
@@ -255,7 +253,12 @@ fn run_policy_evaluates_checkpoints_and_stops_as_asked() {
     }
     assert_eq!(
         seen,
-        [(1, false, false), (2, true, false), (3, false, true), (4, true, true)]
+        [
+            (1, false, false),
+            (2, true, false),
+            (3, false, true),
+            (4, true, true)
+        ]
     );
     // The after evaluation is the last update's (not sampled again), and equals a fresh one.
     let after = pollster::block_on(run.evaluate_after()).unwrap();
@@ -264,17 +267,23 @@ fn run_policy_evaluates_checkpoints_and_stops_as_asked() {
 
     // A resumed run gets the before figures from the checkpoint, and does not evaluate again.
     let mut t = trainer(cfg.clone(), None);
-    t.restore("checkpoint", last_ckpt.as_ref().unwrap()).unwrap();
+    t.restore("checkpoint", last_ckpt.as_ref().unwrap())
+        .unwrap();
     let mut resumed = Run::new(t, policy.clone()).unwrap();
     assert_eq!(resumed.before().unwrap().diversity, before.diversity);
-    assert!(pollster::block_on(resumed.evaluate_before()).unwrap().is_none());
+    assert!(
+        pollster::block_on(resumed.evaluate_before())
+            .unwrap()
+            .is_none()
+    );
     assert!(resumed.done());
 
     // Another evaluation-set size: the stored figures do not apply.
     let other = Run::new(
         {
             let mut t = trainer(cfg.clone(), None);
-            t.restore("checkpoint", last_ckpt.as_ref().unwrap()).unwrap();
+            t.restore("checkpoint", last_ckpt.as_ref().unwrap())
+                .unwrap();
             t
         },
         RunPolicy {

@@ -61,6 +61,17 @@ fn to_js<T: Serialize>(value: &T) -> Result<JsValue, JsValue> {
     js_sys::JSON::parse(&json)
 }
 
+/// An evaluation as the page reads it, its images as `Uint8ClampedArray`s of RGBA.
+fn evaluation_to_js(eval: &crate::Evaluation) -> Result<JsValue, String> {
+    let out = to_js(eval).map_err(|e| format!("{e:?}"))?;
+    let images = Array::new();
+    for image in &eval.images {
+        images.push(&Uint8ClampedArray::from(image.as_slice()));
+    }
+    js_sys::Reflect::set(&out, &"images".into(), &images).map_err(|e| format!("{e:?}"))?;
+    Ok(out)
+}
+
 /// A diffusers pipeline folder the user picked, file by file (paths relative to the folder:
 /// `unet/config.json`, …).
 #[wasm_bindgen]
@@ -137,13 +148,37 @@ impl WebTrainer {
         self.session.updates()
     }
 
-    /// One optimizer update; resolves to its metrics (`StepMetrics` as an object).
-    #[wasm_bindgen(js_name = trainStep)]
-    pub fn train_step(&self) -> Promise {
+    /// The evaluation set before training, once per run (the run policy the CLI follows).
+    /// Resolves to an evaluation (as `evaluate`'s) or `null` when the run has one already.
+    pub fn start(&self) -> Promise {
         self.run(|s| async move {
-            let metrics = s.train_step().await?;
-            to_js(&metrics).map_err(|e| format!("{e:?}"))
+            match s.start().await? {
+                Some(e) => evaluation_to_js(&e),
+                None => Ok(JsValue::NULL),
+            }
         })
+    }
+
+    /// One optimizer update with `total` updates planned and an evaluation every `evalEvery`
+    /// (and after the last). Resolves to `{metrics: StepMetrics, eval: evaluation | null,
+    /// collapsed: [before, now] | null (the early stop on diversity fired), done}`.
+    pub fn update(&self, total: usize, eval_every: usize) -> Promise {
+        self.run(move |s| async move {
+            let u = s.update(total, eval_every).await?;
+            let out = to_js(&u).map_err(|e| format!("{e:?}"))?;
+            let eval = match &u.eval {
+                Some(e) => evaluation_to_js(e)?,
+                None => JsValue::NULL,
+            };
+            js_sys::Reflect::set(&out, &"eval".into(), &eval).map_err(|e| format!("{e:?}"))?;
+            Ok(out)
+        })
+    }
+
+    /// The evaluation set after training: the last update's when it was made then, else
+    /// sampled now.
+    pub fn finish(&self) -> Promise {
+        self.run(|s| async move { evaluation_to_js(&s.finish().await?) })
     }
 
     /// Samples the fixed evaluation set (`n` images: `n / 2` prompts × two fixed seeds) with
@@ -151,16 +186,7 @@ impl WebTrainer {
     /// `{reward, diversity, terms: [[name, value]], size, prompts, images: [Uint8ClampedArray
     /// RGBA]}`.
     pub fn evaluate(&self, n: usize, scale: f64) -> Promise {
-        self.run(move |s| async move {
-            let eval = s.evaluate(n, scale).await?;
-            let out = to_js(&eval).map_err(|e| format!("{e:?}"))?;
-            let images = Array::new();
-            for image in &eval.images {
-                images.push(&Uint8ClampedArray::from(image.as_slice()));
-            }
-            js_sys::Reflect::set(&out, &"images".into(), &images).map_err(|e| format!("{e:?}"))?;
-            Ok(out)
-        })
+        self.run(move |s| async move { evaluation_to_js(&s.evaluate(n, scale).await?) })
     }
 
     /// The trained LoRA as `pytorch_lora_weights.safetensors` bytes (the native binary's

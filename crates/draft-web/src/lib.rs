@@ -10,7 +10,8 @@ use std::cell::{Cell, RefCell};
 use burn::prelude::*;
 use draft_core::pipeline::LoraSetup;
 use draft_core::reward::{RewardOptions, WeightedReward};
-use draft_core::train::{MethodName, StepMetrics, TrainConfig, Trainer, prompt_set};
+use draft_core::run::{Run, RunPolicy};
+use draft_core::train::{FixedEval, MethodName, StepMetrics, TrainConfig, Trainer, prompt_set};
 use draft_core::{ModelFiles, Pipeline, default_model, read_f32};
 use serde::{Deserialize, Serialize};
 
@@ -81,6 +82,13 @@ pub struct WebOptions {
     pub guidance: f64,
     pub rank: usize,
     pub seed: u64,
+    /// Images in the evaluation set (`--preview`).
+    pub preview: usize,
+    /// Evaluate every this many updates (`--eval-every`).
+    pub eval_every: usize,
+    /// Stop when the evaluation set's diversity falls below this fraction of its value before
+    /// training (`--min-diversity`).
+    pub min_diversity: Option<f64>,
 }
 
 impl Default for WebOptions {
@@ -103,6 +111,9 @@ impl Default for WebOptions {
             guidance: d.guidance,
             rank: d.rank,
             seed: d.seed,
+            preview: 4,
+            eval_every: 5,
+            min_diversity: None,
         }
     }
 }
@@ -110,6 +121,18 @@ impl Default for WebOptions {
 impl WebOptions {
     pub fn parse(json: &str) -> Result<Self, String> {
         serde_json::from_str(json).map_err(|e| format!("bad training options: {e}"))
+    }
+
+    /// The run policy: the CLI's, without checkpoints (the page keeps none yet).
+    pub fn policy(&self) -> Result<RunPolicy, String> {
+        let p = RunPolicy {
+            eval_images: self.preview,
+            eval_every: self.eval_every,
+            checkpoint_every: 0,
+            min_diversity: self.min_diversity,
+        };
+        p.validate().map_err(|e| e.to_string())?;
+        Ok(p)
     }
 
     /// The core configuration and the prompt list, checked as the CLI checks its flags.
@@ -170,18 +193,22 @@ pub struct RunInfo {
     pub lr: f64,
 }
 
-/// One training run: the core trainer and what the page shows about it. The page's
-/// `WebTrainer` wraps one; native tests use it directly.
+/// One training run: the core run (trainer + run policy, the CLI's) and what the page shows
+/// about it. The page's `WebTrainer` wraps one; native tests use it directly.
 pub struct Session {
-    trainer: RefCell<Trainer>,
+    run: RefCell<Run>,
     pub info: RunInfo,
     updates: Cell<usize>,
 }
 
+// The run is borrowed across awaits on purpose: a second call while one is in flight finds it
+// borrowed and is refused (`BUSY`) instead of interleaving with it.
+#[allow(clippy::await_holding_refcell_ref)]
 impl Session {
     /// Loads `model` on the options' device with trainable LoRA slots and builds the trainer.
     pub async fn build(options: &WebOptions, model: ModelFiles) -> Result<Session, String> {
         let (config, prompts) = options.config()?;
+        let policy = options.policy()?;
         let (device, device_name) = open_device(&options.device).await?;
         let pipeline = Pipeline::load_with_lora(
             &model,
@@ -218,16 +245,23 @@ impl Session {
             steps: c.steps,
             lr: c.lr,
         };
+        let run = Run::new(trainer, policy).map_err(|e| e.to_string())?;
         Ok(Session {
-            trainer: RefCell::new(trainer),
+            run: RefCell::new(run),
             info,
             updates: Cell::new(0),
         })
     }
 
-    /// The trainer; `None` while another call (an update, an evaluation) holds it.
+    /// The run; `None` while another call (an update, an evaluation) holds it.
+    pub fn run(&self) -> Option<std::cell::RefMut<'_, Run>> {
+        self.run.try_borrow_mut().ok()
+    }
+
+    /// The trainer; `None` while another call holds it.
     pub fn trainer(&self) -> Option<std::cell::RefMut<'_, Trainer>> {
-        self.trainer.try_borrow_mut().ok()
+        self.run()
+            .map(|r| std::cell::RefMut::map(r, |r| &mut r.trainer))
     }
 
     /// Optimizer updates done.
@@ -235,12 +269,49 @@ impl Session {
         self.updates.get()
     }
 
-    /// One optimizer update.
-    pub async fn train_step(&self) -> Result<StepMetrics, String> {
-        let mut trainer = self.trainer().ok_or(BUSY)?;
-        let metrics = trainer.train_step().await.map_err(|e| e.to_string())?;
-        self.updates.set(trainer.step);
-        Ok(metrics)
+    /// The evaluation set before training (once, at the start of the run); `None` when the
+    /// run has it already or evaluates nothing.
+    pub async fn start(&self) -> Result<Option<Evaluation>, String> {
+        let mut run = self.run().ok_or(BUSY)?;
+        let eval = run.evaluate_before().await.map_err(|e| e.to_string())?;
+        let terms = eval.as_ref().map(|e| term_pairs(&run.trainer, e));
+        drop(run);
+        match (eval, terms) {
+            (Some(e), Some(t)) => Ok(Some(Evaluation::from_fixed(e, t).await?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// One optimizer update and what the run policy does after it, with `total` updates
+    /// planned and an evaluation every `eval_every` (the page may change both between calls).
+    pub async fn update(&self, total: usize, eval_every: usize) -> Result<WebUpdate, String> {
+        let mut run = self.run().ok_or(BUSY)?;
+        run.set_train_steps(total);
+        run.policy.eval_every = eval_every;
+        let u = run.update().await.map_err(|e| e.to_string())?;
+        self.updates.set(run.trainer.step);
+        let terms = u.eval.as_ref().map(|e| term_pairs(&run.trainer, e));
+        let done = run.done();
+        drop(run);
+        let eval = match (u.eval, terms) {
+            (Some(e), Some(t)) => Some(Evaluation::from_fixed(e, t).await?),
+            _ => None,
+        };
+        Ok(WebUpdate {
+            metrics: u.metrics,
+            eval,
+            collapsed: u.collapsed,
+            done,
+        })
+    }
+
+    /// The evaluation set after training: the last update's when it was made then.
+    pub async fn finish(&self) -> Result<Evaluation, String> {
+        let mut run = self.run().ok_or(BUSY)?;
+        let e = run.evaluate_after().await.map_err(|e| e.to_string())?;
+        let terms = term_pairs(&run.trainer, &e);
+        drop(run);
+        Evaluation::from_fixed(e, terms).await
     }
 
     /// The fixed evaluation set with the LoRA at `scale` × its trained scale.
@@ -250,23 +321,9 @@ impl Session {
             .evaluate_at_scale(n, scale)
             .await
             .map_err(|e| e.to_string())?;
-        let terms = trainer
-            .reward
-            .terms
-            .iter()
-            .zip(&eval.terms)
-            .map(|((r, _), v)| (r.name().to_string(), *v))
-            .collect();
+        let terms = term_pairs(&trainer, &eval);
         drop(trainer);
-        let (size, images) = rgba(eval.images).await.map_err(|e| e.to_string())?;
-        Ok(Evaluation {
-            reward: eval.reward,
-            diversity: eval.diversity,
-            terms,
-            size,
-            prompts: eval.prompts,
-            images,
-        })
+        Evaluation::from_fixed(eval, terms).await
     }
 
     /// The trained LoRA as `pytorch_lora_weights.safetensors` bytes.
@@ -283,6 +340,30 @@ impl Session {
 
 const BUSY: &str = "the trainer is busy with another call; await it first";
 
+/// Each reward term's (name, unweighted mean) of an evaluation.
+fn term_pairs(trainer: &Trainer, eval: &FixedEval) -> Vec<(String, f64)> {
+    trainer
+        .reward
+        .terms
+        .iter()
+        .zip(&eval.terms)
+        .map(|((r, _), v)| (r.name().to_string(), *v))
+        .collect()
+}
+
+/// What one update hands the page.
+#[derive(Debug, Clone, Serialize)]
+pub struct WebUpdate {
+    pub metrics: StepMetrics,
+    /// The evaluation set after this update, when the cadence asked for it.
+    #[serde(skip)]
+    pub eval: Option<Evaluation>,
+    /// `(diversity before, now)` when the early stop fired.
+    pub collapsed: Option<(f64, f64)>,
+    /// Whether the run is over (all planned updates, or stopped early).
+    pub done: bool,
+}
+
 /// The evaluation set as the page shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Evaluation {
@@ -297,6 +378,20 @@ pub struct Evaluation {
     /// RGBA bytes per image.
     #[serde(skip)]
     pub images: Vec<Vec<u8>>,
+}
+
+impl Evaluation {
+    async fn from_fixed(e: FixedEval, terms: Vec<(String, f64)>) -> Result<Self, String> {
+        let (size, images) = rgba(e.images).await.map_err(|e| e.to_string())?;
+        Ok(Evaluation {
+            reward: e.reward,
+            diversity: e.diversity,
+            terms,
+            size,
+            prompts: e.prompts,
+            images,
+        })
+    }
 }
 
 /// The embedded model's training prompts (the page's default list).

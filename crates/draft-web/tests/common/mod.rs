@@ -110,6 +110,7 @@ pub struct Update {
 
 /// Small enough for SwiftShader (a CPU emulation of a GPU, ~5 s per UNet call here): 4 DDIM
 /// steps, one image per batch, an evaluation set of two.
+#[allow(clippy::await_holding_refcell_ref)]
 pub async fn draft_k_update(device: &str) -> Update {
     let options = WebOptions {
         device: device.into(),
