@@ -8,6 +8,7 @@
 //
 // Prints one JSON line with the figures (updates/s included) for docs/web.md.
 import { createServer } from "node:http";
+import { brotliCompressSync, gzipSync, constants as zlib } from "node:zlib";
 import { readFile, mkdir } from "node:fs/promises";
 import { dirname, extname, join, normalize, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -41,6 +42,22 @@ const MIME = {
   ".png": "image/png",
 };
 
+// Compressed once per file and encoding, as a static server with precompressed files would
+// serve them (brotli when the browser offers it, else gzip).
+const compressed = new Map();
+function encode(file, body, encoding) {
+  const key = `${encoding}:${file}`;
+  if (!compressed.has(key)) {
+    compressed.set(key, encoding === "br"
+      ? brotliCompressSync(body, { params: { [zlib.BROTLI_PARAM_QUALITY]: 9, [zlib.BROTLI_PARAM_SIZE_HINT]: body.length } })
+      : gzipSync(body, { level: 9 }));
+  }
+  return compressed.get(key);
+}
+
+// Bytes on the wire per file (bodies as sent), and uncompressed.
+const transferred = new Map();
+
 function serve() {
   const server = createServer(async (req, res) => {
     const path = normalize(decodeURIComponent(new URL(req.url, "http://x").pathname));
@@ -50,15 +67,24 @@ function serve() {
       return;
     }
     try {
-      const body = await readFile(file);
-      res.writeHead(200, { "content-type": MIME[extname(file)] ?? "application/octet-stream" });
+      const raw = await readFile(file);
+      const accept = String(req.headers["accept-encoding"] ?? "");
+      const encoding = /\bbr\b/.test(accept) ? "br" : /\bgzip\b/.test(accept) ? "gzip" : null;
+      const body = encoding ? encode(file, raw, encoding) : raw;
+      const headers = { "content-type": MIME[extname(file)] ?? "application/octet-stream" };
+      if (encoding) headers["content-encoding"] = encoding;
+      res.writeHead(200, headers);
       res.end(body);
+      transferred.set(path, { sent: body.length, size: raw.length, encoding });
     } catch {
       res.writeHead(404).end("not found");
     }
   });
   return new Promise((ok) => server.listen(0, "127.0.0.1", () => ok(server)));
 }
+
+// The download the page may cost (issue 17: ≤ 15 MB compressed).
+const MAX_TRANSFER = 15e6;
 
 const mean = (xs) => xs.reduce((a, b) => a + b, 0) / Math.max(xs.length, 1);
 
@@ -137,6 +163,10 @@ try {
     secondsPerUpdate: result.seconds,
     meanSecondsAfterFirst: mean(result.seconds.slice(1)),
     updatesPerSecondAfterFirst: 1 / mean(result.seconds.slice(1)),
+    // What the page downloads: every file as sent (compressed) and its size on disk.
+    transferredBytes: [...transferred.values()].reduce((a, f) => a + f.sent, 0),
+    uncompressedBytes: [...transferred.values()].reduce((a, f) => a + f.size, 0),
+    wasm: transferred.get("/pkg/draft_web_bg.wasm"),
   };
   console.log(JSON.stringify(figures));
   if (result.state !== "done") fail(`the page ended in state ${result.state}: ${result.error}`);
@@ -147,6 +177,10 @@ try {
       fail(`the evaluation reward did not rise: ${result.before?.reward} → ${last?.reward}`);
     }
     if (result.canvases.length === 0) fail("no sample images on the page");
+    if (!(figures.wasm && figures.wasm.encoding)) fail(`the module was not served compressed: ${JSON.stringify(figures.wasm)}`);
+    if (figures.transferredBytes > MAX_TRANSFER) {
+      fail(`the page downloads ${figures.transferredBytes} bytes, over the ${MAX_TRANSFER} target`);
+    }
     for (const c of result.canvases) {
       if (c.alpha !== 255 || c.range < 10) fail(`a sample image is blank: ${JSON.stringify(c)}`);
     }
