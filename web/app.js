@@ -1,12 +1,41 @@
 // The page: a thin shell over draft-web's WebTrainer (crates/draft-web), which wraps the same
 // Rust run (trainer + run policy: the evaluation before, the evaluation cadence, the early stop
-// on diversity, the evaluation after) as the `draft` binary. One optimizer update per awaited
-// promise; the loop yields to the browser between updates so Stop and the page stay live.
-import init, { WebTrainer, ModelFolder, defaultPrompts, rewardNames } from "./pkg/draft_web.js";
+// on diversity, the evaluation after) as the `draft` binary. The trainer lives in a Web Worker
+// (worker.js): this thread only draws, so the page keeps repainting during an update. One
+// optimizer update per awaited call; Stop ends the loop after the current update.
+
+const worker = new Worker(new URL("./worker.js", import.meta.url), { type: "module" });
+const pending = new Map();
+let nextCall = 0;
+worker.onmessage = (event) => {
+  const { id, ok, value, error } = event.data;
+  const call = pending.get(id);
+  pending.delete(id);
+  if (ok) call.resolve(value);
+  else call.reject(new Error(error));
+};
+worker.onerror = (event) => {
+  const error = new Error(`the trainer's worker failed: ${event.message ?? "unknown error"}`);
+  for (const call of pending.values()) call.reject(error);
+  pending.clear();
+};
+
+// Calls `method` in the worker; resolves to its result.
+function call(method, args = {}, transfer = []) {
+  return new Promise((resolve, reject) => {
+    const id = nextCall++;
+    pending.set(id, { resolve, reject });
+    worker.postMessage({ id, method, args }, transfer);
+  });
+}
 
 const $ = (id) => document.getElementById(id);
 const state = {
-  trainer: null,
+  // The run's adapter and settings (`RunInfo`), once a run is open in the worker.
+  info: null,
+  updates: 0,
+  // The longest time between two animation frames while training (ms): the page never freezes.
+  maxFrameGap: 0,
   settingsKey: null,
   stop: false,
   before: null,
@@ -101,21 +130,22 @@ function readOptions(device) {
 async function readFolder(input) {
   const files = [...input.files];
   if (files.length === 0) return null;
-  const root = files[0].webkitRelativePath.split("/")[0] || "picked folder";
-  const folder = new ModelFolder(root);
+  const name = files[0].webkitRelativePath.split("/")[0] || "picked folder";
+  const out = [];
   for (const f of files) {
     const rel = f.webkitRelativePath.split("/").slice(1).join("/") || f.name;
     // Only what a diffusers pipeline needs: configs, tokenizer files, safetensors weights.
     if (!/\.(json|txt|safetensors)$/.test(rel)) continue;
-    folder.add(rel, new Uint8Array(await f.arrayBuffer()));
+    out.push([rel, new Uint8Array(await f.arrayBuffer())]);
   }
-  return folder;
+  return { name, files: out };
 }
 
+// Opens a run in the worker; resolves to its `RunInfo`.
 async function createTrainer(options) {
   const folder = await readFolder($("model-folder"));
-  const json = JSON.stringify(options);
-  return folder ? WebTrainer.withModel(json, folder) : WebTrainer.embedded(json);
+  const transfer = folder ? folder.files.map(([, bytes]) => bytes.buffer) : [];
+  return call("open", { options, folder }, transfer);
 }
 
 async function openTrainer() {
@@ -247,7 +277,7 @@ function drawCurve() {
 
 async function evaluate(scale = 1) {
   const n = num("preview");
-  const ev = await state.trainer.evaluate(n, scale);
+  const ev = await call("evaluate", { n, scale });
   showGrid(ev);
   return ev;
 }
@@ -273,19 +303,20 @@ async function train(event) {
       { ...readOptions($("device").value), trainSteps: 0, evalEvery: 0 },
       $("model-folder").files.length,
     ]);
-    if (!state.trainer || key !== state.settingsKey) {
+    if (!state.info || key !== state.settingsKey) {
       setState("loading");
       status("Loading the model…");
-      state.trainer?.free();
-      state.trainer = await openTrainer();
+      state.info = null;
+      state.info = await openTrainer();
       state.settingsKey = key;
       state.steps = [];
       state.evals = [];
       state.before = null;
+      state.updates = 0;
       state.trainedSeconds = 0;
-      showAdapter(state.trainer.info());
+      showAdapter(state.info);
       status("Sampling the evaluation set before training…");
-      const ev = await state.trainer.start();
+      const ev = await call("start");
       if (ev) {
         state.before = { reward: ev.reward, diversity: ev.diversity };
         recordEval(0, ev);
@@ -294,12 +325,13 @@ async function train(event) {
     setState("training");
     const total = num("train-steps");
     const refresh = num("refresh");
-    while (!state.stop && state.trainer.updates < total) {
-      status(`Training: update ${state.trainer.updates + 1} of ${total}…`);
+    while (!state.stop && state.updates < total) {
+      status(`Training: update ${state.updates + 1} of ${total}…`);
       const t0 = performance.now();
       // One update, then the evaluation the run policy asks for (every `refresh` and the last).
-      const u = await state.trainer.update(total, refresh);
+      const u = await call("update", { total, evalEvery: refresh });
       state.trainedSeconds += (performance.now() - t0) / 1000;
+      state.updates = u.metrics.step;
       state.steps.push(u.metrics);
       showFigures();
       if (u.eval) recordEval(u.metrics.step, u.eval);
@@ -310,12 +342,12 @@ async function train(event) {
       if (u.done) break;
       await yieldToPage();
     }
-    if (state.evals.at(-1)?.update !== state.trainer.updates) {
-      recordEval(state.trainer.updates, await state.trainer.finish());
+    if (state.evals.at(-1)?.update !== state.updates) {
+      recordEval(state.updates, await call("finish"));
     }
     const last = state.evals.at(-1);
     if (!state.evals.at(-1) || !last) throw new Error("no evaluation set");
-    status(`${state.stop ? "Stopped" : "Done"} after ${state.trainer.updates} updates: evaluation reward ${fmt(state.before?.reward)} → ${fmt(last.reward)}.`);
+    status(`${state.stop ? "Stopped" : "Done"} after ${state.updates} updates: evaluation reward ${fmt(state.before?.reward)} → ${fmt(last.reward)}.`);
     setState("done");
   } catch (e) {
     showError(e);
@@ -323,7 +355,7 @@ async function train(event) {
   } finally {
     $("train").disabled = false;
     $("stop").disabled = true;
-    const trained = state.trainer && state.trainer.updates > 0;
+    const trained = state.info && state.updates > 0;
     $("download").disabled = !trained;
     $("scale").disabled = !trained;
     $("scale").value = "1";
@@ -333,7 +365,7 @@ async function train(event) {
 
 async function download() {
   try {
-    const bytes = await state.trainer.loraSafetensors();
+    const bytes = await call("lora");
     const url = URL.createObjectURL(new Blob([bytes], { type: "application/octet-stream" }));
     const a = document.createElement("a");
     a.href = url;
@@ -368,15 +400,29 @@ async function onScale() {
   }
 }
 
+// Records the longest gap between animation frames while training: with the trainer in the
+// worker it stays a frame or two (the e2e test asserts it).
+function watchFrames() {
+  let last = performance.now();
+  const tick = (now) => {
+    if (document.body.dataset.state === "training") state.maxFrameGap = Math.max(state.maxFrameGap, now - last);
+    last = now;
+    requestAnimationFrame(tick);
+  };
+  requestAnimationFrame(tick);
+}
+
 async function main() {
+  let hello;
   try {
-    await init();
+    hello = await call("hello");
   } catch (e) {
     showError(`Cannot load the WebAssembly module: ${e.message ?? e}`);
     return;
   }
-  rewardRows(rewardNames());
-  $("prompts").value = defaultPrompts().join("\n");
+  watchFrames();
+  rewardRows(hello.rewards);
+  $("prompts").value = hello.prompts.join("\n");
   if (!("gpu" in navigator)) {
     $("device").value = "cpu";
     status("This browser has no WebGPU: training will run on the CPU backend in WebAssembly, " +

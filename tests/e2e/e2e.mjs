@@ -85,6 +85,8 @@ function serve() {
 
 // The download the page may cost (issue 17: ≤ 15 MB compressed).
 const MAX_TRANSFER = 15e6;
+// The longest pause of the page's drawing allowed while it trains.
+const MAX_FRAME_GAP_MS = 250;
 
 const mean = (xs) => xs.reduce((a, b) => a + b, 0) / Math.max(xs.length, 1);
 
@@ -115,8 +117,7 @@ try {
   await page.fill("#refresh", args.refresh);
   await page.fill("#batch", args.batch);
   await page.fill("#preview", args.preview);
-  // Pressed from a timer: with the CPU backend an update runs on the page's thread, and a
-  // synchronous click would wait for it.
+  // Pressed from a timer, so that the test never waits on the page's click handler.
   await page.focus("#train");
   await page.evaluate(() => setTimeout(() => document.getElementById("train").click(), 0));
 
@@ -135,7 +136,8 @@ try {
     seconds: window.draft.steps.map((s) => s.seconds),
     updates: window.draft.steps.length,
     trainedSeconds: window.draft.trainedSeconds,
-    device: window.draft.trainer?.info().device,
+    device: window.draft.info?.device,
+    maxFrameGap: window.draft.maxFrameGap,
     // Images rendered: canvases whose pixels are not all one value.
     canvases: [...document.querySelectorAll("#grid canvas")].map((c) => {
       const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
@@ -163,6 +165,8 @@ try {
     secondsPerUpdate: result.seconds,
     meanSecondsAfterFirst: mean(result.seconds.slice(1)),
     updatesPerSecondAfterFirst: 1 / mean(result.seconds.slice(1)),
+    // The longest time between two animation frames of the page while it trained (ms).
+    maxFrameGapMs: result.maxFrameGap,
     // What the page downloads: every file as sent (compressed) and its size on disk.
     transferredBytes: [...transferred.values()].reduce((a, f) => a + f.sent, 0),
     uncompressedBytes: [...transferred.values()].reduce((a, f) => a + f.size, 0),
@@ -177,6 +181,10 @@ try {
       fail(`the evaluation reward did not rise: ${result.before?.reward} → ${last?.reward}`);
     }
     if (result.canvases.length === 0) fail("no sample images on the page");
+    // The trainer runs in a worker: the page keeps drawing during an update.
+    if (!(result.maxFrameGap > 0 && result.maxFrameGap < MAX_FRAME_GAP_MS)) {
+      fail(`the page froze: ${result.maxFrameGap} ms between two frames while training (limit ${MAX_FRAME_GAP_MS})`);
+    }
     if (!(figures.wasm && figures.wasm.encoding)) fail(`the module was not served compressed: ${JSON.stringify(figures.wasm)}`);
     if (figures.transferredBytes > MAX_TRANSFER) {
       fail(`the page downloads ${figures.transferredBytes} bytes, over the ${MAX_TRANSFER} target`);
