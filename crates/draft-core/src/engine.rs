@@ -103,6 +103,34 @@ pub struct Prompts {
     pub guidance: f64,
 }
 
+/// Where an objective evaluation is: `done` of `total` sampling steps (without gradient) or
+/// back-propagated steps (`backward`), for progress bars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    pub phase: Phase,
+    pub done: usize,
+    pub total: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Sampling,
+    Backward,
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Sampling => "sampling",
+            Phase::Backward => "backward",
+        }
+    }
+}
+
+/// Called after every sampling step and every back-propagated step; returning `false` stops
+/// the evaluation with [`Error::Cancelled`] (nothing has been updated yet).
+pub type ProgressFn = dyn Fn(&Progress) -> bool;
+
 /// The sampler of one training run: a pipeline with trainable LoRA slots, a DDIM schedule and
 /// a reward.
 pub struct Engine<'p> {
@@ -113,6 +141,8 @@ pub struct Engine<'p> {
     /// Whether any trainable adapter sits in the text encoder (then gradients flow into the
     /// prompt embeddings too).
     pub text_lora: bool,
+    /// Progress and cancellation ([`ProgressFn`]).
+    pub progress: Option<&'p ProgressFn>,
 }
 
 /// Gradient accumulator over the LoRA parameters.
@@ -171,11 +201,20 @@ impl<'p> Engine<'p> {
             eta,
             reward,
             text_lora,
+            progress: None,
         })
     }
 
     pub fn steps(&self) -> usize {
         self.ddim.timesteps.len()
+    }
+
+    /// Reports progress; `Err(Cancelled)` when the callback asks to stop.
+    fn report(&self, phase: Phase, done: usize, total: usize) -> Result<()> {
+        match self.progress {
+            Some(f) if !f(&Progress { phase, done, total }) => Err(Error::Cancelled),
+            _ => Ok(()),
+        }
     }
 
     /// Runs `method` on one batch and returns the loss, rewards and LoRA gradients.
@@ -198,7 +237,7 @@ impl<'p> Engine<'p> {
             } => n - uniform_in(draws.truncation, min_remaining, max_remaining),
             _ => n,
         };
-        let chain = pass.sample_chain(&mut draws, stop);
+        let chain = pass.sample_chain(&mut draws, stop)?;
 
         let outcome = match method {
             Method::DraftK { k } => pass.draft_k(&chain, k).await?,
@@ -338,7 +377,7 @@ impl<'e, 'p> Pass<'e, 'p> {
     }
 
     /// Samples steps `0..stop` without a graph.
-    fn sample_chain(&self, draws: &mut Draws, stop: usize) -> Chain {
+    fn sample_chain(&self, draws: &mut Draws, stop: usize) -> Result<Chain> {
         let mut latents = vec![draws.x_t.clone()];
         let mut noises = Vec::with_capacity(stop);
         for i in 0..stop {
@@ -348,8 +387,9 @@ impl<'e, 'p> Pass<'e, 'p> {
                 .step(i, latents[i].clone(), &self.plain, z.clone(), false);
             noises.push(z);
             latents.push(x);
+            self.engine.report(Phase::Sampling, i + 1, stop)?;
         }
-        Chain { latents, noises }
+        Ok(Chain { latents, noises })
     }
 
     /// DRaFT-K (and AlignProp's drawn K): the reward's gradient at x₀, back through the last
@@ -362,7 +402,9 @@ impl<'e, 'p> Pass<'e, 'p> {
             .await?;
         for i in (n - k..n).rev() {
             let x = chain.latents[i].clone();
-            match self.backprop_step(i, x, chain.noises[i].clone(), g, i > n - k, false)? {
+            let gx = self.backprop_step(i, x, chain.noises[i].clone(), g, i > n - k, false)?;
+            self.engine.report(Phase::Backward, n - i, k)?;
+            match gx {
                 Some(gx) => g = gx,
                 None => break,
             }
@@ -403,6 +445,7 @@ impl<'e, 'p> Pass<'e, 'p> {
             }
             loss += l * weight as f32;
             self.backprop_step(last, x_t, z, g, false, false)?;
+            engine.report(Phase::Backward, j + 1, samples)?;
         }
         Ok(Outcome {
             rewards,
@@ -421,6 +464,7 @@ impl<'e, 'p> Pass<'e, 'p> {
             .reward_grad(x0, 1.0, &self.prompts.texts)
             .await?;
         self.backprop_step(stop, x, None, g, false, true)?;
+        self.engine.report(Phase::Backward, 1, 1)?;
         Ok(Outcome {
             rewards,
             loss,

@@ -52,6 +52,10 @@ pub enum Error {
 
     #[error("device: {}", one_line(.0))]
     Device(String),
+
+    /// The progress callback asked to stop (the browser's Stop within an update).
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// `s` with its control characters (line breaks, tabs, …) escaped as `\n`, `\t`, `\u{..}`.

@@ -397,6 +397,8 @@ pub struct Trainer {
     pub bad_run: usize,
     /// The evaluation before the first update, once the shell has made it.
     pub before: Option<EvalSummary>,
+    /// Progress within an update, and cancellation ([`crate::engine::ProgressFn`]).
+    progress: Option<Box<crate::engine::ProgressFn>>,
 }
 
 impl Trainer {
@@ -460,8 +462,16 @@ impl Trainer {
             skipped: 0,
             bad_run: 0,
             before: None,
+            progress: None,
             config,
         })
+    }
+
+    /// Calls `f` after every sampling and back-propagated step of each update; when it returns
+    /// `false` the update stops with [`Error::Cancelled`] and nothing is changed (the same
+    /// update runs again, with the same draws, on the next call).
+    pub fn set_progress(&mut self, f: Option<Box<crate::engine::ProgressFn>>) {
+        self.progress = f;
     }
 
     /// The batch size of every step: `--batch`, or the batch of `--init-noise`.
@@ -522,12 +532,13 @@ impl Trainer {
     /// the update; after `max_bad_steps` of them in a row this returns an error.
     pub async fn train_step(&mut self) -> Result<StepMetrics> {
         let started = web_time_now();
-        let engine = Engine::new(
+        let mut engine = Engine::new(
             &self.pipeline,
             self.config.steps,
             self.config.eta,
             &self.reward,
         )?;
+        engine.progress = self.progress.as_deref();
         let accum = self.config.grad_accum;
         let mut grads: Option<Vec<Tensor<2>>> = None;
         let mut rewards = Vec::new();

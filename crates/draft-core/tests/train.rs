@@ -328,3 +328,54 @@ fn run_policy_evaluates_checkpoints_and_stops_as_asked() {
         assert!(bad.validate().is_err());
     }
 }
+
+/// Progress within an update (every sampling and back-propagated step), and a cancel from the
+/// callback: the update stops with `Cancelled`, nothing changes, and the run goes on as if the
+/// cancelled attempt never happened.
+#[test]
+fn progress_is_reported_and_a_cancelled_update_changes_nothing() {
+    use draft_core::engine::Progress;
+    use std::sync::{Arc, Mutex};
+    let mut reference = trainer(config(), None);
+    run(&mut reference, 2);
+
+    let mut t = trainer(config(), None);
+    let seen: Arc<Mutex<Vec<(String, usize, usize)>>> = Default::default();
+    let cancel_at = Arc::new(Mutex::new(Some(2usize)));
+    let (s, c) = (seen.clone(), cancel_at.clone());
+    t.set_progress(Some(Box::new(move |p: &Progress| {
+        s.lock()
+            .unwrap()
+            .push((p.phase.name().to_string(), p.done, p.total));
+        !(p.phase.name() == "sampling" && Some(p.done) == *c.lock().unwrap())
+    })));
+    let before = lora_bytes(&t);
+    let err = pollster::block_on(t.train_step()).unwrap_err();
+    assert!(matches!(err, draft_core::Error::Cancelled), "{err}");
+    assert_eq!(t.step, 0);
+    assert_eq!(lora_bytes(&t), before, "a cancelled update changes nothing");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [("sampling".to_string(), 1, 3), ("sampling".to_string(), 2, 3)]
+    );
+    seen.lock().unwrap().clear();
+    *cancel_at.lock().unwrap() = None;
+    run(&mut t, 2);
+    let events = seen.lock().unwrap().clone();
+    let one_update: Vec<(String, usize, usize)> = [
+        ("sampling", 1, 3),
+        ("sampling", 2, 3),
+        ("sampling", 3, 3),
+        ("backward", 1, 2),
+        ("backward", 2, 2),
+    ]
+    .iter()
+    .map(|(p, d, n)| (p.to_string(), *d, *n))
+    .collect();
+    assert_eq!(events, [one_update.clone(), one_update].concat());
+    assert_eq!(
+        lora_bytes(&t),
+        lora_bytes(&reference),
+        "the run after the cancel is the uninterrupted one"
+    );
+}
