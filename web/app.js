@@ -8,6 +8,10 @@ const worker = new Worker(new URL("./worker.js", import.meta.url), { type: "modu
 const pending = new Map();
 let nextCall = 0;
 worker.onmessage = (event) => {
+  if (event.data.progress) {
+    showProgress(event.data.progress);
+    return;
+  }
   const { id, ok, value, error } = event.data;
   const call = pending.get(id);
   pending.delete(id);
@@ -36,6 +40,13 @@ const state = {
   updates: 0,
   // The longest time between two animation frames while training (ms): the page never freezes.
   maxFrameGap: 0,
+  // Progress messages received from the worker (sampling and backward steps).
+  progressEvents: 0,
+  // Shared with the worker where the page is cross-origin isolated: Stop sets it to 1 and the
+  // update stops within a sampling step. Elsewhere Stop waits for the update to end.
+  cancel: typeof SharedArrayBuffer !== "undefined" && self.crossOriginIsolated
+    ? new Int32Array(new SharedArrayBuffer(4))
+    : null,
   settingsKey: null,
   stop: false,
   before: null,
@@ -46,6 +57,18 @@ const state = {
 };
 // Read by the end-to-end test (tests/e2e) and handy in the console.
 window.draft = state;
+
+// "Update 3 of 10: sampling step 12 of 50" with a bar over the update's steps.
+function showProgress({ phase, done, total }) {
+  state.progressEvents += 1;
+  const row = $("progress-row");
+  row.hidden = false;
+  const bar = $("update-progress");
+  bar.max = total;
+  bar.value = done;
+  const what = phase === "sampling" ? "sampling step" : "backward step";
+  $("progress-text").textContent = `update ${state.updates + 1}: ${what} ${done} of ${total}`;
+}
 
 function setState(s) {
   document.body.dataset.state = s;
@@ -323,13 +346,21 @@ async function train(event) {
       }
     }
     setState("training");
+    if (state.cancel) Atomics.store(state.cancel, 0, 0);
     const total = num("train-steps");
     const refresh = num("refresh");
     while (!state.stop && state.updates < total) {
       status(`Training: update ${state.updates + 1} of ${total}…`);
       const t0 = performance.now();
       // One update, then the evaluation the run policy asks for (every `refresh` and the last).
-      const u = await call("update", { total, evalEvery: refresh });
+      let u;
+      try {
+        u = await call("update", { total, evalEvery: refresh });
+      } catch (e) {
+        // Stop within the update: nothing changed, the next Train redoes it.
+        if (state.stop && e.message === "cancelled") break;
+        throw e;
+      }
       state.trainedSeconds += (performance.now() - t0) / 1000;
       state.updates = u.metrics.step;
       state.steps.push(u.metrics);
@@ -355,6 +386,7 @@ async function train(event) {
   } finally {
     $("train").disabled = false;
     $("stop").disabled = true;
+    $("progress-row").hidden = true;
     const trained = state.info && state.updates > 0;
     $("download").disabled = !trained;
     $("scale").disabled = !trained;
@@ -431,9 +463,11 @@ async function main() {
     status("Ready. Pick settings and press Train.");
   }
   $("settings").addEventListener("submit", train);
+  if (state.cancel) await call("cancelFlag", { buffer: state.cancel.buffer });
   $("stop").addEventListener("click", () => {
     state.stop = true;
-    status("Stopping after the current update…");
+    if (state.cancel) Atomics.store(state.cancel, 0, 1);
+    status(state.cancel ? "Stopping…" : "Stopping after the current update…");
   });
   $("download").addEventListener("click", download);
   $("scale").addEventListener("input", onScale);

@@ -6,6 +6,16 @@ import init, { WebTrainer, ModelFolder, defaultPrompts, rewardNames } from "./pk
 
 const ready = init();
 let trainer = null;
+// Set to 1 by the page's Stop (a SharedArrayBuffer, where the page is cross-origin isolated):
+// read after every sampling step, so Stop ends an update within one step.
+let cancel = null;
+
+function watchProgress() {
+  trainer.onProgress((phase, done, total) => {
+    self.postMessage({ progress: { phase, done, total } });
+    return !(cancel && Atomics.load(cancel, 0) === 1);
+  });
+}
 
 const handlers = {
   // What the page needs before any run: the default prompts and the rewards it can offer.
@@ -22,7 +32,11 @@ const handlers = {
     } else {
       trainer = await WebTrainer.embedded(json);
     }
+    watchProgress();
     return trainer.info();
+  },
+  cancelFlag: ({ buffer }) => {
+    cancel = new Int32Array(buffer);
   },
   start: () => run().start(),
   update: ({ total, evalEvery }) => run().update(total, evalEvery),

@@ -73,6 +73,9 @@ function serve() {
       const body = encoding ? encode(file, raw, encoding) : raw;
       const headers = { "content-type": MIME[extname(file)] ?? "application/octet-stream" };
       if (encoding) headers["content-encoding"] = encoding;
+      // Cross-origin isolated, so the page can share its Stop flag with the trainer's worker.
+      headers["cross-origin-opener-policy"] = "same-origin";
+      headers["cross-origin-embedder-policy"] = "require-corp";
       res.writeHead(200, headers);
       res.end(body);
       transferred.set(path, { sent: body.length, size: raw.length, encoding });
@@ -138,6 +141,8 @@ try {
     trainedSeconds: window.draft.trainedSeconds,
     device: window.draft.info?.device,
     maxFrameGap: window.draft.maxFrameGap,
+    progressEvents: window.draft.progressEvents,
+    isolated: self.crossOriginIsolated,
     // Images rendered: canvases whose pixels are not all one value.
     canvases: [...document.querySelectorAll("#grid canvas")].map((c) => {
       const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
@@ -149,6 +154,26 @@ try {
       return { width: c.width, alpha: d[3], range: max - min };
     }),
   }));
+  // Stop within an update: continue the run by two updates and press Stop at the first
+  // sampling step; the update is abandoned (the run stays at its updates) within a step.
+  let stop = null;
+  if (result.state === "done") {
+    await page.fill("#train-steps", String(Number(args.updates) + 2));
+    await page.evaluate(() => {
+      window.draft.progressEvents = 0;
+      setTimeout(() => document.getElementById("train").click(), 0);
+    });
+    await page.waitForFunction(() => window.draft.progressEvents > 0, null, { timeout, polling: 20 });
+    const pressed = Date.now();
+    await page.click("#stop");
+    await page.waitForFunction(() => document.body.dataset.state !== "training", null, { timeout, polling: 20 });
+    stop = await page.evaluate(() => ({
+      state: document.body.dataset.state,
+      error: document.getElementById("error").textContent,
+      updates: window.draft.updates,
+    }));
+    stop.seconds = (Date.now() - pressed) / 1000;
+  }
   await mkdir(dirname(args.screenshot), { recursive: true });
   await page.screenshot({ path: args.screenshot, fullPage: true });
   log(`screenshot: ${args.screenshot}`);
@@ -167,6 +192,10 @@ try {
     updatesPerSecondAfterFirst: 1 / mean(result.seconds.slice(1)),
     // The longest time between two animation frames of the page while it trained (ms).
     maxFrameGapMs: result.maxFrameGap,
+    progressEvents: result.progressEvents,
+    crossOriginIsolated: result.isolated,
+    // Seconds from Stop to the page idle again, mid-update.
+    stopSeconds: stop?.seconds,
     // What the page downloads: every file as sent (compressed) and its size on disk.
     transferredBytes: [...transferred.values()].reduce((a, f) => a + f.sent, 0),
     uncompressedBytes: [...transferred.values()].reduce((a, f) => a + f.size, 0),
@@ -181,6 +210,17 @@ try {
       fail(`the evaluation reward did not rise: ${result.before?.reward} → ${last?.reward}`);
     }
     if (result.canvases.length === 0) fail("no sample images on the page");
+    // At least one sampling step and one backward step reported per update.
+    const perUpdate = 2;
+    if (!(result.progressEvents >= result.updates * perUpdate)) {
+      fail(`${result.progressEvents} progress messages for ${result.updates} updates of ${perUpdate} steps`);
+    }
+    if (!result.isolated) fail("the page is not cross-origin isolated: Stop cannot reach the worker");
+    if (!stop || stop.state !== "done" || stop.updates !== result.updates) {
+      fail(`Stop within an update: ${JSON.stringify(stop)} (wanted state done at ${result.updates} updates)`);
+    } else if (!(stop.seconds < 0.75 * figures.meanSecondsAfterFirst + 1)) {
+      fail(`Stop took ${stop.seconds} s, an update takes ${figures.meanSecondsAfterFirst} s`);
+    }
     // The trainer runs in a worker: the page keeps drawing during an update.
     if (!(result.maxFrameGap > 0 && result.maxFrameGap < MAX_FRAME_GAP_MS)) {
       fail(`the page froze: ${result.maxFrameGap} ms between two frames while training (limit ${MAX_FRAME_GAP_MS})`);

@@ -137,6 +137,28 @@ impl WebTrainer {
         })
     }
 
+    /// Calls `f(phase, done, total)` after every sampling step (`"sampling"`) and every
+    /// back-propagated step (`"backward"`) of each update; when `f` returns `false` the update
+    /// stops, rejecting with `cancelled`, and nothing is changed (the next update redoes it).
+    /// `null` removes it.
+    #[wasm_bindgen(js_name = onProgress)]
+    pub fn on_progress(&self, f: Option<js_sys::Function>) -> Result<(), JsValue> {
+        let mut trainer = self.session.trainer().ok_or_else(|| js_error(crate::BUSY))?;
+        trainer.set_progress(f.map(|f| {
+            Box::new(move |p: &draft_core::engine::Progress| {
+                let args = (
+                    JsValue::from_str(p.phase.name()),
+                    JsValue::from_f64(p.done as f64),
+                    JsValue::from_f64(p.total as f64),
+                );
+                // Anything but `false` (or a throwing callback) goes on.
+                f.call3(&JsValue::NULL, &args.0, &args.1, &args.2)
+                    .map_or(true, |v| v.as_bool() != Some(false))
+            }) as Box<draft_core::engine::ProgressFn>
+        }));
+        Ok(())
+    }
+
     /// The run's settings and adapter (`RunInfo` as an object).
     pub fn info(&self) -> Result<JsValue, JsValue> {
         to_js(&self.session.info)

@@ -338,7 +338,7 @@ impl Session {
     }
 }
 
-const BUSY: &str = "the trainer is busy with another call; await it first";
+pub(crate) const BUSY: &str = "the trainer is busy with another call; await it first";
 
 /// Each reward term's (name, unweighted mean) of an evaluation.
 fn term_pairs(trainer: &Trainer, eval: &FixedEval) -> Vec<(String, f64)> {
