@@ -557,12 +557,12 @@ const TRAINER_SEED: u64 = 7;
 const TRAINER_ACCUM: usize = 2;
 const TRAINER_UPDATES: usize = 2;
 
-/// Writes `trainer_noise.safetensors`, the Trainer's own x_T of the micro-batches after the
-/// first, which make_training_paths_fixture.py feeds to PyTorch:
-/// `cargo test --release -p draft-core --test training_paths -- --ignored export_trainer_noise`.
+/// `trainer_noise.safetensors` holds the Trainer's own x_T of the micro-batches after the
+/// first, which make_training_paths_fixture.py feeds to PyTorch. This checks that the
+/// committed file is what the Trainer draws today; `DRAFT_BLESS=1 cargo test --release -p
+/// draft-core --test training_paths trainer_noise` rewrites it (then rerun the script).
 #[test]
-#[ignore]
-fn export_trainer_noise() {
+fn trainer_noise_fixture_is_current() {
     let device = Device::flex();
     let mut tensors = Vec::new();
     for step in 0..TRAINER_UPDATES {
@@ -574,18 +574,27 @@ fn export_trainer_noise() {
             tensors.push((format!("x_t.{step}.{micro}"), shape, v));
         }
     }
-    let meta = [
-        ("seed", TRAINER_SEED.to_string()),
-        ("grad_accum", TRAINER_ACCUM.to_string()),
-        ("updates", TRAINER_UPDATES.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let bytes = draft_core::weights::serialize_f32(&tensors, Some(meta)).unwrap();
-    std::fs::create_dir_all(dir()).unwrap();
-    std::fs::write(dir().join("trainer_noise.safetensors"), bytes).unwrap();
-    eprintln!("wrote {} tensors (seed {TRAINER_SEED})", tensors.len());
+    let path = dir().join("trainer_noise.safetensors");
+    if std::env::var_os("DRAFT_BLESS").is_some() {
+        let meta = [
+            ("seed", TRAINER_SEED.to_string()),
+            ("grad_accum", TRAINER_ACCUM.to_string()),
+            ("updates", TRAINER_UPDATES.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let bytes = draft_core::weights::serialize_f32(&tensors, Some(meta)).unwrap();
+        std::fs::create_dir_all(dir()).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        eprintln!("wrote {} tensors (seed {TRAINER_SEED})", tensors.len());
+    }
+    let bytes = std::fs::read(&path).unwrap();
+    let w = Weights::from_bytes("trainer_noise.safetensors", &bytes).unwrap();
+    for (key, shape, v) in &tensors {
+        let (want, want_shape) = w.read_f32(key).unwrap();
+        assert_eq!((&want_shape, &want), (shape, v), "{key} is stale: rebless");
+    }
 }
 
 /// Two updates of the real `Trainer::train_step` (DRaFT-K, K = 1, `--grad-accum 2`,
@@ -598,7 +607,7 @@ fn trainer_grad_accum_clip_adamw_match_pytorch() {
     let t = &json["trainer"];
     assert!(
         t.is_object(),
-        "training_paths.json has no trainer case: run export_trainer_noise, then the script"
+        "training_paths.json has no trainer case: run the trainer_noise test with DRAFT_BLESS=1, then the script"
     );
     let config = trainer_config(t, &json);
     // The x_T the fixture used are the Trainer's draws.
