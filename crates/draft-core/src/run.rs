@@ -44,7 +44,7 @@ impl RunPolicy {
         if self.eval_images == 0 {
             0
         } else {
-            self.eval_images.max(2).div_ceil(2) * 2
+            crate::train::eval_set_size(self.eval_images)
         }
     }
 }

@@ -355,6 +355,12 @@ impl FixedEval {
     }
 }
 
+/// The size of the fixed evaluation set asked for as `n` images: at least 2, rounded up to
+/// even (two seeds per prompt).
+pub fn eval_set_size(n: usize) -> usize {
+    n.max(2).div_ceil(2) * 2
+}
+
 /// SplitMix64: independent seeds for the streams of each step.
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -614,7 +620,7 @@ impl Trainer {
     /// seed collapsing to one image).
     pub async fn evaluate_fixed(&self, n: usize) -> Result<FixedEval> {
         let pipe = &self.pipeline;
-        let n = n.max(2).div_ceil(2) * 2;
+        let n = eval_set_size(n);
         let prompts: Vec<String> = (0..n)
             .map(|i| self.prompts[(i / 2) % self.prompts.len()].clone())
             .collect();

@@ -356,7 +356,10 @@ fn progress_is_reported_and_a_cancelled_update_changes_nothing() {
     assert_eq!(lora_bytes(&t), before, "a cancelled update changes nothing");
     assert_eq!(
         *seen.lock().unwrap(),
-        [("sampling".to_string(), 1, 3), ("sampling".to_string(), 2, 3)]
+        [
+            ("sampling".to_string(), 1, 3),
+            ("sampling".to_string(), 2, 3)
+        ]
     );
     seen.lock().unwrap().clear();
     *cancel_at.lock().unwrap() = None;

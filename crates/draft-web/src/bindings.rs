@@ -143,7 +143,10 @@ impl WebTrainer {
     /// `null` removes it.
     #[wasm_bindgen(js_name = onProgress)]
     pub fn on_progress(&self, f: Option<js_sys::Function>) -> Result<(), JsValue> {
-        let mut trainer = self.session.trainer().ok_or_else(|| js_error(crate::BUSY))?;
+        let mut trainer = self
+            .session
+            .trainer()
+            .ok_or_else(|| js_error(crate::BUSY))?;
         trainer.set_progress(f.map(|f| {
             Box::new(move |p: &draft_core::engine::Progress| {
                 let args = (
