@@ -197,6 +197,8 @@ pub struct RunInfo {
 /// about it. The page's `WebTrainer` wraps one; native tests use it directly.
 pub struct Session {
     run: RefCell<Run>,
+    /// The reward terms' names, in the order of an evaluation's `terms`.
+    term_names: Vec<String>,
     pub info: RunInfo,
     updates: Cell<usize>,
 }
@@ -246,8 +248,16 @@ impl Session {
             lr: c.lr,
         };
         let run = Run::new(trainer, policy).map_err(|e| e.to_string())?;
+        let term_names = run
+            .trainer
+            .reward
+            .terms
+            .iter()
+            .map(|(r, _)| r.name().to_string())
+            .collect();
         Ok(Session {
             run: RefCell::new(run),
+            term_names,
             info,
             updates: Cell::new(0),
         })
@@ -272,30 +282,32 @@ impl Session {
     /// The evaluation set before training (once, at the start of the run); `None` when the
     /// run has it already or evaluates nothing.
     pub async fn start(&self) -> Result<Option<Evaluation>, String> {
-        let mut run = self.run().ok_or(BUSY)?;
-        let eval = run.evaluate_before().await.map_err(|e| e.to_string())?;
-        let terms = eval.as_ref().map(|e| term_pairs(&run.trainer, e));
-        drop(run);
-        match (eval, terms) {
-            (Some(e), Some(t)) => Ok(Some(Evaluation::from_fixed(e, t).await?)),
-            _ => Ok(None),
+        let eval = self
+            .run()
+            .ok_or(BUSY)?
+            .evaluate_before()
+            .await
+            .map_err(|e| e.to_string())?;
+        match eval {
+            Some(e) => Ok(Some(self.for_page(e).await?)),
+            None => Ok(None),
         }
     }
 
     /// One optimizer update and what the run policy does after it, with `total` updates
     /// planned and an evaluation every `eval_every` (the page may change both between calls).
     pub async fn update(&self, total: usize, eval_every: usize) -> Result<WebUpdate, String> {
-        let mut run = self.run().ok_or(BUSY)?;
-        run.set_train_steps(total);
-        run.policy.eval_every = eval_every;
-        let u = run.update().await.map_err(|e| e.to_string())?;
-        self.updates.set(run.trainer.step);
-        let terms = u.eval.as_ref().map(|e| term_pairs(&run.trainer, e));
-        let done = run.done();
-        drop(run);
-        let eval = match (u.eval, terms) {
-            (Some(e), Some(t)) => Some(Evaluation::from_fixed(e, t).await?),
-            _ => None,
+        let (u, done) = {
+            let mut run = self.run().ok_or(BUSY)?;
+            run.set_train_steps(total);
+            run.policy.eval_every = eval_every;
+            let u = run.update().await.map_err(|e| e.to_string())?;
+            self.updates.set(run.trainer.step);
+            (u, run.done())
+        };
+        let eval = match u.eval {
+            Some(e) => Some(self.for_page(e).await?),
+            None => None,
         };
         Ok(WebUpdate {
             metrics: u.metrics,
@@ -307,23 +319,37 @@ impl Session {
 
     /// The evaluation set after training: the last update's when it was made then.
     pub async fn finish(&self) -> Result<Evaluation, String> {
-        let mut run = self.run().ok_or(BUSY)?;
-        let e = run.evaluate_after().await.map_err(|e| e.to_string())?;
-        let terms = term_pairs(&run.trainer, &e);
-        drop(run);
-        Evaluation::from_fixed(e, terms).await
+        let e = self
+            .run()
+            .ok_or(BUSY)?
+            .evaluate_after()
+            .await
+            .map_err(|e| e.to_string())?;
+        self.for_page(e).await
     }
 
     /// The fixed evaluation set with the LoRA at `scale` × its trained scale.
     pub async fn evaluate(&self, n: usize, scale: f64) -> Result<Evaluation, String> {
-        let trainer = self.trainer().ok_or(BUSY)?;
-        let eval = trainer
+        let e = self
+            .trainer()
+            .ok_or(BUSY)?
             .evaluate_at_scale(n, scale)
             .await
             .map_err(|e| e.to_string())?;
-        let terms = term_pairs(&trainer, &eval);
-        drop(trainer);
-        Evaluation::from_fixed(eval, terms).await
+        self.for_page(e).await
+    }
+
+    /// An evaluation as the page shows it: RGBA images, each term's name with its mean.
+    async fn for_page(&self, e: FixedEval) -> Result<Evaluation, String> {
+        let (size, images) = rgba(e.images).await.map_err(|e| e.to_string())?;
+        Ok(Evaluation {
+            reward: e.reward,
+            diversity: e.diversity,
+            terms: self.term_names.iter().cloned().zip(e.terms).collect(),
+            size,
+            prompts: e.prompts,
+            images,
+        })
     }
 
     /// The trained LoRA as `pytorch_lora_weights.safetensors` bytes.
@@ -339,17 +365,6 @@ impl Session {
 }
 
 pub(crate) const BUSY: &str = "the trainer is busy with another call; await it first";
-
-/// Each reward term's (name, unweighted mean) of an evaluation.
-fn term_pairs(trainer: &Trainer, eval: &FixedEval) -> Vec<(String, f64)> {
-    trainer
-        .reward
-        .terms
-        .iter()
-        .zip(&eval.terms)
-        .map(|((r, _), v)| (r.name().to_string(), *v))
-        .collect()
-}
 
 /// What one update hands the page.
 #[derive(Debug, Clone, Serialize)]
@@ -378,20 +393,6 @@ pub struct Evaluation {
     /// RGBA bytes per image.
     #[serde(skip)]
     pub images: Vec<Vec<u8>>,
-}
-
-impl Evaluation {
-    async fn from_fixed(e: FixedEval, terms: Vec<(String, f64)>) -> Result<Self, String> {
-        let (size, images) = rgba(e.images).await.map_err(|e| e.to_string())?;
-        Ok(Evaluation {
-            reward: e.reward,
-            diversity: e.diversity,
-            terms,
-            size,
-            prompts: e.prompts,
-            images,
-        })
-    }
 }
 
 /// The embedded model's training prompts (the page's default list).
