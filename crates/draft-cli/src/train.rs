@@ -12,7 +12,8 @@ use draft_core::pipeline::{LoraSetup, to_nhwc};
 use draft_core::reward::RewardOptions;
 use draft_core::run::{Run, RunPolicy};
 use draft_core::train::{
-    FixedEval, MethodName, OptimizerName, StepMetrics, TrainConfig, Trainer, prompt_set,
+    CheckpointMeta, FixedEval, MethodName, OptimizerName, StepMetrics, TrainConfig, Trainer,
+    prompt_set,
 };
 use draft_core::{Pipeline, read_f32};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -156,7 +157,8 @@ pub struct TrainArgs {
     /// Output folder [default: a fresh runs/run-NNN].
     #[arg(long)]
     out_dir: Option<PathBuf>,
-    /// Continue from the checkpoint in --out-dir.
+    /// Continue from the checkpoint in --out-dir (`draft train`'s or one downloaded from the
+    /// browser page); the settings and prompts not given as flags are the checkpoint's.
     #[arg(long)]
     #[serde(default)]
     resume: bool,
@@ -242,8 +244,8 @@ impl TrainArgs {
             ..Default::default()
         }
         .with_file()?;
-        args.core_config()?;
-        args.prompts()?;
+        args.in_file(args.settings(None))?;
+        args.in_file(args.prompt_list(None))?;
         Ok(())
     }
 
@@ -259,18 +261,18 @@ impl TrainArgs {
         }
     }
 
-    fn core_config(&self) -> Result<TrainConfig> {
-        self.in_file(self.settings())
-    }
-
-    fn prompts(&self) -> Result<Vec<String>> {
-        self.in_file(self.prompt_list())
-    }
-
-    fn settings(&self) -> Result<TrainConfig> {
-        let d = TrainConfig::default();
-        let embedded = self.model.is_none();
+    /// The run's settings: the flags, and for those not given the defaults, or when resuming,
+    /// the checkpoint's (`saved`) — so `--resume` needs no flags, and one that differs from the
+    /// checkpoint is refused by [`Trainer::restore`].
+    fn settings(&self, saved: Option<&TrainConfig>) -> Result<TrainConfig> {
+        let d = saved.cloned().unwrap_or_default();
+        // The embedded model's defaults apply to fresh runs only.
+        let embedded = self.model.is_none() && saved.is_none();
         let steps = self.steps.unwrap_or(d.steps);
+        let (t_max, k_max) = match saved {
+            Some(c) => (c.t_max, c.k_max),
+            None => (d.t_max.min(steps), d.k_max.min(steps)),
+        };
         let mut c = TrainConfig {
             method: match &self.method {
                 Some(m) => MethodName::parse(m)?,
@@ -279,9 +281,9 @@ impl TrainArgs {
             k: self.k.unwrap_or(d.k),
             lv_samples: self.lv_samples.unwrap_or(d.lv_samples),
             t_min: self.t_min.unwrap_or(d.t_min),
-            t_max: self.t_max.unwrap_or(d.t_max.min(steps)),
+            t_max: self.t_max.unwrap_or(t_max),
             k_min: self.k_min.unwrap_or(d.k_min),
-            k_max: self.k_max.unwrap_or(d.k_max.min(steps)),
+            k_max: self.k_max.unwrap_or(k_max),
             rewards: self.reward.clone().unwrap_or(d.rewards),
             reward_options: RewardOptions {
                 target_color: match &self.target_color {
@@ -301,13 +303,14 @@ impl TrainArgs {
             }),
             lr: self.lr.unwrap_or(if embedded { EMBEDDED_LR } else { d.lr }),
             optimizer: match self.optimizer.as_deref() {
-                None | Some("adamw") => OptimizerName::Adamw,
+                None => d.optimizer,
+                Some("adamw") => OptimizerName::Adamw,
                 Some("sgd") => OptimizerName::Sgd,
                 Some(o) => bail!("unknown optimizer {o:?} (expected adamw or sgd)"),
             },
             weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
             rank: self.rank.unwrap_or(d.rank),
-            alpha: self.alpha,
+            alpha: self.alpha.or(d.alpha),
             lora_targets: match &self.lora_targets {
                 Some(t) => t
                     .iter()
@@ -315,7 +318,7 @@ impl TrainArgs {
                     .collect::<Result<Vec<_>, _>>()?,
                 None => d.lora_targets,
             },
-            clip_grad_norm: self.clip_grad_norm,
+            clip_grad_norm: self.clip_grad_norm.or(d.clip_grad_norm),
             grad_accum: self.grad_accum.unwrap_or(d.grad_accum),
             seed: self.seed.unwrap_or(d.seed),
             max_bad_steps: self.max_bad_steps.unwrap_or(d.max_bad_steps),
@@ -327,7 +330,8 @@ impl TrainArgs {
         Ok(c)
     }
 
-    fn prompt_list(&self) -> Result<Vec<String>> {
+    /// The prompts given, else the checkpoint's (`saved`) when resuming, else the default set.
+    fn prompt_list(&self, saved: Option<&[String]>) -> Result<Vec<String>> {
         let given = [
             self.prompt.is_some(),
             self.prompts.is_some(),
@@ -356,6 +360,9 @@ impl TrainArgs {
             }
             return Ok(list);
         }
+        if let (Some(p), None) = (saved, &self.prompt_set) {
+            return Ok(p.to_vec());
+        }
         let default = if self.model.is_none() {
             EMBEDDED_PROMPT_SET
         } else {
@@ -379,9 +386,24 @@ pub fn parse_color(s: &str) -> Result<[f32; 3]> {
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let a = args.with_file()?;
-    // Everything that can be refused is refused before the model loads.
-    let config = a.core_config()?;
-    let prompts = a.prompts()?;
+    let out_dir = match &a.out_dir {
+        Some(d) => d.clone(),
+        None if a.resume => bail!("--resume needs --out-dir: the run folder to continue"),
+        None => fresh_run_dir(Path::new("runs"))?,
+    };
+    let checkpoint_path = out_dir.join(CHECKPOINT_FILE);
+    let checkpoint = if a.resume && checkpoint_path.is_file() {
+        let bytes = files::read(&checkpoint_path)?;
+        let meta = CheckpointMeta::read(&checkpoint_path.display().to_string(), &bytes)?;
+        Some((bytes, meta))
+    } else {
+        None
+    };
+    // Everything that can be refused is refused before the model loads. A resumed run takes
+    // the checkpoint's settings and prompts for the flags not given.
+    let saved = checkpoint.as_ref().map(|(_, m)| m);
+    let config = a.in_file(a.settings(saved.map(|m| &m.config)))?;
+    let prompts = a.in_file(a.prompt_list(saved.and_then(|m| m.prompts.as_deref())))?;
     // Learned rewards' files are read now; the models are built once the device is known.
     let reward_files =
         RewardFiles::read(&config.rewards, a.reward_model.as_deref().unwrap_or(&[]))?;
@@ -390,11 +412,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => None,
     };
     let noise_bytes = a.init_noise.as_ref().map(|p| files::read(p)).transpose()?;
-    let out_dir = match &a.out_dir {
-        Some(d) => d.clone(),
-        None if a.resume => bail!("--resume needs --out-dir: the run folder to continue"),
-        None => fresh_run_dir(Path::new("runs"))?,
-    };
     let eval_every = a.eval_every.unwrap_or(if a.model.is_none() {
         EMBEDDED_EVAL_EVERY
     } else {
@@ -412,12 +429,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
     };
     policy.validate()?;
     let preview = policy.eval_images;
-    let checkpoint_path = out_dir.join(CHECKPOINT_FILE);
-    let checkpoint = if a.resume && checkpoint_path.is_file() {
-        Some(files::read(&checkpoint_path)?)
-    } else {
-        None
-    };
 
     let model = files::read_model(
         a.model.as_deref(),
@@ -463,7 +474,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
 
     let metrics_path = out_dir.join("metrics.jsonl");
     let mut history: Vec<StepMetrics> = Vec::new();
-    if let Some(bytes) = &checkpoint {
+    if let Some((bytes, _)) = &checkpoint {
         trainer.restore(&checkpoint_path.display().to_string(), bytes)?;
         history = read_metrics(&metrics_path, trainer.step)?;
         eprintln!(

@@ -733,6 +733,10 @@ impl Trainer {
             "config".into(),
             serde_json::to_string(&self.config).map_err(|e| Error::Input(e.to_string()))?,
         );
+        meta.insert(
+            "prompts".into(),
+            serde_json::to_string(&self.prompts).map_err(|e| Error::Input(e.to_string()))?,
+        );
         if let Some(b) = &self.before {
             meta.insert(
                 "before".into(),
@@ -745,39 +749,32 @@ impl Trainer {
     /// Restores a [`checkpoint`](Self::checkpoint). The run's settings must be the ones the
     /// checkpoint was written with (except `train_steps`, which may grow).
     pub fn restore(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
-            file: name.into(),
-            reason: e.to_string(),
-        })?;
-        let (_, meta) =
-            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
-                file: name.into(),
-                reason: e.to_string(),
-            })?;
-        let meta = meta.metadata().clone().unwrap_or_default();
-        let get = |k: &str| -> Result<String> {
-            meta.get(k)
-                .cloned()
-                .ok_or_else(|| Error::config(name, format!("checkpoint metadata lacks `{k}`")))
-        };
-        let num = |k: &str| -> Result<usize> {
-            get(k)?
-                .parse()
-                .map_err(|_| Error::config(name, format!("bad `{k}` in checkpoint metadata")))
-        };
-        let saved: TrainConfig = serde_json::from_str(&get("config")?)
-            .map_err(|e| Error::config(name, format!("bad config in checkpoint: {e}")))?;
-        let mut a = serde_json::to_value(&saved).unwrap();
+        let meta = CheckpointMeta::read(name, bytes)?;
+        let mut a = serde_json::to_value(&meta.config).unwrap();
         let mut b = serde_json::to_value(&self.config).unwrap();
         a["train_steps"] = 0.into();
         b["train_steps"] = 0.into();
         if a != b {
+            let differ: Vec<String> = a
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| b.get(k.as_str()) != Some(*v))
+                .map(|(k, v)| format!("{k} {v} (this run: {})", b[k.as_str()]))
+                .collect();
             return Err(Error::Input(format!(
-                "{name} was written by a run with other settings; resume with the same flags (saved: {})",
-                get("config")?
+                "{name} was written by a run with other settings: {}; resume with the checkpoint's settings (leave those flags out)",
+                differ.join(", ")
             )));
         }
-        drop(st);
+        // Checkpoints of earlier versions do not name their prompts.
+        if let Some(p) = meta.prompts.as_ref().filter(|p| **p != self.prompts) {
+            return Err(Error::Input(format!(
+                "{name} was written by a run on other prompts ({} prompts, the first {:?}); resume with the same prompts",
+                p.len(),
+                p.first().map(String::as_str).unwrap_or("")
+            )));
+        }
         let w = crate::weights::Weights::from_bytes(name, bytes)?;
         let device = self.pipeline.device.clone();
         let names = self.pipeline.lora.param_names();
@@ -791,24 +788,92 @@ impl Trainer {
         self.opt.m = load("adam_m")?;
         self.opt.v = load("adam_v")?;
         self.pipeline.lora.set_params(&params);
-        self.step = num("step")?;
-        self.skipped = num("skipped")?;
-        if self.skipped > self.step {
+        self.step = meta.step;
+        self.skipped = meta.skipped;
+        self.opt.updates = self.step - self.skipped;
+        self.before = meta.before;
+        self.bad_run = meta.bad_run;
+        Ok(())
+    }
+}
+
+/// What a [`Trainer::checkpoint`] says about its run, read without building anything: the
+/// settings and prompts a shell resumes it with (`draft train --resume`, the page's "Resume
+/// run" and "Open checkpoint").
+#[derive(Debug, Clone)]
+pub struct CheckpointMeta {
+    pub config: TrainConfig,
+    /// `None` in checkpoints written before the prompts were kept in them.
+    pub prompts: Option<Vec<String>>,
+    pub step: usize,
+    pub skipped: usize,
+    pub bad_run: usize,
+    pub before: Option<EvalSummary>,
+}
+
+impl CheckpointMeta {
+    pub fn read(name: &str, bytes: &[u8]) -> Result<Self> {
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
+                file: name.into(),
+                reason: e.to_string(),
+            })?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let get = |k: &str| -> Result<&String> {
+            meta.get(k).ok_or_else(|| {
+                Error::config(
+                    name,
+                    format!("checkpoint metadata lacks `{k}` (not a `draft train` checkpoint?)"),
+                )
+            })
+        };
+        let num = |k: &str| -> Result<usize> {
+            get(k)?
+                .parse()
+                .map_err(|_| Error::config(name, format!("bad `{k}` in checkpoint metadata")))
+        };
+        let json = |k: &str, text: &str| -> Result<serde_json::Value> {
+            serde_json::from_str(text)
+                .map_err(|e| Error::config(name, format!("bad `{k}` in checkpoint metadata: {e}")))
+        };
+        let config: TrainConfig = serde_json::from_value(json("config", get("config")?)?)
+            .map_err(|e| Error::config(name, format!("bad config in checkpoint: {e}")))?;
+        config
+            .validate()
+            .map_err(|e| Error::config(name, format!("config in checkpoint: {e}")))?;
+        let prompts: Option<Vec<String>> = match meta.get("prompts") {
+            Some(p) => Some(serde_json::from_value(json("prompts", p)?).map_err(|e| {
+                Error::config(name, format!("bad `prompts` in checkpoint metadata: {e}"))
+            })?),
+            None => None,
+        };
+        if prompts
+            .as_ref()
+            .is_some_and(|p| p.is_empty() || p.iter().any(|p| p.trim().is_empty()))
+        {
+            return Err(Error::config(name, "checkpoint has an empty prompt list or prompt"));
+        }
+        let before = match meta.get("before") {
+            Some(b) => Some(serde_json::from_value(json("before", b)?).map_err(|e| {
+                Error::config(name, format!("bad `before` in checkpoint metadata: {e}"))
+            })?),
+            None => None,
+        };
+        let (step, skipped) = (num("step")?, num("skipped")?);
+        if skipped > step {
             return Err(Error::config(
                 name,
                 "checkpoint has more skipped updates than steps",
             ));
         }
-        self.opt.updates = self.step - self.skipped;
-        // Checkpoints of earlier versions have no "before" evaluation.
-        self.before = match meta.get("before") {
-            Some(b) => Some(serde_json::from_str(b).map_err(|e| {
-                Error::config(name, format!("bad `before` in checkpoint metadata: {e}"))
-            })?),
-            None => None,
-        };
-        self.bad_run = num("bad_run")?;
-        Ok(())
+        Ok(Self {
+            config,
+            prompts,
+            step,
+            skipped,
+            bad_run: num("bad_run")?,
+            before,
+        })
     }
 }
 

@@ -2,13 +2,13 @@
 
 use std::rc::Rc;
 
-use draft_core::{ModelFiles, default_model};
+use draft_core::ModelFiles;
 use js_sys::{Array, Promise, Uint8Array, Uint8ClampedArray};
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::future_to_promise;
 
-use crate::{Session, WebOptions};
+use crate::{RunInputs, Session, WebOptions};
 
 // Two shims for Burn 0.22.1's WGSL in Chrome, installed before the device opens:
 // - its matmul kernels start with `enable subgroups;`, but wgpu 30's WebGPU backend never asks
@@ -72,24 +72,42 @@ fn evaluation_to_js(eval: &crate::Evaluation) -> Result<JsValue, String> {
     Ok(out)
 }
 
-/// A diffusers pipeline folder the user picked, file by file (paths relative to the folder:
-/// `unet/config.json`, …).
+/// What a run is opened with besides its options: a picked model folder's files (paths
+/// relative to the folder: `unet/config.json`, …; none: the embedded model) and a checkpoint
+/// to continue.
 #[wasm_bindgen]
-pub struct ModelFolder {
-    files: ModelFiles,
+pub struct RunFiles {
+    inputs: RunInputs,
 }
 
 #[wasm_bindgen]
-impl ModelFolder {
+impl RunFiles {
     #[wasm_bindgen(constructor)]
-    pub fn new(name: String) -> ModelFolder {
-        ModelFolder {
-            files: ModelFiles::new(name),
+    pub fn new() -> RunFiles {
+        RunFiles {
+            inputs: RunInputs::default(),
         }
     }
 
-    pub fn add(&mut self, path: String, bytes: Vec<u8>) {
-        self.files.insert(path, bytes);
+    /// A file of the model folder named `folder`.
+    #[wasm_bindgen(js_name = addModelFile)]
+    pub fn add_model_file(&mut self, folder: String, path: String, bytes: Vec<u8>) {
+        self.inputs
+            .model
+            .get_or_insert_with(|| ModelFiles::new(folder))
+            .insert(path, bytes);
+    }
+
+    /// A checkpoint (`checkpoint.safetensors` of `draft train` or of the page) to continue.
+    #[wasm_bindgen(js_name = setCheckpoint)]
+    pub fn set_checkpoint(&mut self, name: String, bytes: Vec<u8>) {
+        self.inputs.checkpoint = Some((name, bytes));
+    }
+}
+
+impl Default for RunFiles {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -113,23 +131,13 @@ impl WebTrainer {
 
 #[wasm_bindgen]
 impl WebTrainer {
-    /// A trainer on the embedded `shapes-32` model. `options`: a JSON object of `WebOptions`
-    /// (the CLI's flags in camelCase; missing ones take the embedded model's defaults).
-    pub async fn embedded(options: String) -> Result<WebTrainer, JsValue> {
+    /// A run. `options`: a JSON object of `WebOptions` (the CLI's flags in camelCase; missing
+    /// ones take the embedded model's defaults); `files`: the model folder (none: the embedded
+    /// `shapes-32`) and the checkpoint to continue, whose settings and prompts then win over
+    /// the options' (`info().options` has them).
+    pub async fn open(options: String, files: RunFiles) -> Result<WebTrainer, JsValue> {
         let options = WebOptions::parse(&options).map_err(js_error)?;
-        let session = Session::build(&options, default_model::files())
-            .await
-            .map_err(js_error)?;
-        Ok(WebTrainer {
-            session: Rc::new(session),
-        })
-    }
-
-    /// A trainer on a model folder the user picked.
-    #[wasm_bindgen(js_name = withModel)]
-    pub async fn with_model(options: String, model: ModelFolder) -> Result<WebTrainer, JsValue> {
-        let options = WebOptions::parse(&options).map_err(js_error)?;
-        let session = Session::build(&options, model.files)
+        let session = Session::build(&options, files.inputs)
             .await
             .map_err(js_error)?;
         Ok(WebTrainer {
@@ -186,7 +194,8 @@ impl WebTrainer {
 
     /// One optimizer update with `total` updates planned and an evaluation every `evalEvery`
     /// (and after the last). Resolves to `{metrics: StepMetrics, eval: evaluation | null,
-    /// collapsed: [before, now] | null (the early stop on diversity fired), done}`.
+    /// checkpoint: Uint8Array | null (due by the options' `checkpointEvery`), collapsed:
+    /// [before, now] | null (the early stop on diversity fired), done}`.
     pub fn update(&self, total: usize, eval_every: usize) -> Promise {
         self.run(move |s| async move {
             let u = s.update(total, eval_every).await?;
@@ -196,6 +205,12 @@ impl WebTrainer {
                 None => JsValue::NULL,
             };
             js_sys::Reflect::set(&out, &"eval".into(), &eval).map_err(|e| format!("{e:?}"))?;
+            let checkpoint = match &u.checkpoint {
+                Some(b) => Uint8Array::from(b.as_slice()).into(),
+                None => JsValue::NULL,
+            };
+            js_sys::Reflect::set(&out, &"checkpoint".into(), &checkpoint)
+                .map_err(|e| format!("{e:?}"))?;
             Ok(out)
         })
     }
@@ -212,6 +227,15 @@ impl WebTrainer {
     /// RGBA]}`.
     pub fn evaluate(&self, n: usize, scale: f64) -> Promise {
         self.run(move |s| async move { evaluation_to_js(&s.evaluate(n, scale).await?) })
+    }
+
+    /// The run's checkpoint as `checkpoint.safetensors` bytes (`draft train`'s format: resume
+    /// it with `draft train --resume --out-dir DIR` after putting it in DIR).
+    pub fn checkpoint(&self) -> Promise {
+        self.run(|s| async move {
+            let bytes = s.checkpoint().await?;
+            Ok(Uint8Array::from(bytes.as_slice()).into())
+        })
     }
 
     /// The trained LoRA as `pytorch_lora_weights.safetensors` bytes (the native binary's

@@ -11,14 +11,17 @@ use burn::prelude::*;
 use draft_core::pipeline::LoraSetup;
 use draft_core::reward::{RewardOptions, WeightedReward};
 use draft_core::run::{Run, RunPolicy};
-use draft_core::train::{FixedEval, MethodName, StepMetrics, TrainConfig, Trainer, prompt_set};
+use draft_core::train::{
+    CheckpointMeta, EvalSummary, FixedEval, MethodName, StepMetrics, TrainConfig, Trainer,
+    prompt_set,
+};
 use draft_core::{ModelFiles, Pipeline, default_model, read_f32};
 use serde::{Deserialize, Serialize};
 
 #[cfg(target_arch = "wasm32")]
 mod bindings;
 #[cfg(target_arch = "wasm32")]
-pub use bindings::{ModelFolder, WebTrainer};
+pub use bindings::{RunFiles, WebTrainer};
 
 thread_local! {
     /// Burn refuses to initialise the wgpu runtime twice: one device per page.
@@ -57,7 +60,7 @@ pub async fn open_device(kind: &str) -> Result<(Device, String), String> {
 
 /// What the page can set; everything else is [`TrainConfig::default`]. Field names are the
 /// CLI's flags in camelCase.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "camelCase")]
 pub struct WebOptions {
     /// `"webgpu"` or `"cpu"`.
@@ -89,6 +92,9 @@ pub struct WebOptions {
     /// Stop when the evaluation set's diversity falls below this fraction of its value before
     /// training (`--min-diversity`).
     pub min_diversity: Option<f64>,
+    /// Hand back a checkpoint every this many updates and after the last (0: never;
+    /// `--checkpoint-every`).
+    pub checkpoint_every: usize,
 }
 
 impl Default for WebOptions {
@@ -114,6 +120,7 @@ impl Default for WebOptions {
             preview: 4,
             eval_every: 5,
             min_diversity: None,
+            checkpoint_every: 5,
         }
     }
 }
@@ -123,12 +130,12 @@ impl WebOptions {
         serde_json::from_str(json).map_err(|e| format!("bad training options: {e}"))
     }
 
-    /// The run policy: the CLI's, without checkpoints (the page keeps none yet).
+    /// The run policy: the CLI's.
     pub fn policy(&self) -> Result<RunPolicy, String> {
         let p = RunPolicy {
             eval_images: self.preview,
             eval_every: self.eval_every,
-            checkpoint_every: 0,
+            checkpoint_every: self.checkpoint_every,
             min_diversity: self.min_diversity,
         };
         p.validate().map_err(|e| e.to_string())?;
@@ -172,6 +179,40 @@ impl WebOptions {
         };
         Ok((config, prompts))
     }
+
+    /// These options with the training settings and prompts of a checkpoint (`draft train`'s
+    /// or the page's), as the page's form shows them: a resumed run continues with the
+    /// checkpoint's settings, whatever the form held.
+    pub fn with_checkpoint(&self, meta: &CheckpointMeta) -> WebOptions {
+        let c = &meta.config;
+        WebOptions {
+            prompts: meta.prompts.clone().unwrap_or_else(|| self.prompts.clone()),
+            rewards: c.rewards.clone(),
+            target_color: c.reward_options.target_color,
+            method: c.method.name().into(),
+            k: c.k,
+            lv_samples: c.lv_samples,
+            t_min: c.t_min,
+            t_max: c.t_max,
+            lr: c.lr,
+            train_steps: self.train_steps.max(meta.step),
+            steps: c.steps,
+            batch: c.batch,
+            guidance: c.guidance,
+            rank: c.rank,
+            seed: c.seed,
+            ..self.clone()
+        }
+    }
+}
+
+/// What a run is built from besides its options.
+#[derive(Default)]
+pub struct RunInputs {
+    /// A diffusers pipeline folder; `None`: the embedded model.
+    pub model: Option<ModelFiles>,
+    /// A checkpoint to continue: `(file name, bytes)`.
+    pub checkpoint: Option<(String, Vec<u8>)>,
 }
 
 /// What the page shows about the run (the "adapter in use" panel).
@@ -191,6 +232,12 @@ pub struct RunInfo {
     pub batch: usize,
     pub steps: usize,
     pub lr: f64,
+    /// Updates done when the run was opened (a resumed checkpoint's step, else 0).
+    pub step: usize,
+    /// The evaluation set's figures before training, when the checkpoint carried them.
+    pub before: Option<EvalSummary>,
+    /// The run's settings as the page's form shows them (a checkpoint's, when resumed).
+    pub options: WebOptions,
 }
 
 /// One training run: the core run (trainer + run policy, the CLI's) and what the page shows
@@ -207,9 +254,27 @@ pub struct Session {
 // borrowed and is refused (`BUSY`) instead of interleaving with it.
 #[allow(clippy::await_holding_refcell_ref)]
 impl Session {
-    /// Loads `model` on the options' device with trainable LoRA slots and builds the trainer.
-    pub async fn build(options: &WebOptions, model: ModelFiles) -> Result<Session, String> {
-        let (config, prompts) = options.config()?;
+    /// Loads the model on the options' device with trainable LoRA slots and builds the
+    /// trainer; with a checkpoint, the run continues from it with its settings and prompts.
+    pub async fn build(options: &WebOptions, inputs: RunInputs) -> Result<Session, String> {
+        let RunInputs { model, checkpoint } = inputs;
+        let model = model.unwrap_or_else(default_model::files);
+        let meta = match &checkpoint {
+            Some((name, bytes)) => Some(CheckpointMeta::read(name, bytes).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let options = match &meta {
+            Some(m) => options.with_checkpoint(m),
+            None => options.clone(),
+        };
+        let (mut config, prompts) = options.config()?;
+        if let Some(m) = &meta {
+            // Every setting the page has no field for (negative prompt, clipping, targets…).
+            config = TrainConfig {
+                train_steps: options.train_steps,
+                ..m.config.clone()
+            };
+        }
         let policy = options.policy()?;
         let (device, device_name) = open_device(&options.device).await?;
         let pipeline = Pipeline::load_with_lora(
@@ -225,8 +290,11 @@ impl Session {
                 ),
                 Err(e) => e.to_string(),
             })?;
-        let trainer = Trainer::new(pipeline, config, reward, prompts, None, None)
+        let mut trainer = Trainer::new(pipeline, config, reward, prompts, None, None)
             .map_err(|e| e.to_string())?;
+        if let Some((name, bytes)) = &checkpoint {
+            trainer.restore(name, bytes).map_err(|e| e.to_string())?;
+        }
         let c = &trainer.config;
         let info = RunInfo {
             model: model.name.clone(),
@@ -246,6 +314,9 @@ impl Session {
             batch: trainer.batch(),
             steps: c.steps,
             lr: c.lr,
+            step: trainer.step,
+            before: trainer.before.clone(),
+            options: options.clone(),
         };
         let run = Run::new(trainer, policy).map_err(|e| e.to_string())?;
         let term_names = run
@@ -258,8 +329,8 @@ impl Session {
         Ok(Session {
             run: RefCell::new(run),
             term_names,
+            updates: Cell::new(info.step),
             info,
-            updates: Cell::new(0),
         })
     }
 
@@ -312,6 +383,7 @@ impl Session {
         Ok(WebUpdate {
             metrics: u.metrics,
             eval,
+            checkpoint: u.checkpoint,
             collapsed: u.collapsed,
             done,
         })
@@ -352,6 +424,13 @@ impl Session {
         })
     }
 
+    /// The run's checkpoint now (`checkpoint.safetensors`, the format of `draft train`'s: it
+    /// resumes with `draft train --resume`).
+    pub async fn checkpoint(&self) -> Result<Vec<u8>, String> {
+        let trainer = self.trainer().ok_or(BUSY)?;
+        trainer.checkpoint().await.map_err(|e| e.to_string())
+    }
+
     /// The trained LoRA as `pytorch_lora_weights.safetensors` bytes.
     pub async fn lora_safetensors(&self) -> Result<Vec<u8>, String> {
         let trainer = self.trainer().ok_or(BUSY)?;
@@ -373,6 +452,9 @@ pub struct WebUpdate {
     /// The evaluation set after this update, when the cadence asked for it.
     #[serde(skip)]
     pub eval: Option<Evaluation>,
+    /// The checkpoint's bytes when the policy's cadence asked for one.
+    #[serde(skip)]
+    pub checkpoint: Option<Vec<u8>>,
     /// `(diversity before, now)` when the early stop fired.
     pub collapsed: Option<(f64, f64)>,
     /// Whether the run is over (all planned updates, or stopped early).

@@ -77,3 +77,67 @@ fn one_draft_k_update_raises_the_reward() {
     assert!(u.lora_change > 1e-4, "the LoRA did not move");
     assert!(u.after > u.before + 1e-3, "{} → {}", u.before, u.after);
 }
+
+/// A page run resumed from its own checkpoint (the "Resume run" after a reload) continues to
+/// the uninterrupted run's LoRA, byte for byte, with the checkpoint's settings whatever the
+/// form holds; the checkpoint is `draft train`'s format (it carries the prompts and "before").
+#[test]
+fn a_resumed_page_run_continues_to_the_uninterrupted_lora() {
+    use draft_web::{RunInputs, Session, WebOptions};
+    let options = WebOptions {
+        device: "cpu".into(),
+        method: "draft-k".into(),
+        steps: 3,
+        batch: 1,
+        lr: 0.01,
+        preview: 2,
+        eval_every: 2,
+        checkpoint_every: 2,
+        prompts: vec!["a red circle".into(), "a blue square".into()],
+        ..WebOptions::default()
+    };
+    let run = |options: &WebOptions, inputs: RunInputs, upto: usize| {
+        pollster::block_on(async {
+            let s = Session::build(options, inputs).await.unwrap();
+            s.start().await.unwrap();
+            let mut checkpoints = Vec::new();
+            while s.updates() < upto {
+                let u = s.update(upto, options.eval_every).await.unwrap();
+                if let Some(c) = u.checkpoint {
+                    checkpoints.push((u.metrics.step, c));
+                }
+            }
+            let info = s.info.clone();
+            (s.lora_safetensors().await.unwrap(), checkpoints, info)
+        })
+    };
+    let (full, checkpoints, _) = run(&options, RunInputs::default(), 4);
+    let steps: Vec<usize> = checkpoints.iter().map(|c| c.0).collect();
+    assert_eq!(steps, [2, 4], "checkpoints every 2 updates and after the last");
+    // The form after a reload may hold other settings: the checkpoint's win.
+    let form = WebOptions {
+        lr: 0.5,
+        method: "draft-lv".into(),
+        prompts: Vec::new(),
+        ..options.clone()
+    };
+    let inputs = RunInputs {
+        model: None,
+        checkpoint: Some(("checkpoint.safetensors".into(), checkpoints[0].1.clone())),
+    };
+    let (resumed, _, info) = run(&form, inputs, 4);
+    assert_eq!(info.step, 2);
+    assert_eq!(info.options.lr, 0.01);
+    assert_eq!(info.options.method, "draft-k");
+    assert_eq!(info.options.prompts, options.prompts);
+    assert!(info.before.is_some(), "the evaluation before training is in the checkpoint");
+    assert!(resumed == full, "the resumed run's LoRA differs from the uninterrupted run's");
+
+    // Another model's checkpoint is refused with the file's name.
+    let sd1 = RunInputs {
+        model: Some(sd1_files()),
+        checkpoint: Some(("page.safetensors".into(), checkpoints[0].1.clone())),
+    };
+    let err = pollster::block_on(Session::build(&options, sd1)).err().unwrap();
+    assert!(err.contains("page.safetensors"), "{err}");
+}

@@ -8,7 +8,7 @@ use draft_core::pipeline::{SampleOptions, to_nhwc};
 use draft_core::train::StepMetrics;
 use draft_core::weights::Weights;
 use draft_core::{ModelFiles, Pipeline, default_model, read_f32};
-use draft_web::{Session, WebOptions};
+use draft_web::{RunInputs, Session, WebOptions};
 
 macro_rules! sd1 {
     ($($path:literal),* $(,)?) => {
@@ -121,7 +121,7 @@ pub async fn draft_k_update(device: &str) -> Update {
         lr: 0.01,
         ..WebOptions::default()
     };
-    let session = Session::build(&options, default_model::files())
+    let session = Session::build(&options, RunInputs::default())
         .await
         .unwrap();
     let mut trainer = session.trainer().unwrap();
