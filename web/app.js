@@ -147,7 +147,46 @@ function readOptions(device) {
     seed: num("seed"),
     preview: num("preview"),
     evalEvery: num("refresh"),
+    checkpointEvery: num("checkpoint-every"),
   };
+}
+
+// The form showing a run's options (a resumed or opened checkpoint's settings).
+function fillForm(o) {
+  $("method").value = o.method;
+  $("k").value = o.k;
+  $("lv-samples").value = o.lvSamples;
+  $("lr").value = o.lr;
+  $("train-steps").value = o.trainSteps;
+  $("steps").value = o.steps;
+  $("batch").value = o.batch;
+  $("seed").value = o.seed;
+  $("preview").value = o.preview;
+  $("refresh").value = o.evalEvery;
+  $("checkpoint-every").value = o.checkpointEvery;
+  $("prompts").value = o.prompts.join("\n");
+  const weights = new Map(o.rewards.map((spec) => {
+    const [name, w] = spec.split("=");
+    return [name, w ?? "1"];
+  }));
+  for (const row of $("rewards").querySelectorAll(".reward")) {
+    const name = row.querySelector("label").textContent;
+    row.querySelector('input[type="checkbox"]').checked = weights.has(name);
+    if (weights.has(name)) row.querySelector('input[type="number"]').value = weights.get(name);
+  }
+  const missing = [...weights.keys()].filter((n) => !$(`reward-${n}`));
+  if (missing.length) throw new Error(`the run trains on ${missing.join(", ")}, which this page does not offer`);
+  const hex = (c) => Math.round(c * 255).toString(16).padStart(2, "0");
+  $("target-color").value = `#${o.targetColor.map(hex).join("")}`;
+}
+
+// What identifies a run among the form's settings: a change starts a new run; more updates,
+// the refresh or the checkpoint rate continue this one.
+function settingsKey() {
+  return JSON.stringify([
+    { ...readOptions($("device").value), trainSteps: 0, evalEvery: 0, checkpointEvery: 0 },
+    $("model-folder").files.length,
+  ]);
 }
 
 async function readFolder(input) {
@@ -164,14 +203,15 @@ async function readFolder(input) {
   return { name, files: out };
 }
 
-// Opens a run in the worker; resolves to its `RunInfo`.
-async function createTrainer(options) {
+// Opens a run in the worker (continuing `checkpoint`, {name, bytes}, when given); resolves to
+// its `RunInfo`.
+async function createTrainer(options, checkpoint) {
   const folder = await readFolder($("model-folder"));
   const transfer = folder ? folder.files.map(([, bytes]) => bytes.buffer) : [];
-  return call("open", { options, folder }, transfer);
+  return call("open", { options, folder, checkpoint }, transfer);
 }
 
-async function openTrainer() {
+async function openTrainer(checkpoint = null) {
   const want = $("device").value;
   const hasGpu = "gpu" in navigator;
   if (want === "webgpu" && !hasGpu) {
@@ -179,12 +219,42 @@ async function openTrainer() {
   }
   const device = want === "auto" ? (hasGpu ? "webgpu" : "cpu") : want;
   try {
-    return await createTrainer(readOptions(device));
+    return await createTrainer(readOptions(device), checkpoint);
   } catch (e) {
     if (want !== "auto" || device !== "webgpu") throw e;
     status(`WebGPU failed (${e.message}); falling back to the CPU backend.`);
-    return createTrainer(readOptions("cpu"));
+    return createTrainer(readOptions("cpu"), checkpoint);
   }
+}
+
+function deviceKind() {
+  const want = $("device").value;
+  return want === "auto" ? ("gpu" in navigator ? "webgpu" : "cpu") : want;
+}
+
+// A run just opened in the worker: the page's state starts from its info (and the history a
+// kept run carries).
+function adoptRun(info, history = null) {
+  state.info = info;
+  fillForm(info.options);
+  state.settingsKey = settingsKey();
+  state.steps = history?.steps ?? [];
+  state.evals = history?.evals ?? [];
+  state.before = history?.before ?? info.before ?? null;
+  if (state.before && !state.evals.some((e) => e.update === 0)) {
+    state.evals.unshift({ update: 0, reward: state.before.reward, diversity: state.before.diversity });
+  }
+  state.updates = info.step;
+  state.trainedSeconds = state.steps.reduce((a, s) => a + s.seconds, 0);
+  showAdapter(info);
+  showFigures();
+  showStore(info.storeError);
+}
+
+function showStore(error) {
+  $("kept-note").textContent = error
+    ? `Not kept: ${error}.`
+    : $("checkpoint-every").value > 0 ? "This run is kept in this browser: a reload offers to resume it." : "";
 }
 
 function showAdapter(info) {
@@ -313,100 +383,164 @@ function recordEval(update, ev) {
 
 const yieldToPage = () => new Promise((resolve) => setTimeout(resolve, 0));
 
-async function train(event) {
-  event.preventDefault();
+// Runs `f` with the form locked and Stop live; errors go to the alert line.
+async function busy(f) {
   clearError();
   $("train").disabled = true;
+  $("resume").disabled = true;
+  $("open-checkpoint").disabled = true;
   $("stop").disabled = false;
   $("scale").disabled = true;
   state.stop = false;
   try {
-    // A new run when a setting changes; more updates, or the refresh rate, continue this one.
-    const key = JSON.stringify([
-      { ...readOptions($("device").value), trainSteps: 0, evalEvery: 0 },
-      $("model-folder").files.length,
-    ]);
-    if (!state.info || key !== state.settingsKey) {
-      setState("loading");
-      status("Loading the model…");
-      state.info = null;
-      state.info = await openTrainer();
-      state.settingsKey = key;
-      state.steps = [];
-      state.evals = [];
-      state.before = null;
-      state.updates = 0;
-      state.trainedSeconds = 0;
-      showAdapter(state.info);
-      status("Sampling the evaluation set before training…");
-      const ev = await call("start");
-      if (ev) {
-        state.before = { reward: ev.reward, diversity: ev.diversity };
-        recordEval(0, ev);
-      }
-    }
-    setState("training");
-    if (state.cancel) Atomics.store(state.cancel, 0, 0);
-    const total = num("train-steps");
-    const refresh = num("refresh");
-    while (!state.stop && state.updates < total) {
-      status(`Training: update ${state.updates + 1} of ${total}…`);
-      // One update, then the evaluation the run policy asks for (every `refresh` and the last).
-      let u;
-      try {
-        u = await call("update", { total, evalEvery: refresh });
-      } catch (e) {
-        // Stop within the update: nothing changed, the next Train redoes it.
-        if (state.stop && e.message === "cancelled") break;
-        throw e;
-      }
-      // The update's own time (the evaluation the same call may add is not training).
-      state.trainedSeconds += u.metrics.seconds;
-      state.updates = u.metrics.step;
-      state.steps.push(u.metrics);
-      showFigures();
-      if (u.eval) recordEval(u.metrics.step, u.eval);
-      if (u.collapsed) {
-        status(`Update ${u.metrics.step}: the evaluation set's diversity fell to ${fmt(u.collapsed[1], 3)} from ${fmt(u.collapsed[0], 3)}; stopped early.`);
-        break;
-      }
-      if (u.done) break;
-      await yieldToPage();
-    }
-    if (state.evals.at(-1)?.update !== state.updates) {
-      recordEval(state.updates, await call("finish"));
-    }
-    const last = state.evals.at(-1);
-    if (!state.evals.at(-1) || !last) throw new Error("no evaluation set");
-    status(`${state.stop ? "Stopped" : "Done"} after ${state.updates} updates: evaluation reward ${fmt(state.before?.reward)} → ${fmt(last.reward)}.`);
-    setState("done");
+    await f();
   } catch (e) {
     showError(e);
-    status("Training failed.");
+    status(`${state.info ? "Training" : "Opening the run"} failed.`);
   } finally {
     $("train").disabled = false;
+    $("resume").disabled = false;
+    $("open-checkpoint").disabled = false;
     $("stop").disabled = true;
     $("progress-row").hidden = true;
     const trained = state.info && state.updates > 0;
     $("download").disabled = !trained;
+    $("download-checkpoint").disabled = !state.info;
     $("scale").disabled = !trained;
     $("scale").value = "1";
     $("scale-value").textContent = "1.00";
   }
 }
 
+async function train(event) {
+  event.preventDefault();
+  await busy(async () => {
+    // A new run when a setting changes; more updates, or the refresh rate, continue this one.
+    if (!state.info || settingsKey() !== state.settingsKey) {
+      setState("loading");
+      status("Loading the model…");
+      state.info = null;
+      adoptRun(await openTrainer());
+    }
+    await trainLoop();
+  });
+}
+
+// The run kept in this browser (OPFS): reopened where its last checkpoint left it, then trained
+// on to its planned updates.
+async function resumeKept() {
+  $("kept").hidden = true;
+  await busy(async () => {
+    setState("loading");
+    status("Reopening the kept run…");
+    state.info = null;
+    const r = await call("resume", { device: deviceKind() });
+    adoptRun(r, r.history);
+    status(`Resumed at update ${r.step}.`);
+    await trainLoop();
+  });
+}
+
+// A checkpoint file (`draft train`'s or this page's): the run continues from it with its
+// settings on the model picked above (or the embedded one). Train goes on from there.
+async function openCheckpoint() {
+  const file = $("checkpoint-file").files[0];
+  if (!file) return;
+  await busy(async () => {
+    setState("loading");
+    status(`Opening ${file.name}…`);
+    state.info = null;
+    const info = await openTrainer({ name: file.name, bytes: new Uint8Array(await file.arrayBuffer()) });
+    adoptRun(info);
+    status(`Opened ${file.name} at update ${info.step}: press Train to continue to ${info.options.trainSteps} updates.`);
+    setState("done");
+  });
+  $("checkpoint-file").value = "";
+}
+
+async function trainLoop() {
+  if (!state.before) {
+    status("Sampling the evaluation set before training…");
+    const ev = await call("start");
+    if (ev) {
+      state.before = { reward: ev.reward, diversity: ev.diversity };
+      recordEval(0, ev);
+    }
+  }
+  setState("training");
+  if (state.cancel) Atomics.store(state.cancel, 0, 0);
+  const total = num("train-steps");
+  const refresh = num("refresh");
+  while (!state.stop && state.updates < total) {
+    status(`Training: update ${state.updates + 1} of ${total}…`);
+    // One update, then the evaluation the run policy asks for (every `refresh` and the last).
+    let u;
+    try {
+      u = await call("update", { total, evalEvery: refresh });
+    } catch (e) {
+      // Stop within the update: nothing changed, the next Train redoes it.
+      if (state.stop && e.message === "cancelled") break;
+      throw e;
+    }
+    // The update's own time (the evaluation the same call may add is not training).
+    state.trainedSeconds += u.metrics.seconds;
+    state.updates = u.metrics.step;
+    state.steps.push(u.metrics);
+    if (u.saved) state.saved = u.saved;
+    if (u.storeError) showStore(u.storeError);
+    showFigures();
+    if (u.eval) recordEval(u.metrics.step, u.eval);
+    if (u.collapsed) {
+      status(`Update ${u.metrics.step}: the evaluation set's diversity fell to ${fmt(u.collapsed[1], 3)} from ${fmt(u.collapsed[0], 3)}; stopped early.`);
+      break;
+    }
+    if (u.done) break;
+    await yieldToPage();
+  }
+  if (state.evals.at(-1)?.update !== state.updates) {
+    recordEval(state.updates, await call("finish"));
+  }
+  const last = state.evals.at(-1);
+  if (!last) throw new Error("no evaluation set");
+  status(`${state.stop ? "Stopped" : "Done"} after ${state.updates} updates: evaluation reward ${fmt(state.before?.reward)} → ${fmt(last.reward)}.`);
+  setState("done");
+}
+
+function save(bytes, name) {
+  const url = URL.createObjectURL(new Blob([bytes], { type: "application/octet-stream" }));
+  const a = document.createElement("a");
+  a.href = url;
+  a.download = name;
+  a.click();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
 async function download() {
   try {
-    const bytes = await call("lora");
-    const url = URL.createObjectURL(new Blob([bytes], { type: "application/octet-stream" }));
-    const a = document.createElement("a");
-    a.href = url;
-    a.download = "pytorch_lora_weights.safetensors";
-    a.click();
-    setTimeout(() => URL.revokeObjectURL(url), 10000);
+    save(await call("lora"), "pytorch_lora_weights.safetensors");
   } catch (e) {
     showError(e);
   }
+}
+
+// `draft train`'s checkpoint format: `draft train --resume --out-dir DIR` continues it once it
+// is DIR/checkpoint.safetensors.
+async function downloadCheckpoint() {
+  try {
+    save(await call("checkpoint"), "checkpoint.safetensors");
+  } catch (e) {
+    showError(e);
+  }
+}
+
+// Offers the run an earlier visit kept (OPFS).
+function offerKept(kept) {
+  if (!kept) return;
+  const o = kept.options;
+  const when = kept.savedAt ? new Date(kept.savedAt).toLocaleString() : "earlier";
+  $("kept-text").textContent = `A run is kept from ${when}: ${o.method} on ${kept.model ?? "shapes-32"}, ` +
+    `update ${kept.step} of ${o.trainSteps}, rewards ${o.rewards.join(" + ")}.`;
+  $("kept").hidden = false;
 }
 
 let scaleBusy = false;
@@ -470,8 +604,19 @@ async function main() {
     status(state.cancel ? "Stopping…" : "Stopping after the current update…");
   });
   $("download").addEventListener("click", download);
+  $("download-checkpoint").addEventListener("click", downloadCheckpoint);
+  $("resume").addEventListener("click", resumeKept);
+  $("discard").addEventListener("click", async () => {
+    $("kept").hidden = true;
+    await call("forget").catch(showError);
+  });
+  $("checkpoint-file").addEventListener("change", openCheckpoint);
+  $("open-checkpoint").addEventListener("click", () => $("checkpoint-file").click());
+  offerKept(hello.kept);
+  if (hello.storeError) showStore(hello.storeError);
   $("scale").addEventListener("input", onScale);
   $("train").disabled = false;
+  $("open-checkpoint").disabled = false;
   setState("idle");
 }
 

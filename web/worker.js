@@ -2,13 +2,92 @@
 // run (WebGPU is available in workers; the CPU backend runs here too), so the page's thread only
 // draws and never waits on an update. The page sends {id, method, args}; the worker answers
 // {id, ok, value} or {id, ok: false, error}, one call at a time in the order received.
-import init, { WebTrainer, ModelFolder, defaultPrompts, rewardNames } from "./pkg/draft_web.js";
+//
+// It also keeps the run in the browser's origin-private file system (OPFS), so that it
+// survives a reload or a closed tab: draft-run/checkpoint.safetensors (the format of
+// `draft train`'s checkpoint.safetensors, written whenever the run policy hands one back),
+// draft-run/run.json (the options, the history the page draws, the model's name) and
+// draft-run/model/… (a picked model folder's files, so a resume does not ask for it again).
+import init, { WebTrainer, RunFiles, defaultPrompts, rewardNames } from "./pkg/draft_web.js";
 
 const ready = init();
 let trainer = null;
 // Set to 1 by the page's Stop (a SharedArrayBuffer, where the page is cross-origin isolated):
 // read after every sampling step, so Stop ends an update within one step.
 let cancel = null;
+// The open run as stored: {options, model, folder, step, history: {before, steps, evals}}.
+let record = null;
+// Why runs are not kept, when the browser has no usable OPFS.
+let storeError = null;
+
+const RUN_DIR = "draft-run";
+
+// --- OPFS --------------------------------------------------------------------------------
+
+async function runDir(create) {
+  const root = await navigator.storage.getDirectory();
+  return root.getDirectoryHandle(RUN_DIR, { create });
+}
+
+async function fileHandle(dir, path, create) {
+  const parts = path.split("/");
+  let d = dir;
+  for (const p of parts.slice(0, -1)) d = await d.getDirectoryHandle(p, { create });
+  return d.getFileHandle(parts.at(-1), { create });
+}
+
+// Replaces the file whole: a writable stream writes to a swap file that becomes the file on
+// close(), so a tab closed mid-write leaves the previous version.
+async function writeFile(dir, path, bytes) {
+  const w = await (await fileHandle(dir, path, true)).createWritable();
+  await w.write(bytes);
+  await w.close();
+}
+
+async function readFile(dir, path) {
+  const file = await (await fileHandle(dir, path, false)).getFile();
+  return new Uint8Array(await file.arrayBuffer());
+}
+
+// Every file under `dir` as [relative path, bytes].
+async function readTree(dir, prefix = "") {
+  const out = [];
+  for await (const [name, handle] of dir.entries()) {
+    if (handle.kind === "directory") out.push(...(await readTree(handle, `${prefix}${name}/`)));
+    else out.push([`${prefix}${name}`, new Uint8Array(await (await handle.getFile()).arrayBuffer())]);
+  }
+  return out;
+}
+
+async function forget() {
+  const root = await navigator.storage.getDirectory();
+  await root.removeEntry(RUN_DIR, { recursive: true }).catch(() => {});
+}
+
+async function saveRecord(dir) {
+  await writeFile(dir, "run.json", new TextEncoder().encode(JSON.stringify(record)));
+}
+
+// A new run replaces the stored one: its model files now, its checkpoints as they come.
+async function storeNewRun(folder, checkpoint) {
+  await forget();
+  const dir = await runDir(true);
+  if (folder) for (const [path, bytes] of folder.files) await writeFile(dir, `model/${path}`, bytes);
+  if (checkpoint) await writeFile(dir, "checkpoint.safetensors", checkpoint.bytes);
+  await saveRecord(dir);
+}
+
+// Runs `f` on the store; a browser without OPFS (or out of quota) still trains, unsaved.
+async function stored(f) {
+  try {
+    await f();
+    storeError = null;
+  } catch (e) {
+    storeError = `this run is not kept in the browser (${e.message ?? e})`;
+  }
+}
+
+// --- the run ------------------------------------------------------------------------------
 
 function watchProgress() {
   trainer.onProgress((phase, done, total) => {
@@ -17,38 +96,115 @@ function watchProgress() {
   });
 }
 
-const handlers = {
-  // What the page needs before any run: the default prompts and the rewards it can offer.
-  hello: () => ({ prompts: defaultPrompts(), rewards: rewardNames() }),
-  // A new run: the embedded model, or a picked folder's files ([path, bytes] pairs).
-  async open({ options, folder }) {
-    trainer?.free();
-    trainer = null;
-    const json = JSON.stringify(options);
-    if (folder) {
-      const f = new ModelFolder(folder.name);
-      for (const [path, bytes] of folder.files) f.add(path, bytes);
-      trainer = await WebTrainer.withModel(json, f);
-    } else {
-      trainer = await WebTrainer.embedded(json);
-    }
-    watchProgress();
-    return trainer.info();
-  },
-  cancelFlag: ({ buffer }) => {
-    cancel = new Int32Array(buffer);
-  },
-  start: () => run().start(),
-  update: ({ total, evalEvery }) => run().update(total, evalEvery),
-  finish: () => run().finish(),
-  evaluate: ({ n, scale }) => run().evaluate(n, scale),
-  lora: () => run().loraSafetensors(),
-};
+async function openRun({ options, folder, checkpoint }) {
+  trainer?.free();
+  trainer = null;
+  record = null;
+  const files = new RunFiles();
+  if (folder) for (const [path, bytes] of folder.files) files.addModelFile(folder.name, path, bytes);
+  if (checkpoint) files.setCheckpoint(checkpoint.name, checkpoint.bytes);
+  trainer = await WebTrainer.open(JSON.stringify(options), files);
+  watchProgress();
+  return trainer.info();
+}
 
 function run() {
   if (!trainer) throw new Error("no run: press Train first");
   return trainer;
 }
+
+const handlers = {
+  // What the page needs before any run: the default prompts, the rewards it can offer and the
+  // run kept from an earlier visit (its record without the history, or null).
+  async hello() {
+    let kept = null;
+    try {
+      const dir = await runDir(false);
+      const r = JSON.parse(new TextDecoder().decode(await readFile(dir, "run.json")));
+      await fileHandle(dir, "checkpoint.safetensors", false);
+      kept = { options: r.options, model: r.model, step: r.step, savedAt: r.savedAt };
+    } catch {
+      // Nothing kept, or no checkpoint written yet.
+    }
+    if (typeof navigator.storage?.getDirectory !== "function") {
+      storeError = "this browser keeps no runs (it has no origin-private file system)";
+    }
+    return { prompts: defaultPrompts(), rewards: rewardNames(), kept, storeError };
+  },
+  // A new run: the embedded model or a picked folder's files ([path, bytes] pairs), and a
+  // checkpoint ({name, bytes}) to continue. Kept in OPFS when the options checkpoint.
+  async open({ options, folder, checkpoint }) {
+    const info = await openRun({ options, folder, checkpoint });
+    if (info.options.checkpointEvery > 0) {
+      record = {
+        options: info.options,
+        model: folder ? folder.name : null,
+        step: info.step,
+        savedAt: Date.now(),
+        history: { before: info.before ?? null, steps: [], evals: [] },
+      };
+      await stored(() => storeNewRun(folder, checkpoint));
+    }
+    return { ...info, storeError };
+  },
+  // The kept run, reopened from OPFS on `device`; resolves to its info and history.
+  async resume({ device }) {
+    const dir = await runDir(false);
+    const kept = JSON.parse(new TextDecoder().decode(await readFile(dir, "run.json")));
+    const checkpoint = { name: "checkpoint.safetensors (kept in this browser)", bytes: await readFile(dir, "checkpoint.safetensors") };
+    let folder = null;
+    if (kept.model) {
+      const modelDir = await dir.getDirectoryHandle("model");
+      folder = { name: kept.model, files: await readTree(modelDir) };
+    }
+    const info = await openRun({ options: { ...kept.options, device }, folder, checkpoint });
+    record = kept;
+    // The history up to the checkpoint (a closed tab may have drawn past it).
+    const h = record.history;
+    h.steps = h.steps.filter((s) => s.step <= info.step);
+    h.evals = h.evals.filter((e) => e.update <= info.step);
+    return { ...info, history: h, storeError };
+  },
+  forget: () => forget(),
+  cancelFlag: ({ buffer }) => {
+    cancel = new Int32Array(buffer);
+  },
+  async start() {
+    const ev = await run().start();
+    if (ev && record) {
+      record.history.before = { reward: ev.reward, diversity: ev.diversity };
+      record.history.evals = [{ update: 0, reward: ev.reward, diversity: ev.diversity }];
+    }
+    return ev;
+  },
+  async update({ total, evalEvery }) {
+    const u = await run().update(total, evalEvery);
+    if (record) {
+      record.history.steps.push(u.metrics);
+      if (u.eval) record.history.evals.push({ update: u.metrics.step, reward: u.eval.reward, diversity: u.eval.diversity });
+      record.options.trainSteps = total;
+      if (u.checkpoint) {
+        record.step = u.metrics.step;
+        record.savedAt = Date.now();
+        const bytes = u.checkpoint;
+        // The checkpoint first: a record never names a step its checkpoint has not reached.
+        await stored(async () => {
+          const dir = await runDir(true);
+          await writeFile(dir, "checkpoint.safetensors", bytes);
+          await saveRecord(dir);
+        });
+      }
+    }
+    u.saved = u.checkpoint ? (storeError ? null : u.metrics.step) : undefined;
+    u.storeError = storeError;
+    delete u.checkpoint;
+    return u;
+  },
+  finish: () => run().finish(),
+  evaluate: ({ n, scale }) => run().evaluate(n, scale),
+  lora: () => run().loraSafetensors(),
+  checkpoint: () => run().checkpoint(),
+};
 
 // Pixel buffers and file bytes go back without a copy.
 function transferables(value) {

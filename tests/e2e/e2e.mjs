@@ -9,7 +9,10 @@
 // Prints one JSON line with the figures (updates/s included) for docs/web.md.
 import { createServer } from "node:http";
 import { brotliCompressSync, gzipSync, constants as zlib } from "node:zlib";
-import { readFile, mkdir } from "node:fs/promises";
+import { readFile, writeFile, mkdir, mkdtemp } from "node:fs/promises";
+import { execFileSync } from "node:child_process";
+import { existsSync } from "node:fs";
+import { tmpdir } from "node:os";
 import { dirname, extname, join, normalize, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
@@ -30,8 +33,12 @@ const { values: args } = parseArgs({
     refresh: { type: "string", default: "2" },
     timeout: { type: "string", default: "1200" },
     screenshot: { type: "string", default: resolve(here, "../../target/e2e/web-demo.png") },
+    // The `draft` binary for the checkpoint round trip (default: the release build).
+    draft: { type: "string" },
   },
 });
+const DRAFT = args.draft ?? process.env.DRAFT_BIN ??
+  join(process.env.CARGO_TARGET_DIR ? resolve(process.env.CARGO_TARGET_DIR) : resolve(here, "../../target"), "release/draft");
 
 const MIME = {
   ".html": "text/html; charset=utf-8",
@@ -96,6 +103,177 @@ const mean = (xs) => xs.reduce((a, b) => a + b, 0) / Math.max(xs.length, 1);
 function fail(message) {
   console.error(`e2e: FAIL: ${message}`);
   process.exitCode = 1;
+}
+
+// --- Runs that survive a reload, and the checkpoint round trip with `draft train` ----------
+// On the CPU backend, where a run is deterministic: the page's run kept in OPFS, reloaded
+// mid-run and resumed, must end on the uninterrupted run's LoRA byte for byte; a page
+// checkpoint resumed by `draft train --resume` and a `draft train` checkpoint opened in the page
+// must end where the other side's uninterrupted run does (the browser's WebAssembly and the
+// native binary share the code; their maths libraries may differ in the last bit).
+const RUN = { method: "draft-k", steps: "4", batch: "1", preview: "2", lr: "0.01", refresh: "2", checkpointEvery: "2", updates: 6 };
+// Across the two, relative to the largest LoRA up-projection weight (zero at the start, so
+// every bit of it is training): Adam divides each gradient by its running RMS, which turns the
+// last-bit differences of tiny gradient entries into visible ones. Measured: 2.4e-3.
+const CROSS_TOLERANCE = 1e-2;
+
+// A safetensors file's tensors: name → Float32Array (f32 only, as draft writes LoRAs).
+function safetensors(bytes) {
+  const n = Number(Buffer.from(bytes).readBigUInt64LE(0));
+  const header = JSON.parse(Buffer.from(bytes.subarray(8, 8 + n)).toString("utf8"));
+  const out = new Map();
+  for (const [name, t] of Object.entries(header)) {
+    if (name === "__metadata__") continue;
+    const [a, b] = t.data_offsets;
+    const data = bytes.slice(8 + n + a, 8 + n + b);
+    out.set(name, new Float32Array(data.buffer, data.byteOffset, (b - a) / 4));
+  }
+  return out;
+}
+
+// Largest |a − b| over two LoRA files' tensors (Infinity when their names differ); with
+// `relative`, over the largest |b| of the up-projections (diffusers' `lora.up`, `lora_B`).
+function loraDiff(x, y, relative = false) {
+  const a = safetensors(x), b = safetensors(y);
+  if (a.size === 0 || a.size !== b.size) return Infinity;
+  let max = 0, scale = 0;
+  for (const [name, t] of a) {
+    const u = b.get(name);
+    if (!u || u.length !== t.length) return Infinity;
+    const up = /lora\.up|lora_B/.test(name);
+    for (let i = 0; i < t.length; i++) {
+      max = Math.max(max, Math.abs(t[i] - u[i]));
+      if (up) scale = Math.max(scale, Math.abs(u[i]));
+    }
+  }
+  return relative ? max / scale : max;
+}
+
+function draft(argv) {
+  log(`draft ${argv.join(" ")}`);
+  execFileSync(DRAFT, argv, { stdio: ["ignore", "ignore", "pipe"] });
+}
+
+const cliFlags = (updates, outDir) => [
+  "train", "--device", "cpu", "--method", RUN.method, "--steps", RUN.steps, "--batch", RUN.batch,
+  "--preview", RUN.preview, "--lr", RUN.lr, "--eval-every", RUN.refresh,
+  "--checkpoint-every", RUN.checkpointEvery, "--train-steps", String(updates), "--out-dir", outDir,
+];
+
+async function fillRun(page) {
+  await page.selectOption("#device", "cpu");
+  await page.selectOption("#method", RUN.method);
+  await page.fill("#train-steps", String(RUN.updates));
+  await page.fill("#steps", RUN.steps);
+  await page.fill("#lr", RUN.lr);
+  await page.fill("#refresh", RUN.refresh);
+  await page.fill("#batch", RUN.batch);
+  await page.fill("#preview", RUN.preview);
+  await page.fill("#checkpoint-every", RUN.checkpointEvery);
+}
+
+const settled = (page) => page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null, { timeout: 600_000, polling: 50 });
+
+async function pageState(page) {
+  return page.evaluate(() => ({
+    state: document.body.dataset.state,
+    error: document.getElementById("error").textContent,
+    updates: window.draft.updates,
+    steps: window.draft.steps.map((s) => s.step),
+  }));
+}
+
+async function downloadFrom(page, button) {
+  const [dl] = await Promise.all([page.waitForEvent("download"), page.click(button)]);
+  return new Uint8Array(await readFile(await dl.path()));
+}
+
+async function resumeAndRoundTrip() {
+  if (!existsSync(DRAFT)) {
+    fail(`no draft binary at ${DRAFT} for the checkpoint round trip: cargo build --release (or --draft PATH)`);
+    return null;
+  }
+  const dir = await mkdtemp(join(tmpdir(), "draft-e2e-"));
+  const out = { dir };
+  draft(cliFlags(2, join(dir, "cli-2")));
+  draft(cliFlags(RUN.updates, join(dir, "cli-full")));
+  const cliFull = new Uint8Array(await readFile(join(dir, "cli-full/pytorch_lora_weights.safetensors")));
+
+  const page = await browser.newPage({ viewport: { width: 1280, height: 1100 } });
+  page.on("console", (m) => log(`resume page: console.${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => log(`resume page: error: ${e.message}`));
+  await page.goto(url);
+  await page.waitForSelector("body[data-state=idle]", { timeout: 60_000 });
+  await fillRun(page);
+  await page.evaluate(() => setTimeout(() => document.getElementById("train").click(), 0));
+  // Reload as soon as the first checkpoint is kept: mid-run, as a closed tab would.
+  await page.waitForFunction(() => window.draft.saved >= 2 || document.body.dataset.state === "error", null, { timeout: 600_000, polling: 20 });
+  out.reloadedAfter = await page.evaluate(() => window.draft.updates);
+  await page.reload();
+  await page.waitForSelector("body[data-state=idle]", { timeout: 60_000 });
+  out.offered = await page.isVisible("#kept");
+  out.keptText = await page.textContent("#kept-text");
+  // The kept checkpoint, as the page wrote it, for `draft train --resume`.
+  const kept = await page.evaluate(async () => {
+    const dir = await (await navigator.storage.getDirectory()).getDirectoryHandle("draft-run");
+    const file = await (await dir.getFileHandle("checkpoint.safetensors")).getFile();
+    return [...new Uint8Array(await file.arrayBuffer())];
+  });
+  await mkdir(join(dir, "page"), { recursive: true });
+  await writeFile(join(dir, "page/checkpoint.safetensors"), Uint8Array.from(kept));
+  await page.selectOption("#device", "cpu");
+  await page.click("#resume");
+  await settled(page);
+  const resumed = await pageState(page);
+  out.resumed = resumed;
+  const resumedLora = await downloadFrom(page, "#download");
+
+  // The same run uninterrupted, in the page.
+  await page.reload();
+  await page.waitForSelector("body[data-state=idle]", { timeout: 60_000 });
+  await page.click("#discard");
+  await fillRun(page);
+  await page.evaluate(() => setTimeout(() => document.getElementById("train").click(), 0));
+  await settled(page);
+  const uninterrupted = await pageState(page);
+  const pageFull = await downloadFrom(page, "#download");
+  const pageCheckpoint = await downloadFrom(page, "#download-checkpoint");
+
+  // `draft train`'s checkpoint after 2 updates, opened in the page and trained on.
+  await page.setInputFiles("#checkpoint-file", join(dir, "cli-2/checkpoint.safetensors"));
+  await page.waitForFunction(() => document.body.dataset.state === "done" && window.draft.info, null, { timeout: 600_000, polling: 50 });
+  out.openedAt = await page.evaluate(() => window.draft.updates);
+  await page.evaluate(() => setTimeout(() => document.getElementById("train").click(), 0));
+  await settled(page);
+  const fromCli = await pageState(page);
+  const fromCliLora = await downloadFrom(page, "#download");
+
+  // The page's kept checkpoint resumed by `draft train`, with no settings given.
+  draft(["train", "--device", "cpu", "--resume", "--out-dir", join(dir, "page"), "--train-steps", String(RUN.updates)]);
+  const cliFromPage = new Uint8Array(await readFile(join(dir, "page/pytorch_lora_weights.safetensors")));
+  await page.close();
+
+  out.resumedVsUninterrupted = loraDiff(resumedLora, pageFull);
+  out.pageVsCli = loraDiff(pageFull, cliFull, true);
+  out.pageCheckpointToCliVsCli = loraDiff(cliFromPage, cliFull, true);
+  out.cliCheckpointToPageVsCli = loraDiff(fromCliLora, cliFull, true);
+  out.checkpointBytes = pageCheckpoint.length;
+  log(`resume: ${JSON.stringify(out)}`);
+
+  for (const [what, s] of [["resumed run", resumed], ["uninterrupted run", uninterrupted], ["run from the CLI checkpoint", fromCli]]) {
+    if (s.state !== "done" || s.updates !== RUN.updates) fail(`${what}: state ${s.state} at ${s.updates} updates (${s.error})`);
+  }
+  if (!out.offered) fail(`after the reload the page did not offer the kept run`);
+  if (!(out.reloadedAfter < RUN.updates)) fail(`the reload came after the run ended (${out.reloadedAfter} updates)`);
+  if (resumed.steps.length !== RUN.updates || resumed.steps.some((s, i) => s !== i + 1)) {
+    fail(`the resumed page's history is ${JSON.stringify(resumed.steps)}`);
+  }
+  if (out.openedAt !== 2) fail(`the CLI checkpoint opened at update ${out.openedAt}, wanted 2`);
+  if (out.resumedVsUninterrupted !== 0) fail(`the resumed run's LoRA differs from the uninterrupted run's by ${out.resumedVsUninterrupted}`);
+  for (const k of ["pageVsCli", "pageCheckpointToCliVsCli", "cliCheckpointToPageVsCli"]) {
+    if (!(out[k] <= CROSS_TOLERANCE)) fail(`${k}: LoRAs differ by ${out[k]} of the largest weight (tolerance ${CROSS_TOLERANCE})`);
+  }
+  return out;
 }
 
 const server = await serve();
@@ -177,6 +355,7 @@ try {
   await mkdir(dirname(args.screenshot), { recursive: true });
   await page.screenshot({ path: args.screenshot, fullPage: true });
   log(`screenshot: ${args.screenshot}`);
+  const resume = result.state === "done" ? await resumeAndRoundTrip() : null;
 
   const last = result.evals.at(-1);
   const figures = {
@@ -196,6 +375,8 @@ try {
     crossOriginIsolated: result.isolated,
     // Seconds from Stop to the page idle again, mid-update.
     stopSeconds: stop?.seconds,
+    // The run kept across a reload, and the checkpoint round trip with `draft train`.
+    resume,
     // What the page downloads: every file as sent (compressed) and its size on disk.
     transferredBytes: [...transferred.values()].reduce((a, f) => a + f.sent, 0),
     uncompressedBytes: [...transferred.values()].reduce((a, f) => a + f.size, 0),
