@@ -1,5 +1,6 @@
-//! The weight files of learned rewards (`--reward-model NAME=PATH`), read from disk into the
-//! core's reward models. Shared by `draft train` and `draft score`.
+//! The weight files of learned rewards (`--reward-model NAME=PATH`), read from disk for the
+//! core's [`draft_core::reward_files`], which checks and builds them (the browser page passes
+//! the same sources from memory). Shared by `draft train` and `draft score`.
 //!
 //! | NAME | PATH | used by |
 //! |---|---|---|
@@ -10,26 +11,18 @@
 //! | `tokenizer` | a folder with a CLIP `tokenizer.json` or `vocab.json` + `merges.txt`, for reward models that ship none | prompt rewards |
 //!
 //! PyTorch pickles (`.pt`, `.pth`, `.bin`, `.ckpt`) are read with Burn's `pytorch-reader` and
-//! turned into safetensors in memory; a `state_dict.` or DDP `module.` prefix is dropped.
+//! turned into safetensors in memory, kept under their own names; a `state_dict.` or DDP
+//! `module.` prefix is dropped.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use burn::prelude::Device;
 use draft_core::ModelFiles;
-use draft_core::models::clip::CLIPModel;
-use draft_core::models::open_clip::OpenClipConfig;
-use draft_core::pipeline::{TOKENIZER_FILES, load_tokenizer_in};
-use draft_core::reward::{Reward, RewardOptions, WeightedReward, parse_spec};
-use draft_core::reward_models::{
-    AestheticMlp, ClipSimilarity, LaionAesthetic, Similarity, is_open_clip, load_clip,
-    load_open_clip,
-};
-use draft_core::tokenizer::ClipTokenizer;
-
-pub const MODEL_NAMES: [&str; 5] = ["clip", "pickscore", "hpsv2", "laion-aesthetic", "tokenizer"];
+use draft_core::pipeline::TOKENIZER_FILES;
+use draft_core::reward::{RewardOptions, WeightedReward};
+use draft_core::reward_files::{MODEL_NAMES, RewardSource, needed_models};
 
 /// Reads a weights file as safetensors bytes: `.safetensors` as is, PyTorch pickles converted.
 pub fn read_weights(path: &Path) -> Result<(String, Vec<u8>)> {
@@ -108,129 +101,60 @@ fn one_line_error(
     anyhow::anyhow!("{}", draft_core::error::one_line(&msg))
 }
 
-/// How a CLIP model's weights are laid out.
-enum Layout {
-    /// transformers: its `config.json` (name, text).
-    Transformers(String, String),
-    OpenClip(OpenClipConfig),
-}
-
-/// A CLIP reward model read from disk, not yet built.
-struct ClipFiles {
-    layout: Layout,
-    weights: (String, Vec<u8>),
-    /// Its own tokenizer files, when the folder has them.
-    tokenizer: Option<ModelFiles>,
-}
-
-impl ClipFiles {
-    fn read(role: &str, path: &Path) -> Result<Self> {
-        if path.is_dir() {
-            let first = |names: &[&str]| names.iter().map(|n| path.join(n)).find(|p| p.is_file());
-            let tokenizer = read_tokenizer_dir(path)?;
-            if path.join("open_clip_config.json").is_file() {
-                let config = path.join("open_clip_config.json");
-                let text = std::fs::read_to_string(&config)
-                    .with_context(|| format!("{}: cannot read", config.display()))?;
-                let c = OpenClipConfig::from_json(&config.display().to_string(), &text)?;
-                let Some(w) =
-                    first(&["open_clip_model.safetensors", "open_clip_pytorch_model.bin"])
-                else {
-                    bail!(
-                        "{}: an OpenCLIP folder needs open_clip_model.safetensors or open_clip_pytorch_model.bin",
-                        path.display()
-                    );
-                };
-                return Ok(Self {
-                    layout: Layout::OpenClip(c),
-                    weights: read_weights(&w)?,
-                    tokenizer,
-                });
-            }
-            let config = path.join("config.json");
-            if !config.is_file() {
-                bail!(
-                    "--reward-model {role}={}: neither config.json (transformers) nor open_clip_config.json (OpenCLIP) found",
-                    path.display()
-                );
-            }
-            let text = std::fs::read_to_string(&config)
-                .with_context(|| format!("{}: cannot read", config.display()))?;
-            let Some(w) = first(&["model.safetensors", "pytorch_model.bin"]) else {
-                bail!(
-                    "{}: a transformers CLIP folder needs model.safetensors or pytorch_model.bin",
-                    path.display()
-                );
-            };
-            return Ok(Self {
-                layout: Layout::Transformers(config.display().to_string(), text),
-                weights: read_weights(&w)?,
-                tokenizer,
-            });
-        }
-        if !path.is_file() {
-            bail!("--reward-model {role}={}: not found", path.display());
-        }
-        // A single checkpoint file (HPSv2 ships one): OpenCLIP layout.
-        let weights = read_weights(path)?;
-        if !is_open_clip(&weights.0, &weights.1)? {
-            bail!(
-                "{}: not an OpenCLIP state dict; give a transformers CLIP model as its folder (with config.json)",
-                path.display()
-            );
-        }
-        let sibling = path.with_file_name("open_clip_config.json");
-        let config = if sibling.is_file() {
-            let text = std::fs::read_to_string(&sibling)
-                .with_context(|| format!("{}: cannot read", sibling.display()))?;
-            OpenClipConfig::from_json(&sibling.display().to_string(), &text)?
+/// One `--reward-model` path read: a folder's files ([`RewardSource::folder_files`]; only the
+/// tokenizer files for `tokenizer`), or a weights file with its sibling `open_clip_config.json`.
+fn read_source(role: &str, path: &Path) -> Result<RewardSource> {
+    if role == "laion-aesthetic" {
+        let (name, bytes) = read_weights(path)?;
+        return Ok(RewardSource::File {
+            name,
+            bytes,
+            open_clip_config: None,
+        });
+    }
+    if role == "tokenizer" || path.is_dir() {
+        let mut files = ModelFiles::new(path.display().to_string());
+        let present = |n: &str| path.join(n).is_file();
+        let names = if role == "tokenizer" {
+            TOKENIZER_FILES.into_iter().filter(|n| present(n)).collect()
         } else {
-            eprintln!(
-                "draft: {}: no open_clip_config.json beside it; assuming OpenCLIP ViT-H-14 (HPSv2's)",
-                path.display()
-            );
-            OpenClipConfig::named("ViT-H-14").expect("built in")
+            RewardSource::folder_files(present)
         };
-        Ok(Self {
-            layout: Layout::OpenClip(config),
-            weights,
-            tokenizer: None,
-        })
-    }
-
-    fn build(&self, device: &Device) -> Result<CLIPModel> {
-        let (wn, wb) = &self.weights;
-        Ok(match &self.layout {
-            Layout::Transformers(cn, ct) => load_clip(cn, ct, wn, wb, device)?,
-            Layout::OpenClip(c) => load_open_clip(c, wn, wb, device)?,
-        })
-    }
-}
-
-/// The tokenizer files present at the top of `dir` (None when it has none).
-fn read_tokenizer_dir(dir: &Path) -> Result<Option<ModelFiles>> {
-    let mut files = ModelFiles::new(dir.display().to_string());
-    for name in TOKENIZER_FILES {
-        let p = dir.join(name);
-        if p.is_file() {
-            files.insert(name, crate::files::read(&p)?);
+        for name in names {
+            let p = path.join(name);
+            let bytes = if name.ends_with(".bin") {
+                read_weights(&p)?.1
+            } else {
+                crate::files::read(&p)?
+            };
+            files.insert(name, bytes);
         }
+        return Ok(RewardSource::Folder(files));
     }
-    let usable =
-        files.has("tokenizer.json") || (files.has("vocab.json") && files.has("merges.txt"));
-    Ok(usable.then_some(files))
+    if !path.is_file() {
+        bail!("--reward-model {role}={}: not found", path.display());
+    }
+    let (name, bytes) = read_weights(path)?;
+    let sibling = path.with_file_name("open_clip_config.json");
+    let open_clip_config = if sibling.is_file() {
+        let text = std::fs::read_to_string(&sibling)
+            .with_context(|| format!("{}: cannot read", sibling.display()))?;
+        Some((sibling.display().to_string(), text))
+    } else {
+        None
+    };
+    Ok(RewardSource::File {
+        name,
+        bytes,
+        open_clip_config,
+    })
 }
 
 /// Everything `--reward`/`--reward-model` name, read before any model is built.
-pub struct RewardFiles {
-    clip: Option<ClipFiles>,
-    pickscore: Option<ClipFiles>,
-    hpsv2: Option<ClipFiles>,
-    aesthetic: Option<(String, Vec<u8>)>,
-    tokenizer: Option<ModelFiles>,
-}
+pub struct RewardFiles(draft_core::reward_files::RewardFiles);
 
 impl RewardFiles {
+    /// Parses `NAME=PATH`, reads what the rewards in `specs` need, and has the core check it.
     pub fn read(specs: &[String], models: &[String]) -> Result<Self> {
         let mut paths = BTreeMap::new();
         for m in models {
@@ -245,51 +169,24 @@ impl RewardFiles {
             }
             paths.insert(name.to_string(), PathBuf::from(path));
         }
-        let names: Vec<String> = specs
-            .iter()
-            .map(|s| parse_spec(s).map(|(n, _)| n))
-            .collect::<Result<_, _>>()?;
-        let wants = |n: &str| names.iter().any(|x| x == n);
-        let need = |role: &str, reward: &str| -> Result<&PathBuf> {
-            paths.get(role).with_context(|| {
-                format!(
-                    "--reward {reward} needs --reward-model {role}=PATH (see `draft train --help`)"
-                )
-            })
-        };
-        let mut out = Self {
-            clip: None,
-            pickscore: None,
-            hpsv2: None,
-            aesthetic: None,
-            tokenizer: None,
-        };
-        if wants("laion-aesthetic") || wants("clip-score") {
-            let reward = if wants("laion-aesthetic") {
-                "laion-aesthetic"
-            } else {
-                "clip-score"
+        // In the core's order, up to the first missing one (which the core reports).
+        let mut sources = BTreeMap::new();
+        let mut complete = true;
+        for (role, _) in needed_models(specs)? {
+            let Some(path) = paths.get(role) else {
+                complete = false;
+                break;
             };
-            out.clip = Some(ClipFiles::read("clip", need("clip", reward)?)?);
+            sources.insert(role.to_string(), read_source(role, path)?);
         }
-        if wants("laion-aesthetic") {
-            out.aesthetic = Some(read_weights(need("laion-aesthetic", "laion-aesthetic")?)?);
+        if let (true, Some(dir)) = (complete, paths.get("tokenizer")) {
+            sources.insert("tokenizer".into(), read_source("tokenizer", dir)?);
         }
-        if wants("pickscore") {
-            out.pickscore = Some(ClipFiles::read(
-                "pickscore",
-                need("pickscore", "pickscore")?,
-            )?);
+        let files = draft_core::reward_files::RewardFiles::new(specs, sources)?;
+        for note in files.notes() {
+            eprintln!("draft: {note}");
         }
-        if wants("hpsv2") {
-            out.hpsv2 = Some(ClipFiles::read("hpsv2", need("hpsv2", "hpsv2")?)?);
-        }
-        if let Some(dir) = paths.get("tokenizer") {
-            out.tokenizer = Some(read_tokenizer_dir(dir)?.with_context(|| {
-                format!("--reward-model tokenizer={}: no tokenizer.json or vocab.json + merges.txt there", dir.display())
-            })?);
-        }
-        Ok(out)
+        Ok(Self(files))
     }
 
     /// Builds every reward term. A prompt reward takes its tokenizer from its own folder,
@@ -301,63 +198,6 @@ impl RewardFiles {
         model: Option<&ModelFiles>,
         device: &Device,
     ) -> Result<WeightedReward> {
-        let tokenizer_for = |files: &ClipFiles, reward: &str| -> Result<Arc<ClipTokenizer>> {
-            let (source, dir) = match (&files.tokenizer, &self.tokenizer, model) {
-                (Some(t), _, _) => (t, ""),
-                (None, Some(t), _) => (t, ""),
-                (None, None, Some(m)) => (m, "tokenizer/"),
-                (None, None, None) => bail!(
-                    "--reward {reward}: its model folder has no tokenizer; add --reward-model tokenizer=DIR"
-                ),
-            };
-            Ok(Arc::new(load_tokenizer_in(source, dir)?))
-        };
-        let clip = self
-            .clip
-            .as_ref()
-            .map(|f| f.build(device))
-            .transpose()?
-            .map(Arc::new);
-        let mut learned = |name: &str| -> draft_core::Result<Box<dyn Reward>> {
-            let fail = |e: anyhow::Error| draft_core::Error::Input(format!("{e:#}"));
-            let similarity = |files: &Option<ClipFiles>,
-                              built: Option<Arc<CLIPModel>>,
-                              kind: Similarity|
-             -> Result<Box<dyn Reward>> {
-                let files = files.as_ref().expect("read() checked it");
-                let model = match built {
-                    Some(m) => m,
-                    None => Arc::new(files.build(device)?),
-                };
-                let tok = tokenizer_for(files, kind.name())?;
-                Ok(Box::new(ClipSimilarity::new(model, tok, kind)?))
-            };
-            match name {
-                "laion-aesthetic" => {
-                    let clip = clip.clone().expect("read() checked it");
-                    let (n, bytes) = self.aesthetic.as_ref().expect("read() checked it");
-                    let dim = clip.visual_projection.weight.val().dims()[1];
-                    Ok(Box::new(LaionAesthetic {
-                        clip,
-                        mlp: AestheticMlp::load(n, bytes, dim, device)?,
-                    }))
-                }
-                "clip-score" => {
-                    similarity(&self.clip, clip.clone(), Similarity::ClipScore).map_err(fail)
-                }
-                "pickscore" => {
-                    similarity(&self.pickscore, None, Similarity::PickScore).map_err(fail)
-                }
-                "hpsv2" => similarity(&self.hpsv2, None, Similarity::Hpsv2).map_err(fail),
-                _ => Err(draft_core::Error::Input(format!(
-                    "reward `{name}` has no weights"
-                ))),
-            }
-        };
-        Ok(WeightedReward::from_specs_with(
-            specs,
-            options,
-            &mut learned,
-        )?)
+        Ok(self.0.build(specs, options, model, device)?)
     }
 }
