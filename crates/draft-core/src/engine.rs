@@ -116,6 +116,8 @@ pub struct Progress {
 pub enum Phase {
     Sampling,
     Backward,
+    /// Sampling the fixed evaluation set (steps of its DDIM chain).
+    Evaluating,
 }
 
 impl Phase {
@@ -123,6 +125,7 @@ impl Phase {
         match self {
             Phase::Sampling => "sampling",
             Phase::Backward => "backward",
+            Phase::Evaluating => "evaluating",
         }
     }
 }

@@ -3,6 +3,7 @@
 //! Checked from the safetensors headers alone, before any weight is uploaded.
 
 use crate::error::{Error, Result};
+use crate::models::unet::UNet2DConditionConfig;
 use crate::pipeline::ModelFiles;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -58,6 +59,50 @@ pub fn check_file_tensor_sizes(
         }
     }
     Ok(())
+}
+
+/// The largest attention-score matrix a training update materialises: self-attention at the
+/// highest resolution that has attention, `[batch × 2 (classifier-free guidance), heads, N, N]`
+/// with N the latent pixels there (Burn's attention keeps it for the backward pass). Returns a
+/// description, the shape and its bytes in f32; `None` when the UNet has no attention.
+pub fn attention_scores(
+    unet: &UNet2DConditionConfig,
+    latent_hw: [usize; 2],
+    batch: usize,
+) -> Result<Option<(String, [usize; 4], u64)>> {
+    let resolved = unet.resolve("unet/config.json")?;
+    let mut best: Option<(String, [usize; 4], u64)> = None;
+    for (i, kind) in unet.down_block_types.iter().enumerate() {
+        if !kind.contains("CrossAttn") {
+            continue;
+        }
+        let n = (latent_hw[0] >> i).max(1) * (latent_hw[1] >> i).max(1);
+        let shape = [batch * 2, resolved.num_heads[i], n, n];
+        let bytes = shape.iter().fold(4u64, |b, &d| b.saturating_mul(d as u64));
+        if best.as_ref().is_none_or(|b| bytes > b.2) {
+            best = Some((format!("down_blocks.{i} self-attention scores"), shape, bytes));
+        }
+    }
+    Ok(best)
+}
+
+/// Refuses a training batch whose [`attention_scores`] exceed `max_binding_bytes`.
+pub fn check_attention(
+    unet: &UNet2DConditionConfig,
+    latent_hw: [usize; 2],
+    batch: usize,
+    max_binding_bytes: u64,
+) -> Result<()> {
+    match attention_scores(unet, latent_hw, batch)? {
+        Some((what, shape, bytes)) if bytes > max_binding_bytes => Err(Error::Input(format!(
+            "a batch of {batch} at {}×{} latents: the UNet's {what} {shape:?} need {:.1} MiB, over this adapter's maxStorageBufferBindingSize of {:.1} MiB; lower the batch or the resolution",
+            latent_hw[0],
+            latent_hw[1],
+            bytes as f64 / MIB,
+            max_binding_bytes as f64 / MIB
+        ))),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -145,5 +190,22 @@ mod tests {
         assert!(err.starts_with("dir/model.safetensors: "), "{err}");
         files.files.remove("model.safetensors");
         check_tensor_sizes("CLIP folder", &files, 1 << 20).unwrap();
+    }
+
+    #[test]
+    fn sd1_attention_at_512_is_over_the_default_binding_limit() {
+        let json = r#"{"sample_size": 64, "block_out_channels": [320, 640, 1280, 1280],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "attention_head_dim": 8, "cross_attention_dim": 768}"#;
+        let unet = UNet2DConditionConfig::from_json("unet/config.json", json).unwrap();
+        let (what, shape, bytes) = attention_scores(&unet, [64, 64], 1).unwrap().unwrap();
+        assert_eq!(shape, [2, 8, 4096, 4096]);
+        assert_eq!(bytes, 1 << 30);
+        assert!(what.starts_with("down_blocks.0"), "{what}");
+        let err = check_attention(&unet, [64, 64], 1, 128 << 20).unwrap_err().to_string();
+        assert!(err.contains("1024.0 MiB") && err.contains("128.0 MiB"), "{err}");
+        // 32×32 latents (256²): [2, 8, 1024, 1024] = 64 MiB fits.
+        check_attention(&unet, [32, 32], 1, 128 << 20).unwrap();
     }
 }

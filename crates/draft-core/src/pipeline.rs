@@ -560,7 +560,21 @@ impl Pipeline {
         &self,
         options: &SampleOptions,
         x_t: Tensor<4>,
-        on_step: impl FnMut(usize, usize),
+        mut on_step: impl FnMut(usize, usize),
+    ) -> Result<Tensor<4>> {
+        self.sample_latents_until(options, x_t, |i, n| {
+            on_step(i, n);
+            true
+        })
+    }
+
+    /// [`sample_latents`](Self::sample_latents), stopped with [`Error::Cancelled`] after the
+    /// first step where `on_step(i, n)` returns `false`.
+    pub fn sample_latents_until(
+        &self,
+        options: &SampleOptions,
+        x_t: Tensor<4>,
+        on_step: impl FnMut(usize, usize) -> bool,
     ) -> Result<Tensor<4>> {
         if options.prompts.is_empty() {
             return Err(Error::Input("at least one prompt is needed".into()));
@@ -576,7 +590,7 @@ impl Pipeline {
         let mut rng = crate::noise::NoiseRng::new(options.seed.wrapping_add(1));
         let shape = x_t.dims();
         let device = self.device.clone();
-        Ok(crate::sampler::sample(
+        crate::sampler::sample(
             &self.unet,
             &ddim,
             options.eta,
@@ -584,7 +598,7 @@ impl Pipeline {
             &cond,
             |_| Some(rng.randn(shape, &device)),
             on_step,
-        ))
+        )
     }
 }
 

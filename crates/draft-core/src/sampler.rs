@@ -78,7 +78,8 @@ pub fn denoise_step(
 }
 
 /// The whole chain from `x_T` to `x_0` without gradient. `noise(i)` supplies the step noise
-/// when η > 0; `on_step(i, n)` reports progress after each step.
+/// when η > 0; `on_step(i, n)` reports progress after each step, and stops the chain with
+/// [`Error::Cancelled`](crate::Error::Cancelled) when it returns `false`.
 pub fn sample(
     unet: &UNet2DConditionModel,
     ddim: &Ddim,
@@ -86,14 +87,16 @@ pub fn sample(
     x_t: Tensor<4>,
     cond: &Conditioning,
     mut noise: impl FnMut(usize) -> Option<Tensor<4>>,
-    mut on_step: impl FnMut(usize, usize),
-) -> Tensor<4> {
+    mut on_step: impl FnMut(usize, usize) -> bool,
+) -> crate::Result<Tensor<4>> {
     let n = ddim.timesteps.len();
     let mut x = x_t;
     for i in 0..n {
         let z = if eta > 0.0 { noise(i) } else { None };
         x = denoise_step(unet, ddim, i, eta, x, cond, z);
-        on_step(i + 1, n);
+        if !on_step(i + 1, n) {
+            return Err(crate::Error::Cancelled);
+        }
     }
-    x
+    Ok(x)
 }

@@ -619,6 +619,13 @@ impl Trainer {
     /// towards 0 while the reward rises is the reward hacking the DRaFT paper warns of (every
     /// seed collapsing to one image).
     pub async fn evaluate_fixed(&self, n: usize) -> Result<FixedEval> {
+        self.evaluate_set(n, false).await
+    }
+
+    /// The fixed evaluation set, reporting its sampling steps to the progress callback
+    /// ([`Phase::Evaluating`](crate::engine::Phase::Evaluating)); with `cancellable`, the
+    /// callback's `false` stops it with [`Error::Cancelled`].
+    async fn evaluate_set(&self, n: usize, cancellable: bool) -> Result<FixedEval> {
         let pipe = &self.pipeline;
         let n = eval_set_size(n);
         let prompts: Vec<String> = (0..n)
@@ -637,7 +644,17 @@ impl Trainer {
             eta: 0.0,
             seed: self.config.seed,
         };
-        let latents = pipe.sample_latents(&options, x_t, |_, _| {})?;
+        let progress = self.progress.as_deref();
+        let latents = pipe.sample_latents_until(&options, x_t, |done, total| {
+            let go = progress.is_none_or(|f| {
+                f(&crate::engine::Progress {
+                    phase: crate::engine::Phase::Evaluating,
+                    done,
+                    total,
+                })
+            });
+            go || !cancellable
+        })?;
         let images = pipe.decode(latents);
         let mut terms = Vec::new();
         let mut reward = 0.0;
@@ -673,12 +690,13 @@ impl Trainer {
 
     /// [`evaluate_fixed`](Self::evaluate_fixed) with the trained LoRA at `factor` times its
     /// scale: 0 is the base model, 1 the trained one, values in between interpolate (the
-    /// browser's before → after slider; `draft sample --lora FILE:SCALE` natively).
+    /// browser's before → after slider; `draft sample --lora FILE:SCALE` natively). The
+    /// progress callback's `false` stops it with [`Error::Cancelled`] (the slider moved on).
     pub async fn evaluate_at_scale(&self, n: usize, factor: f64) -> Result<FixedEval> {
         let lora = &self.pipeline.lora;
         let base = self.config.alpha() / self.config.rank as f64;
         lora.set_trainable_scale(base * factor);
-        let eval = self.evaluate_fixed(n).await;
+        let eval = self.evaluate_set(n, true).await;
         lora.set_trainable_scale(base);
         eval
     }

@@ -3,6 +3,7 @@
 use std::rc::Rc;
 
 use draft_core::ModelFiles;
+use draft_core::reward_files::RewardSource;
 use js_sys::{Array, Promise, Uint8Array, Uint8ClampedArray};
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
@@ -102,6 +103,49 @@ impl RunFiles {
     #[wasm_bindgen(js_name = setCheckpoint)]
     pub fn set_checkpoint(&mut self, name: String, bytes: Vec<u8>) {
         self.inputs.checkpoint = Some((name, bytes));
+    }
+
+    /// A file of the folder named `folder` picked for the learned-reward model `role` (the
+    /// CLI's `--reward-model ROLE=DIR`: `clip`, `pickscore`, `hpsv2`, `tokenizer`).
+    #[wasm_bindgen(js_name = addRewardFile)]
+    pub fn add_reward_file(&mut self, role: String, folder: String, path: String, bytes: Vec<u8>) {
+        let source = self
+            .inputs
+            .rewards
+            .entry(role)
+            .or_insert_with(|| RewardSource::Folder(ModelFiles::new(folder)));
+        match source {
+            RewardSource::Folder(files) => files.insert(path, bytes),
+            RewardSource::File { .. } => {}
+        }
+    }
+
+    /// A single weights file for `role` (the CLI's `--reward-model ROLE=FILE`: the aesthetic
+    /// MLP, an HPSv2 checkpoint), with the text of an `open_clip_config.json` picked beside it.
+    #[wasm_bindgen(js_name = setRewardWeights)]
+    pub fn set_reward_weights(
+        &mut self,
+        role: String,
+        name: String,
+        bytes: Vec<u8>,
+        open_clip_config: Option<String>,
+    ) {
+        let open_clip_config = open_clip_config.map(|c| ("open_clip_config.json".to_string(), c));
+        self.inputs.rewards.insert(
+            role,
+            RewardSource::File {
+                name,
+                bytes,
+                open_clip_config,
+            },
+        );
+    }
+
+    /// The adapter's largest storage-buffer binding in bytes (`maxStorageBufferBindingSize`,
+    /// capped by `maxBufferSize`): what cannot fit is refused before loading.
+    #[wasm_bindgen(js_name = setBufferLimit)]
+    pub fn set_buffer_limit(&mut self, bytes: f64) {
+        self.inputs.max_binding_bytes = (bytes > 0.0).then_some(bytes as u64);
     }
 }
 
@@ -259,6 +303,16 @@ pub fn default_prompts() -> Vec<String> {
 #[wasm_bindgen(js_name = rewardNames)]
 pub fn reward_names() -> Vec<String> {
     draft_core::reward::BUILTIN
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// The learned rewards, which need weight files (`RunFiles.addRewardFile` /
+/// `setRewardWeights`).
+#[wasm_bindgen(js_name = learnedRewardNames)]
+pub fn learned_reward_names() -> Vec<String> {
+    draft_core::reward::LEARNED
         .iter()
         .map(|s| s.to_string())
         .collect()

@@ -6,10 +6,12 @@
 //! pure-Rust CPU backend compiled to WebAssembly (slow, but the same numbers).
 
 use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
 
 use burn::prelude::*;
 use draft_core::pipeline::LoraSetup;
-use draft_core::reward::{RewardOptions, WeightedReward};
+use draft_core::reward::RewardOptions;
+use draft_core::reward_files::{RewardFiles, RewardSource};
 use draft_core::run::{Run, RunPolicy};
 use draft_core::train::{
     CheckpointMeta, EvalSummary, FixedEval, MethodName, StepMetrics, TrainConfig, Trainer,
@@ -213,6 +215,78 @@ pub struct RunInputs {
     pub model: Option<ModelFiles>,
     /// A checkpoint to continue: `(file name, bytes)`.
     pub checkpoint: Option<(String, Vec<u8>)>,
+    /// The learned rewards' weight files by `--reward-model` name (`clip`, `pickscore`,
+    /// `hpsv2`, `laion-aesthetic`, `tokenizer`), as the CLI takes them.
+    pub rewards: BTreeMap<String, RewardSource>,
+    /// The WebGPU adapter's largest storage-buffer binding (`maxStorageBufferBindingSize`,
+    /// capped by `maxBufferSize`): a model, reward or batch needing a larger buffer is refused
+    /// before anything loads. `None`: unchecked (the CPU backend).
+    pub max_binding_bytes: Option<u64>,
+}
+
+/// Refuses what cannot be read in a browser or cannot fit the adapter, before loading: PyTorch
+/// pickles (the page has no pickle reader), tensors over the binding limit, a training batch
+/// whose attention scores are over it.
+fn check_inputs(
+    model: &ModelFiles,
+    rewards: &BTreeMap<String, RewardSource>,
+    config: &TrainConfig,
+    eval_images: usize,
+    limit: Option<u64>,
+) -> Result<(), String> {
+    use draft_core::limits;
+    let pickle = |name: &str, bytes: &[u8]| -> Result<(), String> {
+        let lower = name.to_ascii_lowercase();
+        let is_pickle = [".bin", ".pt", ".pth", ".ckpt"].iter().any(|e| lower.ends_with(e));
+        if is_pickle && safetensors::SafeTensors::read_metadata(bytes).is_err() {
+            return Err(format!(
+                "{name} is a PyTorch pickle, which the page cannot read: convert it once with \
+                 `draft convert {name} OUT.safetensors` and pick the .safetensors file"
+            ));
+        }
+        Ok(())
+    };
+    for (role, source) in rewards {
+        match source {
+            RewardSource::Folder(files) => {
+                for (path, bytes) in &files.files {
+                    pickle(&files.display(path), bytes)?;
+                }
+                if let Some(l) = limit {
+                    limits::check_tensor_sizes(&format!("reward model {role}"), files, l)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            RewardSource::File { name, bytes, .. } => {
+                pickle(name, bytes)?;
+                if let Some(l) = limit {
+                    limits::check_file_tensor_sizes(&format!("reward model {role}"), name, bytes, l)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+    let Some(limit) = limit else {
+        return Ok(());
+    };
+    limits::check_tensor_sizes(&format!("model {}", model.name), model, limit)
+        .map_err(|e| e.to_string())?;
+    if let Some(json) = model.files.get("unet/config.json") {
+        let text = String::from_utf8_lossy(json);
+        let unet = draft_core::models::unet::UNet2DConditionConfig::from_json(
+            &model.display("unet/config.json"),
+            &text,
+        )
+        .map_err(|e| e.to_string())?;
+        let per_update = match config.method {
+            MethodName::DraftLv => config.batch * config.lv_samples,
+            _ => config.batch,
+        };
+        let batch = per_update.max(draft_core::train::eval_set_size(eval_images.max(1)));
+        let side = unet.sample_size;
+        limits::check_attention(&unet, [side, side], batch, limit).map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 /// What the page shows about the run (the "adapter in use" panel).
@@ -238,6 +312,8 @@ pub struct RunInfo {
     pub before: Option<EvalSummary>,
     /// The run's settings as the page's form shows them (a checkpoint's, when resumed).
     pub options: WebOptions,
+    /// Notes about the reward models (e.g. an architecture assumed).
+    pub notes: Vec<String>,
 }
 
 /// One training run: the core run (trainer + run policy, the CLI's) and what the page shows
@@ -257,7 +333,12 @@ impl Session {
     /// Loads the model on the options' device with trainable LoRA slots and builds the
     /// trainer; with a checkpoint, the run continues from it with its settings and prompts.
     pub async fn build(options: &WebOptions, inputs: RunInputs) -> Result<Session, String> {
-        let RunInputs { model, checkpoint } = inputs;
+        let RunInputs {
+            model,
+            checkpoint,
+            rewards,
+            max_binding_bytes,
+        } = inputs;
         let model = model.unwrap_or_else(default_model::files);
         let meta = match &checkpoint {
             Some((name, bytes)) => Some(CheckpointMeta::read(name, bytes).map_err(|e| e.to_string())?),
@@ -276,6 +357,10 @@ impl Session {
             };
         }
         let policy = options.policy()?;
+        check_inputs(&model, &rewards, &config, options.preview, max_binding_bytes)?;
+        let reward_files =
+            RewardFiles::new(&config.rewards, rewards).map_err(|e| e.to_string())?;
+        let notes = reward_files.notes().to_vec();
         let (device, device_name) = open_device(&options.device).await?;
         let pipeline = Pipeline::load_with_lora(
             &model,
@@ -283,13 +368,9 @@ impl Session {
             &LoraSetup::Targets(config.lora_targets.clone()),
         )
         .map_err(|e| e.to_string())?;
-        let reward = WeightedReward::from_specs(&config.rewards, &config.reward_options)
-            .map_err(|e| match draft_core::reward::check_specs(&config.rewards) {
-                Ok(()) => format!(
-                    "{e} (learned rewards need weight files; the page trains on the weight-free ones)"
-                ),
-                Err(e) => e.to_string(),
-            })?;
+        let reward = reward_files
+            .build(&config.rewards, &config.reward_options, Some(&model), &device)
+            .map_err(|e| e.to_string())?;
         let mut trainer = Trainer::new(pipeline, config, reward, prompts, None, None)
             .map_err(|e| e.to_string())?;
         if let Some((name, bytes)) = &checkpoint {
@@ -317,6 +398,7 @@ impl Session {
             step: trainer.step,
             before: trainer.before.clone(),
             options: options.clone(),
+            notes,
         };
         let run = Run::new(trainer, policy).map_err(|e| e.to_string())?;
         let term_names = run

@@ -64,3 +64,17 @@ async fn one_draft_k_update_raises_the_reward() {
         u.after
     );
 }
+
+#[wasm_bindgen_test]
+async fn one_update_on_the_learned_aesthetic_reward() {
+    let u = aesthetic_update("webgpu").await;
+    console_log!(
+        "WebGPU, laion-aesthetic: evaluation reward {:.6} → {:.6} (native {AESTHETIC_NATIVE:?}), max |ΔLoRA| {:.2e}",
+        u.before,
+        u.after,
+        u.lora_change
+    );
+    assert!(u.lora_change > 1e-4, "the LoRA did not move");
+    let err = max_abs_diff(&[u.before as f32, u.after as f32], &AESTHETIC_NATIVE);
+    assert!(err <= 1e-3, "vs native: max abs error {err:e}");
+}

@@ -124,6 +124,7 @@ fn a_resumed_page_run_continues_to_the_uninterrupted_lora() {
     let inputs = RunInputs {
         model: None,
         checkpoint: Some(("checkpoint.safetensors".into(), checkpoints[0].1.clone())),
+        ..RunInputs::default()
     };
     let (resumed, _, info) = run(&form, inputs, 4);
     assert_eq!(info.step, 2);
@@ -137,7 +138,91 @@ fn a_resumed_page_run_continues_to_the_uninterrupted_lora() {
     let sd1 = RunInputs {
         model: Some(sd1_files()),
         checkpoint: Some(("page.safetensors".into(), checkpoints[0].1.clone())),
+        ..RunInputs::default()
     };
     let err = pollster::block_on(Session::build(&options, sd1)).err().unwrap();
     assert!(err.contains("page.safetensors"), "{err}");
+}
+
+/// A learned reward through the page's session: LAION aesthetic on the tiny CLIP fixture, its
+/// files handed over from memory as the page's pickers do.
+#[test]
+fn one_update_on_the_learned_aesthetic_reward() {
+    let u = pollster::block_on(aesthetic_update("cpu"));
+    eprintln!(
+        "native (CPU), laion-aesthetic: evaluation reward {:.7} → {:.7}, max |ΔLoRA| {:.2e}, batch reward {:.6}",
+        u.before, u.after, u.lora_change, u.metrics.reward_mean
+    );
+    assert!(u.lora_change > 1e-4, "the LoRA did not move");
+    assert!(u.after > u.before, "{} → {}", u.before, u.after);
+    let got = [u.before as f32, u.after as f32];
+    assert!(
+        max_abs_diff(&got, &AESTHETIC_NATIVE) <= 1e-5,
+        "AESTHETIC_NATIVE (tests/common) is stale: {got:?}"
+    );
+}
+
+/// What cannot fit the adapter is refused before loading, naming the tensor and the limit; a
+/// PyTorch pickle is refused with the conversion command.
+#[test]
+fn inputs_over_the_adapter_limit_or_unreadable_are_refused() {
+    use draft_core::reward_files::RewardSource;
+    use draft_web::{RunInputs, Session, WebOptions};
+    let options = WebOptions {
+        device: "cpu".into(),
+        rewards: vec!["laion-aesthetic=1".into()],
+        ..WebOptions::default()
+    };
+    let build = |inputs| pollster::block_on(Session::build(&options, inputs)).err();
+    // The tiny CLIP's largest tensor is far under 1 MiB: a 64 KiB limit refuses it.
+    let err = build(RunInputs {
+        rewards: aesthetic_sources(),
+        max_binding_bytes: Some(64 << 10),
+        ..RunInputs::default()
+    })
+    .expect("refused");
+    assert!(
+        err.contains("reward model") && err.contains("tensor") && err.contains("0.1 MiB"),
+        "{err}"
+    );
+    // SD-1's attention at 64×64 latents: [2, 8, 4096, 4096] f32 = 1 GiB > 128 MiB.
+    let mut sd1 = sd1_files();
+    let unet: serde_json::Value =
+        serde_json::from_slice(&sd1.files["unet/config.json"]).unwrap();
+    let mut unet = unet.as_object().unwrap().clone();
+    unet.insert("sample_size".into(), 64.into());
+    sd1.insert("unet/config.json", serde_json::to_vec(&unet).unwrap());
+    let err = build(RunInputs {
+        model: Some(sd1),
+        rewards: aesthetic_sources(),
+        max_binding_bytes: Some(128 << 20),
+        ..RunInputs::default()
+    })
+    .expect("refused");
+    assert!(err.contains("self-attention scores") && err.contains("128.0 MiB"), "{err}");
+    // A pickle the page cannot read.
+    let mut rewards = aesthetic_sources();
+    rewards.insert(
+        "laion-aesthetic".into(),
+        RewardSource::File {
+            name: "sac+logos+ava1-l14-linearMSE.pth".into(),
+            bytes: b"PK\x03\x04 not safetensors".to_vec(),
+            open_clip_config: None,
+        },
+    );
+    let err = build(RunInputs {
+        rewards,
+        ..RunInputs::default()
+    })
+    .expect("refused");
+    assert!(err.contains("draft convert"), "{err}");
+    // Without the aesthetic file, the CLI's message.
+    let mut rewards = aesthetic_sources();
+    rewards.remove("laion-aesthetic");
+    let err = build(RunInputs {
+        rewards,
+        ..RunInputs::default()
+    })
+    .expect("refused");
+    assert!(err.contains("laion-aesthetic"), "{err}");
 }

@@ -8,7 +8,9 @@ use draft_core::pipeline::{SampleOptions, to_nhwc};
 use draft_core::train::StepMetrics;
 use draft_core::weights::Weights;
 use draft_core::{ModelFiles, Pipeline, default_model, read_f32};
+use draft_core::reward_files::RewardSource;
 use draft_web::{RunInputs, Session, WebOptions};
+use std::collections::BTreeMap;
 
 macro_rules! sd1 {
     ($($path:literal),* $(,)?) => {
@@ -110,7 +112,6 @@ pub struct Update {
 
 /// Small enough for SwiftShader (a CPU emulation of a GPU, ~5 s per UNet call here): 4 DDIM
 /// steps, one image per batch, an evaluation set of two.
-#[allow(clippy::await_holding_refcell_ref)]
 pub async fn draft_k_update(device: &str) -> Update {
     let options = WebOptions {
         device: device.into(),
@@ -121,9 +122,62 @@ pub async fn draft_k_update(device: &str) -> Update {
         lr: 0.01,
         ..WebOptions::default()
     };
-    let session = Session::build(&options, RunInputs::default())
-        .await
-        .unwrap();
+    update_of(&options, RunInputs::default()).await
+}
+
+/// The tiny random CLIP of `tests/fixtures/make_reward_fixtures.py` (transformers layout) and
+/// an aesthetic MLP for its embeddings: the LAION aesthetic reward's files, as the page's
+/// pickers hand them over.
+const CLIP_CONFIG: &[u8] = include_bytes!("../../../../tests/fixtures/clip-tiny/config.json");
+const CLIP_WEIGHTS: &[u8] =
+    include_bytes!("../../../../tests/fixtures/clip-tiny/model.safetensors");
+const AESTHETIC: &[u8] =
+    include_bytes!("../../../../tests/fixtures/rewards/aesthetic-tiny.safetensors");
+
+/// `laion-aesthetic`'s sources: `clip` (a folder) and `laion-aesthetic` (a file).
+pub fn aesthetic_sources() -> BTreeMap<String, RewardSource> {
+    let mut clip = ModelFiles::new("clip-tiny");
+    clip.insert("config.json", CLIP_CONFIG.to_vec());
+    clip.insert("model.safetensors", CLIP_WEIGHTS.to_vec());
+    BTreeMap::from([
+        ("clip".to_string(), RewardSource::Folder(clip)),
+        (
+            "laion-aesthetic".to_string(),
+            RewardSource::File {
+                name: "aesthetic-tiny.safetensors".into(),
+                bytes: AESTHETIC.to_vec(),
+                open_clip_config: None,
+            },
+        ),
+    ])
+}
+
+/// [`aesthetic_update`]'s evaluation rewards before and after, natively on the CPU (the
+/// browser's WebGPU result is compared with them).
+pub const AESTHETIC_NATIVE: [f32; 2] = [-0.421_916, -0.421_372];
+
+/// One DRaFT-K update of the embedded model on the LAION aesthetic reward (tiny CLIP).
+pub async fn aesthetic_update(device: &str) -> Update {
+    let options = WebOptions {
+        device: device.into(),
+        method: "draft-k".into(),
+        rewards: vec!["laion-aesthetic=1".into()],
+        k: 1,
+        steps: 4,
+        batch: 1,
+        lr: 0.01,
+        ..WebOptions::default()
+    };
+    let inputs = RunInputs {
+        rewards: aesthetic_sources(),
+        ..RunInputs::default()
+    };
+    update_of(&options, inputs).await
+}
+
+#[allow(clippy::await_holding_refcell_ref)]
+async fn update_of(options: &WebOptions, inputs: RunInputs) -> Update {
+    let session = Session::build(options, inputs).await.unwrap();
     let mut trainer = session.trainer().unwrap();
     let before = trainer.evaluate_fixed(2).await.unwrap().reward;
     let start = trainer.pipeline.lora.params();
