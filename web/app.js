@@ -66,8 +66,9 @@ function showProgress({ phase, done, total }) {
   const bar = $("update-progress");
   bar.max = total;
   bar.value = done;
-  const what = phase === "sampling" ? "sampling step" : "backward step";
-  $("progress-text").textContent = `update ${state.updates + 1}: ${what} ${done} of ${total}`;
+  const what = { sampling: "sampling step", backward: "backward step", evaluating: "evaluation set, sampling step" }[phase] ?? phase;
+  const where = document.body.dataset.state === "training" ? `update ${state.updates + 1}: ` : "";
+  $("progress-text").textContent = `${where}${what} ${done} of ${total}`;
 }
 
 function setState(s) {
@@ -92,12 +93,27 @@ function clearError() {
 
 const fmt = (x, digits = 4) => (x === undefined || x === null ? "–" : Number(x).toFixed(digits));
 
-function rewardRows(names) {
+// Learned rewards and the weight files each needs (the CLI's --reward-model NAME=PATH).
+const NEEDS = {
+  "laion-aesthetic": ["clip", "laion-aesthetic"],
+  "clip-score": ["clip"],
+  pickscore: ["pickscore"],
+  hpsv2: ["hpsv2"],
+};
+const MODEL_LABEL = {
+  clip: "the CLIP folder",
+  "laion-aesthetic": "the aesthetic MLP file",
+  pickscore: "the PickScore folder",
+  hpsv2: "the HPSv2 folder or checkpoint file",
+};
+
+function rewardRows(names, learned = false) {
   const box = $("rewards");
   const colour = box.querySelector('label[for="target-color"]');
   for (const name of names) {
     const row = document.createElement("div");
-    row.className = "reward";
+    row.className = learned ? "reward learned" : "reward";
+    if (learned) row.title = `needs ${NEEDS[name].map((m) => MODEL_LABEL[m]).join(" and ")} (Reward model files)`;
     const check = document.createElement("input");
     check.type = "checkbox";
     check.id = `reward-${name}`;
@@ -186,6 +202,7 @@ function settingsKey() {
   return JSON.stringify([
     { ...readOptions($("device").value), trainSteps: 0, evalEvery: 0, checkpointEvery: 0 },
     $("model-folder").files.length,
+    [...document.querySelectorAll("#reward-models input[type=file]")].map((i) => [...i.files].map((f) => f.name).join()),
   ]);
 }
 
@@ -193,22 +210,72 @@ async function readFolder(input) {
   const files = [...input.files];
   if (files.length === 0) return null;
   const name = files[0].webkitRelativePath.split("/")[0] || "picked folder";
+  const rel = (f) => f.webkitRelativePath.split("/").slice(1).join("/") || f.name;
+  // Only what a pipeline or reward model needs: configs, tokenizer files, safetensors weights;
+  // PyTorch weights only where a folder has no safetensors (the run then says how to convert).
+  const hasSafetensors = files.some((f) => f.name.endsWith(".safetensors"));
+  const wanted = hasSafetensors ? /\.(json|txt|safetensors)$/ : /\.(json|txt|safetensors|bin|pt|pth|ckpt)$/;
   const out = [];
   for (const f of files) {
-    const rel = f.webkitRelativePath.split("/").slice(1).join("/") || f.name;
-    // Only what a diffusers pipeline needs: configs, tokenizer files, safetensors weights.
-    if (!/\.(json|txt|safetensors)$/.test(rel)) continue;
-    out.push([rel, new Uint8Array(await f.arrayBuffer())]);
+    if (!wanted.test(rel(f))) continue;
+    out.push([rel(f), new Uint8Array(await f.arrayBuffer())]);
   }
   return { name, files: out };
+}
+
+// The weight files of the learned rewards picked in the form (those the run needs, and the
+// tokenizer folder when given): [{role, name, files}] or [{role, name, bytes, openClipConfig}].
+async function readRewardModels(rewards) {
+  const names = rewards.map((spec) => spec.split("=")[0]);
+  const roles = new Set(names.flatMap((n) => NEEDS[n] ?? []));
+  if ($("reward-model-tokenizer").files.length) roles.add("tokenizer");
+  const out = [];
+  for (const role of roles) {
+    const folder = $(`reward-model-${role}`)?.webkitdirectory ? await readFolder($(`reward-model-${role}`)) : null;
+    if (folder) {
+      out.push({ role, ...folder });
+      continue;
+    }
+    // A single file: the aesthetic MLP, or an HPSv2 checkpoint (with its open_clip_config.json).
+    const picked = [...($(`reward-model-${role}-file`) ?? $(`reward-model-${role}`)).files];
+    const weights = picked.find((f) => !f.name.endsWith(".json"));
+    if (!weights) {
+      const who = names.filter((n) => (NEEDS[n] ?? []).includes(role));
+      throw new Error(`${who.join(", ")} needs ${MODEL_LABEL[role]}: pick it under "Reward model files".`);
+    }
+    const config = picked.find((f) => f.name.endsWith(".json"));
+    out.push({
+      role,
+      name: weights.name,
+      bytes: new Uint8Array(await weights.arrayBuffer()),
+      openClipConfig: config ? await config.text() : null,
+    });
+  }
+  return out;
 }
 
 // Opens a run in the worker (continuing `checkpoint`, {name, bytes}, when given); resolves to
 // its `RunInfo`.
 async function createTrainer(options, checkpoint) {
   const folder = await readFolder($("model-folder"));
-  const transfer = folder ? folder.files.map(([, bytes]) => bytes.buffer) : [];
-  return call("open", { options, folder, checkpoint }, transfer);
+  // A checkpoint's own rewards decide which files it needs.
+  const rewards = await readRewardModels(checkpoint ? await checkpointRewards(checkpoint.bytes) : options.rewards);
+  const transfer = [
+    ...(folder ? folder.files.map(([, bytes]) => bytes.buffer) : []),
+    ...rewards.flatMap((r) => (r.files ? r.files.map(([, b]) => b.buffer) : [r.bytes.buffer])),
+  ];
+  return call("open", { options, folder, checkpoint, rewards }, transfer);
+}
+
+// The reward specs in a checkpoint's metadata (its `config`), read from the safetensors header.
+async function checkpointRewards(bytes) {
+  try {
+    const n = Number(new DataView(bytes.buffer, bytes.byteOffset).getBigUint64(0, true));
+    const header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + n)));
+    return JSON.parse(header.__metadata__.config).rewards;
+  } catch {
+    return []; // the run reports what is wrong with the file
+  }
 }
 
 async function openTrainer(checkpoint = null) {
@@ -543,26 +610,40 @@ function offerKept(kept) {
   $("kept").hidden = false;
 }
 
+// The evaluation set at the slider's LoRA scale. Moving the slider again cancels the running
+// evaluation within a sampling step (through the shared Stop flag) and samples the new scale.
 let scaleBusy = false;
 let scaleWanted = null;
+state.scaleEvaluations = { done: 0, cancelled: 0 };
 async function onScale() {
   const s = Number($("scale").value);
   $("scale-value").textContent = s.toFixed(2);
   scaleWanted = s;
-  if (scaleBusy) return; // the running evaluation picks up the latest value when it ends
+  if (scaleBusy) {
+    if (state.cancel) Atomics.store(state.cancel, 0, 1);
+    return; // the loop below picks up the latest value
+  }
   scaleBusy = true;
   try {
     while (scaleWanted !== null) {
       const scale = scaleWanted;
       scaleWanted = null;
+      if (state.cancel) Atomics.store(state.cancel, 0, 0);
       status(`Sampling with the LoRA at scale ${scale.toFixed(2)}…`);
-      const ev = await evaluate(scale);
-      status(`LoRA scale ${scale.toFixed(2)}: evaluation reward ${fmt(ev.reward)}.`);
+      try {
+        const ev = await evaluate(scale);
+        state.scaleEvaluations.done += 1;
+        status(`LoRA scale ${scale.toFixed(2)}: evaluation reward ${fmt(ev.reward)}.`);
+      } catch (e) {
+        if (e.message !== "cancelled" || scaleWanted === null) throw e;
+        state.scaleEvaluations.cancelled += 1;
+      }
     }
   } catch (e) {
     showError(e);
   } finally {
     scaleBusy = false;
+    $("progress-row").hidden = true;
   }
 }
 
@@ -588,6 +669,7 @@ async function main() {
   }
   watchFrames();
   rewardRows(hello.rewards);
+  rewardRows(hello.learned, true);
   $("prompts").value = hello.prompts.join("\n");
   if (!("gpu" in navigator)) {
     $("device").value = "cpu";
@@ -617,7 +699,18 @@ async function main() {
   $("scale").addEventListener("input", onScale);
   $("train").disabled = false;
   $("open-checkpoint").disabled = false;
+  showLimits(hello.adapter);
   setState("idle");
+}
+
+// What the WebGPU adapter can hold; the run refuses a model, reward or batch over it.
+function showLimits(a) {
+  const mib = (b) => `${(b / 2 ** 20).toFixed(0)} MiB`;
+  $("limits").textContent = a
+    ? `WebGPU adapter${a.name ? ` (${a.name})` : ""}: maxBufferSize ${mib(a.maxBufferSize)}, ` +
+      `maxStorageBufferBindingSize ${mib(a.maxStorageBufferBindingSize)}, shader-f16 ${a.shaderF16 ? "yes" : "no"}. ` +
+      "A model, reward model or batch needing a larger buffer is refused before loading; weights are kept in f32."
+    : "No WebGPU adapter: the CPU backend has no buffer limits (but is slow).";
 }
 
 main();

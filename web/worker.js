@@ -8,7 +8,7 @@
 // `draft train`'s checkpoint.safetensors, written whenever the run policy hands one back),
 // draft-run/run.json (the options, the history the page draws, the model's name) and
 // draft-run/model/… (a picked model folder's files, so a resume does not ask for it again).
-import init, { WebTrainer, RunFiles, defaultPrompts, rewardNames } from "./pkg/draft_web.js";
+import init, { WebTrainer, RunFiles, defaultPrompts, rewardNames, learnedRewardNames } from "./pkg/draft_web.js";
 
 const ready = init();
 let trainer = null;
@@ -68,11 +68,16 @@ async function saveRecord(dir) {
   await writeFile(dir, "run.json", new TextEncoder().encode(JSON.stringify(record)));
 }
 
-// A new run replaces the stored one: its model files now, its checkpoints as they come.
-async function storeNewRun(folder, checkpoint) {
+// A new run replaces the stored one: its model and reward files now, its checkpoints as they
+// come.
+async function storeNewRun(folder, checkpoint, rewards) {
   await forget();
   const dir = await runDir(true);
   if (folder) for (const [path, bytes] of folder.files) await writeFile(dir, `model/${path}`, bytes);
+  for (const r of rewards) {
+    if (r.files) for (const [path, bytes] of r.files) await writeFile(dir, `rewards/${r.role}/${path}`, bytes);
+    else await writeFile(dir, `rewards/${r.role}/weights`, r.bytes);
+  }
   if (checkpoint) await writeFile(dir, "checkpoint.safetensors", checkpoint.bytes);
   await saveRecord(dir);
 }
@@ -96,13 +101,43 @@ function watchProgress() {
   });
 }
 
-async function openRun({ options, folder, checkpoint }) {
+// What the WebGPU adapter can hold (Burn asks for the adapter's own limits), for the page to
+// show and the run to check before loading; null without WebGPU.
+let adapterInfo;
+async function adapter() {
+  if (adapterInfo !== undefined) return adapterInfo;
+  adapterInfo = null;
+  try {
+    const a = await navigator.gpu?.requestAdapter({ powerPreference: "high-performance" });
+    if (a) {
+      adapterInfo = {
+        maxBufferSize: a.limits.maxBufferSize,
+        maxStorageBufferBindingSize: a.limits.maxStorageBufferBindingSize,
+        shaderF16: a.features.has("shader-f16"),
+        name: [a.info?.vendor, a.info?.architecture, a.info?.description].filter((x) => x).join(" "),
+      };
+    }
+  } catch {
+    // No adapter: the CPU backend.
+  }
+  return adapterInfo;
+}
+
+// rewards: [{role, name, files: [[path, bytes]]}] (a folder) or [{role, name, bytes,
+// openClipConfig}] (a single weights file).
+async function openRun({ options, folder, checkpoint, rewards = [] }) {
   trainer?.free();
   trainer = null;
   record = null;
   const files = new RunFiles();
   if (folder) for (const [path, bytes] of folder.files) files.addModelFile(folder.name, path, bytes);
   if (checkpoint) files.setCheckpoint(checkpoint.name, checkpoint.bytes);
+  for (const r of rewards) {
+    if (r.files) for (const [path, bytes] of r.files) files.addRewardFile(r.role, r.name, path, bytes);
+    else files.setRewardWeights(r.role, r.name, r.bytes, r.openClipConfig ?? undefined);
+  }
+  const limits = options.device === "webgpu" ? await adapter() : null;
+  if (limits) files.setBufferLimit(Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize));
   trainer = await WebTrainer.open(JSON.stringify(options), files);
   watchProgress();
   return trainer.info();
@@ -129,21 +164,23 @@ const handlers = {
     if (typeof navigator.storage?.getDirectory !== "function") {
       storeError = "this browser keeps no runs (it has no origin-private file system)";
     }
-    return { prompts: defaultPrompts(), rewards: rewardNames(), kept, storeError };
+    return { prompts: defaultPrompts(), rewards: rewardNames(), learned: learnedRewardNames(), kept, storeError, adapter: await adapter() };
   },
   // A new run: the embedded model or a picked folder's files ([path, bytes] pairs), and a
   // checkpoint ({name, bytes}) to continue. Kept in OPFS when the options checkpoint.
-  async open({ options, folder, checkpoint }) {
-    const info = await openRun({ options, folder, checkpoint });
+  async open({ options, folder, checkpoint, rewards = [] }) {
+    const info = await openRun({ options, folder, checkpoint, rewards });
     if (info.options.checkpointEvery > 0) {
       record = {
         options: info.options,
         model: folder ? folder.name : null,
+        // How to rebuild the reward sources from rewards/<role>/.
+        rewards: rewards.map((r) => ({ role: r.role, name: r.name, folder: Boolean(r.files), openClipConfig: r.openClipConfig ?? null })),
         step: info.step,
         savedAt: Date.now(),
         history: { before: info.before ?? null, steps: [], evals: [] },
       };
-      await stored(() => storeNewRun(folder, checkpoint));
+      await stored(() => storeNewRun(folder, checkpoint, rewards));
     }
     return { ...info, storeError };
   },
@@ -157,7 +194,13 @@ const handlers = {
       const modelDir = await dir.getDirectoryHandle("model");
       folder = { name: kept.model, files: await readTree(modelDir) };
     }
-    const info = await openRun({ options: { ...kept.options, device }, folder, checkpoint });
+    const rewards = [];
+    for (const r of kept.rewards ?? []) {
+      const roleDir = await (await dir.getDirectoryHandle("rewards")).getDirectoryHandle(r.role);
+      if (r.folder) rewards.push({ role: r.role, name: r.name, files: await readTree(roleDir) });
+      else rewards.push({ role: r.role, name: r.name, bytes: await readFile(roleDir, "weights"), openClipConfig: r.openClipConfig });
+    }
+    const info = await openRun({ options: { ...kept.options, device }, folder, checkpoint, rewards });
     record = kept;
     // The history up to the checkpoint (a closed tab may have drawn past it).
     const h = record.history;

@@ -276,6 +276,48 @@ async function resumeAndRoundTrip() {
   return out;
 }
 
+// --- A learned reward picked in the page ------------------------------------------------------
+// LAION aesthetic on the tiny CLIP fixture: a CLIP folder and an aesthetic MLP file picked as a
+// user would, trained on the CPU backend; the evaluation set before training scores what the
+// native session does (crates/draft-web/tests/common: AESTHETIC_NATIVE).
+const AESTHETIC_NATIVE_BEFORE = -0.421916;
+
+async function learnedReward() {
+  const fixtures = resolve(here, "../fixtures");
+  const page = await browser.newPage({ viewport: { width: 1280, height: 1100 } });
+  page.on("pageerror", (e) => log(`learned-reward page: error: ${e.message}`));
+  await page.goto(url);
+  await page.waitForSelector("body[data-state=idle]", { timeout: 60_000 });
+  await fillRun(page);
+  await page.fill("#train-steps", "2");
+  await page.fill("#checkpoint-every", "0");
+  await page.uncheck("#reward-colorfulness");
+  await page.check("#reward-laion-aesthetic");
+  await page.setInputFiles("#reward-model-clip", join(fixtures, "clip-tiny"));
+  await page.setInputFiles("#reward-model-laion-aesthetic", join(fixtures, "rewards/aesthetic-tiny.safetensors"));
+  await page.evaluate(() => setTimeout(() => document.getElementById("train").click(), 0));
+  await settled(page);
+  const out = await page.evaluate(() => ({
+    state: document.body.dataset.state,
+    error: document.getElementById("error").textContent,
+    reward: window.draft.info?.reward,
+    before: window.draft.before?.reward,
+    updates: window.draft.updates,
+    limits: document.getElementById("limits").textContent,
+  }));
+  await page.close();
+  log(`learned reward: ${JSON.stringify(out)}`);
+  if (out.state !== "done" || out.updates !== 2) fail(`learned reward: state ${out.state} at ${out.updates} updates (${out.error})`);
+  else {
+    if (!/laion-aesthetic/.test(out.reward)) fail(`learned reward: the run trains on ${out.reward}`);
+    if (!(Math.abs(out.before - AESTHETIC_NATIVE_BEFORE) <= 1e-4)) {
+      fail(`learned reward: evaluation reward ${out.before} before training, natively ${AESTHETIC_NATIVE_BEFORE}`);
+    }
+  }
+  if (!out.limits) fail("the page does not say what the adapter can hold");
+  return out;
+}
+
 const server = await serve();
 const url = `http://127.0.0.1:${server.address().port}/`;
 const browser = await launch();
@@ -352,10 +394,35 @@ try {
     }));
     stop.seconds = (Date.now() - pressed) / 1000;
   }
+  // The LoRA-scale slider: moved again during its evaluation, the running one is cancelled
+  // within a sampling step and the new scale sampled.
+  let slider = null;
+  if (stop?.state === "done") {
+    const move = (v) => page.evaluate((v) => {
+      const s = document.getElementById("scale");
+      s.value = String(v);
+      s.dispatchEvent(new Event("input"));
+    }, v);
+    await page.evaluate(() => { window.draft.progressEvents = 0; });
+    await move(0.5);
+    await page.waitForFunction(() => window.draft.progressEvents > 0, null, { timeout, polling: 20 });
+    const moved = Date.now();
+    await move(0);
+    await page.waitForFunction(() => window.draft.scaleEvaluations.done + window.draft.scaleEvaluations.cancelled >= 1, null, { timeout, polling: 20 });
+    const answered = (Date.now() - moved) / 1000;
+    await page.waitForFunction(() => window.draft.scaleEvaluations.done >= 1, null, { timeout, polling: 50 });
+    slider = await page.evaluate(() => ({
+      ...window.draft.scaleEvaluations,
+      error: document.getElementById("error").textContent,
+      label: document.getElementById("scale-value").textContent,
+    }));
+    slider.secondsToAnswer = answered;
+  }
   await mkdir(dirname(args.screenshot), { recursive: true });
   await page.screenshot({ path: args.screenshot, fullPage: true });
   log(`screenshot: ${args.screenshot}`);
   const resume = result.state === "done" ? await resumeAndRoundTrip() : null;
+  const learned = result.state === "done" ? await learnedReward() : null;
 
   const last = result.evals.at(-1);
   const figures = {
@@ -375,8 +442,13 @@ try {
     crossOriginIsolated: result.isolated,
     // Seconds from Stop to the page idle again, mid-update.
     stopSeconds: stop?.seconds,
+    // The slider moved during its evaluation: evaluations done and cancelled, and the seconds
+    // from the second move to the first one's end.
+    slider,
     // The run kept across a reload, and the checkpoint round trip with `draft train`.
     resume,
+    // LAION aesthetic (tiny CLIP) picked in the page.
+    learned,
     // What the page downloads: every file as sent (compressed) and its size on disk.
     transferredBytes: [...transferred.values()].reduce((a, f) => a + f.sent, 0),
     uncompressedBytes: [...transferred.values()].reduce((a, f) => a + f.size, 0),
@@ -401,6 +473,11 @@ try {
       fail(`Stop within an update: ${JSON.stringify(stop)} (wanted state done at ${result.updates} updates)`);
     } else if (!(stop.seconds < 0.75 * figures.meanSecondsAfterFirst + 1)) {
       fail(`Stop took ${stop.seconds} s, an update takes ${figures.meanSecondsAfterFirst} s`);
+    }
+    if (!slider || slider.cancelled !== 1 || slider.done !== 1 || slider.error || slider.label !== "0.00") {
+      fail(`the slider moved during its evaluation: ${JSON.stringify(slider)} (wanted one cancelled, one done)`);
+    } else if (!(slider.secondsToAnswer < 0.75 * figures.meanSecondsAfterFirst + 1)) {
+      fail(`the slider's cancellation took ${slider.secondsToAnswer} s, an update takes ${figures.meanSecondsAfterFirst} s`);
     }
     // The trainer runs in a worker: the page keeps drawing during an update.
     if (!(result.maxFrameGap > 0 && result.maxFrameGap < MAX_FRAME_GAP_MS)) {
