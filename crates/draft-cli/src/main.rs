@@ -3,6 +3,7 @@
 //! `draft-core`.
 
 mod compare;
+mod convert;
 mod device;
 mod files;
 mod images;
@@ -44,6 +45,9 @@ enum Command {
     Compare(compare::CompareArgs),
     /// Score PNG images, or freshly sampled ones, with any reward and print a table.
     Score(score::ScoreArgs),
+    /// Convert a PyTorch weights file (.pt, .pth, .bin, .ckpt) to safetensors, for the browser
+    /// page (which reads no pickles).
+    Convert(convert::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +63,7 @@ fn main() -> ExitCode {
         Command::Pretrain(args) => pretrain::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Score(args) => score::run(args),
+        Command::Convert(args) => convert::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
