@@ -303,6 +303,8 @@ function deviceKind() {
 // kept run carries).
 function adoptRun(info, history = null) {
   state.info = info;
+  // A new run replaces the kept one.
+  $("kept").hidden = true;
   fillForm(info.options);
   state.settingsKey = settingsKey();
   state.steps = history?.steps ?? [];
@@ -316,6 +318,7 @@ function adoptRun(info, history = null) {
   showAdapter(info);
   showFigures();
   showStore(info.storeError);
+  if (info.notes?.length) status(info.notes.join(" "));
 }
 
 function showStore(error) {

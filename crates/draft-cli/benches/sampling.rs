@@ -114,7 +114,7 @@ fn bench(
     );
 
     let t0 = Instant::now();
-    let out = sample(unet, &ddim, 0.0, x, &cond, |_| None, |_, _| {});
+    let out = sample(unet, &ddim, 0.0, x, &cond, |_| None, |_, _| true).unwrap();
     device.sync().unwrap();
     let total = t0.elapsed().as_secs_f64();
     drop(out);
