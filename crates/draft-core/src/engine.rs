@@ -284,23 +284,29 @@ impl<'p> Engine<'p> {
         self.ddim.step(&c, out, x, noise)
     }
 
-    /// Decodes `z` with a graph, scores it and returns `(∂(w·loss)/∂z, rewards, loss)`.
+    /// Decodes `z`, scores it and returns `(∂(w·loss)/∂z, rewards, loss)`. The decode is
+    /// checkpointed ([`Pipeline::decode_chain`]): it runs without a graph, the reward with one,
+    /// and the decoder's vector–Jacobian product is taken one resnet at a time — at 512² the
+    /// whole decoder's graph would be gigabytes.
     async fn reward_grad(
         &self,
         z: Tensor<4>,
         weight: f64,
         texts: &[String],
     ) -> Result<(Tensor<4>, Vec<f32>, f32)> {
-        let z = z.autodiff().require_grad();
-        let images = self.pipeline.decode(z.clone());
-        let rewards = self.reward.score(images, texts)?;
+        let decoder = self.pipeline.decode_chain();
+        let (images, kept) = decoder.forward(z);
+        let images = images.autodiff().require_grad();
+        let rewards = self.reward.score(images.clone(), texts)?;
         let loss = -rewards.clone().mean();
         let (values, _) = crate::read_f32(rewards.clone().without_autodiff()).await?;
         let loss_value = crate::read_f32(loss.clone().without_autodiff()).await?.0[0];
         let grads = (loss * weight).backward();
-        let g = z.grad(&grads).ok_or_else(|| {
-            Error::Device("the reward has no gradient with respect to the latents".into())
+        let g = images.grad(&grads).ok_or_else(|| {
+            Error::Device("the reward has no gradient with respect to the images".into())
         })?;
+        drop(grads);
+        let g = decoder.vjp(kept, g, |_| {})?;
         Ok((g, values, loss_value))
     }
 }

@@ -464,11 +464,21 @@ impl Pipeline {
     /// Latents → image in [0, 1], [B, 3, H, W]: `(vae.decode(z / scale) / 2 + 0.5).clamp(0, 1)`
     /// (pixel space: `(x / 2 + 0.5).clamp(0, 1)`).
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
-        let x = match (&self.vae, &self.vae_config) {
-            (Some(vae), Some(c)) => vae.decode(latents / c.scaling_factor),
-            _ => latents,
-        };
-        (x / 2.0 + 0.5).clamp(0.0, 1.0)
+        self.decode_chain().apply(latents)
+    }
+
+    /// [`decode`](Self::decode) as a chain of segments (per resnet of the VAE decoder), whose
+    /// gradient [`SegmentChain::vjp`](crate::checkpoint::SegmentChain::vjp) takes with one
+    /// segment's activations at a time.
+    pub fn decode_chain(&self) -> crate::checkpoint::SegmentChain<'_> {
+        let to_image = |x: Tensor<4>| (x / 2.0 + 0.5).clamp(0.0, 1.0);
+        match (&self.vae, &self.vae_config) {
+            (Some(vae), Some(c)) => {
+                let scale = c.scaling_factor;
+                vae.decode_chain(move |z| z / scale, to_image)
+            }
+            _ => crate::checkpoint::SegmentChain::new(vec![Box::new(to_image)]),
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use burn::tensor::activation::silu;
 use serde::Deserialize;
 
 use super::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
+use crate::checkpoint::{Segment, SegmentChain};
 use crate::error::{Error, Result};
 use crate::nn::{
     Conv2d, GroupNorm, Linear, merge_heads, scaled_dot_product_attention, split_heads,
@@ -383,17 +384,30 @@ impl Decoder {
         })
     }
 
-    fn forward(&self, z: Tensor<4>) -> Tensor<4> {
-        let mut x = self.mid_block.forward(self.conv_in.forward(z));
+    /// The decoder as a chain of segments, for [`SegmentChain`]: `pre` and `conv_in`, the mid
+    /// block, every resnet and upsampler of the up blocks, then the output head and `post`.
+    /// Checkpointed, the largest graph kept is one resnet's at the output resolution.
+    fn segments<'a>(
+        &'a self,
+        pre: impl Fn(Tensor<4>) -> Tensor<4> + 'a,
+        post: impl Fn(Tensor<4>) -> Tensor<4> + 'a,
+    ) -> Vec<Segment<'a>> {
+        let mut out: Vec<Segment<'a>> = vec![
+            Box::new(move |z| self.conv_in.forward(pre(z))),
+            Box::new(move |x| self.mid_block.forward(x)),
+        ];
         for block in &self.up_blocks {
             for r in &block.resnets {
-                x = r.forward(x, None);
+                out.push(Box::new(move |x| r.forward(x, None)));
             }
             for u in &block.upsamplers {
-                x = u.forward(x, None);
+                out.push(Box::new(move |x| u.forward(x, None)));
             }
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        out.push(Box::new(move |x| {
+            post(self.conv_out.forward(silu(self.conv_norm_out.forward(x))))
+        }));
+        out
     }
 }
 
@@ -446,10 +460,22 @@ impl AutoencoderKL {
 
     /// `vae.decode(z).sample`, in [-1, 1] for a trained VAE (`z` already divided by the scale).
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
-        let z = match &self.post_quant_conv {
-            Some(q) => q.forward(z),
-            None => z,
-        };
-        self.decoder.forward(z)
+        self.decode_chain(|z| z, |x| x).apply(z)
+    }
+
+    /// [`decode`](Self::decode) as a chain of segments, with `pre` applied to the latents first
+    /// and `post` to the image last.
+    pub fn decode_chain<'a>(
+        &'a self,
+        pre: impl Fn(Tensor<4>) -> Tensor<4> + 'a,
+        post: impl Fn(Tensor<4>) -> Tensor<4> + 'a,
+    ) -> SegmentChain<'a> {
+        SegmentChain::new(self.decoder.segments(
+            move |z| match &self.post_quant_conv {
+                Some(q) => q.forward(pre(z)),
+                None => pre(z),
+            },
+            post,
+        ))
     }
 }

@@ -1,0 +1,72 @@
+//! Gradient checkpointing of a chain of segments: `f = f_n ∘ … ∘ f_1` runs forward without a
+//! graph, keeping only each segment's input; its vector–Jacobian product is taken from the last
+//! segment back, each segment recomputed *with* a graph and back-propagated alone
+//! (`∂⟨f_k(x_k), g_k⟩/∂x_k`). Peak memory is one segment's activations plus the kept inputs, for
+//! one more forward of the chain. The differentiable sampler does the same over its DDIM steps
+//! (`engine.rs`); the VAE decoder is chained this way per resnet / upsampler
+//! ([`crate::Pipeline::decode_chain`]).
+
+use burn::prelude::*;
+use burn::tensor::Gradients;
+
+use crate::error::{Error, Result};
+
+/// One segment: a function of a 4-D tensor, applied to plain tensors (forward) and to
+/// autodiff tensors (recomputation).
+pub type Segment<'a> = Box<dyn Fn(Tensor<4>) -> Tensor<4> + 'a>;
+
+/// A function as a chain of segments.
+pub struct SegmentChain<'a> {
+    pub segments: Vec<Segment<'a>>,
+}
+
+/// What [`SegmentChain::forward`] keeps for the backward: each segment's input.
+pub struct Kept {
+    inputs: Vec<Tensor<4>>,
+}
+
+impl<'a> SegmentChain<'a> {
+    pub fn new(segments: Vec<Segment<'a>>) -> Self {
+        Self { segments }
+    }
+
+    /// The chain applied to `x` in one go (with a graph when `x` has one).
+    pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        self.segments.iter().fold(x, |x, f| f(x))
+    }
+
+    /// The chain without a graph; returns the output and the segments' inputs.
+    pub fn forward(&self, x: Tensor<4>) -> (Tensor<4>, Kept) {
+        let mut inputs = Vec::with_capacity(self.segments.len());
+        let mut x = x;
+        for f in &self.segments {
+            inputs.push(x.clone());
+            x = f(x);
+        }
+        (x, Kept { inputs })
+    }
+
+    /// `(∂⟨f(x), g⟩/∂x)`: the gradient with respect to the chain's input of the scalar whose
+    /// gradient with respect to its output is `g`; `on_grads` sees each segment's gradients
+    /// (for parameters that are autodiff leaves inside a segment).
+    pub fn vjp(
+        &self,
+        kept: Kept,
+        g: Tensor<4>,
+        mut on_grads: impl FnMut(&Gradients),
+    ) -> Result<Tensor<4>> {
+        let mut g = g;
+        for (k, (f, x)) in self.segments.iter().zip(kept.inputs).enumerate().rev() {
+            let x = x.autodiff().require_grad();
+            let y = f(x.clone());
+            let grads = (y * g).sum().backward();
+            on_grads(&grads);
+            g = x.grad(&grads).ok_or_else(|| {
+                Error::Device(format!(
+                    "segment {k} of a checkpointed chain has no gradient with respect to its input"
+                ))
+            })?;
+        }
+        Ok(g)
+    }
+}
