@@ -4,7 +4,6 @@
 
 mod common;
 
-use burn::prelude::*;
 use common::{devices, fixtures, read_model, rel_err, values};
 use draft_core::Pipeline;
 use draft_core::noise::NoiseRng;
