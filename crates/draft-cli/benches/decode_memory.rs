@@ -33,11 +33,20 @@ fn main() {
         return;
     }
     let modes = flag("--modes").unwrap_or_else(|| "whole,chain".into());
-    println!("| decode + reward backward | image | batch | weights (MiB) | peak growth over the weights (MiB) | s / pass |");
+    println!(
+        "| decode + reward backward | image | batch | weights (MiB) | peak growth over the weights (MiB) | s / pass |"
+    );
     println!("|---|---|---|---|---|---|");
     for mode in modes.split(',') {
         let out = Command::new(std::env::current_exe().unwrap())
-            .args(["--case", mode, "--batch", &batch.to_string(), "--side", &side.to_string()])
+            .args([
+                "--case",
+                mode,
+                "--batch",
+                &batch.to_string(),
+                "--side",
+                &side.to_string(),
+            ])
             .output()
             .expect("runs itself");
         let text = String::from_utf8_lossy(&out.stdout);
@@ -45,7 +54,10 @@ fn main() {
             Some(row) if out.status.success() => println!("{row}"),
             _ => println!(
                 "| {mode} | {side}² | {batch} | – | failed: {} | – |",
-                String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or("")
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
             ),
         }
     }
@@ -64,12 +76,14 @@ fn rss_mib(field: &str) -> f64 {
 
 fn run_case(mode: &str, batch: usize, side: usize) {
     let device = Device::flex();
-    let config =
-        AutoencoderKLConfig::from_json("sd14_vae_config.json", include_str!("sd14_vae_config.json"))
-            .unwrap();
+    let config = AutoencoderKLConfig::from_json(
+        "sd14_vae_config.json",
+        include_str!("sd14_vae_config.json"),
+    )
+    .unwrap();
     let vae = AutoencoderKL::load(VarBuilder::random(3, &device), &config).unwrap();
-    let reward = WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default())
-        .unwrap();
+    let reward =
+        WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default()).unwrap();
     let latent = side / 8;
     let z = NoiseRng::new(1).randn([batch, config.latent_channels, latent, latent], &device);
     let prompts = vec![String::new(); batch];

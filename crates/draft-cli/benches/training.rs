@@ -12,6 +12,9 @@
 //! checkpointed, as ours), at each of `--torch-threads` (default 1,2), and ends with a table of
 //! our time over PyTorch's best time for each case.
 //!
+//! `--weights-dtype f16` keeps the UNet's (and for sd1-tiny the whole pipeline's) weight matrices
+//! and kernels in f16 (`Pipeline::load_with`); the rows say so.
+//!
 //! `--reward aesthetic-l14` scores with the LAION aesthetic reward on a random CLIP ViT-L/14
 //! vision tower (304 M parameters, 224×224 input) instead of colourfulness: the memory a
 //! learned reward adds to a step, and whether it still stays flat in K.
@@ -97,6 +100,9 @@ fn main() {
                     let case = format!("{dev}:{model}:{steps}:{m}:{reward}");
                     let mut cmd = Command::new(std::env::current_exe().unwrap());
                     cmd.args(["--case", &case]);
+                    if let Some(d) = flag("--weights-dtype") {
+                        cmd.env("DRAFT_BENCH_WEIGHTS_DTYPE", d);
+                    }
                     if let Some(t) = t {
                         cmd.env("RAYON_NUM_THREADS", t);
                     }
@@ -233,9 +239,19 @@ fn run_case(case: &str) {
         Ok::<_, ()>(std::fs::read(dir.join(rel)).ok())
     })
     .unwrap();
-    let mut pipe =
-        Pipeline::load_with_lora(&files, &device, &LoraSetup::Targets(vec![LoraTarget::Attn]))
-            .unwrap();
+    let f16 = std::env::var("DRAFT_BENCH_WEIGHTS_DTYPE").as_deref() == Ok("f16");
+    let weights_dtype = if f16 {
+        burn::tensor::FloatDType::F16
+    } else {
+        burn::tensor::FloatDType::F32
+    };
+    let mut pipe = Pipeline::load_with(
+        &files,
+        &device,
+        &LoraSetup::Targets(vec![LoraTarget::Attn]),
+        weights_dtype,
+    )
+    .unwrap();
     let mut size = pipe.unet_config.sample_size;
     if model == "sd14" {
         let config = UNet2DConditionConfig::from_json(
@@ -244,11 +260,9 @@ fn run_case(case: &str) {
         )
         .unwrap();
         let table = LoraTable::new();
-        let vb = VarBuilder::random(0, &device).with_lora(Some(LoraPlan::targets(
-            &table,
-            "unet",
-            &[LoraTarget::Attn],
-        )));
+        let vb = VarBuilder::random(0, &device)
+            .with_weights_dtype(weights_dtype)
+            .with_lora(Some(LoraPlan::targets(&table, "unet", &[LoraTarget::Attn])));
         pipe.unet = UNet2DConditionModel::load(vb, &config, "sd14").unwrap();
         let text = CLIPTextConfig::from_json(
             "text",
@@ -352,6 +366,11 @@ fn run_case(case: &str) {
         "SD-1.4 UNet (random) 32×32"
     } else {
         "sd1-tiny 16×16"
+    };
+    let model_name = if f16 {
+        format!("{model_name}, f16 weights")
+    } else {
+        model_name.to_string()
     };
     let model_name = if reward_name == "aesthetic-l14" {
         format!("{model_name} + aesthetic on CLIP ViT-L/14")

@@ -44,6 +44,28 @@ pub fn cpu_threads(threads: Option<usize>) -> Result<()> {
         .context("cannot start the CPU backend's thread pool")
 }
 
+/// `--weights-dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightsDtype {
+    F32,
+    F16,
+}
+
+static WEIGHTS_DTYPE: std::sync::OnceLock<WeightsDtype> = std::sync::OnceLock::new();
+
+/// Sets `--weights-dtype` for the process (once, from `main`).
+pub fn set_weights_dtype(d: WeightsDtype) {
+    let _ = WEIGHTS_DTYPE.set(d);
+}
+
+/// The dtype the diffusion model's weight matrices and kernels are kept in.
+pub fn weights_dtype() -> burn::tensor::FloatDType {
+    match WEIGHTS_DTYPE.get() {
+        Some(WeightsDtype::F16) => burn::tensor::FloatDType::F16,
+        _ => burn::tensor::FloatDType::F32,
+    }
+}
+
 /// The number of threads the CPU backend runs on.
 pub fn cpu_thread_count() -> usize {
     rayon::current_num_threads()

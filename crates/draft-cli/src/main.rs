@@ -29,6 +29,12 @@ struct Cli {
     /// Default: `RAYON_NUM_THREADS` when set, else one per logical core.
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
+    /// How the diffusion model's frozen weight matrices and kernels are kept: f16 halves their
+    /// resident memory (layers still compute in f32; LoRA weights, gradients and the optimizer
+    /// state stay f32). Training's peak is not lower yet: a back-propagated step keeps f32
+    /// copies of the weights it uses.
+    #[arg(long, global = true, value_enum, default_value = "f32")]
+    weights_dtype: device::WeightsDtype,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,6 +59,7 @@ enum Command {
 fn main() -> ExitCode {
     device::quiet_headless_wayland();
     let cli = Cli::parse();
+    device::set_weights_dtype(cli.weights_dtype);
     if let Err(e) = device::cpu_threads(cli.threads) {
         eprintln!("error: {e:#}");
         return ExitCode::FAILURE;

@@ -179,7 +179,12 @@ pub fn run(a: ScoreArgs) -> Result<()> {
                 loras.push((LoraFile::parse(&name, &files::read(&path)?)?, scale));
             }
             let setup = LoraSetup::Files(loras.iter().map(|(f, s)| (f, *s)).collect());
-            let pipe = Pipeline::load_with_lora(model.as_ref().expect("set"), &device, &setup)?;
+            let pipe = Pipeline::load_with(
+                model.as_ref().expect("set"),
+                &device,
+                &setup,
+                crate::device::weights_dtype(),
+            )?;
             let size = pipe.default_image_size();
             let [c, h, w] = pipe.latent_shape(size, size)?;
             let prompts: Vec<String> = (0..n).map(prompt_of).collect();

@@ -80,7 +80,11 @@ pub fn attention_scores(
         let shape = [batch * 2, resolved.num_heads[i], n, n];
         let bytes = shape.iter().fold(4u64, |b, &d| b.saturating_mul(d as u64));
         if best.as_ref().is_none_or(|b| bytes > b.2) {
-            best = Some((format!("down_blocks.{i} self-attention scores"), shape, bytes));
+            best = Some((
+                format!("down_blocks.{i} self-attention scores"),
+                shape,
+                bytes,
+            ));
         }
     }
     Ok(best)
@@ -203,8 +207,13 @@ mod tests {
         assert_eq!(shape, [2, 8, 4096, 4096]);
         assert_eq!(bytes, 1 << 30);
         assert!(what.starts_with("down_blocks.0"), "{what}");
-        let err = check_attention(&unet, [64, 64], 1, 128 << 20).unwrap_err().to_string();
-        assert!(err.contains("1024.0 MiB") && err.contains("128.0 MiB"), "{err}");
+        let err = check_attention(&unet, [64, 64], 1, 128 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("1024.0 MiB") && err.contains("128.0 MiB"),
+            "{err}"
+        );
         // 32×32 latents (256²): [2, 8, 1024, 1024] = 64 MiB fits.
         check_attention(&unet, [32, 32], 1, 128 << 20).unwrap();
     }

@@ -8,6 +8,7 @@ use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::module::{conv2d, embedding, layer_norm, linear};
 use burn::tensor::ops::ConvOptions;
+use burn::tensor::{DType, FloatDType};
 
 use crate::error::Result;
 use crate::lora::{LoraKind, LoraSlot};
@@ -19,6 +20,16 @@ use crate::var_builder::VarBuilder;
 /// refuses to mark.
 pub fn param<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
     Param::initialized(burn::module::ParamId::new(), t)
+}
+
+/// A stored weight as the layers compute with it: f32 (weights kept in f16 are cast per use;
+/// the f32 copy lives for one op).
+pub fn compute_weight<const D: usize>(w: Tensor<D>) -> Tensor<D> {
+    if w.dtype() == DType::F32 {
+        w
+    } else {
+        w.cast(FloatDType::F32)
+    }
 }
 
 /// `torch.nn.Linear`. The weight is kept as `[in, out]` (Burn's layout): it is transposed once
@@ -34,7 +45,7 @@ pub struct Linear {
 
 impl Linear {
     pub fn load(vb: VarBuilder, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get("weight", [d_out, d_in])?.transpose();
+        let weight = vb.get_weight("weight", [d_out, d_in])?.transpose();
         let bias = if bias {
             Some(param(vb.get("bias", [d_out])?))
         } else {
@@ -50,7 +61,7 @@ impl Linear {
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let y = linear(
             x.clone(),
-            self.weight.val(),
+            compute_weight(self.weight.val()),
             self.bias.as_ref().map(|b| b.val()),
         );
         match &self.lora {
@@ -95,7 +106,7 @@ impl Conv2d {
         padding: (usize, usize),
         bias: bool,
     ) -> Result<Self> {
-        let weight = vb.get("weight", [c_out, c_in, kernel, kernel])?;
+        let weight = vb.get_weight("weight", [c_out, c_in, kernel, kernel])?;
         let bias = if bias {
             Some(param(vb.get("bias", [c_out])?))
         } else {
@@ -126,7 +137,7 @@ impl Conv2d {
         );
         let y = conv2d(
             x.clone(),
-            self.weight.val(),
+            compute_weight(self.weight.val()),
             self.bias.as_ref().map(|b| b.val()),
             options.clone(),
         );
@@ -208,12 +219,13 @@ pub struct Embedding {
 impl Embedding {
     pub fn load(vb: VarBuilder, num: usize, dim: usize) -> Result<Self> {
         Ok(Self {
-            weight: param(vb.get("weight", [num, dim])?),
+            weight: param(vb.get_weight("weight", [num, dim])?),
         })
     }
 
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        embedding(self.weight.val(), ids)
+        // The rows looked up, then cast: not the whole table.
+        compute_weight(embedding(self.weight.val(), ids))
     }
 }
 

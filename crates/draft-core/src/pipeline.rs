@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 
 use crate::error::{Error, Result};
 use crate::lora::{LoraFile, LoraPlan, LoraTable, LoraTarget};
@@ -306,6 +307,24 @@ impl Pipeline {
 
     /// Loads the pipeline with LoRA slots on the layers `lora` selects.
     pub fn load_with_lora(files: &ModelFiles, device: &Device, lora: &LoraSetup) -> Result<Self> {
+        Self::load_with(files, device, lora, FloatDType::F32)
+    }
+
+    /// [`load_with_lora`](Self::load_with_lora) with the frozen weight matrices and kernels of
+    /// the UNet, VAE and text encoder kept in `weights_dtype` (f16: half the memory; every layer
+    /// still computes in f32, and LoRA weights, their gradients and the optimizer state are
+    /// f32).
+    pub fn load_with(
+        files: &ModelFiles,
+        device: &Device,
+        lora: &LoraSetup,
+        weights_dtype: FloatDType,
+    ) -> Result<Self> {
+        if weights_dtype != FloatDType::F32 && !device.supports_dtype(weights_dtype) {
+            return Err(Error::Input(format!(
+                "this device cannot hold {weights_dtype:?} tensors; use --weights-dtype f32"
+            )));
+        }
         let table = LoraTable::new();
         let cfg = |p: &str| -> Result<(String, &str)> { Ok((files.display(p), files.text(p)?)) };
 
@@ -373,7 +392,9 @@ impl Pipeline {
 
         let w = files.component_weights("unet")?;
         let unet = UNet2DConditionModel::load(
-            VarBuilder::new(&w, device).with_lora(lora.plan(&table, "unet")),
+            VarBuilder::new(&w, device)
+                .with_weights_dtype(weights_dtype)
+                .with_lora(lora.plan(&table, "unet")),
             &unet_config,
             &files.display("unet/config.json"),
         )?;
@@ -383,7 +404,7 @@ impl Pipeline {
             Some(vae_config) => {
                 let w = files.component_weights("vae")?;
                 Some(AutoencoderKL::load(
-                    VarBuilder::new(&w, device),
+                    VarBuilder::new(&w, device).with_weights_dtype(weights_dtype),
                     vae_config,
                 )?)
             }
@@ -391,7 +412,9 @@ impl Pipeline {
 
         let w = files.component_weights("text_encoder")?;
         let text_encoder = CLIPTextModel::load(
-            VarBuilder::new(&w, device).with_lora(lora.plan(&table, "text_encoder")),
+            VarBuilder::new(&w, device)
+                .with_weights_dtype(weights_dtype)
+                .with_lora(lora.plan(&table, "text_encoder")),
             &text_config,
         )?;
         if let LoraSetup::Files(lora_files) = lora {

@@ -869,7 +869,10 @@ impl CheckpointMeta {
             .as_ref()
             .is_some_and(|p| p.is_empty() || p.iter().any(|p| p.trim().is_empty()))
         {
-            return Err(Error::config(name, "checkpoint has an empty prompt list or prompt"));
+            return Err(Error::config(
+                name,
+                "checkpoint has an empty prompt list or prompt",
+            ));
         }
         let before = match meta.get("before") {
             Some(b) => Some(serde_json::from_value(json("before", b)?).map_err(|e| {

@@ -5,6 +5,7 @@
 //! in-memory [`ParamStore`] that `draft pretrain` trains, and hands out LoRA slots.
 
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 
 use crate::error::{Error, Result};
 use crate::lora::{LoraKind, LoraPlan, LoraSlot};
@@ -142,6 +143,8 @@ pub struct VarBuilder<'w, 'a> {
     prefix: String,
     device: Device,
     lora: Option<LoraPlan>,
+    /// How layers keep their weight matrices and kernels ([`get_weight`](Self::get_weight)).
+    weights_dtype: FloatDType,
 }
 
 impl<'w, 'a> VarBuilder<'w, 'a> {
@@ -151,6 +154,7 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
             prefix: String::new(),
             device: device.clone(),
             lora: None,
+            weights_dtype: FloatDType::F32,
         }
     }
 
@@ -163,6 +167,7 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
             prefix: String::new(),
             device: device.clone(),
             lora: None,
+            weights_dtype: FloatDType::F32,
         }
     }
 
@@ -177,7 +182,24 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
             prefix: String::new(),
             device: device.clone(),
             lora: None,
+            weights_dtype: FloatDType::F32,
         }
+    }
+
+    /// Layers keep their weight matrices and kernels in `dtype` (f16 halves the memory of
+    /// frozen weights; layers compute in f32). Biases, norms and embeddings of positions stay f32.
+    pub fn with_weights_dtype(mut self, dtype: FloatDType) -> Self {
+        self.weights_dtype = dtype;
+        self
+    }
+
+    /// A layer's weight matrix or kernel, in the builder's weights dtype.
+    pub fn get_weight<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
+        let t = self.get(name, shape)?;
+        Ok(match self.weights_dtype {
+            FloatDType::F32 => t,
+            d => t.cast(d),
+        })
     }
 
     /// Layers selected by `plan` get a LoRA slot as they load.
@@ -204,6 +226,7 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
             prefix,
             device: self.device.clone(),
             lora: self.lora.clone(),
+            weights_dtype: self.weights_dtype,
         }
     }
 

@@ -16,7 +16,11 @@ fn the_checkpointed_decode_has_the_whole_graphs_gradient() {
         let [c, h, w] = pipe.latent_shape(32, 32).unwrap();
         let z = NoiseRng::new(7).randn([2, c, h, w], &device) * 2.0;
         let chain = pipe.decode_chain();
-        assert!(chain.segments.len() > 4, "{} segments", chain.segments.len());
+        assert!(
+            chain.segments.len() > 4,
+            "{} segments",
+            chain.segments.len()
+        );
 
         // The whole decoder as one graph.
         let zg = z.clone().autodiff().require_grad();
@@ -37,6 +41,9 @@ fn the_checkpointed_decode_has_the_whole_graphs_gradient() {
         eprintln!("{name}: images {image_err:.1e}, ∂/∂z {grad_err:.1e} (relative)");
         assert!(image_err <= 1e-6, "{name}: images differ by {image_err:e}");
         assert!(grad_err <= 1e-5, "{name}: gradients differ by {grad_err:e}");
-        assert!(want.0.iter().any(|v| *v != 0.0), "{name}: a zero gradient proves nothing");
+        assert!(
+            want.0.iter().any(|v| *v != 0.0),
+            "{name}: a zero gradient proves nothing"
+        );
     }
 }

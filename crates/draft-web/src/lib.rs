@@ -237,7 +237,9 @@ fn check_inputs(
     use draft_core::limits;
     let pickle = |name: &str, bytes: &[u8]| -> Result<(), String> {
         let lower = name.to_ascii_lowercase();
-        let is_pickle = [".bin", ".pt", ".pth", ".ckpt"].iter().any(|e| lower.ends_with(e));
+        let is_pickle = [".bin", ".pt", ".pth", ".ckpt"]
+            .iter()
+            .any(|e| lower.ends_with(e));
         if is_pickle && safetensors::SafeTensors::read_metadata(bytes).is_err() {
             return Err(format!(
                 "{name} is a PyTorch pickle, which the page cannot read: convert it once with \
@@ -260,8 +262,13 @@ fn check_inputs(
             RewardSource::File { name, bytes, .. } => {
                 pickle(name, bytes)?;
                 if let Some(l) = limit {
-                    limits::check_file_tensor_sizes(&format!("reward model {role}"), name, bytes, l)
-                        .map_err(|e| e.to_string())?;
+                    limits::check_file_tensor_sizes(
+                        &format!("reward model {role}"),
+                        name,
+                        bytes,
+                        l,
+                    )
+                    .map_err(|e| e.to_string())?;
                 }
             }
         }
@@ -341,7 +348,9 @@ impl Session {
         } = inputs;
         let model = model.unwrap_or_else(default_model::files);
         let meta = match &checkpoint {
-            Some((name, bytes)) => Some(CheckpointMeta::read(name, bytes).map_err(|e| e.to_string())?),
+            Some((name, bytes)) => {
+                Some(CheckpointMeta::read(name, bytes).map_err(|e| e.to_string())?)
+            }
             None => None,
         };
         let options = match &meta {
@@ -357,9 +366,14 @@ impl Session {
             };
         }
         let policy = options.policy()?;
-        check_inputs(&model, &rewards, &config, options.preview, max_binding_bytes)?;
-        let reward_files =
-            RewardFiles::new(&config.rewards, rewards).map_err(|e| e.to_string())?;
+        check_inputs(
+            &model,
+            &rewards,
+            &config,
+            options.preview,
+            max_binding_bytes,
+        )?;
+        let reward_files = RewardFiles::new(&config.rewards, rewards).map_err(|e| e.to_string())?;
         let notes = reward_files.notes().to_vec();
         let (device, device_name) = open_device(&options.device).await?;
         let pipeline = Pipeline::load_with_lora(
@@ -369,7 +383,12 @@ impl Session {
         )
         .map_err(|e| e.to_string())?;
         let reward = reward_files
-            .build(&config.rewards, &config.reward_options, Some(&model), &device)
+            .build(
+                &config.rewards,
+                &config.reward_options,
+                Some(&model),
+                &device,
+            )
             .map_err(|e| e.to_string())?;
         let mut trainer = Trainer::new(pipeline, config, reward, prompts, None, None)
             .map_err(|e| e.to_string())?;

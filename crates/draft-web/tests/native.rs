@@ -113,7 +113,11 @@ fn a_resumed_page_run_continues_to_the_uninterrupted_lora() {
     };
     let (full, checkpoints, _) = run(&options, RunInputs::default(), 4);
     let steps: Vec<usize> = checkpoints.iter().map(|c| c.0).collect();
-    assert_eq!(steps, [2, 4], "checkpoints every 2 updates and after the last");
+    assert_eq!(
+        steps,
+        [2, 4],
+        "checkpoints every 2 updates and after the last"
+    );
     // The form after a reload may hold other settings: the checkpoint's win.
     let form = WebOptions {
         lr: 0.5,
@@ -131,8 +135,14 @@ fn a_resumed_page_run_continues_to_the_uninterrupted_lora() {
     assert_eq!(info.options.lr, 0.01);
     assert_eq!(info.options.method, "draft-k");
     assert_eq!(info.options.prompts, options.prompts);
-    assert!(info.before.is_some(), "the evaluation before training is in the checkpoint");
-    assert!(resumed == full, "the resumed run's LoRA differs from the uninterrupted run's");
+    assert!(
+        info.before.is_some(),
+        "the evaluation before training is in the checkpoint"
+    );
+    assert!(
+        resumed == full,
+        "the resumed run's LoRA differs from the uninterrupted run's"
+    );
 
     // Another model's checkpoint is refused with the file's name.
     let sd1 = RunInputs {
@@ -140,7 +150,9 @@ fn a_resumed_page_run_continues_to_the_uninterrupted_lora() {
         checkpoint: Some(("page.safetensors".into(), checkpoints[0].1.clone())),
         ..RunInputs::default()
     };
-    let err = pollster::block_on(Session::build(&options, sd1)).err().unwrap();
+    let err = pollster::block_on(Session::build(&options, sd1))
+        .err()
+        .unwrap();
     assert!(err.contains("page.safetensors"), "{err}");
 }
 
@@ -187,8 +199,7 @@ fn inputs_over_the_adapter_limit_or_unreadable_are_refused() {
     );
     // SD-1's attention at 64×64 latents: [2, 8, 4096, 4096] f32 = 1 GiB > 128 MiB.
     let mut sd1 = sd1_files();
-    let unet: serde_json::Value =
-        serde_json::from_slice(&sd1.files["unet/config.json"]).unwrap();
+    let unet: serde_json::Value = serde_json::from_slice(&sd1.files["unet/config.json"]).unwrap();
     let mut unet = unet.as_object().unwrap().clone();
     unet.insert("sample_size".into(), 64.into());
     sd1.insert("unet/config.json", serde_json::to_vec(&unet).unwrap());
@@ -199,7 +210,10 @@ fn inputs_over_the_adapter_limit_or_unreadable_are_refused() {
         ..RunInputs::default()
     })
     .expect("refused");
-    assert!(err.contains("self-attention scores") && err.contains("128.0 MiB"), "{err}");
+    assert!(
+        err.contains("self-attention scores") && err.contains("128.0 MiB"),
+        "{err}"
+    );
     // A pickle the page cannot read.
     let mut rewards = aesthetic_sources();
     rewards.insert(

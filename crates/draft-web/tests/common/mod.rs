@@ -5,10 +5,10 @@
 
 use burn::prelude::*;
 use draft_core::pipeline::{SampleOptions, to_nhwc};
+use draft_core::reward_files::RewardSource;
 use draft_core::train::StepMetrics;
 use draft_core::weights::Weights;
 use draft_core::{ModelFiles, Pipeline, default_model, read_f32};
-use draft_core::reward_files::RewardSource;
 use draft_web::{RunInputs, Session, WebOptions};
 use std::collections::BTreeMap;
 
