@@ -181,6 +181,10 @@ const handlers = {
         history: { before: info.before ?? null, steps: [], evals: [] },
       };
       await stored(() => storeNewRun(folder, checkpoint, rewards));
+    } else {
+      // A run that is not kept still replaces the kept one: Resume must not bring back an
+      // older run than the one last trained.
+      await stored(forget);
     }
     return { ...info, storeError };
   },
