@@ -3,8 +3,8 @@
 //! segment back, each segment recomputed *with* a graph and back-propagated alone
 //! (`∂⟨f_k(x_k), g_k⟩/∂x_k`). Peak memory is one segment's activations plus the kept inputs, for
 //! one more forward of the chain. The differentiable sampler does the same over its DDIM steps
-//! (`engine.rs`); the VAE decoder is chained this way per resnet / upsampler
-//! ([`crate::Pipeline::decode_chain`]).
+//! (`engine.rs`, with [`segment_vjp`] for each step); the VAE decoder is chained this way per
+//! resnet / upsampler ([`crate::Pipeline::decode_chain`]).
 
 use burn::prelude::*;
 use burn::tensor::Gradients;
@@ -57,16 +57,42 @@ impl<'a> SegmentChain<'a> {
     ) -> Result<Tensor<4>> {
         let mut g = g;
         for (k, (f, x)) in self.segments.iter().zip(kept.inputs).enumerate().rev() {
-            let x = x.autodiff().require_grad();
-            let y = f(x.clone());
-            let grads = (y * g).sum().backward();
+            let what = || format!("segment {k} of a checkpointed chain");
+            let (gx, grads) = segment_vjp(what, f, x, g, true)?;
             on_grads(&grads);
-            g = x.grad(&grads).ok_or_else(|| {
-                Error::Device(format!(
-                    "segment {k} of a checkpointed chain has no gradient with respect to its input"
-                ))
-            })?;
+            g = gx.expect("asked for");
         }
         Ok(g)
+    }
+}
+
+/// One segment's vector–Jacobian product, the step every checkpointed backward here is made
+/// of (the decoder's chain above, the sampler's steps in `engine.rs`): `f` recomputed on `x`
+/// with a graph and `⟨f(x), g⟩` back-propagated. Returns `∂/∂x` when `need_x` (an error naming
+/// `what()` if the graph does not reach `x`) and the gradients, for the autodiff leaves `f`
+/// used (LoRA parameters, prompt embeddings).
+pub fn segment_vjp(
+    what: impl FnOnce() -> String,
+    f: impl FnOnce(Tensor<4>) -> Tensor<4>,
+    x: Tensor<4>,
+    g: Tensor<4>,
+    need_x: bool,
+) -> Result<(Option<Tensor<4>>, Gradients)> {
+    let x = if need_x {
+        x.autodiff().require_grad()
+    } else {
+        x
+    };
+    let y = f(x.clone());
+    let grads = (y * g).sum().backward();
+    if !need_x {
+        return Ok((None, grads));
+    }
+    match x.grad(&grads) {
+        Some(gx) => Ok((Some(gx), grads)),
+        None => Err(Error::Device(format!(
+            "{} has no gradient with respect to its input",
+            what()
+        ))),
     }
 }

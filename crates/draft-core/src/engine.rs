@@ -495,12 +495,6 @@ impl<'e, 'p> Pass<'e, 'p> {
     ) -> Result<Option<Tensor<4>>> {
         let engine = self.engine;
         let lora = &engine.pipeline.lora;
-        lora.set_params(&self.acc.leaves);
-        let x_in = if need_x {
-            x.autodiff().require_grad()
-        } else {
-            x
-        };
         let leaf = |t: &Tensor<3>| {
             engine
                 .text_lora
@@ -512,9 +506,19 @@ impl<'e, 'p> Pass<'e, 'p> {
             u_leaf.clone().unwrap_or_else(|| self.uncond.clone()),
             self.prompts.guidance,
         );
-        let y = engine.step(i, x_in.clone(), &conditioning, noise, to_x0);
-        lora.set_params(&self.params);
-        let grads = (y * g).sum().backward();
+        let (leaves, params) = (&self.acc.leaves, &self.params);
+        let (gx, grads) = crate::checkpoint::segment_vjp(
+            || format!("sampling step {i}"),
+            |x| {
+                lora.set_params(leaves);
+                let y = engine.step(i, x, &conditioning, noise, to_x0);
+                lora.set_params(params);
+                y
+            },
+            x,
+            g,
+            need_x,
+        )?;
         self.grad_calls += 1;
         self.acc.add(&grads, 1.0);
         if let Some(c) = &c_leaf {
@@ -523,14 +527,7 @@ impl<'e, 'p> Pass<'e, 'p> {
         if let Some(u) = &u_leaf {
             add_opt(&mut self.cond_grads.1, u.grad(&grads));
         }
-        if !need_x {
-            return Ok(None);
-        }
-        x_in.grad(&grads).map(Some).ok_or_else(|| {
-            Error::Device(format!(
-                "sampling step {i} has no gradient with respect to its input latents"
-            ))
-        })
+        Ok(gx)
     }
 
     /// Prompt-embedding gradients → text-encoder LoRA gradients; the accumulated LoRA
