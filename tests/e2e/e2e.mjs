@@ -394,6 +394,10 @@ try {
     }));
     stop.seconds = (Date.now() - pressed) / 1000;
   }
+  // The page as the run left it (before the slider test resamples at other scales).
+  await mkdir(dirname(args.screenshot), { recursive: true });
+  await page.screenshot({ path: args.screenshot, fullPage: true });
+  log(`screenshot: ${args.screenshot}`);
   // The LoRA-scale slider: moved again during its evaluation, the running one is cancelled
   // within a sampling step and the new scale sampled.
   let slider = null;
@@ -418,9 +422,6 @@ try {
     }));
     slider.secondsToAnswer = answered;
   }
-  await mkdir(dirname(args.screenshot), { recursive: true });
-  await page.screenshot({ path: args.screenshot, fullPage: true });
-  log(`screenshot: ${args.screenshot}`);
   const resume = result.state === "done" ? await resumeAndRoundTrip() : null;
   const learned = result.state === "done" ? await learnedReward() : null;
 
