@@ -14,7 +14,7 @@ mod common;
 use common::{devices, fixtures, read_model, values};
 
 fn assert_close<const D: usize>(what: &str, got: Tensor<D>, reference: &Weights, key: &str) {
-    assert_close_scaled(what, got, reference, key, false)
+    assert_close_scaled(what, got, reference, key, false, TOL)
 }
 
 /// With `relative`, each element's error is divided by max(1, |reference|): the final latents
@@ -25,6 +25,7 @@ fn assert_close_scaled<const D: usize>(
     reference: &Weights,
     key: &str,
     relative: bool,
+    tol: f32,
 ) {
     let (got, got_shape) = values(got);
     let (want, want_shape) = reference.read_f32(key).unwrap();
@@ -36,7 +37,7 @@ fn assert_close_scaled<const D: usize>(
         .map(|(a, b)| (a - b).abs() / if relative { b.abs().max(1.0) } else { 1.0 })
         .fold(0f32, f32::max);
     eprintln!("{what}: max abs error {err:.2e} (max |ref| {max_ref:.3})");
-    assert!(err <= TOL, "{what}: max abs error {err:e} > {TOL:e}");
+    assert!(err <= tol, "{what}: max abs error {err:e} > {tol:e}");
 }
 
 struct Fixture {
@@ -190,12 +191,17 @@ fn sampling(name: &str) {
             let x_t = r.tensor::<4>("init_noise", &device).unwrap();
             let latents = pipe.sample_latents(&options, x_t, |_, _| {}).unwrap();
             if run == "a" {
+                // On wgpu the kernels autotune picks by timing change from run to run, and the
+                // sum orders with them: sd1-tiny's latents measured 9.1e-5 and 1.17e-4 in two
+                // runs of the same build (the images after decoding stay at ~4e-6 ≤ TOL).
+                let tol = if dev_name == "wgpu" { 2e-4 } else { TOL };
                 assert_close_scaled(
                     &format!("{name}/{dev_name} latents_a (relative)"),
                     latents.clone(),
                     &r,
                     "latents_a",
                     true,
+                    tol,
                 );
             }
             let images = to_nhwc(pipe.decode(latents));
