@@ -558,12 +558,7 @@ impl Pretrainer {
     /// Continues from a [`checkpoint`](Self::checkpoint) written with the same settings
     /// (`train_steps` and `min_snr_gamma` may differ: a run can switch its loss weighting).
     pub fn restore(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
-        let (_, meta) =
-            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
-                file: name.into(),
-                reason: e.to_string(),
-            })?;
-        let meta = meta.metadata().clone().unwrap_or_default();
+        let meta = crate::weights::read_string_metadata(name, bytes)?;
         let get = |k: &str| {
             meta.get(k)
                 .cloned()

@@ -831,12 +831,7 @@ pub struct CheckpointMeta {
 
 impl CheckpointMeta {
     pub fn read(name: &str, bytes: &[u8]) -> Result<Self> {
-        let (_, meta) =
-            safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
-                file: name.into(),
-                reason: e.to_string(),
-            })?;
-        let meta = meta.metadata().clone().unwrap_or_default();
+        let meta = crate::weights::read_string_metadata(name, bytes)?;
         let get = |k: &str| -> Result<&String> {
             meta.get(k).ok_or_else(|| {
                 Error::config(

@@ -246,6 +246,20 @@ impl<'a> Weights<'a> {
     }
 }
 
+/// The string metadata of the safetensors file `name` (empty when it has none), from its
+/// header alone: what checkpoints keep their counters and settings in.
+pub fn read_string_metadata(
+    name: &str,
+    bytes: &[u8],
+) -> Result<std::collections::HashMap<String, String>> {
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
+            file: name.into(),
+            reason: e.to_string(),
+        })?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
 /// Writes f32 tensors `(name, shape, values)` as a safetensors file, with optional string
 /// metadata.
 pub fn serialize_f32(
