@@ -6,6 +6,7 @@
 //!
 //! Data path: tokenize → encode text → sample → decode.
 
+pub mod attention;
 pub mod checkpoint;
 pub mod default_model;
 pub mod engine;

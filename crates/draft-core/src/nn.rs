@@ -231,20 +231,22 @@ impl Embedding {
 
 /// Scaled dot-product attention over `[B, heads, N, head_dim]` tensors.
 ///
-/// Written as matmul + softmax rather than Burn's fused `attention` op so that the same
-/// numerics run on every backend, forward and backward (the fused op has no autodiff kernel).
+/// Without a mask (the UNet's and the VAE's attention, N up to 4096 at SD-1.x 512²) this is
+/// [`crate::attention::attention`]: blocks of query rows, and a backward that recomputes the
+/// scores instead of keeping them. With a mask (CLIP's causal text attention, N = 77) it is the
+/// materialised matmul + softmax. Burn's fused `attention` op is not used: it has no autodiff
+/// kernel and keeps the N×N scores for the backward.
 pub fn scaled_dot_product_attention(
     q: Tensor<4>,
     k: Tensor<4>,
     v: Tensor<4>,
     mask: Option<Tensor<4>>,
 ) -> Tensor<4> {
-    let head_dim = q.dims()[3];
-    let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (head_dim as f64).sqrt());
-    let scores = match mask {
-        Some(mask) => scores + mask,
-        None => scores,
+    let Some(mask) = mask else {
+        return crate::attention::attention(q, k, v);
     };
+    let head_dim = q.dims()[3];
+    let scores = q.matmul(k.swap_dims(2, 3)) * (1.0 / (head_dim as f64).sqrt()) + mask;
     burn::tensor::activation::softmax(scores, 3).matmul(v)
 }
 

@@ -1,0 +1,260 @@
+//! Attention whose memory is O(N) in training as well as in sampling.
+//!
+//! `softmax(q kᵀ · scale) v` over `[B, heads, N, d]` tensors, computed a block of query rows at
+//! a time so that no score matrix larger than [`SCORE_BLOCK_BYTES`] exists at once — at SD-1.x's
+//! 64×64 latents a whole `[2, 8, 4096, 4096]` score matrix is 1 GiB, over WebGPU's buffer limits.
+//!
+//! Under autodiff the op is one node of our own ([`AttentionBackend`], a Burn backend extension
+//! with a handwritten `Autodiff` implementation): its backward keeps only q, k, v and the output
+//! and recomputes the scores block by block (the flash-attention backward with the softmax
+//! recomputed rather than rebuilt from a saved log-sum-exp):
+//!
+//! ```text
+//! P  = softmax(q_b kᵀ · scale)      dV += Pᵀ dO_b
+//! dP = dO_b vᵀ                      dS  = P ∘ (dP − rowsum(P ∘ dP))
+//! dq_b = dS k · scale               dK += dSᵀ q_b · scale
+//! ```
+//!
+//! Burn's own autodiff attention keeps every N×N score matrix for the backward pass. The blocks
+//! are composed of Burn's primitive ops, so the one definition runs on every backend (the CPU's
+//! flex, CubeCL with fusion on wgpu, the browser's WebGPU); with one block the ops are exactly
+//! the materialised formula's.
+
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::wgpu::CubeBackend;
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
+use burn::prelude::*;
+use burn::tensor::Slice;
+
+/// The largest block of attention scores (`[B, heads, rows, N]` f32) one step materialises:
+/// a quarter of WebGPU's default `maxStorageBufferBindingSize`, so that the block and the
+/// softmax's temporaries of the same size fit any adapter.
+pub const SCORE_BLOCK_BYTES: usize = 32 << 20;
+
+/// Query rows per block for `batch_heads` (batch × heads) and `keys` key positions: as many as
+/// keep one block's scores within [`SCORE_BLOCK_BYTES`], at least one.
+pub fn block_rows(batch_heads: usize, keys: usize) -> usize {
+    (SCORE_BLOCK_BYTES / (batch_heads * keys * 4).max(1)).max(1)
+}
+
+/// `softmax(q kᵀ / √d) v` for `[B, heads, N, d]` q and `[B, heads, M, d]` k, v, in blocks of
+/// [`block_rows`] query rows, with the O(N) backward of this module's docs.
+pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let [b, h, _, d] = q.dims();
+    let keys = k.dims()[2];
+    attention_blocked(q, k, v, 1.0 / (d as f32).sqrt(), block_rows(b * h, keys))
+}
+
+/// [`attention`] with an explicit `scale` and `block` (query rows per block).
+pub fn attention_blocked(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    scale: f32,
+    block: usize,
+) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as AttentionBackend>::blocked_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        scale,
+        block.max(1),
+    ))
+}
+
+/// The attention op, routed to each backend by Burn's backend-extension dispatch. Every
+/// backend but autodiff runs the default body (Burn primitives, fused on CubeCL by `Fusion`);
+/// `Autodiff` has its own backward below.
+#[backend_extension(Flex, Cube, Fusion, Autodiff)]
+pub trait AttentionBackend: Backend {
+    /// `softmax(q kᵀ · scale) v`, `block` query rows at a time.
+    #[fusion(default)]
+    fn blocked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+        block: usize,
+    ) -> FloatTensor<Self> {
+        forward::<Self>(q, k, v, scale, block)
+    }
+}
+
+impl AttentionBackend for Flex {}
+impl AttentionBackend for CubeBackend {}
+
+/// Rows `start..end` of dimension 2 of a 4-d tensor.
+fn rows<B: Backend>(t: FloatTensor<B>, start: usize, end: usize) -> FloatTensor<B> {
+    if start == 0 && end == t.shape()[2] {
+        return t;
+    }
+    let all = Slice::new(0, None, 1);
+    B::float_slice(
+        t,
+        &[all, all, Slice::new(start as isize, Some(end as isize), 1), all],
+    )
+}
+
+/// Row starts and ends of the blocks over `n` rows.
+fn blocks(n: usize, block: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..n)
+        .step_by(block.max(1))
+        .map(move |s| (s, (s + block).min(n)))
+}
+
+/// `softmax(q_b kᵀ · scale)` for one block of queries, `kt` = kᵀ.
+fn probabilities<B: Backend>(qb: FloatTensor<B>, kt: FloatTensor<B>, scale: f32) -> FloatTensor<B> {
+    B::softmax(B::float_mul_scalar(B::float_matmul(qb, kt), scale.into()), 3)
+}
+
+fn cat_rows<B: Backend>(mut parts: Vec<FloatTensor<B>>) -> FloatTensor<B> {
+    if parts.len() == 1 {
+        parts.pop().expect("one block")
+    } else {
+        B::float_cat(parts, 2)
+    }
+}
+
+fn forward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    scale: f32,
+    block: usize,
+) -> FloatTensor<B> {
+    let n = q.shape()[2];
+    let kt = B::float_swap_dims(k, 2, 3);
+    let outs = blocks(n, block)
+        .map(|(s, e)| {
+            let p = probabilities::<B>(rows::<B>(q.clone(), s, e), kt.clone(), scale);
+            B::float_matmul(p, v.clone())
+        })
+        .collect();
+    cat_rows::<B>(outs)
+}
+
+/// Gradients of q, k and v (each only where `want` says) for the output gradient `d_o`.
+#[allow(clippy::too_many_arguments)]
+fn backward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    d_o: FloatTensor<B>,
+    scale: f32,
+    block: usize,
+    want: [bool; 3],
+) -> [Option<FloatTensor<B>>; 3] {
+    let n = q.shape()[2];
+    let kt = B::float_swap_dims(k.clone(), 2, 3);
+    let vt = B::float_swap_dims(v, 2, 3);
+    let mut dq = Vec::new();
+    let mut dk: Option<FloatTensor<B>> = None;
+    let mut dv: Option<FloatTensor<B>> = None;
+    let accumulate = |acc: &mut Option<FloatTensor<B>>, x: FloatTensor<B>| {
+        *acc = Some(match acc.take() {
+            Some(a) => B::float_add(a, x),
+            None => x,
+        });
+    };
+    for (s, e) in blocks(n, block) {
+        let qb = rows::<B>(q.clone(), s, e);
+        let dob = rows::<B>(d_o.clone(), s, e);
+        let p = probabilities::<B>(qb.clone(), kt.clone(), scale);
+        if want[2] {
+            accumulate(
+                &mut dv,
+                B::float_matmul(B::float_swap_dims(p.clone(), 2, 3), dob.clone()),
+            );
+        }
+        if !(want[0] || want[1]) {
+            continue;
+        }
+        let dp = B::float_matmul(dob, vt.clone());
+        let pdp = B::float_mul(p.clone(), dp);
+        let row = B::float_sum_dim(pdp.clone(), 3);
+        // P ∘ (dP − rowsum(P ∘ dP)) = P∘dP − P ∘ rowsum(P∘dP); scaled once here for dq and dk.
+        let ds = B::float_mul_scalar(B::float_sub(pdp, B::float_mul(p, row)), scale.into());
+        if want[0] {
+            dq.push(B::float_matmul(ds.clone(), k.clone()));
+        }
+        if want[1] {
+            accumulate(&mut dk, B::float_matmul(B::float_swap_dims(ds, 2, 3), qb));
+        }
+    }
+    [want[0].then(|| cat_rows::<B>(dq)), dk, dv]
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+/// What the backward keeps: q, k, v (the op's inputs, O(N·d)), the scale and the block rows.
+#[derive(Clone, Debug)]
+struct Saved<B: Backend> {
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    scale: f32,
+    block: usize,
+}
+
+impl<B: Backend> Backward<B, 3> for AttentionBackward {
+    type State = Saved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let d_o = grads.consume::<B>(&ops.node);
+        let Saved {
+            q,
+            k,
+            v,
+            scale,
+            block,
+        } = ops.state;
+        let want = [node_q.is_some(), node_k.is_some(), node_v.is_some()];
+        let [dq, dk, dv] = backward::<B>(q, k, v, d_o, scale, block, want);
+        for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: Backend + AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C> {
+    fn blocked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+        block: usize,
+    ) -> FloatTensor<Self> {
+        match AttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+                let out = B::blocked_attention(q.clone(), k.clone(), v.clone(), scale, block);
+                let saved = Saved {
+                    q,
+                    k,
+                    v,
+                    scale,
+                    block,
+                };
+                prep.finish(saved, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::blocked_attention(
+                q.into_primitive(),
+                k.into_primitive(),
+                v.into_primitive(),
+                scale,
+                block,
+            )),
+        }
+    }
+}
