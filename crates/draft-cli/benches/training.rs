@@ -4,7 +4,14 @@
 //!
 //! `cargo bench -p draft-cli --bench training -- [--devices cpu,wgpu] [--tiny-steps 50]
 //!  [--sd14-steps 6] [--sd14-devices cpu] [--reward colorfulness|aesthetic-l14]
-//!  [--methods k1,k5,k50,lv2,refl] [--threads 1,2] [--torch PYTHON [--torch-threads 1,2]]`
+//!  [--methods k1,k5,k50,lv2,refl] [--threads 1,2] [--torch PYTHON [--torch-threads 1,2]]
+//!  [--paper-steps 2]`
+//!
+//! `--paper-steps N` (default 0: off) adds the paper's scale (issue 14): a random pipeline with
+//! SD-1.4's whole architecture — the UNet, the VAE (`sd14_vae_config.json`) and CLIP ViT-L/14's
+//! 12-layer text encoder (vocabulary 49408; token ids from the fixture's tokenizer) — at 64×64
+//! latents, i.e. 512×512 images, batch 1 with classifier-free guidance, N sampling steps, on
+//! the devices of `--sd14-devices`.
 //!
 //! `--threads` runs every CPU case once per thread count (`RAYON_NUM_THREADS` of the child;
 //! default: all cores). `--torch PYTHON` runs `tests/fixtures/bench_torch.py` with that
@@ -33,6 +40,7 @@ use draft_core::lora::{LoraPlan, LoraTable, LoraTarget};
 use draft_core::models::clip::{CLIPConfig, CLIPModel};
 use draft_core::models::clip_text::{CLIPTextConfig, CLIPTextModel};
 use draft_core::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use draft_core::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use draft_core::noise::NoiseRng;
 use draft_core::pipeline::LoraSetup;
 use draft_core::reward::{RewardOptions, WeightedReward};
@@ -60,6 +68,9 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(6);
     let sd14_devices = flag("--sd14-devices").unwrap_or_else(|| "cpu".into());
+    let paper_steps: usize = flag("--paper-steps")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let reward = flag("--reward").unwrap_or_else(|| "colorfulness".into());
     if !matches!(reward.as_str(), "colorfulness" | "aesthetic-l14") {
         panic!("--reward {reward}: expected colorfulness or aesthetic-l14");
@@ -82,6 +93,9 @@ fn main() {
         }
         if sd14_steps > 0 && sd14_devices.split(',').any(|d| d == dev) {
             models.push(("sd14", sd14_steps));
+        }
+        if paper_steps > 0 && sd14_devices.split(',').any(|d| d == dev) {
+            models.push(("sd14-512", paper_steps));
         }
         for (model, steps) in models {
             let k5 = 5.min(steps);
@@ -142,6 +156,8 @@ fn main() {
             &tiny_steps.to_string(),
             "--sd14-steps",
             &sd14_steps.to_string(),
+            "--paper-steps",
+            &paper_steps.to_string(),
             "--variants",
             "checkpoint",
             "--threads",
@@ -253,7 +269,8 @@ fn run_case(case: &str) {
     )
     .unwrap();
     let mut size = pipe.unet_config.sample_size;
-    if model == "sd14" {
+    if model.starts_with("sd14") {
+        let paper = model == "sd14-512";
         let config = UNet2DConditionConfig::from_json(
             "sd14_unet_config.json",
             include_str!("sd14_unet_config.json"),
@@ -267,15 +284,28 @@ fn run_case(case: &str) {
         let text = CLIPTextConfig::from_json(
             "text",
             &format!(
-                r#"{{"vocab_size":{},"hidden_size":768,"intermediate_size":3072,"num_hidden_layers":1,
+                r#"{{"vocab_size":{},"hidden_size":768,"intermediate_size":3072,"num_hidden_layers":{},
                 "num_attention_heads":12,"max_position_embeddings":77}}"#,
-                pipe.text_config.vocab_size
+                if paper { 49408 } else { pipe.text_config.vocab_size },
+                if paper { 12 } else { 1 },
             ),
         )
         .unwrap();
-        pipe.text_encoder = CLIPTextModel::load(VarBuilder::random(1, &device), &text).unwrap();
+        let vb = VarBuilder::random(1, &device).with_weights_dtype(weights_dtype);
+        pipe.text_encoder = CLIPTextModel::load(vb, &text).unwrap();
         pipe.lora = table;
         size = 32;
+        if paper {
+            let config = AutoencoderKLConfig::from_json(
+                "sd14_vae_config.json",
+                include_str!("sd14_vae_config.json"),
+            )
+            .unwrap();
+            let vb = VarBuilder::random(3, &device).with_weights_dtype(weights_dtype);
+            pipe.vae = Some(AutoencoderKL::load(vb, &config).unwrap());
+            pipe.vae_config = Some(config);
+            size = 64;
+        }
     }
     pipe.lora.init_trainable(4, 4.0, 0, &device);
     // B = 0 would make every gradient but B's vanish: give B small values as after training.
@@ -362,7 +392,9 @@ fn run_case(case: &str) {
     let peak = rss_kib("VmHWM");
     assert!(norm.is_finite() && norm > 0.0, "gradient norm {norm}");
     let stored = (steps + 1) * batch * 4 * size * size * 4 / 1024;
-    let model_name = if model == "sd14" {
+    let model_name = if model == "sd14-512" {
+        "SD-1.4 pipeline (random) 64×64 → 512²"
+    } else if model == "sd14" {
         "SD-1.4 UNet (random) 32×32"
     } else {
         "sd1-tiny 16×16"
