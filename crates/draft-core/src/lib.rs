@@ -27,6 +27,7 @@ pub mod run;
 pub mod sampler;
 pub mod schedule;
 pub mod shapes;
+pub mod stored_weight;
 pub mod tokenizer;
 pub mod train;
 pub mod var_builder;

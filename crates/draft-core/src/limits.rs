@@ -4,6 +4,7 @@
 
 use crate::error::{Error, Result};
 use crate::models::unet::UNet2DConditionConfig;
+use crate::models::vae::AutoencoderKLConfig;
 use crate::pipeline::ModelFiles;
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -61,48 +62,95 @@ pub fn check_file_tensor_sizes(
     Ok(())
 }
 
-/// The largest attention-score matrix a training update materialises: self-attention at the
-/// highest resolution that has attention, `[batch × 2 (classifier-free guidance), heads, N, N]`
-/// with N the latent pixels there (Burn's attention keeps it for the backward pass). Returns a
-/// description, the shape and its bytes in f32; `None` when the UNet has no attention.
-pub fn attention_scores(
-    unet: &UNet2DConditionConfig,
-    latent_hw: [usize; 2],
-    batch: usize,
-) -> Result<Option<(String, [usize; 4], u64)>> {
-    let resolved = unet.resolve("unet/config.json")?;
-    let mut best: Option<(String, [usize; 4], u64)> = None;
-    for (i, kind) in unet.down_block_types.iter().enumerate() {
-        if !kind.contains("CrossAttn") {
-            continue;
-        }
-        let n = (latent_hw[0] >> i).max(1) * (latent_hw[1] >> i).max(1);
-        let shape = [batch * 2, resolved.num_heads[i], n, n];
-        let bytes = shape.iter().fold(4u64, |b, &d| b.saturating_mul(d as u64));
-        if best.as_ref().is_none_or(|b| bytes > b.2) {
-            best = Some((
-                format!("down_blocks.{i} self-attention scores"),
-                shape,
-                bytes,
-            ));
-        }
-    }
-    Ok(best)
+/// One tensor a training update materialises: what it is, its shape, its bytes in f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Activation {
+    pub what: String,
+    pub shape: Vec<usize>,
+    pub bytes: u64,
 }
 
-/// Refuses a training batch whose [`attention_scores`] exceed `max_binding_bytes`.
-pub fn check_attention(
+impl Activation {
+    fn new(what: String, shape: Vec<usize>) -> Self {
+        let bytes = shape.iter().fold(4u64, |b, &d| b.saturating_mul(d as u64));
+        Self { what, shape, bytes }
+    }
+}
+
+/// The largest tensors of a training update on `batch` images at `latent_hw` latents (the UNet
+/// runs on `2 × batch` for classifier-free guidance), one per kind, largest first:
+///
+/// - a block of self-attention scores at the highest resolution with attention,
+///   `[2·batch, heads, rows, N]` with the rows of [`crate::attention::block_rows`] (the whole
+///   N×N matrix never exists: see [`crate::attention`]);
+/// - the UNet's feed-forward (GEGLU) projection there, `[2·batch, N, 8·channels]`;
+/// - with `vae`, the VAE decoder's largest activation: the widest up block's output at the
+///   resolution its upsampler doubles to, `[batch, channels, H, W]`.
+pub fn largest_activations(
     unet: &UNet2DConditionConfig,
+    vae: Option<&AutoencoderKLConfig>,
+    latent_hw: [usize; 2],
+    batch: usize,
+) -> Result<Vec<Activation>> {
+    let resolved = unet.resolve("unet/config.json")?;
+    let mut out = Vec::new();
+    // The highest resolution with attention is the first cross-attention down block.
+    if let Some(i) = unet
+        .down_block_types
+        .iter()
+        .position(|kind| kind.contains("CrossAttn"))
+    {
+        let n = (latent_hw[0] >> i).max(1) * (latent_hw[1] >> i).max(1);
+        let heads = resolved.num_heads[i];
+        let rows = crate::attention::block_rows(2 * batch * heads, n).min(n);
+        out.push(Activation::new(
+            format!("down_blocks.{i} self-attention scores (a block of {rows} of {n} query rows)"),
+            vec![2 * batch, heads, rows, n],
+        ));
+        out.push(Activation::new(
+            format!("down_blocks.{i} feed-forward projection"),
+            vec![2 * batch, n, 8 * unet.block_out_channels[i]],
+        ));
+    }
+    if let Some(vae) = vae {
+        let channels: Vec<usize> = vae.block_out_channels.iter().rev().copied().collect();
+        let [mut h, mut w] = latent_hw;
+        let mut best: Option<Activation> = None;
+        for (i, &c) in channels.iter().enumerate() {
+            if i + 1 < channels.len() {
+                (h, w) = (h * 2, w * 2);
+            }
+            let a = Activation::new(
+                format!("VAE decoder up_blocks.{i} output"),
+                vec![batch, c, h, w],
+            );
+            if best.as_ref().is_none_or(|b| a.bytes > b.bytes) {
+                best = Some(a);
+            }
+        }
+        out.extend(best);
+    }
+    out.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    Ok(out)
+}
+
+/// Refuses a training batch whose [`largest_activations`] exceed `max_binding_bytes`, naming
+/// the largest.
+pub fn check_activations(
+    unet: &UNet2DConditionConfig,
+    vae: Option<&AutoencoderKLConfig>,
     latent_hw: [usize; 2],
     batch: usize,
     max_binding_bytes: u64,
 ) -> Result<()> {
-    match attention_scores(unet, latent_hw, batch)? {
-        Some((what, shape, bytes)) if bytes > max_binding_bytes => Err(Error::Input(format!(
-            "a batch of {batch} at {}×{} latents: the UNet's {what} {shape:?} need {:.1} MiB, over this adapter's maxStorageBufferBindingSize of {:.1} MiB; lower the batch or the resolution",
+    match largest_activations(unet, vae, latent_hw, batch)?.into_iter().next() {
+        Some(a) if a.bytes > max_binding_bytes => Err(Error::Input(format!(
+            "a batch of {batch} at {}×{} latents: the {} {:?} needs {:.1} MiB, over this adapter's maxStorageBufferBindingSize of {:.1} MiB; lower the batch or the resolution",
             latent_hw[0],
             latent_hw[1],
-            bytes as f64 / MIB,
+            a.what,
+            a.shape,
+            a.bytes as f64 / MIB,
             max_binding_bytes as f64 / MIB
         ))),
         _ => Ok(()),
@@ -196,25 +244,44 @@ mod tests {
         check_tensor_sizes("CLIP folder", &files, 1 << 20).unwrap();
     }
 
-    #[test]
-    fn sd1_attention_at_512_is_over_the_default_binding_limit() {
+    fn sd1() -> (UNet2DConditionConfig, AutoencoderKLConfig) {
         let json = r#"{"sample_size": 64, "block_out_channels": [320, 640, 1280, 1280],
             "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
             "attention_head_dim": 8, "cross_attention_dim": 768}"#;
-        let unet = UNet2DConditionConfig::from_json("unet/config.json", json).unwrap();
-        let (what, shape, bytes) = attention_scores(&unet, [64, 64], 1).unwrap().unwrap();
-        assert_eq!(shape, [2, 8, 4096, 4096]);
-        assert_eq!(bytes, 1 << 30);
-        assert!(what.starts_with("down_blocks.0"), "{what}");
-        let err = check_attention(&unet, [64, 64], 1, 128 << 20)
+        let vae = r#"{"block_out_channels": [128, 256, 512, 512],
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]}"#;
+        (
+            UNet2DConditionConfig::from_json("unet/config.json", json).unwrap(),
+            AutoencoderKLConfig::from_json("vae/config.json", vae).unwrap(),
+        )
+    }
+
+    #[test]
+    fn sd1_at_512_attention_is_blocked_and_the_decoder_is_the_largest() {
+        let (unet, vae) = sd1();
+        let acts = largest_activations(&unet, Some(&vae), [64, 64], 1).unwrap();
+        let find = |prefix: &str| acts.iter().find(|a| a.what.starts_with(prefix)).unwrap();
+        // The whole score matrix would be [2, 8, 4096, 4096] = 1 GiB; a block is within budget.
+        let scores = find("down_blocks.0 self-attention scores");
+        assert_eq!(scores.shape[..2], [2, 8]);
+        assert_eq!(scores.shape[3], 4096);
+        assert!(scores.bytes <= crate::attention::SCORE_BLOCK_BYTES as u64);
+        // GEGLU: [2, 4096, 2560] = 80 MiB.
+        assert_eq!(find("down_blocks.0 feed-forward").bytes, 80 << 20);
+        // The decoder's up_blocks.2 output: [1, 256, 512, 512] = 256 MiB, the largest.
+        assert_eq!(acts[0].what, "VAE decoder up_blocks.2 output");
+        assert_eq!(acts[0].shape, [1, 256, 512, 512]);
+        let err = check_activations(&unet, Some(&vae), [64, 64], 1, 128 << 20)
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("1024.0 MiB") && err.contains("128.0 MiB"),
+            err.contains("VAE decoder") && err.contains("256.0 MiB") && err.contains("128.0 MiB"),
             "{err}"
         );
-        // 32×32 latents (256²): [2, 8, 1024, 1024] = 64 MiB fits.
-        check_attention(&unet, [32, 32], 1, 128 << 20).unwrap();
+        // Without the decoder (or at 32×32 latents, 256²) the UNet fits 128 MiB.
+        check_activations(&unet, None, [64, 64], 1, 128 << 20).unwrap();
+        check_activations(&unet, Some(&vae), [32, 32], 1, 128 << 20).unwrap();
     }
 }

@@ -23,7 +23,8 @@ pub fn param<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
 }
 
 /// A stored weight as the layers compute with it: f32 (weights kept in f16 are cast per use;
-/// the f32 copy lives for one op).
+/// the f32 copy lives for one op). Linear and Conv2d go through [`crate::stored_weight`]
+/// instead, whose backward keeps the f16 weight rather than this f32 copy.
 pub fn compute_weight<const D: usize>(w: Tensor<D>) -> Tensor<D> {
     if w.dtype() == DType::F32 {
         w
@@ -59,11 +60,17 @@ impl Linear {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let y = linear(
-            x.clone(),
-            compute_weight(self.weight.val()),
-            self.bias.as_ref().map(|b| b.val()),
-        );
+        let (w, bias) = (self.weight.val(), self.bias.as_ref().map(|b| b.val()));
+        let y = if w.dtype() == DType::F32 {
+            linear(x.clone(), w, bias)
+        } else {
+            // A stored f16 weight: cast per use, kept in f16 for the backward pass.
+            let y = crate::stored_weight::matmul_stored(x.clone(), w);
+            match bias {
+                Some(b) => y + b.unsqueeze(),
+                None => y,
+            }
+        };
         match &self.lora {
             None => y,
             Some(lora) => lora.linear(&x, y),
@@ -135,12 +142,20 @@ impl Conv2d {
             [1, 1],
             1,
         );
-        let y = conv2d(
-            x.clone(),
-            compute_weight(self.weight.val()),
-            self.bias.as_ref().map(|b| b.val()),
-            options.clone(),
-        );
+        let (w, bias) = (self.weight.val(), self.bias.as_ref().map(|b| b.val()));
+        let y = if w.dtype() == DType::F32 {
+            conv2d(x.clone(), w, bias, options.clone())
+        } else {
+            // A stored f16 weight: cast per use, kept in f16 for the backward pass.
+            let y = crate::stored_weight::conv2d_stored(x.clone(), w, options.clone());
+            match bias {
+                Some(b) => {
+                    let c = b.dims()[0];
+                    y + b.reshape([1, c, 1, 1])
+                }
+                None => y,
+            }
+        };
         match &self.lora {
             None => y,
             Some(lora) => lora.conv(&x, y, &options),

@@ -159,3 +159,58 @@ fn l2_rel(a: &[f32], b: &[f32]) -> f32 {
     }
     (num / den).sqrt() as f32
 }
+
+/// The ops behind f16 Linear and Conv2d layers (`draft_core::stored_weight`: the backward keeps
+/// the f16 weight, not its f32 cast) against cast-then-op differentiated by Burn: the same
+/// outputs, input gradients and — for a tracked f16 weight — weight gradients (in f16).
+#[test]
+fn stored_weight_ops_have_cast_then_ops_gradients() {
+    use burn::tensor::module::conv2d;
+    use burn::tensor::ops::ConvOptions;
+    use draft_core::stored_weight::{conv2d_stored, matmul_stored};
+    for (name, device) in devices() {
+        let mut rng = NoiseRng::new(21);
+        let x = rng.randn([2, 5, 12], &device);
+        let w = (rng.randn([12, 7], &device) * 0.3).cast(FloatDType::F16);
+        let xc = rng.randn([2, 3, 9, 9], &device);
+        let wc = (rng.randn([4, 3, 3, 3], &device) * 0.3).cast(FloatDType::F16);
+        let options = ConvOptions::new_with_padding([2, 2], [(0, 1); 2], [1, 1], 1);
+        type Op<'a, const D: usize, const W: usize> = &'a dyn Fn(Tensor<D>, Tensor<W>) -> Tensor<D>;
+        fn grads<const D: usize, const W: usize>(
+            x: &Tensor<D>,
+            w: &Tensor<W>,
+            f: Op<D, W>,
+        ) -> [(Vec<f32>, Vec<usize>); 3] {
+            let xa = x.clone().autodiff().require_grad();
+            let wa = w.clone().autodiff().require_grad();
+            let y = f(xa.clone(), wa.clone());
+            let g = NoiseRng::new(3).randn(y.dims(), &y.device().inner());
+            let gr = (y.clone() * g.autodiff()).sum().backward();
+            let dw = wa.grad(&gr).unwrap();
+            assert_eq!(dw.dtype(), DType::F16, "the weight's gradient is in its dtype");
+            [
+                values(y.without_autodiff()),
+                values(xa.grad(&gr).unwrap()),
+                values(dw.cast(FloatDType::F32)),
+            ]
+        }
+        let linear = grads(&x, &w, &|x, w| matmul_stored(x, w));
+        let linear_ref = grads(&x, &w, &|x, w| x.matmul(w.cast(FloatDType::F32).unsqueeze()));
+        let o = options.clone();
+        let conv = grads(&xc, &wc, &move |x, w| conv2d_stored(x, w, o.clone()));
+        let o = options.clone();
+        let conv_ref = grads(&xc, &wc, &move |x, w| {
+            conv2d(x, w.cast(FloatDType::F32), None, o.clone())
+        });
+        for (op, got, want) in [("matmul", linear, linear_ref), ("conv2d", conv, conv_ref)] {
+            for (what, (g, r)) in ["output", "∂/∂x", "∂/∂w"].iter().zip(got.iter().zip(&want)) {
+                assert_eq!(g.1, r.1);
+                let err = rel_err(&g.0, &r.0);
+                eprintln!("{name} {op}: {what} {err:.1e}");
+                // ∂/∂w is rounded to f16 (relative 2⁻¹¹) in both.
+                let bound = if *what == "∂/∂w" { 1e-3 } else { 1e-5 };
+                assert!(err <= bound, "{name} {op}: {what} differs by {err:e}");
+            }
+        }
+    }
+}

@@ -226,7 +226,7 @@ pub struct RunInputs {
 
 /// Refuses what cannot be read in a browser or cannot fit the adapter, before loading: PyTorch
 /// pickles (the page has no pickle reader), tensors over the binding limit, a training batch
-/// whose attention scores are over it.
+/// whose largest activation is over it.
 fn check_inputs(
     model: &ModelFiles,
     rewards: &BTreeMap<String, RewardSource>,
@@ -290,8 +290,19 @@ fn check_inputs(
             _ => config.batch,
         };
         let batch = per_update.max(draft_core::train::eval_set_size(eval_images.max(1)));
+        let vae = match model.files.get("vae/config.json") {
+            Some(json) => Some(
+                draft_core::models::vae::AutoencoderKLConfig::from_json(
+                    &model.display("vae/config.json"),
+                    &String::from_utf8_lossy(json),
+                )
+                .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
         let side = unet.sample_size;
-        limits::check_attention(&unet, [side, side], batch, limit).map_err(|e| e.to_string())?;
+        limits::check_activations(&unet, vae.as_ref(), [side, side], batch, limit)
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }

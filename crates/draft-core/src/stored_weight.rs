@@ -1,0 +1,214 @@
+//! Layers whose weights are stored in f16 (`--weights-dtype f16`) computing in f32 without the
+//! backward pass keeping an f32 copy of every weight.
+//!
+//! Casting the weight with Burn's `cast` and then `matmul` / `conv2d` computes the same values,
+//! but under autodiff the matmul and the convolution keep their f32 operand for the backward
+//! pass (and Burn's `Cast` is compute-bound, so checkpointing keeps it as well): a recomputed
+//! UNet step then holds an f32 copy of every weight it used, more memory than f32 weights. The
+//! two ops here ([`StoredWeightBackend`], a Burn backend extension with a handwritten `Autodiff`
+//! implementation) keep the stored (f16) weight and cast it again in the backward pass.
+//!
+//! The values are those of cast-then-op exactly: the forward is that composition, and the
+//! backward computes the input gradient from the same f32 weight. A weight that is itself
+//! tracked (not the case for frozen base weights) gets its gradient in its stored dtype.
+
+use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::wgpu::CubeBackend;
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
+use burn::prelude::*;
+use burn::tensor::FloatDType;
+use burn::tensor::ops::ConvOptions;
+
+/// `x · w` for `[.., in]` x and a stored `[in, out]` weight, computed in x's dtype.
+pub fn matmul_stored<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as StoredWeightBackend>::matmul_stored(
+        x.into_dispatch(),
+        w.into_dispatch(),
+    ))
+}
+
+/// `conv2d(x, w)` (no bias) for a stored `[out, in, k, k]` weight, computed in x's dtype.
+pub fn conv2d_stored(x: Tensor<4>, w: Tensor<4>, options: ConvOptions<2>) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as StoredWeightBackend>::conv2d_stored(
+        x.into_dispatch(),
+        w.into_dispatch(),
+        options,
+    ))
+}
+
+/// The two ops, routed to each backend by Burn's backend-extension dispatch; every backend but
+/// autodiff runs the default bodies (cast, then Burn's op).
+#[backend_extension(Flex, Cube, Fusion, Autodiff)]
+pub trait StoredWeightBackend: Backend {
+    #[fusion(default)]
+    fn matmul_stored(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        matmul_forward::<Self>(x, w)
+    }
+
+    #[fusion(default)]
+    fn conv2d_stored(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        let w = as_dtype::<Self>(w, x.dtype().into());
+        Self::conv2d(x, w, None, options)
+    }
+}
+
+impl StoredWeightBackend for Flex {}
+impl StoredWeightBackend for CubeBackend {}
+
+fn as_dtype<B: Backend>(t: FloatTensor<B>, dtype: FloatDType) -> FloatTensor<B> {
+    if FloatDType::from(t.dtype()) == dtype {
+        t
+    } else {
+        B::float_cast(t, dtype)
+    }
+}
+
+/// `[.., in] · [in, out]` through a 2-d matmul.
+fn matmul_forward<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>) -> FloatTensor<B> {
+    let w = as_dtype::<B>(w, x.dtype().into());
+    let shape = x.shape();
+    let d_in = shape[shape.num_dims() - 1];
+    let rows = shape.num_elements() / d_in.max(1);
+    let d_out = w.shape()[1];
+    let y = B::float_matmul(B::float_reshape(x, Shape::new([rows, d_in])), w);
+    let mut out = shape.clone();
+    let last = out.num_dims() - 1;
+    out[last] = d_out;
+    B::float_reshape(y, out)
+}
+
+#[derive(Debug)]
+struct MatmulStoredBackward;
+
+/// The stored weight, and x only where the weight's own gradient is wanted.
+#[derive(Clone, Debug)]
+struct MatmulSaved<B: Backend> {
+    w: FloatTensor<B>,
+    x: Option<FloatTensor<B>>,
+    x_shape: Shape,
+}
+
+impl<B: Backend> Backward<B, 2> for MatmulStoredBackward {
+    type State = MatmulSaved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let MatmulSaved { w, x, x_shape } = ops.state;
+        let compute: FloatDType = dy.dtype().into();
+        let d_out = dy.shape()[dy.shape().num_dims() - 1];
+        let d_in = x_shape[x_shape.num_dims() - 1];
+        let rows = x_shape.num_elements() / d_in.max(1);
+        let dy2 = B::float_reshape(dy, Shape::new([rows, d_out]));
+        if let (Some(node), Some(x)) = (node_w, x) {
+            let x2 = B::float_reshape(x, Shape::new([rows, d_in]));
+            let dw = B::float_matmul(B::float_swap_dims(x2, 0, 1), dy2.clone());
+            grads.register::<B>(node.id, as_dtype::<B>(dw, w.dtype().into()));
+        }
+        if let Some(node) = node_x {
+            let wt = B::float_swap_dims(as_dtype::<B>(w, compute), 0, 1);
+            let dx = B::float_reshape(B::float_matmul(dy2, wt), x_shape);
+            grads.register::<B>(node.id, dx);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Conv2dStoredBackward;
+
+#[derive(Clone, Debug)]
+struct ConvSaved<B: Backend> {
+    w: FloatTensor<B>,
+    x: Option<FloatTensor<B>>,
+    x_shape: Shape,
+    options: ConvOptions<2>,
+}
+
+impl<B: Backend> Backward<B, 2> for Conv2dStoredBackward {
+    type State = ConvSaved<B>;
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let ConvSaved {
+            w,
+            x,
+            x_shape,
+            options,
+        } = ops.state;
+        let compute: FloatDType = dy.dtype().into();
+        let stored: FloatDType = w.dtype().into();
+        let w32 = as_dtype::<B>(w, compute);
+        if let (Some(node), Some(x)) = (node_w, x) {
+            let dw = B::conv2d_weight_backward(x, w32.clone(), dy.clone(), options.clone());
+            grads.register::<B>(node.id, as_dtype::<B>(dw, stored));
+        }
+        if let Some(node) = node_x {
+            // The input's values are not needed for its gradient, only its shape.
+            let x = B::float_empty(x_shape, &dy.device(), compute);
+            grads.register::<B>(node.id, B::conv2d_x_backward(x, w32, dy, options));
+        }
+    }
+}
+
+impl<B: Backend + StoredWeightBackend, C: CheckpointStrategy> StoredWeightBackend
+    for Autodiff<B, C>
+{
+    fn matmul_stored(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        let w_tracked = w.is_tracked();
+        match MatmulStoredBackward
+            .prepare::<C>([x.node(), w.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, w) = (x.into_primitive(), w.into_primitive());
+                let saved = MatmulSaved {
+                    w: w.clone(),
+                    x: w_tracked.then(|| x.clone()),
+                    x_shape: x.shape(),
+                };
+                prep.finish(saved, B::matmul_stored(x, w))
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::matmul_stored(x.into_primitive(), w.into_primitive()))
+            }
+        }
+    }
+
+    fn conv2d_stored(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        let w_tracked = w.is_tracked();
+        match Conv2dStoredBackward
+            .prepare::<C>([x.node(), w.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, w) = (x.into_primitive(), w.into_primitive());
+                let saved = ConvSaved {
+                    w: w.clone(),
+                    x: w_tracked.then(|| x.clone()),
+                    x_shape: x.shape(),
+                    options: options.clone(),
+                };
+                prep.finish(saved, B::conv2d_stored(x, w, options))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::conv2d_stored(
+                x.into_primitive(),
+                w.into_primitive(),
+                options,
+            )),
+        }
+    }
+}
