@@ -6,7 +6,7 @@
 
 use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::module::{conv2d, embedding, layer_norm, linear};
+use burn::tensor::module::{embedding, layer_norm};
 use burn::tensor::ops::ConvOptions;
 use burn::tensor::{DType, FloatDType};
 
@@ -24,7 +24,7 @@ pub fn param<const D: usize>(t: Tensor<D>) -> Param<Tensor<D>> {
 
 /// A stored weight as the layers compute with it: f32 (weights kept in f16 are cast per use;
 /// the f32 copy lives for one op). Linear and Conv2d go through [`crate::stored_weight`]
-/// instead, whose backward keeps the f16 weight rather than this f32 copy.
+/// instead, whose backward keeps the stored weight rather than an f32 copy.
 pub fn compute_weight<const D: usize>(w: Tensor<D>) -> Tensor<D> {
     if w.dtype() == DType::F32 {
         w
@@ -60,16 +60,12 @@ impl Linear {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let (w, bias) = (self.weight.val(), self.bias.as_ref().map(|b| b.val()));
-        let y = if w.dtype() == DType::F32 {
-            linear(x.clone(), w, bias)
-        } else {
-            // A stored f16 weight: cast per use, kept in f16 for the backward pass.
-            let y = crate::stored_weight::matmul_stored(x.clone(), w);
-            match bias {
-                Some(b) => y + b.unsqueeze(),
-                None => y,
-            }
+        // The weight in its stored dtype (f16 weights are cast per use); the backward keeps
+        // the stored weight and not x (crate::stored_weight).
+        let y = crate::stored_weight::matmul_stored(x.clone(), self.weight.val());
+        let y = match &self.bias {
+            Some(b) => y + b.val().unsqueeze(),
+            None => y,
         };
         match &self.lora {
             None => y,
@@ -142,19 +138,15 @@ impl Conv2d {
             [1, 1],
             1,
         );
-        let (w, bias) = (self.weight.val(), self.bias.as_ref().map(|b| b.val()));
-        let y = if w.dtype() == DType::F32 {
-            conv2d(x.clone(), w, bias, options.clone())
-        } else {
-            // A stored f16 weight: cast per use, kept in f16 for the backward pass.
-            let y = crate::stored_weight::conv2d_stored(x.clone(), w, options.clone());
-            match bias {
-                Some(b) => {
-                    let c = b.dims()[0];
-                    y + b.reshape([1, c, 1, 1])
-                }
-                None => y,
+        // As Linear: the stored weight, kept without x for the backward (crate::stored_weight).
+        let y = crate::stored_weight::conv2d_stored(x.clone(), self.weight.val(), options.clone());
+        let y = match &self.bias {
+            Some(b) => {
+                let b = b.val();
+                let c = b.dims()[0];
+                y + b.reshape([1, c, 1, 1])
             }
+            None => y,
         };
         match &self.lora {
             None => y,

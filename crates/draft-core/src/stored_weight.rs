@@ -1,16 +1,19 @@
-//! Layers whose weights are stored in f16 (`--weights-dtype f16`) computing in f32 without the
-//! backward pass keeping an f32 copy of every weight.
+//! Linear and Conv2d ops whose backward keeps the weight as stored and nothing else it does
+//! not need.
 //!
-//! Casting the weight with Burn's `cast` and then `matmul` / `conv2d` computes the same values,
-//! but under autodiff the matmul and the convolution keep their f32 operand for the backward
-//! pass (and Burn's `Cast` is compute-bound, so checkpointing keeps it as well): a recomputed
-//! UNet step then holds an f32 copy of every weight it used, more memory than f32 weights. The
-//! two ops here ([`StoredWeightBackend`], a Burn backend extension with a handwritten `Autodiff`
-//! implementation) keep the stored (f16) weight and cast it again in the backward pass.
+//! With weights stored in f16 (`--weights-dtype f16`), casting the weight with Burn's `cast` and
+//! then `matmul` / `conv2d` computes the same values, but under autodiff the matmul and the
+//! convolution keep their f32 operand for the backward pass (and Burn's `Cast` is
+//! compute-bound, so checkpointing keeps it as well): a recomputed UNet step then held an f32
+//! copy of every weight it used, more memory than f32 weights. Burn's convolution also keeps
+//! its input, which the input's gradient does not need (only its shape) when the weight is
+//! frozen. The two ops here ([`StoredWeightBackend`], a Burn backend extension with a
+//! handwritten `Autodiff` implementation) keep the stored weight, cast it again in the backward
+//! pass, and keep the input only when the weight itself is tracked (`draft pretrain`), whose
+//! gradient is then returned in the weight's dtype.
 //!
-//! The values are those of cast-then-op exactly: the forward is that composition, and the
-//! backward computes the input gradient from the same f32 weight. A weight that is itself
-//! tracked (not the case for frozen base weights) gets its gradient in its stored dtype.
+//! For f32 weights the forward is Burn's `matmul` / `conv2d` unchanged and the input's gradient
+//! is Burn's own formula (`dY · Wᵀ`, `conv2d_x_backward`), so only what is kept changes.
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
