@@ -30,9 +30,8 @@ struct Cli {
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
     /// How the diffusion model's frozen weight matrices and kernels are kept: f16 halves their
-    /// resident memory (layers still compute in f32; LoRA weights, gradients and the optimizer
-    /// state stay f32). Training's peak is not lower yet: a back-propagated step keeps f32
-    /// copies of the weights it uses.
+    /// resident memory, in sampling and in training (layers still compute in f32; LoRA weights,
+    /// gradients and the optimizer state stay f32).
     #[arg(long, global = true, value_enum, default_value = "f32")]
     weights_dtype: device::WeightsDtype,
     #[command(subcommand)]

@@ -436,11 +436,6 @@ pub fn run(args: TrainArgs) -> Result<()> {
         a.model_config.as_deref(),
     )?;
     let device = device::select(a.device.unwrap_or(DeviceArg::Auto))?;
-    if crate::device::weights_dtype() != burn::tensor::FloatDType::F32 {
-        eprintln!(
-            "draft: note: --weights-dtype f16 halves the resident weights, but each back-propagated step keeps f32 copies of the weights it uses: training's peak memory is not lower yet"
-        );
-    }
     let pipeline = Pipeline::load_with(
         &model,
         &device,

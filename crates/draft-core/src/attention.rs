@@ -94,7 +94,12 @@ fn rows<B: Backend>(t: FloatTensor<B>, start: usize, end: usize) -> FloatTensor<
     let all = Slice::new(0, None, 1);
     B::float_slice(
         t,
-        &[all, all, Slice::new(start as isize, Some(end as isize), 1), all],
+        &[
+            all,
+            all,
+            Slice::new(start as isize, Some(end as isize), 1),
+            all,
+        ],
     )
 }
 
@@ -107,7 +112,10 @@ fn blocks(n: usize, block: usize) -> impl Iterator<Item = (usize, usize)> {
 
 /// `softmax(q_b kᵀ · scale)` for one block of queries, `kt` = kᵀ.
 fn probabilities<B: Backend>(qb: FloatTensor<B>, kt: FloatTensor<B>, scale: f32) -> FloatTensor<B> {
-    B::softmax(B::float_mul_scalar(B::float_matmul(qb, kt), scale.into()), 3)
+    B::softmax(
+        B::float_mul_scalar(B::float_matmul(qb, kt), scale.into()),
+        3,
+    )
 }
 
 fn cat_rows<B: Backend>(mut parts: Vec<FloatTensor<B>>) -> FloatTensor<B> {

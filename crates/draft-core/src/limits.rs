@@ -130,7 +130,7 @@ pub fn largest_activations(
         }
         out.extend(best);
     }
-    out.sort_by(|a, b| b.bytes.cmp(&a.bytes));
+    out.sort_by_key(|a| std::cmp::Reverse(a.bytes));
     Ok(out)
 }
 
@@ -143,7 +143,10 @@ pub fn check_activations(
     batch: usize,
     max_binding_bytes: u64,
 ) -> Result<()> {
-    match largest_activations(unet, vae, latent_hw, batch)?.into_iter().next() {
+    match largest_activations(unet, vae, latent_hw, batch)?
+        .into_iter()
+        .next()
+    {
         Some(a) if a.bytes > max_binding_bytes => Err(Error::Input(format!(
             "a batch of {batch} at {}×{} latents: the {} {:?} needs {:.1} MiB, over this adapter's maxStorageBufferBindingSize of {:.1} MiB; lower the batch or the resolution",
             latent_hw[0],

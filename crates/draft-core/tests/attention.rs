@@ -26,13 +26,38 @@ struct Case {
 fn blocked_attention_has_the_plain_formulas_values_and_gradients() {
     let cases = [
         // Self-attention, blocks that don't divide the rows.
-        Case { q: [2, 3, 37, 8], kv: [37, 8], dv: 8, block: 5 },
+        Case {
+            q: [2, 3, 37, 8],
+            kv: [37, 8],
+            dv: 8,
+            block: 5,
+        },
         // One block (the op is then the plain formula's ops).
-        Case { q: [2, 3, 37, 8], kv: [37, 8], dv: 8, block: 37 },
-        Case { q: [1, 2, 16, 4], kv: [16, 4], dv: 4, block: 100 },
+        Case {
+            q: [2, 3, 37, 8],
+            kv: [37, 8],
+            dv: 8,
+            block: 37,
+        },
+        Case {
+            q: [1, 2, 16, 4],
+            kv: [16, 4],
+            dv: 4,
+            block: 100,
+        },
         // Cross-attention: fewer keys than queries, a value width of its own, one-row blocks.
-        Case { q: [2, 2, 24, 8], kv: [11, 8], dv: 6, block: 1 },
-        Case { q: [1, 4, 64, 16], kv: [77, 16], dv: 16, block: 16 },
+        Case {
+            q: [2, 2, 24, 8],
+            kv: [11, 8],
+            dv: 6,
+            block: 1,
+        },
+        Case {
+            q: [1, 4, 64, 16],
+            kv: [77, 16],
+            dv: 16,
+            block: 16,
+        },
     ];
     for (name, device) in devices() {
         for (i, c) in cases.iter().enumerate() {
@@ -60,21 +85,32 @@ fn blocked_attention_has_the_plain_formulas_values_and_gradients() {
                 )
             };
             let (want_out, want) = grads_of(&|q, k, v| plain(q, k, v, scale));
-            let (got_out, got) =
-                grads_of(&|q, k, v| attention_blocked(q, k, v, scale, c.block));
+            let (got_out, got) = grads_of(&|q, k, v| attention_blocked(q, k, v, scale, c.block));
             assert_eq!(got_out.1, want_out.1);
             let out_err = rel_err(&got_out.0, &want_out.0);
-            assert!(out_err <= 1e-6, "{name} case {i}: outputs differ by {out_err:e}");
+            assert!(
+                out_err <= 1e-6,
+                "{name} case {i}: outputs differ by {out_err:e}"
+            );
             for (which, (got, want)) in ["q", "k", "v"].iter().zip(got.iter().zip(&want)) {
                 assert_eq!(got.1, want.1, "{name} case {i}: ∂/∂{which} shape");
                 assert!(want.0.iter().any(|x| x.abs() > 1e-3), "zero gradient");
                 let err = rel_err(&got.0, &want.0);
                 eprintln!("{name} case {i}: out {out_err:.1e}, ∂/∂{which} {err:.1e}");
-                assert!(err <= 1e-5, "{name} case {i}: ∂/∂{which} differs by {err:e}");
+                assert!(
+                    err <= 1e-5,
+                    "{name} case {i}: ∂/∂{which} differs by {err:e}"
+                );
             }
 
             // Without autodiff and on an autodiff device without tracked inputs: the same values.
-            let plain_out = values(attention_blocked(q.clone(), k.clone(), v.clone(), scale, c.block));
+            let plain_out = values(attention_blocked(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+                scale,
+                c.block,
+            ));
             assert!(rel_err(&plain_out.0, &want_out.0) <= 1e-6);
             let untracked = values(
                 attention_blocked(

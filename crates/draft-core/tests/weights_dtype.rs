@@ -187,7 +187,11 @@ fn stored_weight_ops_have_cast_then_ops_gradients() {
             let g = NoiseRng::new(3).randn(y.dims(), &y.device().inner());
             let gr = (y.clone() * g.autodiff()).sum().backward();
             let dw = wa.grad(&gr).unwrap();
-            assert_eq!(dw.dtype(), DType::F16, "the weight's gradient is in its dtype");
+            assert_eq!(
+                dw.dtype(),
+                DType::F16,
+                "the weight's gradient is in its dtype"
+            );
             [
                 values(y.without_autodiff()),
                 values(xa.grad(&gr).unwrap()),
@@ -195,7 +199,9 @@ fn stored_weight_ops_have_cast_then_ops_gradients() {
             ]
         }
         let linear = grads(&x, &w, &|x, w| matmul_stored(x, w));
-        let linear_ref = grads(&x, &w, &|x, w| x.matmul(w.cast(FloatDType::F32).unsqueeze()));
+        let linear_ref = grads(&x, &w, &|x, w| {
+            x.matmul(w.cast(FloatDType::F32).unsqueeze())
+        });
         let o = options.clone();
         let conv = grads(&xc, &wc, &move |x, w| conv2d_stored(x, w, o.clone()));
         let o = options.clone();
@@ -203,7 +209,8 @@ fn stored_weight_ops_have_cast_then_ops_gradients() {
             conv2d(x, w.cast(FloatDType::F32), None, o.clone())
         });
         for (op, got, want) in [("matmul", linear, linear_ref), ("conv2d", conv, conv_ref)] {
-            for (what, (g, r)) in ["output", "∂/∂x", "∂/∂w"].iter().zip(got.iter().zip(&want)) {
+            for (what, (g, r)) in ["output", "∂/∂x", "∂/∂w"].iter().zip(got.iter().zip(&want))
+            {
                 assert_eq!(g.1, r.1);
                 let err = rel_err(&g.0, &r.0);
                 eprintln!("{name} {op}: {what} {err:.1e}");
