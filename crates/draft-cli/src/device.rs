@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use burn::tensor::wgpu::{WgpuBackend, wgpu};
 use clap::ValueEnum;
 
@@ -47,6 +48,9 @@ pub fn cpu_threads(threads: Option<usize>) -> Result<()> {
 /// `--weights-dtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WeightsDtype {
+    /// f16 on a GPU adapter that computes in f16 (`shader-f16`), f32 on the CPU backend and on
+    /// adapters without it.
+    Auto,
     F32,
     F16,
 }
@@ -58,11 +62,22 @@ pub fn set_weights_dtype(d: WeightsDtype) {
     let _ = WEIGHTS_DTYPE.set(d);
 }
 
-/// The dtype the diffusion model's weight matrices and kernels are kept in.
-pub fn weights_dtype() -> burn::tensor::FloatDType {
-    match WEIGHTS_DTYPE.get() {
-        Some(WeightsDtype::F16) => burn::tensor::FloatDType::F16,
-        _ => burn::tensor::FloatDType::F32,
+/// The dtype the diffusion model's weight matrices and kernels are kept in on `device`, with a
+/// line saying so when `auto` chose f16.
+pub fn weights_dtype(device: &Device) -> FloatDType {
+    match WEIGHTS_DTYPE.get().copied().unwrap_or(WeightsDtype::Auto) {
+        WeightsDtype::F16 => FloatDType::F16,
+        WeightsDtype::F32 => FloatDType::F32,
+        WeightsDtype::Auto => {
+            if *device != Device::flex() && device.supports_dtype(FloatDType::F16) {
+                eprintln!(
+                    "draft: weights in f16 (the adapter computes in f16; --weights-dtype f32 keeps them in f32)"
+                );
+                FloatDType::F16
+            } else {
+                FloatDType::F32
+            }
+        }
     }
 }
 
@@ -136,4 +151,15 @@ fn gpu_adapter() -> Option<String> {
         )
         .then(|| format!("{} (wgpu, {:?})", info.name, info.backend))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_weights_are_f32_on_the_cpu_backend() {
+        // `auto` is the default (nothing set): the CPU backend keeps f32 whatever it can store.
+        assert_eq!(weights_dtype(&Device::flex()), FloatDType::F32);
+    }
 }

@@ -183,7 +183,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
                 model.as_ref().expect("set"),
                 &device,
                 &setup,
-                crate::device::weights_dtype(),
+                crate::device::weights_dtype(&device),
             )?;
             let size = pipe.default_image_size();
             let [c, h, w] = pipe.latent_shape(size, size)?;

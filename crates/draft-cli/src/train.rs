@@ -440,7 +440,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         &model,
         &device,
         &LoraSetup::Targets(config.lora_targets.clone()),
-        crate::device::weights_dtype(),
+        crate::device::weights_dtype(&device),
     )?;
     let reward = reward_files.build(
         &config.rewards,
