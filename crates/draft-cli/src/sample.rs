@@ -103,7 +103,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
     }
     let device = device::select(a.device)?;
     let setup = LoraSetup::Files(loras.iter().map(|(f, s)| (f, *s)).collect());
-    let pipe = Pipeline::load_with(&model, &device, &setup, crate::device::weights_dtype(&device))?;
+    let pipe = Pipeline::load_with(
+        &model,
+        &device,
+        &setup,
+        crate::device::weights_dtype(&device),
+    )?;
     drop(model);
 
     let x_t = match (&a.init_noise, &noise_bytes) {
