@@ -15,10 +15,13 @@
 //! dq_b = dS k · scale               dK += dSᵀ q_b · scale
 //! ```
 //!
-//! Burn's own autodiff attention keeps every N×N score matrix for the backward pass. The blocks
-//! are composed of Burn's primitive ops, so the one definition runs on every backend (the CPU's
-//! flex, CubeCL with fusion on wgpu, the browser's WebGPU); with one block the ops are exactly
-//! the materialised formula's.
+//! Burn's own autodiff attention keeps every N×N score matrix for the backward pass. The
+//! backward's blocks are composed of Burn's primitive ops, so the one definition runs on every
+//! backend (the CPU's flex, CubeCL with fusion on wgpu, the browser's WebGPU). The forward —
+//! the whole of a pass without gradient (sampling, evaluation, `draft sample`) — is the
+//! backend's fused attention kernel: flex's tiled attention on the CPU, Burn's flash kernels
+//! (autotuned) on CubeCL, per block of query rows there; the blocked primitives
+//! ([`attention_blocked`] with a non-default scale on CubeCL) otherwise.
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -28,6 +31,7 @@ use burn::backend::wgpu::CubeBackend;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
 use burn::tensor::Slice;
+use burn::tensor::ops::AttentionModuleOptions;
 
 /// The largest block of attention scores (`[B, heads, rows, N]` f32) one step materialises:
 /// a quarter of WebGPU's default `maxStorageBufferBindingSize`, so that the block and the
@@ -45,7 +49,7 @@ pub fn block_rows(batch_heads: usize, keys: usize) -> usize {
 pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let [b, h, _, d] = q.dims();
     let keys = k.dims()[2];
-    attention_blocked(q, k, v, 1.0 / (d as f32).sqrt(), block_rows(b * h, keys))
+    attention_blocked(q, k, v, default_scale(d), block_rows(b * h, keys))
 }
 
 /// [`attention`] with an explicit `scale` and `block` (query rows per block).
@@ -65,13 +69,17 @@ pub fn attention_blocked(
     ))
 }
 
-/// The attention op, routed to each backend by Burn's backend-extension dispatch. Every
-/// backend but autodiff runs the default body (Burn primitives, fused on CubeCL by `Fusion`);
-/// `Autodiff` has its own backward below.
+/// The attention op, routed to each backend by Burn's backend-extension dispatch. The forward
+/// is each backend's fused attention kernel where it has one that never materialises the whole
+/// score matrix; `Autodiff` has its own backward below (the same for every backend).
 #[backend_extension(Flex, Cube, Fusion, Autodiff)]
 pub trait AttentionBackend: Backend {
     /// `softmax(q kᵀ · scale) v`, `block` query rows at a time.
-    #[fusion(default)]
+    #[fusion(dtype = q, shape = {
+        let mut shape = q.clone();
+        shape[3] = v[3];
+        shape
+    })]
     fn blocked_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -83,8 +91,72 @@ pub trait AttentionBackend: Backend {
     }
 }
 
-impl AttentionBackend for Flex {}
-impl AttentionBackend for CubeBackend {}
+/// The CPU backend: flex's fused attention, threaded over batch × heads (one head's `[N, M]`
+/// scores when they fit 1 MB, else tiles of 64 keys with an online softmax): O(N) memory at any
+/// size, so `block` does not apply.
+impl AttentionBackend for Flex {
+    fn blocked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+        _block: usize,
+    ) -> FloatTensor<Self> {
+        let options = AttentionModuleOptions {
+            scale: Some(scale.into()),
+            softcap: None,
+            is_causal: false,
+        };
+        fused::<Self>(q, k, v, options)
+    }
+}
+
+/// CubeCL (wgpu, and WebGPU in the browser, under `Fusion`, which defers to this): Burn's fused
+/// attention per block of query rows. Burn autotunes it between its flash kernels and, where no
+/// flash kernel launches for a shape, a fallback that materialises the scores: per block, that
+/// fallback stays within [`SCORE_BLOCK_BYTES`]. Burn's flash kernels take the default scale
+/// only; another scale runs the blocked primitives.
+impl AttentionBackend for CubeBackend {
+    fn blocked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f32,
+        block: usize,
+    ) -> FloatTensor<Self> {
+        let d = q.shape()[3];
+        if scale != default_scale(d) || v.shape()[3] != d {
+            return forward::<Self>(q, k, v, scale, block);
+        }
+        let n = q.shape()[2];
+        let outs = blocks(n, block)
+            .map(|(s, e)| {
+                fused::<Self>(
+                    rows::<Self>(q.clone(), s, e),
+                    k.clone(),
+                    v.clone(),
+                    AttentionModuleOptions::default(),
+                )
+            })
+            .collect();
+        cat_rows::<Self>(outs)
+    }
+}
+
+/// The backend's own attention op, without mask or bias.
+fn fused<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    options: AttentionModuleOptions,
+) -> FloatTensor<B> {
+    B::attention(q, k, v, None, None, options)
+}
+
+/// `1/√d` as [`attention`] computes it.
+fn default_scale(head_dim: usize) -> f32 {
+    1.0 / (head_dim as f32).sqrt()
+}
 
 /// Rows `start..end` of dimension 2 of a 4-d tensor.
 fn rows<B: Backend>(t: FloatTensor<B>, start: usize, end: usize) -> FloatTensor<B> {

@@ -239,10 +239,10 @@ impl Embedding {
 /// Scaled dot-product attention over `[B, heads, N, head_dim]` tensors.
 ///
 /// Without a mask (the UNet's and the VAE's attention, N up to 4096 at SD-1.x 512²) this is
-/// [`crate::attention::attention`]: blocks of query rows, and a backward that recomputes the
-/// scores instead of keeping them. With a mask (CLIP's causal text attention, N = 77) it is the
-/// materialised matmul + softmax. Burn's fused `attention` op is not used: it has no autodiff
-/// kernel and keeps the N×N scores for the backward.
+/// [`crate::attention::attention`]: the backend's fused attention kernel forward, and a backward
+/// that recomputes the scores block by block instead of keeping them (Burn's own autodiff
+/// attention keeps the N×N scores). With a mask (CLIP's causal text attention, N = 77) it is
+/// the materialised matmul + softmax.
 pub fn scaled_dot_product_attention(
     q: Tensor<4>,
     k: Tensor<4>,

@@ -58,6 +58,13 @@ fn blocked_attention_has_the_plain_formulas_values_and_gradients() {
             dv: 16,
             block: 16,
         },
+        // Large enough for the backends' tiled kernels (flex: over 256 K scores per head).
+        Case {
+            q: [1, 2, 600, 8],
+            kv: [600, 8],
+            dv: 8,
+            block: 256,
+        },
     ];
     for (name, device) in devices() {
         for (i, c) in cases.iter().enumerate() {
@@ -69,6 +76,9 @@ fn blocked_attention_has_the_plain_formulas_values_and_gradients() {
             let v = rng.randn([b, h, c.kv[0], c.dv], &device);
             let g = rng.randn([b, h, n, c.dv], &device);
             let scale = 1.0 / (d as f32).sqrt();
+            // The tiled kernels (flex's over 256 K scores per head, Burn's flash kernels on
+            // CubeCL) sum their online softmax in another order than the plain formula.
+            let out_bound = if n * c.kv[0] > 256 * 1024 { 4e-6 } else { 1e-6 };
 
             let grads_of = |f: &dyn Fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>| {
                 let (qa, ka, va) = (
@@ -89,7 +99,7 @@ fn blocked_attention_has_the_plain_formulas_values_and_gradients() {
             assert_eq!(got_out.1, want_out.1);
             let out_err = rel_err(&got_out.0, &want_out.0);
             assert!(
-                out_err <= 1e-6,
+                out_err <= out_bound,
                 "{name} case {i}: outputs differ by {out_err:e}"
             );
             for (which, (got, want)) in ["q", "k", "v"].iter().zip(got.iter().zip(&want)) {
@@ -111,7 +121,7 @@ fn blocked_attention_has_the_plain_formulas_values_and_gradients() {
                 scale,
                 c.block,
             ));
-            assert!(rel_err(&plain_out.0, &want_out.0) <= 1e-6);
+            assert!(rel_err(&plain_out.0, &want_out.0) <= out_bound);
             let untracked = values(
                 attention_blocked(
                     q.clone().autodiff(),
@@ -122,7 +132,7 @@ fn blocked_attention_has_the_plain_formulas_values_and_gradients() {
                 )
                 .without_autodiff(),
             );
-            assert!(rel_err(&untracked.0, &want_out.0) <= 1e-6);
+            assert!(rel_err(&untracked.0, &want_out.0) <= out_bound);
         }
     }
 }
