@@ -78,21 +78,55 @@ pub fn segment_vjp(
     g: Tensor<4>,
     need_x: bool,
 ) -> Result<(Option<Tensor<4>>, Gradients)> {
-    let x = if need_x {
-        x.autodiff().require_grad()
-    } else {
-        x
-    };
-    let y = f(x.clone());
-    let grads = (y * g).sum().backward();
-    if !need_x {
-        return Ok((None, grads));
+    Recorded::new(f, x, need_x).vjp(what, g)
+}
+
+/// A segment run once with its graph kept, for when its output's gradient is known only after
+/// the output itself has been used (the sampler's last step: its output is decoded and scored
+/// first). [`segment_vjp`] is this, recorded and back-propagated at once.
+pub struct Recorded {
+    /// The input as a tracked leaf, when its gradient is wanted.
+    x: Option<Tensor<4>>,
+    /// The output, with its graph.
+    y: Tensor<4>,
+}
+
+impl Recorded {
+    /// `f(x)` with a graph (from `x` when `need_x`, else from the leaves `f` uses).
+    pub fn new(f: impl FnOnce(Tensor<4>) -> Tensor<4>, x: Tensor<4>, need_x: bool) -> Self {
+        let x = if need_x {
+            x.autodiff().require_grad()
+        } else {
+            x
+        };
+        let y = f(x.clone());
+        Self {
+            x: need_x.then_some(x),
+            y,
+        }
     }
-    match x.grad(&grads) {
-        Some(gx) => Ok((Some(gx), grads)),
-        None => Err(Error::Device(format!(
-            "{} has no gradient with respect to its input",
-            what()
-        ))),
+
+    /// The output as a plain tensor.
+    pub fn output(&self) -> Tensor<4> {
+        self.y.clone().without_autodiff()
+    }
+
+    /// `⟨f(x), g⟩` back-propagated: `∂/∂x` (when recorded with `need_x`) and the gradients.
+    pub fn vjp(
+        self,
+        what: impl FnOnce() -> String,
+        g: Tensor<4>,
+    ) -> Result<(Option<Tensor<4>>, Gradients)> {
+        let grads = (self.y * g).sum().backward();
+        let Some(x) = self.x else {
+            return Ok((None, grads));
+        };
+        match x.grad(&grads) {
+            Some(gx) => Ok((Some(gx), grads)),
+            None => Err(Error::Device(format!(
+                "{} has no gradient with respect to its input",
+                what()
+            ))),
+        }
     }
 }

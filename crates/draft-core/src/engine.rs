@@ -240,13 +240,17 @@ impl<'p> Engine<'p> {
             } => n - uniform_in(draws.truncation, min_remaining, max_remaining),
             _ => n,
         };
-        let chain = pass.sample_chain(&mut draws, stop)?;
+        // DRaFT-K back-propagates the last step first: it runs once, with its graph.
+        let k = match method {
+            Method::DraftK { k } => Some(k),
+            Method::AlignProp { k_min, k_max } => Some(uniform_in(draws.truncation, k_min, k_max)),
+            _ => None,
+        };
+        let chain = pass.sample_chain(&mut draws, stop, k.is_some(), k.is_some_and(|k| k > 1))?;
 
         let outcome = match method {
-            Method::DraftK { k } => pass.draft_k(&chain, k).await?,
-            Method::AlignProp { k_min, k_max } => {
-                pass.draft_k(&chain, uniform_in(draws.truncation, k_min, k_max))
-                    .await?
+            Method::DraftK { .. } | Method::AlignProp { .. } => {
+                pass.draft_k(chain, k.expect("drawn above")).await?
             }
             Method::DraftLv { n: samples } => pass.draft_lv(&chain, &mut draws, samples).await?,
             Method::Refl { .. } => pass.refl(&chain).await?,
@@ -322,6 +326,19 @@ pub fn uniform_in(u: f64, lo: usize, hi: usize) -> usize {
 struct Chain {
     latents: Vec<Tensor<4>>,
     noises: Vec<Option<Tensor<4>>>,
+    /// The last step run with its graph (DRaFT-K's first back-propagated step), when asked.
+    last: Option<RecordedStep>,
+}
+
+/// A sampling step run once with its graph, back-propagated when its output's gradient is
+/// known ([`Pass::finish_step`]): the step the objective back-propagates first is not run a
+/// second time to rebuild the graph the checkpointed backward would.
+struct RecordedStep {
+    i: usize,
+    recorded: crate::checkpoint::Recorded,
+    /// The prompt-embedding leaves it used (text-encoder LoRA).
+    c_leaf: Option<Tensor<3>>,
+    u_leaf: Option<Tensor<3>>,
 }
 
 /// What one objective yields besides the gradients.
@@ -385,33 +402,56 @@ impl<'e, 'p> Pass<'e, 'p> {
         (self.engine.eta > 0.0).then(|| draws.step_noise.randn(shape, &device))
     }
 
-    /// Samples steps `0..stop` without a graph.
-    fn sample_chain(&self, draws: &mut Draws, stop: usize) -> Result<Chain> {
+    /// Samples steps `0..stop` without a graph; with `record_last`, the last one with its graph
+    /// (the input's gradient wanted when `last_needs_x`).
+    fn sample_chain(
+        &self,
+        draws: &mut Draws,
+        stop: usize,
+        record_last: bool,
+        last_needs_x: bool,
+    ) -> Result<Chain> {
         let mut latents = vec![draws.x_t.clone()];
         let mut noises = Vec::with_capacity(stop);
+        let mut last = None;
         for i in 0..stop {
             let z = self.next_noise(draws);
-            let x = self
-                .engine
-                .step(i, latents[i].clone(), &self.plain, z.clone(), false);
+            let x = latents[i].clone();
+            let x = if record_last && i + 1 == stop {
+                let rec = self.record_step(i, x, z.clone(), last_needs_x, false);
+                let y = rec.recorded.output();
+                last = Some(rec);
+                y
+            } else {
+                self.engine.step(i, x, &self.plain, z.clone(), false)
+            };
             noises.push(z);
             latents.push(x);
             self.engine.report(Phase::Sampling, i + 1, stop)?;
         }
-        Ok(Chain { latents, noises })
+        Ok(Chain {
+            latents,
+            noises,
+            last,
+        })
     }
 
     /// DRaFT-K (and AlignProp's drawn K): the reward's gradient at x₀, back through the last
     /// `k` steps.
-    async fn draft_k(&mut self, chain: &Chain, k: usize) -> Result<Outcome> {
+    async fn draft_k(&mut self, mut chain: Chain, k: usize) -> Result<Outcome> {
         let n = self.engine.steps();
         let (mut g, rewards, loss) = self
             .engine
             .reward_grad(chain.latents[n].clone(), 1.0, &self.prompts.texts)
             .await?;
         for i in (n - k..n).rev() {
-            let x = chain.latents[i].clone();
-            let gx = self.backprop_step(i, x, chain.noises[i].clone(), g, i > n - k, false)?;
+            let gx = match chain.last.take() {
+                Some(rec) if rec.i == i => self.finish_step(rec, g)?,
+                _ => {
+                    let x = chain.latents[i].clone();
+                    self.backprop_step(i, x, chain.noises[i].clone(), g, i > n - k, false)?
+                }
+            };
             self.engine.report(Phase::Backward, n - i, k)?;
             match gx {
                 Some(gx) => g = gx,
@@ -447,13 +487,15 @@ impl<'e, 'p> Pass<'e, 'p> {
             };
             let x_t = x0.clone() * a.sqrt() + eps * (1.0 - a).sqrt();
             let z = self.next_noise(draws);
-            let y = engine.step(last, x_t.clone(), &self.plain, z.clone(), false);
+            // The step with its graph, back-propagated once the reward's gradient is known.
+            let rec = self.record_step(last, x_t, z, false, false);
+            let y = rec.recorded.output();
             let (g, r, l) = engine.reward_grad(y, weight, &self.prompts.texts).await?;
             for (s, v) in rewards.iter_mut().zip(&r) {
                 *s += v * weight as f32;
             }
             loss += l * weight as f32;
-            self.backprop_step(last, x_t, z, g, false, false)?;
+            self.finish_step(rec, g)?;
             engine.report(Phase::Backward, j + 1, samples)?;
         }
         Ok(Outcome {
@@ -467,12 +509,13 @@ impl<'e, 'p> Pass<'e, 'p> {
     async fn refl(&mut self, chain: &Chain) -> Result<Outcome> {
         let stop = chain.latents.len() - 1;
         let x = chain.latents[stop].clone();
-        let x0 = self.engine.step(stop, x.clone(), &self.plain, None, true);
+        let rec = self.record_step(stop, x, None, false, true);
+        let x0 = rec.recorded.output();
         let (g, rewards, loss) = self
             .engine
             .reward_grad(x0, 1.0, &self.prompts.texts)
             .await?;
-        self.backprop_step(stop, x, None, g, false, true)?;
+        self.finish_step(rec, g)?;
         self.engine.report(Phase::Backward, 1, 1)?;
         Ok(Outcome {
             rewards,
@@ -493,6 +536,20 @@ impl<'e, 'p> Pass<'e, 'p> {
         need_x: bool,
         to_x0: bool,
     ) -> Result<Option<Tensor<4>>> {
+        let rec = self.record_step(i, x, noise, need_x, to_x0);
+        self.finish_step(rec, g)
+    }
+
+    /// Step `i` from `x` with a graph from the LoRA leaves (and the prompt embeddings, with
+    /// text-encoder LoRA; from `x` too with `need_x`).
+    fn record_step(
+        &self,
+        i: usize,
+        x: Tensor<4>,
+        noise: Option<Tensor<4>>,
+        need_x: bool,
+        to_x0: bool,
+    ) -> RecordedStep {
         let engine = self.engine;
         let lora = &engine.pipeline.lora;
         let leaf = |t: &Tensor<3>| {
@@ -507,8 +564,7 @@ impl<'e, 'p> Pass<'e, 'p> {
             self.prompts.guidance,
         );
         let (leaves, params) = (&self.acc.leaves, &self.params);
-        let (gx, grads) = crate::checkpoint::segment_vjp(
-            || format!("sampling step {i}"),
+        let recorded = crate::checkpoint::Recorded::new(
             |x| {
                 lora.set_params(leaves);
                 let y = engine.step(i, x, &conditioning, noise, to_x0);
@@ -516,15 +572,26 @@ impl<'e, 'p> Pass<'e, 'p> {
                 y
             },
             x,
-            g,
             need_x,
-        )?;
+        );
+        RecordedStep {
+            i,
+            recorded,
+            c_leaf,
+            u_leaf,
+        }
+    }
+
+    /// Back-propagates `⟨x_{i+1}, g⟩` through a recorded step (see [`Self::backprop_step`]).
+    fn finish_step(&mut self, rec: RecordedStep, g: Tensor<4>) -> Result<Option<Tensor<4>>> {
+        let i = rec.i;
+        let (gx, grads) = rec.recorded.vjp(|| format!("sampling step {i}"), g)?;
         self.grad_calls += 1;
         self.acc.add(&grads, 1.0);
-        if let Some(c) = &c_leaf {
+        if let Some(c) = &rec.c_leaf {
             add_opt(&mut self.cond_grads.0, c.grad(&grads));
         }
-        if let Some(u) = &u_leaf {
+        if let Some(u) = &rec.u_leaf {
             add_opt(&mut self.cond_grads.1, u.grad(&grads));
         }
         Ok(gx)
