@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod default_model;
 pub mod engine;
 pub mod error;
+pub mod group_norm;
 pub mod layouts;
 pub mod limits;
 pub mod lora;

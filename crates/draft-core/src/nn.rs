@@ -181,17 +181,23 @@ impl GroupNorm {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let dims = x.dims();
-        let (n, c) = (dims[0], dims[1]);
-        let per_group = dims[1..].iter().product::<usize>() / self.num_groups;
-        let x = x.reshape([n, self.num_groups, per_group]);
-        let mean = x.clone().mean_dim(2);
-        let x = x - mean;
-        let var = x.clone().square().mean_dim(2);
-        let x = (x / (var + self.eps).sqrt()).reshape(dims);
-        let mut affine = [1; D];
-        affine[1] = c;
-        x * self.weight.val().reshape(affine) + self.bias.val().reshape(affine)
+        self.apply(x, false)
+    }
+
+    /// `silu(self.forward(x))` as one op (the resnets' and the output heads' norm + activation).
+    pub fn forward_silu<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        self.apply(x, true)
+    }
+
+    fn apply<const D: usize>(&self, x: Tensor<D>, silu: bool) -> Tensor<D> {
+        crate::group_norm::group_norm(
+            x,
+            self.weight.val(),
+            self.bias.val(),
+            self.num_groups,
+            self.eps,
+            silu,
+        )
     }
 }
 

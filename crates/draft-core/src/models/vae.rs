@@ -1,7 +1,6 @@
 //! diffusers `AutoencoderKL`: `Encoder`, `Decoder`, `quant_conv`, `post_quant_conv`.
 
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use serde::Deserialize;
 
 use super::unet::resnet::{Downsample2D, ResnetBlock2D, ResnetConfig, Upsample2D};
@@ -335,7 +334,7 @@ impl Encoder {
             }
         }
         x = self.mid_block.forward(x);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.forward(self.conv_norm_out.forward_silu(x))
     }
 }
 
@@ -405,7 +404,7 @@ impl Decoder {
             }
         }
         out.push(Box::new(move |x| {
-            post(self.conv_out.forward(silu(self.conv_norm_out.forward(x))))
+            post(self.conv_out.forward(self.conv_norm_out.forward_silu(x)))
         }));
         out
     }

@@ -505,7 +505,7 @@ impl UNet2DConditionModel {
                 upsample_size,
             );
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.forward(self.conv_norm_out.forward_silu(x))
     }
 }
 
