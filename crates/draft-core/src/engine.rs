@@ -146,6 +146,10 @@ pub struct Engine<'p> {
     pub text_lora: bool,
     /// Progress and cancellation ([`ProgressFn`]).
     pub progress: Option<&'p ProgressFn>,
+    /// Whether the step an objective back-propagates first keeps its graph while its output is
+    /// decoded and scored; `None`: when the latents are at most
+    /// [`KEEP_STEP_GRAPH_MAX_LATENT_PIXELS`]. Either way the gradients are the same.
+    pub keep_step_graph: Option<bool>,
 }
 
 /// Gradient accumulator over the LoRA parameters.
@@ -205,6 +209,7 @@ impl<'p> Engine<'p> {
             reward,
             text_lora,
             progress: None,
+            keep_step_graph: None,
         })
     }
 
@@ -231,6 +236,10 @@ impl<'p> Engine<'p> {
         let n = self.steps();
         method.validate(n)?;
         let mut pass = Pass::new(self, prompts);
+        let [_, _, h, w] = draws.x_t.dims();
+        pass.keep_graph = self
+            .keep_step_graph
+            .unwrap_or(h * w <= KEEP_STEP_GRAPH_MAX_LATENT_PIXELS);
 
         // Forward without a graph, keeping the latents (ReFL stops where its x̂₀ is predicted).
         let stop = match method {
@@ -246,7 +255,8 @@ impl<'p> Engine<'p> {
             Method::AlignProp { k_min, k_max } => Some(uniform_in(draws.truncation, k_min, k_max)),
             _ => None,
         };
-        let chain = pass.sample_chain(&mut draws, stop, k.is_some(), k.is_some_and(|k| k > 1))?;
+        let record_last = k.is_some() && pass.keep_graph;
+        let chain = pass.sample_chain(&mut draws, stop, record_last, k.is_some_and(|k| k > 1))?;
 
         let outcome = match method {
             Method::DraftK { .. } | Method::AlignProp { .. } => {
@@ -330,6 +340,26 @@ struct Chain {
     last: Option<RecordedStep>,
 }
 
+/// Latents up to this many pixels (32×32: SD-1.x at 256²) keep the graph of the step an objective
+/// back-propagates first while its output is decoded and scored ([`RecordedStep`]), which saves
+/// one UNet call per back-propagated sample. Larger ones recompute it: at 64×64 (512²) keeping it
+/// beside the checkpointed decode raised a DRaFT-1 step's peak by about 2 GB (f32, SD-1.4's
+/// architecture, docs/benchmarks.md), where at 32×32 the peak did not move.
+pub const KEEP_STEP_GRAPH_MAX_LATENT_PIXELS: usize = 32 * 32;
+
+/// A sampling step whose output's gradient is known only after its output is decoded and scored.
+enum Pending {
+    /// Run once with its graph ([`Pass::finish_step`] back-propagates it).
+    Recorded(RecordedStep),
+    /// Run without a graph, recomputed with one when the gradient is known.
+    Recompute {
+        i: usize,
+        x: Tensor<4>,
+        noise: Option<Tensor<4>>,
+        to_x0: bool,
+    },
+}
+
 /// A sampling step run once with its graph, back-propagated when its output's gradient is
 /// known ([`Pass::finish_step`]): the step the objective back-propagates first is not run a
 /// second time to rebuild the graph the checkpointed backward would.
@@ -363,6 +393,8 @@ struct Pass<'e, 'p> {
     acc: Accumulator,
     cond_grads: (Option<Tensor<3>>, Option<Tensor<3>>),
     grad_calls: usize,
+    /// Whether steps awaiting their gradient keep their graph ([`Pending`]).
+    keep_graph: bool,
 }
 
 impl<'e, 'p> Pass<'e, 'p> {
@@ -389,6 +421,7 @@ impl<'e, 'p> Pass<'e, 'p> {
             params,
             cond_grads: (None, None),
             grad_calls: 0,
+            keep_graph: false,
         }
     }
 
@@ -487,15 +520,13 @@ impl<'e, 'p> Pass<'e, 'p> {
             };
             let x_t = x0.clone() * a.sqrt() + eps * (1.0 - a).sqrt();
             let z = self.next_noise(draws);
-            // The step with its graph, back-propagated once the reward's gradient is known.
-            let rec = self.record_step(last, x_t, z, false, false);
-            let y = rec.recorded.output();
+            let (y, pending) = self.start_step(last, x_t, z, false);
             let (g, r, l) = engine.reward_grad(y, weight, &self.prompts.texts).await?;
             for (s, v) in rewards.iter_mut().zip(&r) {
                 *s += v * weight as f32;
             }
             loss += l * weight as f32;
-            self.finish_step(rec, g)?;
+            self.finish_pending(pending, g)?;
             engine.report(Phase::Backward, j + 1, samples)?;
         }
         Ok(Outcome {
@@ -509,13 +540,12 @@ impl<'e, 'p> Pass<'e, 'p> {
     async fn refl(&mut self, chain: &Chain) -> Result<Outcome> {
         let stop = chain.latents.len() - 1;
         let x = chain.latents[stop].clone();
-        let rec = self.record_step(stop, x, None, false, true);
-        let x0 = rec.recorded.output();
+        let (x0, pending) = self.start_step(stop, x, None, true);
         let (g, rewards, loss) = self
             .engine
             .reward_grad(x0, 1.0, &self.prompts.texts)
             .await?;
-        self.finish_step(rec, g)?;
+        self.finish_pending(pending, g)?;
         self.engine.report(Phase::Backward, 1, 1)?;
         Ok(Outcome {
             rewards,
@@ -580,6 +610,37 @@ impl<'e, 'p> Pass<'e, 'p> {
             c_leaf,
             u_leaf,
         }
+    }
+
+    /// Step `i` from `x` (not back-propagated to `x`), whose output's gradient comes later: with
+    /// its graph when the pass keeps graphs, else without.
+    fn start_step(
+        &self,
+        i: usize,
+        x: Tensor<4>,
+        noise: Option<Tensor<4>>,
+        to_x0: bool,
+    ) -> (Tensor<4>, Pending) {
+        if self.keep_graph {
+            let rec = self.record_step(i, x, noise, false, to_x0);
+            (rec.recorded.output(), Pending::Recorded(rec))
+        } else {
+            let y = self
+                .engine
+                .step(i, x.clone(), &self.plain, noise.clone(), to_x0);
+            (y, Pending::Recompute { i, x, noise, to_x0 })
+        }
+    }
+
+    /// Back-propagates `⟨output, g⟩` through a [`Self::start_step`].
+    fn finish_pending(&mut self, pending: Pending, g: Tensor<4>) -> Result<()> {
+        match pending {
+            Pending::Recorded(rec) => self.finish_step(rec, g)?,
+            Pending::Recompute { i, x, noise, to_x0 } => {
+                self.backprop_step(i, x, noise, g, false, to_x0)?
+            }
+        };
+        Ok(())
     }
 
     /// Back-propagates `⟨x_{i+1}, g⟩` through a recorded step (see [`Self::backprop_step`]).

@@ -191,14 +191,18 @@ fn eta_step_noise_is_reused_in_the_backward() {
     let reward = all_rewards();
     let steps = json["T"].as_u64().unwrap() as usize;
     let eta = json["cases"]["eta_k2"]["eta"].as_f64().unwrap();
-    let engine = Engine::new(&pipe, steps, eta, &reward).unwrap();
+    let mut engine = Engine::new(&pipe, steps, eta, &reward).unwrap();
     assert_eq!(engine.ddim.timesteps, case_timesteps(&json, "eta_k2"));
     let p = prompts(&pipe, &json);
     let (step_noise, _) = noises.read_f32("eta.step_noise").unwrap();
-    for (case, method) in [
-        ("eta_k2", Method::DraftK { k: 2 }),
-        ("eta_lv", Method::DraftLv { n: 2 }),
+    for (case, method, keep) in [
+        ("eta_k2", Method::DraftK { k: 2 }, true),
+        ("eta_k2", Method::DraftK { k: 2 }, false),
+        ("eta_lv", Method::DraftLv { n: 2 }, true),
+        ("eta_lv", Method::DraftLv { n: 2 }, false),
     ] {
+        // The first back-propagated step's graph kept, and recomputed: the same noise either way.
+        engine.keep_step_graph = Some(keep);
         let mut d = draws(init_noise("sd1-tiny", &device));
         d.step_noise = NoiseRng::replay(step_noise.clone());
         if case == "eta_lv" {
@@ -345,15 +349,33 @@ fn lv3_refl_and_alignprop_match_pytorch() {
     let pipe = lora_pipeline("sd1-tiny", "lora_sd1.safetensors", &json, &device);
     let reward = all_rewards();
     let steps = json["T"].as_u64().unwrap() as usize;
-    let engine = Engine::new(&pipe, steps, 0.0, &reward).unwrap();
+    let mut engine = Engine::new(&pipe, steps, 0.0, &reward).unwrap();
     let p = prompts(&pipe, &json);
 
-    let mut d = draws(init_noise("sd1-tiny", &device));
-    d.lv_noise = Some(noise_list(&noises, "lv3.lv_noise", &device));
+    // Both ways of back-propagating the first step: its graph kept while the reward is taken
+    // (the default at these latents), and recomputed (the default at 64×64).
+    for keep in [true, false] {
+        engine.keep_step_graph = Some(keep);
+        eprint!("[step graph kept: {keep}] ");
+        lv3_refl_and_alignprop(&engine, &p, &noises, &reference, &json, &pipe, &device);
+    }
+}
+
+fn lv3_refl_and_alignprop(
+    engine: &Engine,
+    p: &Prompts,
+    noises: &Weights,
+    reference: &Weights,
+    json: &serde_json::Value,
+    pipe: &Pipeline,
+    device: &Device,
+) {
+    let mut d = draws(init_noise("sd1-tiny", device));
+    d.lv_noise = Some(noise_list(noises, "lv3.lv_noise", device));
     assert_eq!(d.lv_noise.as_ref().unwrap().len(), 3);
-    let eval = evaluate(&engine, Method::DraftLv { n: 3 }, &p, d);
+    let eval = evaluate(engine, Method::DraftLv { n: 3 }, p, d);
     assert_eq!(eval.unet_grad_calls, 3);
-    check_case("lv3", &pipe, &eval, &reference);
+    check_case("lv3", pipe, &eval, reference);
 
     for case in ["refl0", "refl1", "alignprop0", "alignprop1"] {
         let c = &json["cases"][case];
@@ -380,15 +402,15 @@ fn lv3_refl_and_alignprop_match_pytorch() {
             )
         };
         assert_eq!(uniform_in(u, lo, hi), drawn, "{case}: u = {u}");
-        let mut d = draws(init_noise("sd1-tiny", &device));
+        let mut d = draws(init_noise("sd1-tiny", device));
         d.truncation = u;
-        let eval = evaluate(&engine, method, &p, d);
+        let eval = evaluate(engine, method, p, d);
         if case.starts_with("alignprop") {
             assert_eq!(eval.k, drawn, "{case}");
             assert_eq!(eval.unet_grad_calls, drawn, "{case}");
         }
         eprint!("(u = {u} → {drawn}) ");
-        check_case(case, &pipe, &eval, &reference);
+        check_case(case, pipe, &eval, reference);
     }
 }
 
