@@ -5,7 +5,10 @@
 //! `cargo bench -p draft-cli --bench training -- [--devices cpu,wgpu] [--tiny-steps 50]
 //!  [--sd14-steps 6] [--sd14-devices cpu] [--reward colorfulness|aesthetic-l14]
 //!  [--methods k1,k5,k50,lv2,refl] [--threads 1,2] [--torch PYTHON [--torch-threads 1,2]]
-//!  [--paper-steps 2]`
+//!  [--paper-steps 2] [--repeat N]`
+//!
+//! `--repeat N` (default 1) times N steps of each case (PyTorch's too) and prints their median;
+//! the peak memory is the first step's. On a shared machine one step's time varies by ±20 %.
 //!
 //! `--paper-steps N` (default 0: off) adds the paper's scale (issue 14): a random pipeline with
 //! SD-1.4's whole architecture — the UNet, the VAE (`sd14_vae_config.json`) and CLIP ViT-L/14's
@@ -117,6 +120,9 @@ fn main() {
                     if let Some(d) = flag("--weights-dtype") {
                         cmd.env("DRAFT_BENCH_WEIGHTS_DTYPE", d);
                     }
+                    if let Some(r) = flag("--repeat") {
+                        cmd.env("DRAFT_BENCH_REPEAT", r);
+                    }
                     if let Some(t) = t {
                         cmd.env("RAYON_NUM_THREADS", t);
                     }
@@ -162,6 +168,8 @@ fn main() {
             "checkpoint",
             "--threads",
             &torch_threads,
+            "--repeat",
+            &flag("--repeat").unwrap_or_else(|| "1".into()),
         ]);
         if let Some(o) = &only {
             let mut m = o.clone();
@@ -391,6 +399,20 @@ fn run_case(case: &str) {
     let secs = t0.elapsed().as_secs_f64();
     let peak = rss_kib("VmHWM");
     assert!(norm.is_finite() && norm > 0.0, "gradient norm {norm}");
+    // `--repeat N`: N steps timed (the first one's peak), their median printed.
+    let repeat: u64 = std::env::var("DRAFT_BENCH_REPEAT")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mut times = vec![secs];
+    for seed in 1..repeat {
+        let t0 = Instant::now();
+        step(seed);
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let secs = times[times.len() / 2];
     let stored = (steps + 1) * batch * 4 * size * size * 4 / 1024;
     let model_name = if model == "sd14-512" {
         "SD-1.4 pipeline (random) 64×64 → 512²"
