@@ -348,6 +348,8 @@ struct Chain {
 pub const KEEP_STEP_GRAPH_MAX_LATENT_PIXELS: usize = 32 * 32;
 
 /// A sampling step whose output's gradient is known only after its output is decoded and scored.
+/// (A few per training step: the variants' sizes — tensor handles — do not matter.)
+#[allow(clippy::large_enum_variant)]
 enum Pending {
     /// Run once with its graph ([`Pass::finish_step`] back-propagates it).
     Recorded(RecordedStep),

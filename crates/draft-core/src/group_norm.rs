@@ -197,24 +197,25 @@ fn flex_forward(
             }
         }
     };
-    if len > 0 {
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            use rayon::prelude::*;
-            // Groups of at least ~16 K elements per task: smaller ones cost more to hand out.
-            let min = (16384 / len).max(1);
-            out.par_chunks_mut(len)
-                .zip(xs.par_chunks(len))
-                .enumerate()
-                .with_min_len(min)
-                .for_each(kernel);
-        }
-        #[cfg(target_arch = "wasm32")]
-        out.chunks_mut(len)
-            .zip(xs.chunks(len))
+    if len == 0 {
+        return FlexTensor::from_data(TensorData::new(out, shape));
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use rayon::prelude::*;
+        // Groups of at least ~16 K elements per task: smaller ones cost more to hand out.
+        let min = (16384 / len).max(1);
+        out.par_chunks_mut(len)
+            .zip(xs.par_chunks(len))
             .enumerate()
+            .with_min_len(min)
             .for_each(kernel);
     }
+    #[cfg(target_arch = "wasm32")]
+    out.chunks_mut(len)
+        .zip(xs.chunks(len))
+        .enumerate()
+        .for_each(kernel);
     FlexTensor::from_data(TensorData::new(out, shape))
 }
 
