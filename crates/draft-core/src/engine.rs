@@ -235,11 +235,11 @@ impl<'p> Engine<'p> {
     ) -> Result<Evaluation> {
         let n = self.steps();
         method.validate(n)?;
-        let mut pass = Pass::new(self, prompts);
         let [_, _, h, w] = draws.x_t.dims();
-        pass.keep_graph = self
+        let keep_graph = self
             .keep_step_graph
             .unwrap_or(h * w <= KEEP_STEP_GRAPH_MAX_LATENT_PIXELS);
+        let mut pass = Pass::new(self, prompts, keep_graph);
 
         // Forward without a graph, keeping the latents (ReFL stops where its x̂₀ is predicted).
         let stop = match method {
@@ -249,14 +249,13 @@ impl<'p> Engine<'p> {
             } => n - uniform_in(draws.truncation, min_remaining, max_remaining),
             _ => n,
         };
-        // DRaFT-K back-propagates the last step first: it runs once, with its graph.
+        // DRaFT-K back-propagates the last step first: a pending step (to x when K > 1).
         let k = match method {
             Method::DraftK { k } => Some(k),
             Method::AlignProp { k_min, k_max } => Some(uniform_in(draws.truncation, k_min, k_max)),
             _ => None,
         };
-        let record_last = k.is_some() && pass.keep_graph;
-        let chain = pass.sample_chain(&mut draws, stop, record_last, k.is_some_and(|k| k > 1))?;
+        let chain = pass.sample_chain(&mut draws, stop, k.map(|k| k > 1))?;
 
         let outcome = match method {
             Method::DraftK { .. } | Method::AlignProp { .. } => {
@@ -336,8 +335,8 @@ pub fn uniform_in(u: f64, lo: usize, hi: usize) -> usize {
 struct Chain {
     latents: Vec<Tensor<4>>,
     noises: Vec<Option<Tensor<4>>>,
-    /// The last step run with its graph (DRaFT-K's first back-propagated step), when asked.
-    last: Option<RecordedStep>,
+    /// The last step as a pending one (DRaFT-K's first back-propagated step), when asked.
+    last: Option<Pending>,
 }
 
 /// Latents up to this many pixels (32×32: SD-1.x at 256²) keep the graph of the step an objective
@@ -358,13 +357,13 @@ enum Pending {
         i: usize,
         x: Tensor<4>,
         noise: Option<Tensor<4>>,
+        need_x: bool,
         to_x0: bool,
     },
 }
 
-/// A sampling step run once with its graph, back-propagated when its output's gradient is
-/// known ([`Pass::finish_step`]): the step the objective back-propagates first is not run a
-/// second time to rebuild the graph the checkpointed backward would.
+/// A sampling step run with its graph, back-propagated when its output's gradient is known
+/// ([`Pass::finish_step`]).
 struct RecordedStep {
     i: usize,
     recorded: crate::checkpoint::Recorded,
@@ -400,7 +399,7 @@ struct Pass<'e, 'p> {
 }
 
 impl<'e, 'p> Pass<'e, 'p> {
-    fn new(engine: &'e Engine<'p>, prompts: &'e Prompts) -> Self {
+    fn new(engine: &'e Engine<'p>, prompts: &'e Prompts, keep_graph: bool) -> Self {
         let pipeline = engine.pipeline;
         let params = pipeline.lora.params();
         let leaves: Vec<Tensor<2>> = params
@@ -423,7 +422,7 @@ impl<'e, 'p> Pass<'e, 'p> {
             params,
             cond_grads: (None, None),
             grad_calls: 0,
-            keep_graph: false,
+            keep_graph,
         }
     }
 
@@ -437,14 +436,13 @@ impl<'e, 'p> Pass<'e, 'p> {
         (self.engine.eta > 0.0).then(|| draws.step_noise.randn(shape, &device))
     }
 
-    /// Samples steps `0..stop` without a graph; with `record_last`, the last one with its graph
-    /// (the input's gradient wanted when `last_needs_x`).
+    /// Samples steps `0..stop` without a graph; with `last_needs_x` given, the last one as a
+    /// pending step ([`Self::start_step`]; back-propagated to its input when it says so).
     fn sample_chain(
         &self,
         draws: &mut Draws,
         stop: usize,
-        record_last: bool,
-        last_needs_x: bool,
+        last_needs_x: Option<bool>,
     ) -> Result<Chain> {
         let mut latents = vec![draws.x_t.clone()];
         let mut noises = Vec::with_capacity(stop);
@@ -452,13 +450,13 @@ impl<'e, 'p> Pass<'e, 'p> {
         for i in 0..stop {
             let z = self.next_noise(draws);
             let x = latents[i].clone();
-            let x = if record_last && i + 1 == stop {
-                let rec = self.record_step(i, x, z.clone(), last_needs_x, false);
-                let y = rec.recorded.output();
-                last = Some(rec);
-                y
-            } else {
-                self.engine.step(i, x, &self.plain, z.clone(), false)
+            let x = match last_needs_x {
+                Some(need_x) if i + 1 == stop => {
+                    let (y, pending) = self.start_step(i, x, z.clone(), need_x, false);
+                    last = Some(pending);
+                    y
+                }
+                _ => self.engine.step(i, x, &self.plain, z.clone(), false),
             };
             noises.push(z);
             latents.push(x);
@@ -481,8 +479,8 @@ impl<'e, 'p> Pass<'e, 'p> {
             .await?;
         for i in (n - k..n).rev() {
             let gx = match chain.last.take() {
-                Some(rec) if rec.i == i => self.finish_step(rec, g)?,
-                _ => {
+                Some(pending) => self.finish_pending(pending, g)?,
+                None => {
                     let x = chain.latents[i].clone();
                     self.backprop_step(i, x, chain.noises[i].clone(), g, i > n - k, false)?
                 }
@@ -522,7 +520,7 @@ impl<'e, 'p> Pass<'e, 'p> {
             };
             let x_t = x0.clone() * a.sqrt() + eps * (1.0 - a).sqrt();
             let z = self.next_noise(draws);
-            let (y, pending) = self.start_step(last, x_t, z, false);
+            let (y, pending) = self.start_step(last, x_t, z, false, false);
             let (g, r, l) = engine.reward_grad(y, weight, &self.prompts.texts).await?;
             for (s, v) in rewards.iter_mut().zip(&r) {
                 *s += v * weight as f32;
@@ -542,7 +540,7 @@ impl<'e, 'p> Pass<'e, 'p> {
     async fn refl(&mut self, chain: &Chain) -> Result<Outcome> {
         let stop = chain.latents.len() - 1;
         let x = chain.latents[stop].clone();
-        let (x0, pending) = self.start_step(stop, x, None, true);
+        let (x0, pending) = self.start_step(stop, x, None, false, true);
         let (g, rewards, loss) = self
             .engine
             .reward_grad(x0, 1.0, &self.prompts.texts)
@@ -614,35 +612,46 @@ impl<'e, 'p> Pass<'e, 'p> {
         }
     }
 
-    /// Step `i` from `x` (not back-propagated to `x`), whose output's gradient comes later: with
-    /// its graph when the pass keeps graphs, else without.
+    /// Step `i` from `x`, whose output's gradient comes later: with its graph when the pass
+    /// keeps graphs, else without (recomputed by [`Self::finish_pending`]).
     fn start_step(
         &self,
         i: usize,
         x: Tensor<4>,
         noise: Option<Tensor<4>>,
+        need_x: bool,
         to_x0: bool,
     ) -> (Tensor<4>, Pending) {
         if self.keep_graph {
-            let rec = self.record_step(i, x, noise, false, to_x0);
+            let rec = self.record_step(i, x, noise, need_x, to_x0);
             (rec.recorded.output(), Pending::Recorded(rec))
         } else {
             let y = self
                 .engine
                 .step(i, x.clone(), &self.plain, noise.clone(), to_x0);
-            (y, Pending::Recompute { i, x, noise, to_x0 })
+            let pending = Pending::Recompute {
+                i,
+                x,
+                noise,
+                need_x,
+                to_x0,
+            };
+            (y, pending)
         }
     }
 
-    /// Back-propagates `⟨output, g⟩` through a [`Self::start_step`].
-    fn finish_pending(&mut self, pending: Pending, g: Tensor<4>) -> Result<()> {
+    /// Back-propagates `⟨output, g⟩` through a [`Self::start_step`]; `∂/∂x` when it was asked.
+    fn finish_pending(&mut self, pending: Pending, g: Tensor<4>) -> Result<Option<Tensor<4>>> {
         match pending {
-            Pending::Recorded(rec) => self.finish_step(rec, g)?,
-            Pending::Recompute { i, x, noise, to_x0 } => {
-                self.backprop_step(i, x, noise, g, false, to_x0)?
-            }
-        };
-        Ok(())
+            Pending::Recorded(rec) => self.finish_step(rec, g),
+            Pending::Recompute {
+                i,
+                x,
+                noise,
+                need_x,
+                to_x0,
+            } => self.backprop_step(i, x, noise, g, need_x, to_x0),
+        }
     }
 
     /// Back-propagates `⟨x_{i+1}, g⟩` through a recorded step (see [`Self::backprop_step`]).
