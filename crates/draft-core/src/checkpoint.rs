@@ -10,19 +10,29 @@ use burn::prelude::*;
 use burn::tensor::Gradients;
 
 use crate::error::{Error, Result};
+use crate::strips::{self, Parts};
 
-/// One segment: a function of a 4-D tensor, applied to plain tensors (forward) and to
-/// autodiff tensors (recomputation).
-pub type Segment<'a> = Box<dyn Fn(Tensor<4>) -> Tensor<4> + 'a>;
+/// One segment: a function of a 4-D tensor held as strips of rows ([`Parts`], usually one),
+/// applied to plain tensors (forward) and to autodiff tensors (recomputation).
+pub type Segment<'a> = Box<dyn Fn(Parts) -> Parts + 'a>;
 
 /// A function as a chain of segments.
 pub struct SegmentChain<'a> {
     pub segments: Vec<Segment<'a>>,
 }
 
-/// What [`SegmentChain::forward`] keeps for the backward: each segment's input.
+/// What [`SegmentChain::forward`] keeps for the backward: each segment's input, and the
+/// heights of the output's strips.
 pub struct Kept {
-    inputs: Vec<Tensor<4>>,
+    inputs: Vec<Parts>,
+    out_rows: Vec<usize>,
+}
+
+impl Kept {
+    /// How many strips of rows the chain's output came in ([`crate::strips`]).
+    pub fn output_strips(&self) -> usize {
+        self.out_rows.len()
+    }
 }
 
 impl<'a> SegmentChain<'a> {
@@ -32,18 +42,19 @@ impl<'a> SegmentChain<'a> {
 
     /// The chain applied to `x` in one go (with a graph when `x` has one).
     pub fn apply(&self, x: Tensor<4>) -> Tensor<4> {
-        self.segments.iter().fold(x, |x, f| f(x))
+        strips::join(self.segments.iter().fold(vec![x], |x, f| f(x)))
     }
 
     /// The chain without a graph; returns the output and the segments' inputs.
     pub fn forward(&self, x: Tensor<4>) -> (Tensor<4>, Kept) {
         let mut inputs = Vec::with_capacity(self.segments.len());
-        let mut x = x;
+        let mut x = vec![x];
         for f in &self.segments {
             inputs.push(x.clone());
             x = f(x);
         }
-        (x, Kept { inputs })
+        let out_rows = strips::rows(&x);
+        (strips::join(x), Kept { inputs, out_rows })
     }
 
     /// `(∂⟨f(x), g⟩/∂x)`: the gradient with respect to the chain's input of the scalar whose
@@ -55,14 +66,14 @@ impl<'a> SegmentChain<'a> {
         g: Tensor<4>,
         mut on_grads: impl FnMut(&Gradients),
     ) -> Result<Tensor<4>> {
-        let mut g = g;
+        let mut g = strips::split_as(g, &kept.out_rows);
         for (k, (f, x)) in self.segments.iter().zip(kept.inputs).enumerate().rev() {
             let what = || format!("segment {k} of a checkpointed chain");
-            let (gx, grads) = segment_vjp(what, f, x, g, true)?;
+            let (gx, grads) = Recorded::new_parts(f, x, true).vjp_parts(what, g)?;
             on_grads(&grads);
             g = gx.expect("asked for");
         }
-        Ok(g)
+        Ok(strips::join(g))
     }
 }
 
@@ -85,17 +96,22 @@ pub fn segment_vjp(
 /// the output itself has been used (the sampler's last step: its output is decoded and scored
 /// first). [`segment_vjp`] is this, recorded and back-propagated at once.
 pub struct Recorded {
-    /// The input as a tracked leaf, when its gradient is wanted.
-    x: Option<Tensor<4>>,
-    /// The output, with its graph.
-    y: Tensor<4>,
+    /// The input's strips as tracked leaves, when its gradient is wanted.
+    x: Option<Parts>,
+    /// The output's strips, with their graph.
+    y: Parts,
 }
 
 impl Recorded {
     /// `f(x)` with a graph (from `x` when `need_x`, else from the leaves `f` uses).
     pub fn new(f: impl FnOnce(Tensor<4>) -> Tensor<4>, x: Tensor<4>, need_x: bool) -> Self {
+        Self::new_parts(|x| vec![f(strips::join(x))], vec![x], need_x)
+    }
+
+    /// [`new`](Self::new) for a function of strips.
+    pub fn new_parts(f: impl FnOnce(Parts) -> Parts, x: Parts, need_x: bool) -> Self {
         let x = if need_x {
-            x.autodiff().require_grad()
+            x.into_iter().map(|x| x.autodiff().require_grad()).collect()
         } else {
             x
         };
@@ -108,7 +124,12 @@ impl Recorded {
 
     /// The output as a plain tensor.
     pub fn output(&self) -> Tensor<4> {
-        self.y.clone().without_autodiff()
+        strips::join(
+            self.y
+                .iter()
+                .map(|y| y.clone().without_autodiff())
+                .collect(),
+        )
     }
 
     /// `⟨f(x), g⟩` back-propagated: `∂/∂x` (when recorded with `need_x`) and the gradients.
@@ -117,11 +138,29 @@ impl Recorded {
         what: impl FnOnce() -> String,
         g: Tensor<4>,
     ) -> Result<(Option<Tensor<4>>, Gradients)> {
-        let grads = (self.y * g).sum().backward();
+        let g = strips::split_as(g, &strips::rows(&self.y));
+        let (gx, grads) = self.vjp_parts(what, g)?;
+        Ok((gx.map(strips::join), grads))
+    }
+
+    /// [`vjp`](Self::vjp) with the output's gradient as strips of the output's heights.
+    pub fn vjp_parts(
+        self,
+        what: impl FnOnce() -> String,
+        g: Parts,
+    ) -> Result<(Option<Parts>, Gradients)> {
+        let grads = self
+            .y
+            .into_iter()
+            .zip(g)
+            .map(|(y, g)| (y * g).sum())
+            .reduce(|a, b| a + b)
+            .expect("a segment has an output")
+            .backward();
         let Some(x) = self.x else {
             return Ok((None, grads));
         };
-        match x.grad(&grads) {
+        match x.iter().map(|x| x.grad(&grads)).collect::<Option<Parts>>() {
             Some(gx) => Ok((Some(gx), grads)),
             None => Err(Error::Device(format!(
                 "{} has no gradient with respect to its input",

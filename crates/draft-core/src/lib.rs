@@ -29,6 +29,7 @@ pub mod sampler;
 pub mod schedule;
 pub mod shapes;
 pub mod stored_weight;
+pub mod strips;
 pub mod tokenizer;
 pub mod train;
 pub mod var_builder;

@@ -132,9 +132,15 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        self.forward_rows_padded(x, (self.pad_begin, self.pad_end))
+    }
+
+    /// [`forward`](Self::forward) with `(top, bottom)` padding along the height instead of the
+    /// layer's own (a strip of rows whose halo comes from its neighbours: [`crate::strips`]).
+    pub fn forward_rows_padded(&self, x: Tensor<4>, rows: (usize, usize)) -> Tensor<4> {
         let options = ConvOptions::new_with_padding(
             [self.stride, self.stride],
-            [(self.pad_begin, self.pad_end); 2],
+            [rows, (self.pad_begin, self.pad_end)],
             [1, 1],
             1,
         );

@@ -273,6 +273,9 @@ pub struct Pipeline {
     pub device: Device,
     /// The LoRA adapters of the layers [`LoraSetup`] selected (empty without LoRA).
     pub lora: LoraTable,
+    /// The largest activation the VAE decoder makes, in bytes, where running a layer on strips
+    /// of rows can keep it there ([`crate::strips`]; default [`crate::strips::MAX_BUFFER_BYTES`]).
+    pub max_buffer_bytes: u64,
 }
 
 /// Which layers get LoRA adapters when a pipeline loads.
@@ -434,6 +437,7 @@ impl Pipeline {
             scheduler,
             device: device.clone(),
             lora: table,
+            max_buffer_bytes: crate::strips::MAX_BUFFER_BYTES,
         })
     }
 
@@ -498,9 +502,11 @@ impl Pipeline {
         match (&self.vae, &self.vae_config) {
             (Some(vae), Some(c)) => {
                 let scale = c.scaling_factor;
-                vae.decode_chain(move |z| z / scale, to_image)
+                vae.decode_chain(move |z| z / scale, to_image, self.max_buffer_bytes)
             }
-            _ => crate::checkpoint::SegmentChain::new(vec![Box::new(to_image)]),
+            _ => crate::checkpoint::SegmentChain::new(vec![Box::new(move |x| {
+                x.into_iter().map(to_image).collect()
+            })]),
         }
     }
 }

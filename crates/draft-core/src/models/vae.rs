@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::nn::{
     Conv2d, GroupNorm, Linear, merge_heads, scaled_dot_product_attention, split_heads,
 };
+use crate::strips::{self, Parts};
 use crate::var_builder::VarBuilder;
 
 /// The fields of `vae/config.json` (diffusers' names and defaults).
@@ -386,25 +387,55 @@ impl Decoder {
     /// The decoder as a chain of segments, for [`SegmentChain`]: `pre` and `conv_in`, the mid
     /// block, every resnet and upsampler of the up blocks, then the output head and `post`.
     /// Checkpointed, the largest graph kept is one resnet's at the output resolution.
+    ///
+    /// A resnet, upsampler or the head whose largest activation would exceed `max_buffer_bytes`
+    /// runs on strips of rows ([`crate::strips`]), and the segments after it take the strips on
+    /// (SD-1.x at 512²: from `up_blocks.2`'s upsampler, whose output is `[1, 256, 512, 512]`,
+    /// 256 MiB); below the budget each segment is its layer's usual forward.
     fn segments<'a>(
         &'a self,
         pre: impl Fn(Tensor<4>) -> Tensor<4> + 'a,
         post: impl Fn(Tensor<4>) -> Tensor<4> + 'a,
+        max_buffer_bytes: u64,
     ) -> Vec<Segment<'a>> {
+        // How many input rows a strip may have for a layer of `channels` (at ×`up`).
+        let limit = move |xs: &Parts, channels: usize, up: usize| {
+            let x = &xs[0];
+            strips::max_rows(x.dims(), x.dtype().size(), channels, up, max_buffer_bytes)
+        };
         let mut out: Vec<Segment<'a>> = vec![
-            Box::new(move |z| self.conv_in.forward(pre(z))),
-            Box::new(move |x| self.mid_block.forward(x)),
+            Box::new(move |z| vec![self.conv_in.forward(pre(strips::join(z)))]),
+            Box::new(move |x| vec![self.mid_block.forward(strips::join(x))]),
         ];
         for block in &self.up_blocks {
             for r in &block.resnets {
-                out.push(Box::new(move |x| r.forward(x, None)));
+                out.push(Box::new(move |xs| {
+                    let (c_in, c_out) = r.channels();
+                    let rows = limit(&xs, c_in.max(c_out), 1);
+                    strips::apply(xs, rows, |x| r.forward(x, None), |xs| r.forward_strips(xs))
+                }));
             }
             for u in &block.upsamplers {
-                out.push(Box::new(move |x| u.forward(x, None)));
+                out.push(Box::new(move |xs| {
+                    let rows = limit(&xs, u.channels(), 2);
+                    strips::apply(xs, rows, |x| u.forward(x, None), |xs| u.forward_strips(xs))
+                }));
             }
         }
-        out.push(Box::new(move |x| {
-            post(self.conv_out.forward(self.conv_norm_out.forward_silu(x)))
+        out.push(Box::new(move |xs| {
+            let rows = limit(&xs, self.conv_norm_out.weight.dims()[0], 1);
+            let head = strips::apply(
+                xs,
+                rows,
+                |x| self.conv_out.forward(self.conv_norm_out.forward_silu(x)),
+                |xs| {
+                    strips::conv(
+                        &self.conv_out,
+                        &strips::group_norm(&self.conv_norm_out, xs, true),
+                    )
+                },
+            );
+            head.into_iter().map(&post).collect()
         }));
         out
     }
@@ -459,15 +490,18 @@ impl AutoencoderKL {
 
     /// `vae.decode(z).sample`, in [-1, 1] for a trained VAE (`z` already divided by the scale).
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
-        self.decode_chain(|z| z, |x| x).apply(z)
+        self.decode_chain(|z| z, |x| x, strips::MAX_BUFFER_BYTES)
+            .apply(z)
     }
 
     /// [`decode`](Self::decode) as a chain of segments, with `pre` applied to the latents first
-    /// and `post` to the image last.
+    /// and `post` (element-wise: it may see strips of rows) to the image last; no activation
+    /// over `max_buffer_bytes` where strips can avoid it.
     pub fn decode_chain<'a>(
         &'a self,
         pre: impl Fn(Tensor<4>) -> Tensor<4> + 'a,
         post: impl Fn(Tensor<4>) -> Tensor<4> + 'a,
+        max_buffer_bytes: u64,
     ) -> SegmentChain<'a> {
         SegmentChain::new(self.decoder.segments(
             move |z| match &self.post_quant_conv {
@@ -475,6 +509,7 @@ impl AutoencoderKL {
                 None => pre(z),
             },
             post,
+            max_buffer_bytes,
         ))
     }
 }

@@ -7,6 +7,7 @@ use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 
 use crate::error::Result;
 use crate::nn::{Conv2d, GroupNorm, Linear};
+use crate::strips::{self, Parts};
 use crate::var_builder::VarBuilder;
 
 /// `ResnetBlock2D` with `time_embedding_norm="default"`; `time_emb_proj` is absent in the VAE.
@@ -66,6 +67,31 @@ impl ResnetBlock2D {
             _ => h,
         };
         let h = self.conv2.forward(self.norm2.forward_silu(h));
+        self.residual(x, h)
+    }
+
+    /// [`forward`](Self::forward) without a time embedding, on strips of rows
+    /// ([`crate::strips`]: the group norms' statistics over all strips, each convolution with
+    /// its neighbours' halo rows).
+    pub fn forward_strips(&self, xs: Parts) -> Parts {
+        let h = strips::group_norm(&self.norm1, xs.clone(), true);
+        let h = strips::conv(&self.conv1, &h);
+        let h = strips::group_norm(&self.norm2, h, true);
+        let h = strips::conv(&self.conv2, &h);
+        xs.into_iter()
+            .zip(h)
+            .map(|(x, h)| self.residual(x, h))
+            .collect()
+    }
+
+    /// The input and output channels.
+    pub fn channels(&self) -> (usize, usize) {
+        let [c_out, c_in, _, _] = self.conv1.weight.dims();
+        (c_in, c_out)
+    }
+
+    /// `(shortcut(x) + h) / output_scale_factor`.
+    fn residual(&self, x: Tensor<4>, h: Tensor<4>) -> Tensor<4> {
         let x = match &self.conv_shortcut {
             Some(conv) => conv.forward(x),
             None => x,
@@ -117,14 +143,10 @@ impl Upsample2D {
     }
 
     pub fn forward(&self, x: Tensor<4>, size: Option<[usize; 2]>) -> Tensor<4> {
-        let [b, c, h, w] = x.dims();
+        let [_, _, h, w] = x.dims();
         let size = size.unwrap_or([h * 2, w * 2]);
         let x = if size == [h * 2, w * 2] {
-            // Exact ×2 nearest as a broadcast: same values as `interpolate`, and a plain
-            // reshape/expand in the backward pass on every backend.
-            x.reshape([b, c, h, 1, w, 1])
-                .expand([b, c, h, 2, w, 2])
-                .reshape([b, c, h * 2, w * 2])
+            twice(x)
         } else {
             interpolate(
                 x,
@@ -133,4 +155,23 @@ impl Upsample2D {
         };
         self.conv.forward(x)
     }
+
+    /// [`forward`](Self::forward) at ×2 on strips of rows ([`crate::strips`]).
+    pub fn forward_strips(&self, xs: Parts) -> Parts {
+        let up: Parts = xs.into_iter().map(twice).collect();
+        strips::conv(&self.conv, &up)
+    }
+
+    pub fn channels(&self) -> usize {
+        self.conv.weight.dims()[0]
+    }
+}
+
+/// Exact ×2 nearest upsampling as a broadcast: same values as `interpolate`, and a plain
+/// reshape/expand in the backward pass on every backend.
+fn twice(x: Tensor<4>) -> Tensor<4> {
+    let [b, c, h, w] = x.dims();
+    x.reshape([b, c, h, 1, w, 1])
+        .expand([b, c, h, 2, w, 2])
+        .reshape([b, c, h * 2, w * 2])
 }

@@ -1,0 +1,123 @@
+//! `draft_core::strips`: a convolution and a group norm on strips of rows against the whole
+//! tensor, on every device, strips of one row up to the whole height.
+
+mod common;
+
+use burn::prelude::*;
+use common::{devices, rel_err, values};
+use draft_core::models::unet::resnet::{ResnetBlock2D, Upsample2D};
+use draft_core::nn::{Conv2d, GroupNorm, param};
+use draft_core::noise::NoiseRng;
+use draft_core::strips;
+
+fn norm(device: &Device, c: usize, seed: u64) -> GroupNorm {
+    GroupNorm {
+        weight: param(NoiseRng::new(seed).randn([c], device)),
+        bias: param(NoiseRng::new(seed + 1).randn([c], device)),
+        num_groups: 4,
+        eps: 1e-6,
+    }
+}
+
+fn conv(device: &Device, c_in: usize, c_out: usize, kernel: usize) -> Conv2d {
+    let pad = (kernel - 1) / 2;
+    Conv2d {
+        weight: param(NoiseRng::new(1).randn([c_out, c_in, kernel, kernel], device) * 0.2),
+        bias: Some(param(NoiseRng::new(2).randn([c_out], device))),
+        stride: 1,
+        pad_begin: pad,
+        pad_end: pad,
+        lora: None,
+    }
+}
+
+#[test]
+fn conv_and_group_norm_on_strips_match_the_whole_tensor() {
+    for (name, device) in devices() {
+        let x = NoiseRng::new(3).randn([2, 8, 9, 5], &device) + 0.5;
+        let norm = GroupNorm {
+            weight: param(NoiseRng::new(4).randn([8], &device)),
+            bias: param(NoiseRng::new(5).randn([8], &device)),
+            num_groups: 4,
+            eps: 1e-6,
+        };
+        for kernel in [1, 3, 5] {
+            let conv = conv(&device, 8, 6, kernel);
+            let want = values(conv.forward(norm.forward_silu(x.clone())));
+            for rows in [1, 2, 4, 9] {
+                let parts = strips::resplit(vec![x.clone()], rows);
+                let got = strips::conv(&conv, &strips::group_norm(&norm, parts, true));
+                assert_eq!(got.len(), 9usize.div_ceil(rows));
+                let got = values(strips::join(got));
+                assert_eq!(got.1, want.1);
+                let err = rel_err(&got.0, &want.0);
+                eprintln!("{name}: kernel {kernel}, strips of {rows} rows: {err:.1e}");
+                assert!(err <= 1e-5, "{name}: kernel {kernel}, {rows} rows: {err:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn upsampling_on_strips_matches_the_whole_tensor() {
+    for (name, device) in devices() {
+        let x = NoiseRng::new(6).randn([2, 8, 7, 5], &device);
+        let up = Upsample2D {
+            conv: conv(&device, 8, 8, 3),
+        };
+        let want = values(up.forward(x.clone(), None));
+        for rows in [1, 2, 3, 7] {
+            let parts = strips::resplit(vec![x.clone()], rows);
+            let got = values(strips::join(up.forward_strips(parts)));
+            assert_eq!(got.1, want.1);
+            let err = rel_err(&got.0, &want.0);
+            eprintln!("{name}: ×2, strips of {rows} rows: {err:.1e}");
+            assert!(err <= 1e-5, "{name}: ×2, {rows} rows: {err:e}");
+        }
+    }
+}
+
+#[test]
+fn a_resnet_on_strips_matches_the_whole_tensor() {
+    for (name, device) in devices() {
+        let x = NoiseRng::new(7).randn([2, 8, 16, 6], &device);
+        for c_out in [8, 4] {
+            let r = ResnetBlock2D {
+                norm1: norm(&device, 8, 10),
+                conv1: conv(&device, 8, c_out, 3),
+                time_emb_proj: None,
+                norm2: norm(&device, c_out, 12),
+                conv2: conv(&device, c_out, c_out, 3),
+                conv_shortcut: (c_out != 8).then(|| conv(&device, 8, c_out, 1)),
+                output_scale_factor: 1.0,
+            };
+            let want = values(r.forward(x.clone(), None));
+            for rows in [1, 3, 16] {
+                let parts = strips::resplit(vec![x.clone()], rows);
+                let got = values(strips::join(r.forward_strips(parts)));
+                let err = rel_err(&got.0, &want.0);
+                eprintln!("{name}: resnet 8 → {c_out}, strips of {rows} rows: {err:.1e}");
+                assert!(err <= 1e-5, "{name}: resnet, {rows} rows: {err:e}");
+            }
+        }
+    }
+}
+
+/// A 1×1 convolution on strips cut from a convolution's output (the case that exposed a bug of
+/// burn-cubecl 0.22.1's pointwise convolution on row slices: docs/parity.md).
+#[test]
+fn a_pointwise_conv_on_strips_of_a_conv_output_matches_the_whole_tensor() {
+    for (name, device) in devices() {
+        let x = NoiseRng::new(8).randn([2, 16, 8, 12], &device);
+        let y = conv(&device, 16, 16, 3).forward(x);
+        let pointwise = conv(&device, 16, 8, 1);
+        let want = values(pointwise.forward(y.clone()));
+        for rows in [1, 3] {
+            let parts = strips::resplit(vec![y.clone()], rows);
+            let got: Vec<_> = parts.into_iter().map(|p| pointwise.forward(p)).collect();
+            let err = rel_err(&values(strips::join(got)).0, &want.0);
+            eprintln!("{name}: 1×1 after a 3×3, strips of {rows} rows: {err:.1e}");
+            assert!(err <= 1e-6, "{name}: {rows} rows: {err:e}");
+        }
+    }
+}
