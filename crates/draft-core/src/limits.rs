@@ -84,13 +84,16 @@ impl Activation {
 ///   `[2·batch, heads, rows, N]` with the rows of [`crate::attention::block_rows`] (the whole
 ///   N×N matrix never exists: see [`crate::attention`]);
 /// - the UNet's feed-forward (GEGLU) projection there, `[2·batch, N, 8·channels]`;
-/// - with `vae`, the VAE decoder's largest activation: the widest up block's output at the
-///   resolution its upsampler doubles to, `[batch, channels, H, W]`.
+/// - with `vae`, the VAE decoder's largest activation with a `decoder_budget` of
+///   [`crate::Pipeline::max_buffer_bytes`]: a resnet's or an upsampler's whole tensor where it
+///   fits the budget, else one strip of rows with its halo rows and padding columns
+///   ([`crate::strips`]).
 pub fn largest_activations(
     unet: &UNet2DConditionConfig,
     vae: Option<&AutoencoderKLConfig>,
     latent_hw: [usize; 2],
     batch: usize,
+    decoder_budget: u64,
 ) -> Result<Vec<Activation>> {
     let resolved = unet.resolve("unet/config.json")?;
     let mut out = Vec::new();
@@ -115,18 +118,41 @@ pub fn largest_activations(
     if let Some(vae) = vae {
         let channels: Vec<usize> = vae.block_out_channels.iter().rev().copied().collect();
         let [mut h, mut w] = latent_hw;
+        let mut c_prev = channels[0];
         let mut best: Option<Activation> = None;
-        for (i, &c) in channels.iter().enumerate() {
-            if i + 1 < channels.len() {
-                (h, w) = (h * 2, w * 2);
-            }
-            let a = Activation::new(
-                format!("VAE decoder up_blocks.{i} output"),
-                vec![batch, c, h, w],
-            );
+        // A layer mapping [batch, _, h, w] to `up`× the rows and columns of `c` channels.
+        let mut consider = |what: String, c: usize, up: usize, h: usize, w: usize| {
+            // The decoder's own rule (models::vae): whole when its rows fit a strip.
+            let rows = crate::strips::max_rows([batch, c, h, w], 4, c, up, decoder_budget);
+            let a = if rows >= h {
+                Activation::new(what, vec![batch, c, h * up, w * up])
+            } else {
+                Activation::new(
+                    format!(
+                        "{what}, a strip of {} of {} rows with its halo",
+                        rows * up,
+                        h * up
+                    ),
+                    vec![batch, c, rows * up + 2, w * up + 2],
+                )
+            };
             if best.as_ref().is_none_or(|b| a.bytes > b.bytes) {
                 best = Some(a);
             }
+        };
+        for (i, &c) in channels.iter().enumerate() {
+            consider(
+                format!("VAE decoder up_blocks.{i} resnets"),
+                c.max(c_prev),
+                1,
+                h,
+                w,
+            );
+            if i + 1 < channels.len() {
+                consider(format!("VAE decoder up_blocks.{i} upsampler"), c, 2, h, w);
+                (h, w) = (h * 2, w * 2);
+            }
+            c_prev = c;
         }
         out.extend(best);
     }
@@ -135,7 +161,8 @@ pub fn largest_activations(
 }
 
 /// Refuses a training batch whose [`largest_activations`] exceed `max_binding_bytes`, naming
-/// the largest.
+/// the largest; the VAE decoder's strips are at most that or
+/// [`crate::strips::MAX_BUFFER_BYTES`] (a pipeline's [`crate::Pipeline::max_buffer_bytes`]).
 pub fn check_activations(
     unet: &UNet2DConditionConfig,
     vae: Option<&AutoencoderKLConfig>,
@@ -143,7 +170,8 @@ pub fn check_activations(
     batch: usize,
     max_binding_bytes: u64,
 ) -> Result<()> {
-    match largest_activations(unet, vae, latent_hw, batch)?
+    let budget = max_binding_bytes.min(crate::strips::MAX_BUFFER_BYTES);
+    match largest_activations(unet, vae, latent_hw, batch, budget)?
         .into_iter()
         .next()
     {
@@ -262,9 +290,10 @@ mod tests {
     }
 
     #[test]
-    fn sd1_at_512_attention_is_blocked_and_the_decoder_is_the_largest() {
+    fn sd1_at_512_attention_is_blocked_and_the_decoder_runs_on_strips() {
         let (unet, vae) = sd1();
-        let acts = largest_activations(&unet, Some(&vae), [64, 64], 1).unwrap();
+        let budget = crate::strips::MAX_BUFFER_BYTES;
+        let acts = largest_activations(&unet, Some(&vae), [64, 64], 1, budget).unwrap();
         let find = |prefix: &str| acts.iter().find(|a| a.what.starts_with(prefix)).unwrap();
         // The whole score matrix would be [2, 8, 4096, 4096] = 1 GiB; a block is within budget.
         let scores = find("down_blocks.0 self-attention scores");
@@ -273,18 +302,27 @@ mod tests {
         assert!(scores.bytes <= crate::attention::SCORE_BLOCK_BYTES as u64);
         // GEGLU: [2, 4096, 2560] = 80 MiB.
         assert_eq!(find("down_blocks.0 feed-forward").bytes, 80 << 20);
-        // The decoder's up_blocks.2 output: [1, 256, 512, 512] = 256 MiB, the largest.
-        assert_eq!(acts[0].what, "VAE decoder up_blocks.2 output");
-        assert_eq!(acts[0].shape, [1, 256, 512, 512]);
-        let err = check_activations(&unet, Some(&vae), [64, 64], 1, 128 << 20)
+        // The decoder's up_blocks.3 resnets take [1, 256, 512, 512] (256 MiB whole): on strips
+        // of 253 rows, 255 with the halo, 514 columns with the padding: just under 128 MiB.
+        assert_eq!(
+            acts[0].what,
+            "VAE decoder up_blocks.3 resnets, a strip of 253 of 512 rows with its halo"
+        );
+        assert_eq!(acts[0].shape, [1, 256, 255, 514]);
+        assert!(acts[0].bytes <= budget);
+        check_activations(&unet, Some(&vae), [64, 64], 1, 128 << 20).unwrap();
+        // Unbounded, the decoder's largest is the whole [1, 256, 512, 512] = 256 MiB.
+        let whole = largest_activations(&unet, Some(&vae), [64, 64], 1, u64::MAX).unwrap();
+        assert_eq!(whole[0].what, "VAE decoder up_blocks.2 upsampler");
+        assert_eq!(whole[0].shape, [1, 256, 512, 512]);
+        // What strips do not split: the UNet's feed-forward at batch 2 (160 MiB).
+        let err = check_activations(&unet, Some(&vae), [64, 64], 2, 128 << 20)
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("VAE decoder") && err.contains("256.0 MiB") && err.contains("128.0 MiB"),
+            err.contains("feed-forward") && err.contains("160.0 MiB") && err.contains("128.0 MiB"),
             "{err}"
         );
-        // Without the decoder (or at 32×32 latents, 256²) the UNet fits 128 MiB.
-        check_activations(&unet, None, [64, 64], 1, 128 << 20).unwrap();
-        check_activations(&unet, Some(&vae), [32, 32], 1, 128 << 20).unwrap();
+        check_activations(&unet, None, [32, 32], 4, 128 << 20).unwrap();
     }
 }

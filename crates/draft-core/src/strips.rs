@@ -84,7 +84,7 @@ pub fn resplit(parts: Parts, max_rows: usize) -> Parts {
 pub fn max_rows(x: [usize; 4], elem: usize, channels: usize, up: usize, budget: u64) -> usize {
     let [n, _, _, w] = x;
     let row = (n * channels * (w * up + 2) * elem).max(1) as u64;
-    let out_rows = (budget / row).saturating_sub(2) as usize;
+    let out_rows = (budget / row).saturating_sub(2).min(usize::MAX as u64) as usize;
     (out_rows / up).max(1)
 }
 

@@ -387,12 +387,15 @@ impl Session {
         let reward_files = RewardFiles::new(&config.rewards, rewards).map_err(|e| e.to_string())?;
         let notes = reward_files.notes().to_vec();
         let (device, device_name) = open_device(&options.device).await?;
-        let pipeline = Pipeline::load_with_lora(
+        let mut pipeline = Pipeline::load_with_lora(
             &model,
             &device,
             &LoraSetup::Targets(config.lora_targets.clone()),
         )
         .map_err(|e| e.to_string())?;
+        if let Some(limit) = max_binding_bytes {
+            pipeline.max_buffer_bytes = pipeline.max_buffer_bytes.min(limit);
+        }
         let reward = reward_files
             .build(
                 &config.rewards,

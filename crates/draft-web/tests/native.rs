@@ -197,10 +197,10 @@ fn inputs_over_the_adapter_limit_or_unreadable_are_refused() {
         err.contains("reward model") && err.contains("tensor") && err.contains("0.1 MiB"),
         "{err}"
     );
-    // sd1-tiny at 256×256 latents (512² images) on the evaluation batch: its largest activations
-    // (the UNet's feed-forward at 128×128, the VAE decoder's 64-channel output at 512²) are
-    // 256 MiB each, over a 128 MiB adapter. Attention is not what limits it: its scores are
-    // computed in blocks (draft_core::attention).
+    // sd1-tiny at 256×256 latents (512² images) on the evaluation batch: its largest activation,
+    // the UNet's feed-forward at 128×128, is 256 MiB, over a 128 MiB adapter. Attention is not
+    // what limits it (its scores are computed in blocks: draft_core::attention), nor the VAE
+    // decoder (its layers at 512² run on strips of rows: draft_core::strips).
     let mut sd1 = sd1_files();
     let unet: serde_json::Value = serde_json::from_slice(&sd1.files["unet/config.json"]).unwrap();
     let mut unet = unet.as_object().unwrap().clone();
@@ -214,7 +214,10 @@ fn inputs_over_the_adapter_limit_or_unreadable_are_refused() {
     })
     .expect("refused");
     assert!(
-        err.contains("256.0 MiB") && err.contains("128.0 MiB") && err.contains("lower the batch"),
+        err.contains("feed-forward")
+            && err.contains("256.0 MiB")
+            && err.contains("128.0 MiB")
+            && err.contains("lower the batch"),
         "{err}"
     );
     // A pickle the page cannot read.
