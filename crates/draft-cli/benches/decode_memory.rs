@@ -1,10 +1,12 @@
 //! Memory of the differentiable decode + reward at the paper's resolution (issue 14, item 2):
 //! the VAE decoder of SD-1.4 (its config, random weights, 83 M parameters) from 64×64 latents
 //! to a 512×512 image, scored by colourfulness, back-propagated to the latents — as one graph
-//! (how the trainer did it before) and checkpointed per resnet (`Pipeline::decode_chain`, what
-//! the trainer does now). Prints peak resident memory over the weights and seconds per pass.
+//! (how the trainer did it before), checkpointed per resnet (`Pipeline::decode_chain`, what
+//! the trainer does), and checkpointed with the layers over 128 MiB on strips of rows
+//! (`draft_core::strips`, what it does on GPU adapters). Prints peak resident memory over the
+//! weights and seconds per pass.
 //!
-//! `cargo bench -p draft-cli --bench decode_memory -- [--batch 1] [--side 512] [--modes whole,chain]`
+//! `cargo bench -p draft-cli --bench decode_memory -- [--batch 1] [--side 512] [--modes whole,chain,strips]`
 //!
 //! Each mode runs in a child process of its own (peak RSS = VmHWM, reset after loading) on the
 //! CPU backend, where every buffer is host memory.
@@ -32,7 +34,7 @@ fn main() {
         run_case(&mode, batch, side);
         return;
     }
-    let modes = flag("--modes").unwrap_or_else(|| "whole,chain".into());
+    let modes = flag("--modes").unwrap_or_else(|| "whole,chain,strips".into());
     println!(
         "| decode + reward backward | image | batch | weights (MiB) | peak growth over the weights (MiB) | s / pass |"
     );
@@ -100,8 +102,13 @@ fn run_case(mode: &str, batch: usize, side: usize) {
             let grads = loss.backward();
             z.grad(&grads).unwrap()
         }
-        "chain" => {
-            let chain = vae.decode_chain(move |z| z / scale, to_image);
+        "chain" | "strips" => {
+            let budget = if mode == "strips" {
+                draft_core::strips::MAX_BUFFER_BYTES
+            } else {
+                u64::MAX
+            };
+            let chain = vae.decode_chain(move |z| z / scale, to_image, budget);
             let (images, kept) = chain.forward(z);
             let images = images.autodiff().require_grad();
             let loss = -reward.score(images.clone(), &prompts).unwrap().mean();
@@ -110,15 +117,16 @@ fn run_case(mode: &str, batch: usize, side: usize) {
             drop(grads);
             chain.vjp(kept, g, |_| {}).unwrap()
         }
-        other => panic!("unknown mode {other} (whole, chain)"),
+        other => panic!("unknown mode {other} (whole, chain, strips)"),
     };
     let norm = g.powf_scalar(2.0).sum().into_scalar::<f32>().sqrt();
     let secs = t0.elapsed().as_secs_f64();
     let peak = rss_mib("VmHWM");
     assert!(norm.is_finite() && norm > 0.0, "gradient norm {norm}");
     let what = match mode {
-        "whole" => "one graph (before)",
-        _ => "checkpointed per resnet (now)",
+        "whole" => "one graph",
+        "chain" => "checkpointed per resnet",
+        _ => "checkpointed per resnet, on strips of ≤ 128 MiB",
     };
     println!(
         "| {what} | {side}² | {batch} | {weights:.0} | {:.0} | {secs:.1} |",

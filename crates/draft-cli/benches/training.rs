@@ -22,6 +22,10 @@
 //! checkpointed, as ours), at each of `--torch-threads` (default 1,2), and ends with a table of
 //! our time over PyTorch's best time for each case.
 //!
+//! `--max-buffer-mib N` sets `Pipeline::max_buffer_bytes`: the VAE decoder's layers whose tensors
+//! would pass N MiB run on strips of rows (`draft_core::strips`; by default on GPU adapters at
+//! 128 MiB, never on the CPU backend).
+//!
 //! `--weights-dtype f16` keeps the UNet's (and for sd1-tiny the whole pipeline's) weight matrices
 //! and kernels in f16 (`Pipeline::load_with`); the rows say so.
 //!
@@ -122,6 +126,9 @@ fn main() {
                     }
                     if let Some(r) = flag("--repeat") {
                         cmd.env("DRAFT_BENCH_REPEAT", r);
+                    }
+                    if let Some(m) = flag("--max-buffer-mib") {
+                        cmd.env("DRAFT_BENCH_MAX_BUFFER_MIB", m);
                     }
                     if let Some(t) = t {
                         cmd.env("RAYON_NUM_THREADS", t);
@@ -315,6 +322,10 @@ fn run_case(case: &str) {
             size = 64;
         }
     }
+    let max_buffer_mib = std::env::var("DRAFT_BENCH_MAX_BUFFER_MIB").ok();
+    if let Some(m) = &max_buffer_mib {
+        pipe.max_buffer_bytes = m.parse::<u64>().expect("--max-buffer-mib N") << 20;
+    }
     pipe.lora.init_trainable(4, 4.0, 0, &device);
     // B = 0 would make every gradient but B's vanish: give B small values as after training.
     let params: Vec<Tensor<2>> = pipe
@@ -425,6 +436,10 @@ fn run_case(case: &str) {
         format!("{model_name}, f16 weights")
     } else {
         model_name.to_string()
+    };
+    let model_name = match &max_buffer_mib {
+        Some(m) => format!("{model_name}, decoder strips ≤ {m} MiB"),
+        None => model_name,
     };
     let model_name = if reward_name == "aesthetic-l14" {
         format!("{model_name} + aesthetic on CLIP ViT-L/14")

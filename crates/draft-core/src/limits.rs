@@ -51,10 +51,22 @@ pub fn check_file_tensor_sizes(
     for key in metadata.offset_keys() {
         let shape = &tensors[&key].shape;
         let size = shape.iter().fold(4u64, |n, &d| n.saturating_mul(d as u64));
-        if size > max_binding_bytes {
+        // Token embedding tables load as blocks of rows (crate::nn::Embedding).
+        let block = match shape[..] {
+            [rows, cols] if key.ends_with("token_embedding.weight") => {
+                let block_rows = crate::nn::Embedding::block_rows(cols);
+                (rows > block_rows).then_some((block_rows, 4 * (block_rows * cols) as u64))
+            }
+            _ => None,
+        };
+        let (held, per) = match block {
+            Some((rows, bytes)) => (bytes, format!(" per block of {rows} rows")),
+            None => (size, String::new()),
+        };
+        if held > max_binding_bytes {
             return Err(Error::Input(format!(
-                "{what}: {name}: tensor {key} {shape:?} needs {:.1} MiB, over this adapter's maxStorageBufferBindingSize of {:.1} MiB",
-                size as f64 / MIB,
+                "{what}: {name}: tensor {key} {shape:?} needs {:.1} MiB{per}, over this adapter's maxStorageBufferBindingSize of {:.1} MiB",
+                held as f64 / MIB,
                 max_binding_bytes as f64 / MIB
             )));
         }
@@ -244,19 +256,41 @@ mod tests {
     #[test]
     fn sizes_are_reported_in_mib() {
         // The header alone is read: a real-sized shape needs no real data behind it here, so
-        // build the file by hand (49408 × 768 as in CLIP ViT-L/14's token embedding, u8 on
-        // disk to keep it small, f32 in the runtime).
-        let header = r#"{"text_model.embeddings.token_embedding.weight":{"dtype":"U8","shape":[49408,768],"data_offsets":[0,37945344]}}"#;
-        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(header.as_bytes());
-        bytes.resize(bytes.len() + 37_945_344, 0);
-        let err = check_file_tensor_sizes("CLIP folder", "model.safetensors", &bytes, 128 << 20)
+        // build the file by hand (u8 on disk to keep it small, f32 in the runtime).
+        let file = |key: &str, shape: [usize; 2]| {
+            let n = shape[0] * shape[1];
+            let header = format!(
+                r#"{{"{key}":{{"dtype":"U8","shape":[{},{}],"data_offsets":[0,{n}]}}}}"#,
+                shape[0], shape[1]
+            );
+            let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.resize(bytes.len() + n, 0);
+            bytes
+        };
+        // CLIP ViT-L/14's token embedding, 49408 × 768: 144.8 MiB whole, loaded as blocks of
+        // 43690 rows (128.0 MiB), which a 128 MiB adapter binds.
+        let key = "text_model.embeddings.token_embedding.weight";
+        let bytes = file(key, [49408, 768]);
+        check_file_tensor_sizes("CLIP folder", "model.safetensors", &bytes, 128 << 20).unwrap();
+        let err = check_file_tensor_sizes("CLIP folder", "model.safetensors", &bytes, 100 << 20)
             .unwrap_err()
             .to_string();
         assert_eq!(
             err,
             "CLIP folder: model.safetensors: tensor text_model.embeddings.token_embedding.weight \
-             [49408, 768] needs 144.8 MiB, over this adapter's maxStorageBufferBindingSize of 128.0 MiB"
+             [49408, 768] needs 128.0 MiB per block of 43690 rows, over this adapter's \
+             maxStorageBufferBindingSize of 100.0 MiB"
+        );
+        // Any other tensor is one buffer.
+        let bytes = file("text_projection.weight", [49408, 768]);
+        let err = check_file_tensor_sizes("CLIP folder", "model.safetensors", &bytes, 128 << 20)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "CLIP folder: model.safetensors: tensor text_projection.weight [49408, 768] needs \
+             144.8 MiB, over this adapter's maxStorageBufferBindingSize of 128.0 MiB"
         );
         check_file_tensor_sizes("CLIP folder", "model.safetensors", &bytes, 152 << 20).unwrap();
     }

@@ -229,22 +229,57 @@ impl LayerNorm {
     }
 }
 
-/// `torch.nn.Embedding`.
+/// `torch.nn.Embedding`. A table over [`crate::strips::MAX_BUFFER_BYTES`] in f32 (CLIP
+/// ViT-L/14's token embedding, 49408 × 768 = 145 MiB; OpenCLIP ViT-H/14's, 193 MiB) is held as
+/// blocks of rows, each one buffer within WebGPU's default binding limit; a lookup gathers from
+/// every block and keeps each id's row from the block that has it.
 #[derive(Module, Debug)]
 pub struct Embedding {
-    pub weight: Param<Tensor<2>>,
+    pub blocks: Vec<Param<Tensor<2>>>,
 }
 
 impl Embedding {
     pub fn load(vb: VarBuilder, num: usize, dim: usize) -> Result<Self> {
+        let blocks = vb.get_weight_row_blocks("weight", [num, dim], Self::block_rows(dim))?;
         Ok(Self {
-            weight: param(vb.get_weight("weight", [num, dim])?),
+            blocks: blocks.into_iter().map(param).collect(),
         })
+    }
+
+    /// The most rows of `dim` f32 values a block holds.
+    pub fn block_rows(dim: usize) -> usize {
+        (crate::strips::MAX_BUFFER_BYTES as usize / (4 * dim.max(1))).max(1)
+    }
+
+    /// The table's rows (the vocabulary).
+    pub fn num_embeddings(&self) -> usize {
+        self.blocks.iter().map(|b| b.val().dims()[0]).sum()
     }
 
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         // The rows looked up, then cast: not the whole table.
-        compute_weight(embedding(self.weight.val(), ids))
+        if let [table] = &self.blocks[..] {
+            return compute_weight(embedding(table.val(), ids));
+        }
+        let mut start = 0;
+        let mut out: Option<Tensor<3>> = None;
+        for table in &self.blocks {
+            let table = table.val();
+            let n = table.dims()[0];
+            let local = ids.clone() - start as i64;
+            let inside = local
+                .clone()
+                .greater_equal_elem(0)
+                .bool_and(local.clone().lower_elem(n as i64));
+            let rows = compute_weight(embedding(table, local.clamp(0, n as i64 - 1)));
+            let rows = rows * inside.float().unsqueeze_dim::<3>(2);
+            out = Some(match out {
+                Some(o) => o + rows,
+                None => rows,
+            });
+            start += n;
+        }
+        out.expect("a table has a block")
     }
 }
 

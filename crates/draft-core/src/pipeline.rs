@@ -274,7 +274,10 @@ pub struct Pipeline {
     /// The LoRA adapters of the layers [`LoraSetup`] selected (empty without LoRA).
     pub lora: LoraTable,
     /// The largest activation the VAE decoder makes, in bytes, where running a layer on strips
-    /// of rows can keep it there ([`crate::strips`]; default [`crate::strips::MAX_BUFFER_BYTES`]).
+    /// of rows can keep it there ([`crate::strips`]). Default: [`crate::strips::MAX_BUFFER_BYTES`]
+    /// on GPU adapters (WebGPU's default binding limit), unbounded on the CPU backend, whose
+    /// buffers are host memory with no binding limit and where strips cost time and memory
+    /// (docs/benchmarks.md).
     pub max_buffer_bytes: u64,
 }
 
@@ -437,7 +440,11 @@ impl Pipeline {
             scheduler,
             device: device.clone(),
             lora: table,
-            max_buffer_bytes: crate::strips::MAX_BUFFER_BYTES,
+            max_buffer_bytes: if *device == Device::flex() {
+                u64::MAX
+            } else {
+                crate::strips::MAX_BUFFER_BYTES
+            },
         })
     }
 

@@ -220,13 +220,7 @@ impl ClipSimilarity {
         kind: Similarity,
     ) -> Result<Self> {
         let text = &clip.text_model;
-        let vocab = text
-            .text_model
-            .embeddings
-            .token_embedding
-            .weight
-            .val()
-            .dims()[0];
+        let vocab = text.text_model.embeddings.token_embedding.num_embeddings();
         if tokenizer.max_length > text.max_position_embeddings {
             return Err(Error::Input(format!(
                 "{}: the tokenizer makes {} tokens, the CLIP text tower takes at most {}",

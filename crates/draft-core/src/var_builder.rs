@@ -294,20 +294,70 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
                 return Ok(flat.reshape(shape));
             }
         };
-        let (values, found) = weights.read_f32(&key)?;
-        // A 1×1 conv kernel [o, i, 1, 1] serves a Linear [o, i] (the LDM VAE's attention).
-        let squeezed = found.len() > D && found[..D] == shape && found[D..].iter().all(|&d| d == 1);
-        if found != shape && !squeezed {
-            return Err(Error::TensorShape {
-                file: weights.file().to_string(),
-                key,
-                expected: shape.to_vec(),
-                found,
-            });
-        }
+        let values = read_checked(weights, key, &shape)?;
         Ok(Tensor::from_data(
             TensorData::new(values, shape.to_vec()),
             &self.device,
         ))
     }
+
+    /// [`get_weight`](Self::get_weight) of a `[rows, cols]` table as blocks of at most
+    /// `max_rows` rows, top to bottom: from a file each block is its own upload, so no buffer
+    /// holds the whole table (an embedding table over WebGPU's binding limit).
+    pub fn get_weight_row_blocks(
+        &self,
+        name: &str,
+        shape: [usize; 2],
+        max_rows: usize,
+    ) -> Result<Vec<Tensor<2>>> {
+        let [rows, cols] = shape;
+        let max_rows = max_rows.max(1);
+        let cast = |t: Tensor<2>| match self.weights_dtype {
+            FloatDType::F32 => t,
+            d => t.cast(d),
+        };
+        let starts = (0..rows).step_by(max_rows);
+        match &self.source {
+            Source::File(weights) if rows > max_rows => {
+                let values = read_checked(weights, self.path(name), &shape)?;
+                Ok(starts
+                    .map(|r0| {
+                        let n = max_rows.min(rows - r0);
+                        let block = values[r0 * cols..(r0 + n) * cols].to_vec();
+                        cast(Tensor::from_data(
+                            TensorData::new(block, [n, cols]),
+                            &self.device,
+                        ))
+                    })
+                    .collect())
+            }
+            // Random and stored tables (benchmarks, tests) are cut from the whole.
+            _ => {
+                let whole = self.get_weight(name, shape)?;
+                if rows <= max_rows {
+                    return Ok(vec![whole]);
+                }
+                Ok(starts
+                    .map(|r0| whole.clone().narrow(0, r0, max_rows.min(rows - r0)))
+                    .collect())
+            }
+        }
+    }
+}
+
+/// The values of `key` in `weights`, f32, checked against `shape` (a 1×1 conv kernel
+/// `[o, i, 1, 1]` serves a Linear `[o, i]`: the LDM VAE's attention).
+fn read_checked(weights: &Weights, key: String, shape: &[usize]) -> Result<Vec<f32>> {
+    let (values, found) = weights.read_f32(&key)?;
+    let d = shape.len();
+    let squeezed = found.len() > d && found[..d] == *shape && found[d..].iter().all(|&n| n == 1);
+    if found != shape && !squeezed {
+        return Err(Error::TensorShape {
+            file: weights.file().to_string(),
+            key,
+            expected: shape.to_vec(),
+            found,
+        });
+    }
+    Ok(values)
 }

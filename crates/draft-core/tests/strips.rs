@@ -1,14 +1,17 @@
 //! `draft_core::strips`: a convolution and a group norm on strips of rows against the whole
-//! tensor, on every device, strips of one row up to the whole height.
+//! tensor, on every device, strips of one row up to the whole height; and an embedding table
+//! held as blocks of rows (`nn::Embedding`) against the whole table.
 
 mod common;
 
 use burn::prelude::*;
 use common::{devices, rel_err, values};
 use draft_core::models::unet::resnet::{ResnetBlock2D, Upsample2D};
-use draft_core::nn::{Conv2d, GroupNorm, param};
+use draft_core::nn::{Conv2d, Embedding, GroupNorm, param};
 use draft_core::noise::NoiseRng;
 use draft_core::strips;
+use draft_core::var_builder::VarBuilder;
+use draft_core::weights::{Weights, serialize_f32};
 
 fn norm(device: &Device, c: usize, seed: u64) -> GroupNorm {
     GroupNorm {
@@ -119,5 +122,35 @@ fn a_pointwise_conv_on_strips_of_a_conv_output_matches_the_whole_tensor() {
             eprintln!("{name}: 1×1 after a 3×3, strips of {rows} rows: {err:.1e}");
             assert!(err <= 1e-6, "{name}: {rows} rows: {err:e}");
         }
+    }
+}
+
+/// A 10 × 3 table read from a file as blocks of 4, 4 and 2 rows (as CLIP-L's token embedding
+/// is at 43690 rows a block), looked up at ids in every block and on both sides of the cuts.
+#[test]
+fn an_embedding_table_in_blocks_of_rows_looks_up_the_whole_tables_rows() {
+    let table: Vec<f32> = (0..30).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let bytes = serialize_f32(&[("emb.weight".into(), vec![10, 3], table)], None).unwrap();
+    let weights = Weights::from_bytes("emb.safetensors", &bytes).unwrap();
+    for (name, device) in devices() {
+        let vb = VarBuilder::new(&weights, &device).pp("emb");
+        let blocks = vb.get_weight_row_blocks("weight", [10, 3], 4).unwrap();
+        assert_eq!(
+            blocks.iter().map(|b| b.dims()[0]).collect::<Vec<_>>(),
+            [4, 4, 2]
+        );
+        let blocked = Embedding {
+            blocks: blocks.into_iter().map(param).collect(),
+        };
+        assert_eq!(blocked.num_embeddings(), 10);
+        let whole = Embedding::load(vb, 10, 3).unwrap();
+        assert_eq!(whole.blocks.len(), 1);
+        let ids = Tensor::<2, Int>::from_data([[0, 3, 4, 7], [8, 9, 5, 2]], &device);
+        let got = values(blocked.forward(ids.clone()));
+        let want = values(whole.forward(ids));
+        assert_eq!(got.1, [2, 4, 3]);
+        assert_eq!(got, want, "{name}");
+        // Row 9 is the last block's second row: 27 · 0.5 − 3 = 10.5.
+        assert_eq!(got.0[5 * 3..6 * 3], [10.5, 11.0, 11.5]);
     }
 }

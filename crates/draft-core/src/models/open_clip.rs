@@ -321,7 +321,9 @@ pub fn load(vb: VarBuilder, c: &OpenClipConfig, logit_scale: f64) -> Result<CLIP
                     false,
                 )?,
                 position_embedding: Embedding {
-                    weight: param(vis.get("positional_embedding", [patches + 1, v.width])?),
+                    blocks: vec![param(
+                        vis.get("positional_embedding", [patches + 1, v.width])?,
+                    )],
                 },
             },
             pre_layrnorm: LayerNorm::load(vis.pp("ln_pre"), v.width, 1e-5)?,
@@ -338,7 +340,9 @@ pub fn load(vb: VarBuilder, c: &OpenClipConfig, logit_scale: f64) -> Result<CLIP
                         t.width,
                     )?,
                     position_embedding: Embedding {
-                        weight: param(vb.get("positional_embedding", [t.context_length, t.width])?),
+                        blocks: vec![param(
+                            vb.get("positional_embedding", [t.context_length, t.width])?,
+                        )],
                     },
                 },
                 encoder: CLIPEncoder { layers: tlayers },

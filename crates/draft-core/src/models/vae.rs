@@ -488,10 +488,10 @@ impl AutoencoderKL {
         (mean, logvar)
     }
 
-    /// `vae.decode(z).sample`, in [-1, 1] for a trained VAE (`z` already divided by the scale).
+    /// `vae.decode(z).sample`, in [-1, 1] for a trained VAE (`z` already divided by the scale),
+    /// on whole tensors ([`crate::Pipeline::decode`] bounds its buffers where the device needs it).
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
-        self.decode_chain(|z| z, |x| x, strips::MAX_BUFFER_BYTES)
-            .apply(z)
+        self.decode_chain(|z| z, |x| x, u64::MAX).apply(z)
     }
 
     /// [`decode`](Self::decode) as a chain of segments, with `pre` applied to the latents first
