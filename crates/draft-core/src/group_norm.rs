@@ -347,3 +347,291 @@ impl<B: Backend + GroupNormBackend, C: CheckpointStrategy> GroupNormBackend for 
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A group norm over strips of rows (crate::strips): each strip's moments, combined, then each
+// strip scaled and shifted — two ops whose backwards keep only their inputs, as the op above.
+
+/// Per (sample, group) of `[N, C, ...]` `x`: the mean and the centred sum of squares
+/// `M2 = Σ (x − mean)²`, as `[N, G, 2]` (statistics in f64 on the CPU).
+pub fn group_moments<const D: usize>(x: Tensor<D>, groups: usize) -> Tensor<3> {
+    Tensor::from_dispatch(<Dispatch as StripNormBackend>::group_moments(
+        x.into_dispatch(),
+        groups,
+    ))
+}
+
+/// `silu?(x · a + s)` with per (sample, channel) `a` and `s`, `[N, C]`, over `[N, C, ...]` `x`.
+pub fn scale_shift<const D: usize>(
+    x: Tensor<D>,
+    a: Tensor<2>,
+    s: Tensor<2>,
+    silu: bool,
+) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as StripNormBackend>::scale_shift(
+        x.into_dispatch(),
+        a.into_dispatch(),
+        s.into_dispatch(),
+        silu,
+    ))
+}
+
+/// The two ops, routed to each backend by Burn's backend-extension dispatch.
+#[backend_extension(Flex, Cube, Fusion, Autodiff)]
+pub trait StripNormBackend: Backend {
+    #[fusion(default)]
+    fn group_moments(x: FloatTensor<Self>, groups: usize) -> FloatTensor<Self> {
+        moments_composed::<Self>(x, groups)
+    }
+
+    #[fusion(default)]
+    fn scale_shift(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        s: FloatTensor<Self>,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        scale_shift_composed::<Self>(x, a, s, silu)
+    }
+}
+
+impl StripNormBackend for CubeBackend {}
+
+impl StripNormBackend for Flex {
+    fn group_moments(x: FloatTensor<Self>, groups: usize) -> FloatTensor<Self> {
+        if x.dtype() != DType::F32 {
+            return moments_composed::<Self>(x, groups);
+        }
+        let [n, c, r] = ncr(&x.shape());
+        let x = x.to_contiguous();
+        let xs: &[f32] = x.as_slice().expect("contiguous");
+        let len = c / groups * r;
+        let mut out = vec![0f32; n * groups * 2];
+        if len > 0 {
+            let kernel = |(o, xi): (&mut [f32], &[f32])| {
+                let mean = xi.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
+                let m2 = xi
+                    .iter()
+                    .map(|&v| (v as f64 - mean) * (v as f64 - mean))
+                    .sum::<f64>();
+                o[0] = mean as f32;
+                o[1] = m2 as f32;
+            };
+            #[cfg(not(target_arch = "wasm32"))]
+            {
+                use rayon::prelude::*;
+                out.par_chunks_mut(2)
+                    .zip(xs.par_chunks(len))
+                    .for_each(kernel);
+            }
+            #[cfg(target_arch = "wasm32")]
+            out.chunks_mut(2).zip(xs.chunks(len)).for_each(kernel);
+        }
+        FlexTensor::from_data(TensorData::new(out, [n, groups, 2]))
+    }
+
+    fn scale_shift(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        s: FloatTensor<Self>,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        if [&x, &a, &s].iter().any(|t| t.dtype() != DType::F32) {
+            return scale_shift_composed::<Self>(x, a, s, silu);
+        }
+        let shape = x.layout().shape().clone();
+        let [_, _, r] = ncr(&shape);
+        let (x, a, s) = (x.to_contiguous(), a.to_contiguous(), s.to_contiguous());
+        let xs: &[f32] = x.as_slice().expect("contiguous");
+        let av: &[f32] = a.as_slice().expect("contiguous");
+        let sv: &[f32] = s.as_slice().expect("contiguous");
+        let mut out = vec![0f32; xs.len()];
+        if r > 0 {
+            let kernel = |(nc, (o, xi)): (usize, (&mut [f32], &[f32]))| {
+                let (a, s) = (av[nc], sv[nc]);
+                if silu {
+                    for (o, &v) in o.iter_mut().zip(xi) {
+                        let y = v * a + s;
+                        *o = y / (1.0 + (-y).exp());
+                    }
+                } else {
+                    for (o, &v) in o.iter_mut().zip(xi) {
+                        *o = v * a + s;
+                    }
+                }
+            };
+            #[cfg(not(target_arch = "wasm32"))]
+            {
+                use rayon::prelude::*;
+                let min = (16384 / r).max(1);
+                out.par_chunks_mut(r)
+                    .zip(xs.par_chunks(r))
+                    .enumerate()
+                    .with_min_len(min)
+                    .for_each(kernel);
+            }
+            #[cfg(target_arch = "wasm32")]
+            out.chunks_mut(r)
+                .zip(xs.chunks(r))
+                .enumerate()
+                .for_each(kernel);
+        }
+        FlexTensor::from_data(TensorData::new(out, shape))
+    }
+}
+
+/// [`group_moments`] in Burn's primitives.
+fn moments_composed<B: Backend>(x: FloatTensor<B>, groups: usize) -> FloatTensor<B> {
+    let [n, c, r] = ncr(&x.shape());
+    let xg = reshape::<B>(x, &[n, groups, c / groups * r]);
+    let mean = B::float_mean_dim(xg.clone(), 2);
+    let xc = B::float_sub(xg, mean.clone());
+    let m2 = B::float_sum_dim(B::float_mul(xc.clone(), xc), 2);
+    B::float_cat(vec![mean, m2], 2)
+}
+
+/// `x · a + s` as `[N, C, rest]`, and `silu` of it when asked.
+fn scale_shift_parts<B: Backend>(
+    x: FloatTensor<B>,
+    a: FloatTensor<B>,
+    s: FloatTensor<B>,
+) -> FloatTensor<B> {
+    let [n, c, r] = ncr(&x.shape());
+    let x = reshape::<B>(x, &[n, c, r]);
+    let a = reshape::<B>(a, &[n, c, 1]);
+    let s = reshape::<B>(s, &[n, c, 1]);
+    B::float_add(B::float_mul(x, a), s)
+}
+
+/// [`scale_shift`] in Burn's primitives.
+fn scale_shift_composed<B: Backend>(
+    x: FloatTensor<B>,
+    a: FloatTensor<B>,
+    s: FloatTensor<B>,
+    silu: bool,
+) -> FloatTensor<B> {
+    let shape = x.shape();
+    let y = scale_shift_parts::<B>(x, a, s);
+    let y = if silu {
+        B::float_mul(y.clone(), B::sigmoid(y))
+    } else {
+        y
+    };
+    B::float_reshape(y, shape)
+}
+
+#[derive(Debug)]
+struct MomentsBackward;
+
+impl<B: Backend> Backward<B, 1> for MomentsBackward {
+    /// The input and the groups.
+    type State = (FloatTensor<B>, usize);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let d_out = grads.consume::<B>(&ops.node);
+        let (x, groups) = ops.state;
+        let Some(node) = node_x else { return };
+        // ∂mean/∂x = 1/len, ∂M2/∂x = 2(x − mean) (the mean's own term sums to zero).
+        let shape = x.shape();
+        let [n, c, r] = ncr(&shape);
+        let len = c / groups * r;
+        let xg = reshape::<B>(x, &[n, groups, len]);
+        let mean = B::float_mean_dim(xg.clone(), 2);
+        let idx = |i: usize| {
+            B::float_slice(
+                d_out.clone(),
+                &[(0..n).into(), (0..groups).into(), (i..i + 1).into()],
+            )
+        };
+        let d_mean = B::float_div_scalar(idx(0), (len.max(1) as f64).into());
+        let d_m2 = B::float_mul_scalar(idx(1), 2.0.into());
+        let dx = B::float_add(B::float_mul(B::float_sub(xg, mean), d_m2), d_mean);
+        grads.register::<B>(node.id, B::float_reshape(dx, shape));
+    }
+}
+
+#[derive(Debug)]
+struct ScaleShiftBackward;
+
+impl<B: Backend> Backward<B, 3> for ScaleShiftBackward {
+    /// The inputs and whether SiLU follows.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, bool);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_a, node_s] = ops.parents;
+        let d_out = grads.consume::<B>(&ops.node);
+        let (x, a, s, silu) = ops.state;
+        let shape = x.shape();
+        let [n, c, r] = ncr(&shape);
+        let d_out = reshape::<B>(d_out, &[n, c, r]);
+        let dy = if silu {
+            // silu'(y) = s·(1 + y·(1 − s)), s = sigmoid(y).
+            let y = scale_shift_parts::<B>(x.clone(), a.clone(), s);
+            let sg = B::sigmoid(y.clone());
+            let one_minus = B::float_add_scalar(B::float_neg(sg.clone()), 1.0.into());
+            let d = B::float_mul(
+                sg,
+                B::float_add_scalar(B::float_mul(y, one_minus), 1.0.into()),
+            );
+            B::float_mul(d_out, d)
+        } else {
+            d_out
+        };
+        if let Some(node) = node_a {
+            let xr = reshape::<B>(x.clone(), &[n, c, r]);
+            let da = B::float_sum_dim(B::float_mul(dy.clone(), xr), 2);
+            grads.register::<B>(node.id, reshape::<B>(da, &[n, c]));
+        }
+        if let Some(node) = node_s {
+            let ds = B::float_sum_dim(dy.clone(), 2);
+            grads.register::<B>(node.id, reshape::<B>(ds, &[n, c]));
+        }
+        if let Some(node) = node_x {
+            let dx = B::float_mul(dy, reshape::<B>(a, &[n, c, 1]));
+            grads.register::<B>(node.id, B::float_reshape(dx, shape));
+        }
+    }
+}
+
+impl<B: Backend + StripNormBackend, C: CheckpointStrategy> StripNormBackend for Autodiff<B, C> {
+    fn group_moments(x: FloatTensor<Self>, groups: usize) -> FloatTensor<Self> {
+        match MomentsBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let x = x.into_primitive();
+                let out = B::group_moments(x.clone(), groups);
+                prep.finish((x, groups), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::group_moments(x.into_primitive(), groups)),
+        }
+    }
+
+    fn scale_shift(
+        x: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        s: FloatTensor<Self>,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        match ScaleShiftBackward
+            .prepare::<C>([x.node(), a.node(), s.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (x, a, s) = (x.into_primitive(), a.into_primitive(), s.into_primitive());
+                let out = B::scale_shift(x.clone(), a.clone(), s.clone(), silu);
+                prep.finish((x, a, s, silu), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::scale_shift(
+                x.into_primitive(),
+                a.into_primitive(),
+                s.into_primitive(),
+                silu,
+            )),
+        }
+    }
+}

@@ -9,8 +9,8 @@
 //!
 //! - a stride-1 "same" convolution ([`conv`]) takes the rows its kernel reaches from the strips
 //!   above and below (zero padding only at the image's edges);
-//! - a group norm ([`group_norm`]) takes its statistics over all strips (two passes: the mean,
-//!   then the centred sum of squares), then scales and shifts each strip;
+//! - a group norm ([`group_norm`]) combines each strip's mean and centred sum of squares into
+//!   the statistics of all strips, then scales and shifts each strip;
 //! - element-wise work, 1×1 convolutions and nearest upsampling are per strip.
 //!
 //! Under autodiff the strips are ordinary tensors, so the backward is Burn's and every gradient
@@ -18,7 +18,6 @@
 //! between segments, so that a kept segment input is a list of strips as well.
 
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 
 use crate::nn::{Conv2d, GroupNorm};
 
@@ -143,37 +142,41 @@ pub fn conv(conv: &Conv2d, parts: &[Tensor<4>]) -> Parts {
         .collect()
 }
 
-/// `norm` (then SiLU when `silu`) on strips, with the statistics of all of them:
-/// `y = x·a + s` per (sample, channel), `a = w/σ`, `s = b − μ·a`.
+/// `norm` (then SiLU when `silu_after`) on strips, with the statistics of all of them: each
+/// strip's mean and centred sum of squares ([`crate::group_norm::group_moments`]), combined as
+/// Chan et al.'s parallel variance (`M2 = Σ M2ᵢ + Σ nᵢ (meanᵢ − mean)²`, nothing cancels), then
+/// `y = x·a + s` per (sample, channel), `a = w/σ`, `s = b − μ·a`
+/// ([`crate::group_norm::scale_shift`]). Both ops keep only their inputs for the backward, so a
+/// strip's group norm holds no more memory under autodiff than the whole tensor's.
 pub fn group_norm(norm: &GroupNorm, parts: Parts, silu_after: bool) -> Parts {
+    use crate::group_norm::{group_moments, scale_shift};
     let [n, c, _, w] = parts[0].dims();
     let g = norm.num_groups;
     let per = c / g;
-    let count = (per * w * rows(&parts).iter().sum::<usize>()) as f64;
-    let grouped = |x: Tensor<4>| {
-        let h = x.dims()[2];
-        x.reshape([n, g, per * h * w])
-    };
-    let total = |f: &dyn Fn(Tensor<3>) -> Tensor<3>| {
-        parts
-            .iter()
-            .map(|x| f(grouped(x.clone())).sum_dim(2))
-            .reduce(|a, b| a + b)
-            .expect("at least one strip")
-    };
-    let mean = total(&|x| x) / count; // [n, g, 1]
-    let var = total(&|x| (x - mean.clone()).square()) / count;
-    let inv = (var + norm.eps).sqrt().recip();
+    let counts: Vec<f64> = rows(&parts).iter().map(|&h| (per * h * w) as f64).collect();
+    let total: f64 = counts.iter().sum::<f64>().max(1.0);
+    let moments: Vec<Tensor<3>> = parts.iter().map(|x| group_moments(x.clone(), g)).collect();
+    let sum = |ts: Vec<Tensor<3>>| ts.into_iter().reduce(|a, b| a + b).expect("a strip");
+    let mean = sum(moments
+        .iter()
+        .zip(&counts)
+        .map(|(m, &k)| m.clone().narrow(2, 0, 1) * (k / total))
+        .collect()); // [n, g, 1]
+    let m2 = sum(moments
+        .iter()
+        .zip(&counts)
+        .map(|(m, &k)| {
+            let spread = (m.clone().narrow(2, 0, 1) - mean.clone()).square() * k;
+            m.clone().narrow(2, 1, 1) + spread
+        })
+        .collect());
+    let inv = (m2 / total + norm.eps).sqrt().recip();
     let per_channel = |t: Tensor<3>| t.expand([n, g, per]).reshape([n, c]);
     let a = per_channel(inv) * norm.weight.val().reshape([1, c]);
     let s = norm.bias.val().reshape([1, c]) - per_channel(mean) * a.clone();
-    let (a, s) = (a.reshape([n, c, 1, 1]), s.reshape([n, c, 1, 1]));
     parts
         .into_iter()
-        .map(|x| {
-            let y = x * a.clone() + s.clone();
-            if silu_after { silu(y) } else { y }
-        })
+        .map(|x| scale_shift(x, a.clone(), s.clone(), silu_after))
         .collect()
 }
 

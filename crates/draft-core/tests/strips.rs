@@ -154,3 +154,54 @@ fn an_embedding_table_in_blocks_of_rows_looks_up_the_whole_tables_rows() {
         assert_eq!(got.0[5 * 3..6 * 3], [10.5, 11.0, 11.5]);
     }
 }
+
+/// The group norm on strips under autodiff (the moments and scale-shift ops' own backwards)
+/// against the whole tensor's group norm: ∂x, ∂weight, ∂bias, with a mean five times the spread.
+#[test]
+fn group_norm_on_strips_has_the_whole_tensors_gradients() {
+    for (name, device) in devices() {
+        let x = NoiseRng::new(13).randn([2, 8, 9, 5], &device) + 5.0;
+        let g_out = NoiseRng::new(14).randn([2, 8, 9, 5], &device);
+        for silu in [false, true] {
+            let grads_of = |strip_rows: Option<usize>| {
+                let norm = norm(&device, 8, 20);
+                let (w, b) = (norm.weight.val(), norm.bias.val());
+                let (wg, bg) = (w.autodiff().require_grad(), b.autodiff().require_grad());
+                let norm = GroupNorm {
+                    weight: param(wg.clone()),
+                    bias: param(bg.clone()),
+                    ..norm
+                };
+                let xg = x.clone().autodiff().require_grad();
+                let y = match strip_rows {
+                    None if silu => norm.forward_silu(xg.clone()),
+                    None => norm.forward(xg.clone()),
+                    Some(rows) => strips::join(strips::group_norm(
+                        &norm,
+                        strips::resplit(vec![xg.clone()], rows),
+                        silu,
+                    )),
+                };
+                let grads = (y.clone() * g_out.clone().autodiff()).sum().backward();
+                [
+                    values(y.without_autodiff()).0,
+                    values(xg.grad(&grads).unwrap()).0,
+                    values(wg.grad(&grads).unwrap()).0,
+                    values(bg.grad(&grads).unwrap()).0,
+                ]
+            };
+            let want = grads_of(None);
+            for rows in [1, 4] {
+                let got = grads_of(Some(rows));
+                for (what, (g, w)) in ["output", "∂x", "∂weight", "∂bias"]
+                    .iter()
+                    .zip(got.iter().zip(&want))
+                {
+                    let err = rel_err(g, w);
+                    eprintln!("{name}: silu {silu}, strips of {rows} rows: {what} {err:.1e}");
+                    assert!(err <= 5e-6, "{name}: {what}, {rows} rows: {err:e}");
+                }
+            }
+        }
+    }
+}
