@@ -330,7 +330,7 @@ function showStore(error) {
 function showAdapter(info) {
   const rows = [
     ["Model", info.model],
-    ["Device", info.device],
+    ["Device", `${info.device}, weights in ${info.weights}`],
     ["Method", info.method],
     ["Reward", info.reward],
     ["LoRA", `rank ${info.rank}, alpha ${info.alpha}, ${info.loraLayers} layers (${info.loraTargets.join(", ")}), ${info.loraParams.toLocaleString()} parameters`],
@@ -712,7 +712,8 @@ function showLimits(a) {
   $("limits").textContent = a
     ? `WebGPU adapter${a.name ? ` (${a.name})` : ""}: maxBufferSize ${mib(a.maxBufferSize)}, ` +
       `maxStorageBufferBindingSize ${mib(a.maxStorageBufferBindingSize)}, shader-f16 ${a.shaderF16 ? "yes" : "no"}. ` +
-      "A model, reward model or batch needing a larger buffer is refused before loading; weights are kept in f32."
+      "A model, reward model or batch needing a larger buffer is refused before loading; " +
+      `weights are kept in ${a.shaderF16 ? "f16" : "f32"}.`
     : "No WebGPU adapter: the CPU backend has no buffer limits (but is slow).";
 }
 

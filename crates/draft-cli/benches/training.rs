@@ -23,8 +23,7 @@
 //! our time over PyTorch's best time for each case.
 //!
 //! `--max-buffer-mib N` sets `Pipeline::max_buffer_bytes`: the VAE decoder's layers whose tensors
-//! would pass N MiB run on strips of rows (`draft_core::strips`; by default on GPU adapters at
-//! 128 MiB, never on the CPU backend).
+//! would pass N MiB run on strips of rows (`draft_core::strips`; default 128 MiB).
 //!
 //! `--weights-dtype f16` keeps the UNet's (and for sd1-tiny the whole pipeline's) weight matrices
 //! and kernels in f16 (`Pipeline::load_with`); the rows say so.

@@ -446,36 +446,37 @@ impl StripNormBackend for Flex {
         let av: &[f32] = a.as_slice().expect("contiguous");
         let sv: &[f32] = s.as_slice().expect("contiguous");
         let mut out = vec![0f32; xs.len()];
-        if r > 0 {
-            let kernel = |(nc, (o, xi)): (usize, (&mut [f32], &[f32]))| {
-                let (a, s) = (av[nc], sv[nc]);
-                if silu {
-                    for (o, &v) in o.iter_mut().zip(xi) {
-                        let y = v * a + s;
-                        *o = y / (1.0 + (-y).exp());
-                    }
-                } else {
-                    for (o, &v) in o.iter_mut().zip(xi) {
-                        *o = v * a + s;
-                    }
+        if r == 0 {
+            return FlexTensor::from_data(TensorData::new(out, shape));
+        }
+        let kernel = |(nc, (o, xi)): (usize, (&mut [f32], &[f32]))| {
+            let (a, s) = (av[nc], sv[nc]);
+            if silu {
+                for (o, &v) in o.iter_mut().zip(xi) {
+                    let y = v * a + s;
+                    *o = y / (1.0 + (-y).exp());
                 }
-            };
-            #[cfg(not(target_arch = "wasm32"))]
-            {
-                use rayon::prelude::*;
-                let min = (16384 / r).max(1);
-                out.par_chunks_mut(r)
-                    .zip(xs.par_chunks(r))
-                    .enumerate()
-                    .with_min_len(min)
-                    .for_each(kernel);
+            } else {
+                for (o, &v) in o.iter_mut().zip(xi) {
+                    *o = v * a + s;
+                }
             }
-            #[cfg(target_arch = "wasm32")]
-            out.chunks_mut(r)
-                .zip(xs.chunks(r))
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            use rayon::prelude::*;
+            let min = (16384 / r).max(1);
+            out.par_chunks_mut(r)
+                .zip(xs.par_chunks(r))
                 .enumerate()
+                .with_min_len(min)
                 .for_each(kernel);
         }
+        #[cfg(target_arch = "wasm32")]
+        out.chunks_mut(r)
+            .zip(xs.chunks(r))
+            .enumerate()
+            .for_each(kernel);
         FlexTensor::from_data(TensorData::new(out, shape))
     }
 }

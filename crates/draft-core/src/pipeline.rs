@@ -275,9 +275,8 @@ pub struct Pipeline {
     pub lora: LoraTable,
     /// The largest activation the VAE decoder makes, in bytes, where running a layer on strips
     /// of rows can keep it there ([`crate::strips`]). Default: [`crate::strips::MAX_BUFFER_BYTES`]
-    /// on GPU adapters (WebGPU's default binding limit), unbounded on the CPU backend, whose
-    /// buffers are host memory with no binding limit and where strips cost time and memory
-    /// (docs/benchmarks.md).
+    /// (WebGPU's default binding limit) on every device: on the CPU, where no binding limit
+    /// asks for it, strips cost no time and lower the decode's memory (docs/benchmarks.md).
     pub max_buffer_bytes: u64,
 }
 
@@ -440,11 +439,7 @@ impl Pipeline {
             scheduler,
             device: device.clone(),
             lora: table,
-            max_buffer_bytes: if *device == Device::flex() {
-                u64::MAX
-            } else {
-                crate::strips::MAX_BUFFER_BYTES
-            },
+            max_buffer_bytes: crate::strips::MAX_BUFFER_BYTES,
         })
     }
 

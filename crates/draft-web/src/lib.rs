@@ -9,6 +9,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use draft_core::pipeline::LoraSetup;
 use draft_core::reward::RewardOptions;
 use draft_core::reward_files::{RewardFiles, RewardSource};
@@ -57,6 +58,18 @@ pub async fn open_device(kind: &str) -> Result<(Device, String), String> {
             "CPU (Burn flex backend in WebAssembly)".into(),
         )),
         other => Err(format!("unknown device `{other}` (expected webgpu or cpu)")),
+    }
+}
+
+/// The dtype the diffusion model's weight matrices and kernels are kept in on `device`: f16 on
+/// a WebGPU adapter with `shader-f16` (half the memory; LoRA, optimizer state, activations,
+/// reward and loss stay f32: docs/parity.md, "f16 weights"), f32 elsewhere — as the CLI's
+/// `--weights-dtype auto`.
+pub fn weights_dtype(device: &Device) -> FloatDType {
+    if *device != Device::flex() && device.supports_dtype(FloatDType::F16) {
+        FloatDType::F16
+    } else {
+        FloatDType::F32
     }
 }
 
@@ -313,6 +326,9 @@ fn check_inputs(
 pub struct RunInfo {
     pub model: String,
     pub device: String,
+    /// How the diffusion model's weight matrices and kernels are kept: `"f16"` on an adapter
+    /// that computes in f16 (`shader-f16`), else `"f32"` ([`weights_dtype`]).
+    pub weights: String,
     pub method: String,
     pub reward: String,
     pub lora_layers: usize,
@@ -387,10 +403,12 @@ impl Session {
         let reward_files = RewardFiles::new(&config.rewards, rewards).map_err(|e| e.to_string())?;
         let notes = reward_files.notes().to_vec();
         let (device, device_name) = open_device(&options.device).await?;
-        let mut pipeline = Pipeline::load_with_lora(
+        let weights_dtype = weights_dtype(&device);
+        let mut pipeline = Pipeline::load_with(
             &model,
             &device,
             &LoraSetup::Targets(config.lora_targets.clone()),
+            weights_dtype,
         )
         .map_err(|e| e.to_string())?;
         // The adapter's binding limit bounds the VAE decoder's strips (the CPU backend has none).
@@ -414,6 +432,11 @@ impl Session {
         let info = RunInfo {
             model: model.name.clone(),
             device: device_name,
+            weights: match weights_dtype {
+                FloatDType::F16 => "f16",
+                _ => "f32",
+            }
+            .into(),
             method: c.method.name().into(),
             reward: trainer.reward.describe(),
             lora_layers: trainer.pipeline.lora.len(),

@@ -246,3 +246,16 @@ fn inputs_over_the_adapter_limit_or_unreadable_are_refused() {
     .expect("refused");
     assert!(err.contains("laion-aesthetic"), "{err}");
 }
+
+/// The page keeps the diffusion model's weights in f16 on an adapter that computes in f16
+/// (lavapipe, in CI), in f32 on the CPU backend and elsewhere.
+#[test]
+fn weights_are_f16_only_where_the_adapter_computes_in_f16() {
+    use burn::tensor::FloatDType;
+    assert_eq!(draft_web::weights_dtype(&Device::flex()), FloatDType::F32);
+    let gpu = Device::wgpu(Default::default());
+    assert_eq!(
+        draft_web::weights_dtype(&gpu) == FloatDType::F16,
+        gpu.supports_dtype(FloatDType::F16)
+    );
+}
