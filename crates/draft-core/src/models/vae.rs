@@ -390,8 +390,9 @@ impl Decoder {
     ///
     /// A resnet, upsampler or the head whose largest activation would exceed `max_buffer_bytes`
     /// runs on strips of rows ([`crate::strips`]), and the segments after it take the strips on
-    /// (SD-1.x at 512²: from `up_blocks.2`'s upsampler, whose output is `[1, 256, 512, 512]`,
-    /// 256 MiB); below the budget each segment is its layer's usual forward.
+    /// (SD-1.x at 512² and 128 MiB: from `up_blocks.1`'s upsampler, whose output is
+    /// `[1, 512, 256, 256]`, 128 MiB before the halo rows); below the budget each segment is its
+    /// layer's usual forward.
     fn segments<'a>(
         &'a self,
         pre: impl Fn(Tensor<4>) -> Tensor<4> + 'a,
@@ -489,7 +490,7 @@ impl AutoencoderKL {
     }
 
     /// `vae.decode(z).sample`, in [-1, 1] for a trained VAE (`z` already divided by the scale),
-    /// on whole tensors ([`crate::Pipeline::decode`] bounds its buffers where the device needs it).
+    /// on whole tensors ([`crate::Pipeline::decode`] bounds its buffers: `max_buffer_bytes`).
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
         self.decode_chain(|z| z, |x| x, u64::MAX).apply(z)
     }
