@@ -165,17 +165,12 @@ fn flex_forward(
     let per_group = c / groups;
     let len = per_group * r;
     let mut out = vec![0f32; xs.len()];
-    let kernel = |(ng, (o, xi)): (usize, (&mut [f32], &[f32]))| {
-        let mean = xi.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-        let var = xi
-            .iter()
-            .map(|&v| {
-                let d = v as f64 - mean;
-                d * d
-            })
-            .sum::<f64>()
-            / len as f64;
-        let inv = 1.0 / (var + eps).sqrt();
+    if len == 0 {
+        return FlexTensor::from_data(TensorData::new(out, shape));
+    }
+    for_each_chunk(&mut out, len, xs, len, |ng, o, xi| {
+        let (mean, m2) = moments_f64(xi);
+        let inv = 1.0 / (m2 / len as f64 + eps).sqrt();
         let first = (ng % groups) * per_group;
         for (ch, (oc, xc)) in o.chunks_mut(r).zip(xi.chunks(r)).enumerate() {
             // (x − μ)·(w/σ) + b: centred first, as PyTorch, so that a mean far larger than
@@ -185,38 +180,63 @@ fn flex_forward(
                 (w[first + ch] as f64 * inv) as f32,
                 b[first + ch],
             );
-            if silu {
-                for (o, &v) in oc.iter_mut().zip(xc) {
-                    let y = (v - m) * a + shift;
-                    *o = y / (1.0 + (-y).exp());
-                }
-            } else {
-                for (o, &v) in oc.iter_mut().zip(xc) {
-                    *o = (v - m) * a + shift;
-                }
-            }
+            map_silu(oc, xc, silu, |v| (v - m) * a + shift);
         }
-    };
-    if len == 0 {
-        return FlexTensor::from_data(TensorData::new(out, shape));
+    });
+    FlexTensor::from_data(TensorData::new(out, shape))
+}
+
+/// The mean and the centred sum of squares `Σ (x − mean)²` of `xs`, in f64.
+fn moments_f64(xs: &[f32]) -> (f64, f64) {
+    let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / xs.len().max(1) as f64;
+    let m2 = xs
+        .iter()
+        .map(|&v| {
+            let d = v as f64 - mean;
+            d * d
+        })
+        .sum::<f64>();
+    (mean, m2)
+}
+
+/// `out[i] = silu?(f(xs[i]))`.
+fn map_silu(out: &mut [f32], xs: &[f32], silu: bool, f: impl Fn(f32) -> f32) {
+    if silu {
+        for (o, &v) in out.iter_mut().zip(xs) {
+            let y = f(v);
+            *o = y / (1.0 + (-y).exp());
+        }
+    } else {
+        for (o, &v) in out.iter_mut().zip(xs) {
+            *o = f(v);
+        }
     }
+}
+
+/// `kernel(i, out_i, xs_i)` over the i-th chunks of `out` (`out_len` values each) and `xs`
+/// (`in_len > 0` each): natively spread over rayon's threads in tasks of at least ~16 K input
+/// values (smaller ones cost more to hand out than they save), in order on wasm32.
+fn for_each_chunk(
+    out: &mut [f32],
+    out_len: usize,
+    xs: &[f32],
+    in_len: usize,
+    kernel: impl Fn(usize, &mut [f32], &[f32]) + Send + Sync,
+) {
     #[cfg(not(target_arch = "wasm32"))]
     {
         use rayon::prelude::*;
-        // Groups of at least ~16 K elements per task: smaller ones cost more to hand out.
-        let min = (16384 / len).max(1);
-        out.par_chunks_mut(len)
-            .zip(xs.par_chunks(len))
+        out.par_chunks_mut(out_len)
+            .zip(xs.par_chunks(in_len))
             .enumerate()
-            .with_min_len(min)
-            .for_each(kernel);
+            .with_min_len((16384 / in_len).max(1))
+            .for_each(|(i, (o, x))| kernel(i, o, x));
     }
     #[cfg(target_arch = "wasm32")]
-    out.chunks_mut(len)
-        .zip(xs.chunks(len))
+    out.chunks_mut(out_len)
+        .zip(xs.chunks(in_len))
         .enumerate()
-        .for_each(kernel);
-    FlexTensor::from_data(TensorData::new(out, shape))
+        .for_each(|(i, (o, x))| kernel(i, o, x));
 }
 
 /// Gradients of x, weight and bias (each only where `want` says) for the output gradient.
@@ -408,24 +428,11 @@ impl StripNormBackend for Flex {
         let len = c / groups * r;
         let mut out = vec![0f32; n * groups * 2];
         if len > 0 {
-            let kernel = |(o, xi): (&mut [f32], &[f32])| {
-                let mean = xi.iter().map(|&v| v as f64).sum::<f64>() / len as f64;
-                let m2 = xi
-                    .iter()
-                    .map(|&v| (v as f64 - mean) * (v as f64 - mean))
-                    .sum::<f64>();
+            for_each_chunk(&mut out, 2, xs, len, |_, o, xi| {
+                let (mean, m2) = moments_f64(xi);
                 o[0] = mean as f32;
                 o[1] = m2 as f32;
-            };
-            #[cfg(not(target_arch = "wasm32"))]
-            {
-                use rayon::prelude::*;
-                out.par_chunks_mut(2)
-                    .zip(xs.par_chunks(len))
-                    .for_each(kernel);
-            }
-            #[cfg(target_arch = "wasm32")]
-            out.chunks_mut(2).zip(xs.chunks(len)).for_each(kernel);
+            });
         }
         FlexTensor::from_data(TensorData::new(out, [n, groups, 2]))
     }
@@ -446,37 +453,12 @@ impl StripNormBackend for Flex {
         let av: &[f32] = a.as_slice().expect("contiguous");
         let sv: &[f32] = s.as_slice().expect("contiguous");
         let mut out = vec![0f32; xs.len()];
-        if r == 0 {
-            return FlexTensor::from_data(TensorData::new(out, shape));
+        if r > 0 {
+            for_each_chunk(&mut out, r, xs, r, |nc, o, xi| {
+                let (a, s) = (av[nc], sv[nc]);
+                map_silu(o, xi, silu, |v| v * a + s);
+            });
         }
-        let kernel = |(nc, (o, xi)): (usize, (&mut [f32], &[f32]))| {
-            let (a, s) = (av[nc], sv[nc]);
-            if silu {
-                for (o, &v) in o.iter_mut().zip(xi) {
-                    let y = v * a + s;
-                    *o = y / (1.0 + (-y).exp());
-                }
-            } else {
-                for (o, &v) in o.iter_mut().zip(xi) {
-                    *o = v * a + s;
-                }
-            }
-        };
-        #[cfg(not(target_arch = "wasm32"))]
-        {
-            use rayon::prelude::*;
-            let min = (16384 / r).max(1);
-            out.par_chunks_mut(r)
-                .zip(xs.par_chunks(r))
-                .enumerate()
-                .with_min_len(min)
-                .for_each(kernel);
-        }
-        #[cfg(target_arch = "wasm32")]
-        out.chunks_mut(r)
-            .zip(xs.chunks(r))
-            .enumerate()
-            .for_each(kernel);
         FlexTensor::from_data(TensorData::new(out, shape))
     }
 }

@@ -195,11 +195,15 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
 
     /// A layer's weight matrix or kernel, in the builder's weights dtype.
     pub fn get_weight<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
-        let t = self.get(name, shape)?;
-        Ok(match self.weights_dtype {
+        Ok(self.stored(self.get(name, shape)?))
+    }
+
+    /// `t` in the builder's weights dtype.
+    fn stored<const D: usize>(&self, t: Tensor<D>) -> Tensor<D> {
+        match self.weights_dtype {
             FloatDType::F32 => t,
             d => t.cast(d),
-        })
+        }
     }
 
     /// Layers selected by `plan` get a LoRA slot as they load.
@@ -312,10 +316,6 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
     ) -> Result<Vec<Tensor<2>>> {
         let [rows, cols] = shape;
         let max_rows = max_rows.max(1);
-        let cast = |t: Tensor<2>| match self.weights_dtype {
-            FloatDType::F32 => t,
-            d => t.cast(d),
-        };
         let starts = (0..rows).step_by(max_rows);
         match &self.source {
             Source::File(weights) if rows > max_rows => {
@@ -324,7 +324,7 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
                     .map(|r0| {
                         let n = max_rows.min(rows - r0);
                         let block = values[r0 * cols..(r0 + n) * cols].to_vec();
-                        cast(Tensor::from_data(
+                        self.stored(Tensor::from_data(
                             TensorData::new(block, [n, cols]),
                             &self.device,
                         ))
