@@ -330,7 +330,7 @@ function showStore(error) {
 function showAdapter(info) {
   const rows = [
     ["Model", info.model],
-    ["Device", `${info.device}, weights in ${info.weights}`],
+    ["Device", `${info.device}, weights and sampling in ${info.weights}`],
     ["Method", info.method],
     ["Reward", info.reward],
     ["LoRA", `rank ${info.rank}, alpha ${info.alpha}, ${info.loraLayers} layers (${info.loraTargets.join(", ")}), ${info.loraParams.toLocaleString()} parameters`],

@@ -5,6 +5,8 @@ use burn::prelude::*;
 use burn::tensor::FloatDType;
 use burn::tensor::wgpu::{WgpuBackend, wgpu};
 use clap::ValueEnum;
+use draft_core::pipeline::LoraSetup;
+use draft_core::{ModelFiles, Pipeline};
 
 #[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -45,9 +47,9 @@ pub fn cpu_threads(threads: Option<usize>) -> Result<()> {
         .context("cannot start the CPU backend's thread pool")
 }
 
-/// `--weights-dtype`.
+/// `--weights-dtype` and `--sampling-dtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum WeightsDtype {
+pub enum DtypeArg {
     /// f16 on a GPU adapter that computes in f16 (`shader-f16`), f32 on the CPU backend and on
     /// adapters without it.
     Auto,
@@ -55,30 +57,76 @@ pub enum WeightsDtype {
     F16,
 }
 
-static WEIGHTS_DTYPE: std::sync::OnceLock<WeightsDtype> = std::sync::OnceLock::new();
+static DTYPES: std::sync::OnceLock<(DtypeArg, DtypeArg)> = std::sync::OnceLock::new();
 
-/// Sets `--weights-dtype` for the process (once, from `main`).
-pub fn set_weights_dtype(d: WeightsDtype) {
-    let _ = WEIGHTS_DTYPE.set(d);
+/// Sets `--weights-dtype` and `--sampling-dtype` for the process (once, from `main`).
+pub fn set_dtypes(weights: DtypeArg, sampling: DtypeArg) {
+    let _ = DTYPES.set((weights, sampling));
 }
 
-/// The dtype the diffusion model's weight matrices and kernels are kept in on `device`, with a
-/// line saying so when `auto` chose f16.
-pub fn weights_dtype(device: &Device) -> FloatDType {
-    match WEIGHTS_DTYPE.get().copied().unwrap_or(WeightsDtype::Auto) {
-        WeightsDtype::F16 => FloatDType::F16,
-        WeightsDtype::F32 => FloatDType::F32,
-        WeightsDtype::Auto => {
-            if *device != Device::flex() && device.supports_dtype(FloatDType::F16) {
-                eprintln!(
-                    "draft: weights in f16 (the adapter computes in f16; --weights-dtype f32 keeps them in f32)"
-                );
-                FloatDType::F16
-            } else {
-                FloatDType::F32
-            }
-        }
+/// Whether `auto` means f16 on `device`: a GPU adapter with f16 arithmetic. The CPU backend
+/// can hold f16 but computes it element by element through f32, slower than f32.
+fn auto_is_f16(device: &Device) -> bool {
+    *device != Device::flex() && device.supports_dtype(FloatDType::F16)
+}
+
+fn resolve(arg: DtypeArg, device: &Device) -> FloatDType {
+    match arg {
+        DtypeArg::F16 => FloatDType::F16,
+        DtypeArg::F32 => FloatDType::F32,
+        DtypeArg::Auto if auto_is_f16(device) => FloatDType::F16,
+        DtypeArg::Auto => FloatDType::F32,
     }
+}
+
+/// The dtype the diffusion model's weight matrices and kernels are kept in on `device`.
+pub fn weights_dtype(device: &Device) -> FloatDType {
+    let (weights, _) = DTYPES
+        .get()
+        .copied()
+        .unwrap_or((DtypeArg::Auto, DtypeArg::Auto));
+    resolve(weights, device)
+}
+
+/// The dtype the UNet computes in on the steps no gradient goes through
+/// ([`Pipeline::sampling_dtype`]).
+pub fn sampling_dtype(device: &Device) -> FloatDType {
+    let (_, sampling) = DTYPES
+        .get()
+        .copied()
+        .unwrap_or((DtypeArg::Auto, DtypeArg::Auto));
+    resolve(sampling, device)
+}
+
+/// Loads the pipeline with the process's weights and sampling dtypes, with a line saying
+/// which were f16.
+pub fn load_pipeline(
+    model: &ModelFiles,
+    device: &Device,
+    lora: &LoraSetup,
+) -> draft_core::Result<Pipeline> {
+    let weights = weights_dtype(device);
+    let sampling = sampling_dtype(device);
+    let mut pipeline = Pipeline::load_with(model, device, lora, weights)?;
+    if sampling != FloatDType::F32 && !device.supports_dtype(sampling) {
+        return Err(draft_core::Error::Input(format!(
+            "this device cannot compute in {sampling:?}; use --sampling-dtype f32"
+        )));
+    }
+    pipeline.sampling_dtype = sampling;
+    let f16 = |d| d == FloatDType::F16;
+    match (f16(weights), f16(sampling)) {
+        (false, false) => {}
+        (true, false) => eprintln!("draft: weights in f16 (--weights-dtype f32 keeps them in f32)"),
+        (false, true) => eprintln!(
+            "draft: sampling steps without gradient in f16 (--sampling-dtype f32 keeps them in f32)"
+        ),
+        (true, true) => eprintln!(
+            "draft: weights and the sampling steps without gradient in f16 \
+             (--weights-dtype f32 / --sampling-dtype f32 keep them in f32)"
+        ),
+    }
+    Ok(pipeline)
 }
 
 /// The number of threads the CPU backend runs on.
@@ -158,8 +206,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_weights_are_f32_on_the_cpu_backend() {
-        // `auto` is the default (nothing set): the CPU backend keeps f32 whatever it can store.
+    fn auto_dtypes_are_f32_on_the_cpu_backend() {
+        // `auto` is the default (nothing set): the CPU backend keeps and computes f32 whatever
+        // it can store.
         assert_eq!(weights_dtype(&Device::flex()), FloatDType::F32);
+        assert_eq!(sampling_dtype(&Device::flex()), FloatDType::F32);
     }
 }

@@ -34,7 +34,15 @@ struct Cli {
     /// gradients and the optimizer state stay f32). `auto`: f16 on a GPU adapter that computes
     /// in f16, f32 on the CPU backend and elsewhere.
     #[arg(long, global = true, value_enum, default_value = "auto")]
-    weights_dtype: device::WeightsDtype,
+    weights_dtype: device::DtypeArg,
+    /// What the UNet computes in on the sampling steps no gradient goes through (`draft sample`,
+    /// evaluations, training's steps before the back-propagated ones): f16 halves their
+    /// activations and runs them on the adapter's f16 units (norm statistics and attention's
+    /// softmax still in f32). The back-propagated steps, the decoder, the reward and the loss
+    /// always compute in f32. `auto`: f16 on a GPU adapter that computes in f16, f32 on the
+    /// CPU backend (which computes f16 through f32, slower) and elsewhere.
+    #[arg(long, global = true, value_enum, default_value = "auto")]
+    sampling_dtype: device::DtypeArg,
     #[command(subcommand)]
     command: Command,
 }
@@ -59,7 +67,7 @@ enum Command {
 fn main() -> ExitCode {
     device::quiet_headless_wayland();
     let cli = Cli::parse();
-    device::set_weights_dtype(cli.weights_dtype);
+    device::set_dtypes(cli.weights_dtype, cli.sampling_dtype);
     if let Err(e) = device::cpu_threads(cli.threads) {
         eprintln!("error: {e:#}");
         return ExitCode::FAILURE;

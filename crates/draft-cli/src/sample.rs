@@ -7,7 +7,7 @@ use clap::Args;
 use draft_core::lora::LoraFile;
 use draft_core::noise::NoiseRng;
 use draft_core::pipeline::{LoraSetup, SampleOptions, to_nhwc};
-use draft_core::{Pipeline, read_f32};
+use draft_core::read_f32;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::{self, DeviceArg};
@@ -103,12 +103,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     }
     let device = device::select(a.device)?;
     let setup = LoraSetup::Files(loras.iter().map(|(f, s)| (f, *s)).collect());
-    let pipe = Pipeline::load_with(
-        &model,
-        &device,
-        &setup,
-        crate::device::weights_dtype(&device),
-    )?;
+    let pipe = device::load_pipeline(&model, &device, &setup)?;
     drop(model);
 
     let x_t = match (&a.init_noise, &noise_bytes) {

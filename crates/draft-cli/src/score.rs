@@ -10,7 +10,7 @@ use draft_core::lora::LoraFile;
 use draft_core::noise::NoiseRng;
 use draft_core::pipeline::{LoraSetup, SampleOptions};
 use draft_core::reward::{RewardOptions, WeightedReward};
-use draft_core::{ModelFiles, Pipeline, read_f32};
+use draft_core::{ModelFiles, read_f32};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::{self, DeviceArg};
@@ -179,12 +179,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
                 loras.push((LoraFile::parse(&name, &files::read(&path)?)?, scale));
             }
             let setup = LoraSetup::Files(loras.iter().map(|(f, s)| (f, *s)).collect());
-            let pipe = Pipeline::load_with(
-                model.as_ref().expect("set"),
-                &device,
-                &setup,
-                crate::device::weights_dtype(&device),
-            )?;
+            let pipe = crate::device::load_pipeline(model.as_ref().expect("set"), &device, &setup)?;
             let size = pipe.default_image_size();
             let [c, h, w] = pipe.latent_shape(size, size)?;
             let prompts: Vec<String> = (0..n).map(prompt_of).collect();

@@ -9,13 +9,13 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use draft_core::lora::{LoraFile, LoraTarget};
 use draft_core::pipeline::{LoraSetup, to_nhwc};
+use draft_core::read_f32;
 use draft_core::reward::RewardOptions;
 use draft_core::run::{Run, RunPolicy};
 use draft_core::train::{
     CheckpointMeta, FixedEval, MethodName, OptimizerName, StepMetrics, TrainConfig, Trainer,
     prompt_set,
 };
-use draft_core::{Pipeline, read_f32};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
@@ -436,11 +436,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         a.model_config.as_deref(),
     )?;
     let device = device::select(a.device.unwrap_or(DeviceArg::Auto))?;
-    let pipeline = Pipeline::load_with(
+    let pipeline = device::load_pipeline(
         &model,
         &device,
         &LoraSetup::Targets(config.lora_targets.clone()),
-        crate::device::weights_dtype(&device),
     )?;
     let reward = reward_files.build(
         &config.rewards,

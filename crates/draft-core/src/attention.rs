@@ -182,8 +182,16 @@ fn blocks(n: usize, block: usize) -> impl Iterator<Item = (usize, usize)> {
         .map(move |s| (s, (s + block).min(n)))
 }
 
-/// `softmax(q_b kᵀ · scale)` for one block of queries, `kt` = kᵀ.
+/// `softmax(q_b kᵀ · scale)` for one block of queries, `kt` = kᵀ. Half-precision inputs
+/// (activations in f16) have their scores and softmax computed in f32 — diffusers'
+/// `upcast_attention` — and the probabilities returned in their dtype.
 fn probabilities<B: Backend>(qb: FloatTensor<B>, kt: FloatTensor<B>, scale: f32) -> FloatTensor<B> {
+    let dtype = qb.dtype();
+    if dtype != burn::tensor::DType::F32 {
+        let f32 = burn::tensor::FloatDType::F32;
+        let p = probabilities::<B>(B::float_cast(qb, f32), B::float_cast(kt, f32), scale);
+        return B::float_cast(p, dtype.into());
+    }
     B::softmax(
         B::float_mul_scalar(B::float_matmul(qb, kt), scale.into()),
         3,

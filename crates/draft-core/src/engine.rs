@@ -255,7 +255,9 @@ impl<'p> Engine<'p> {
             Method::AlignProp { k_min, k_max } => Some(uniform_in(draws.truncation, k_min, k_max)),
             _ => None,
         };
-        let chain = pass.sample_chain(&mut draws, stop, k.map(|k| k > 1))?;
+        // Steps before `grad_from` are never back-propagated: they may run in f16.
+        let grad_from = k.map_or(stop, |k| n - k);
+        let chain = pass.sample_chain(&mut draws, stop, grad_from, k.map(|k| k > 1))?;
 
         let outcome = match method {
             Method::DraftK { .. } | Method::AlignProp { .. } => {
@@ -389,6 +391,9 @@ struct Pass<'e, 'p> {
     uncond: Tensor<3>,
     /// The same, stacked for CFG, for the passes without gradient.
     plain: Conditioning,
+    /// `plain` in the pipeline's [`sampling_dtype`](Pipeline::sampling_dtype), for the steps
+    /// that are never back-propagated.
+    sampling: Conditioning,
     /// The LoRA parameters as plain tensors (what the table holds between passes).
     params: Vec<Tensor<2>>,
     acc: Accumulator,
@@ -409,12 +414,14 @@ impl<'e, 'p> Pass<'e, 'p> {
         let cond = pipeline.text_encoder.forward(prompts.ids.clone());
         let uncond = pipeline.text_encoder.forward(prompts.uncond_ids.clone());
         let plain = Conditioning::new(cond.clone(), uncond.clone(), prompts.guidance);
+        let sampling = plain.clone().with_dtype(pipeline.sampling_dtype);
         Self {
             engine,
             prompts,
             cond,
             uncond,
             plain,
+            sampling,
             acc: Accumulator {
                 sums: vec![None; leaves.len()],
                 leaves,
@@ -436,12 +443,14 @@ impl<'e, 'p> Pass<'e, 'p> {
         (self.engine.eta > 0.0).then(|| draws.step_noise.randn(shape, &device))
     }
 
-    /// Samples steps `0..stop` without a graph; with `last_needs_x` given, the last one as a
-    /// pending step ([`Self::start_step`]; back-propagated to its input when it says so).
+    /// Samples steps `0..stop` without a graph, those before `grad_from` in the sampling dtype;
+    /// with `last_needs_x` given, the last one as a pending step ([`Self::start_step`];
+    /// back-propagated to its input when it says so).
     fn sample_chain(
         &self,
         draws: &mut Draws,
         stop: usize,
+        grad_from: usize,
         last_needs_x: Option<bool>,
     ) -> Result<Chain> {
         let mut latents = vec![draws.x_t.clone()];
@@ -456,7 +465,14 @@ impl<'e, 'p> Pass<'e, 'p> {
                     last = Some(pending);
                     y
                 }
-                _ => self.engine.step(i, x, &self.plain, z.clone(), false),
+                _ => {
+                    let cond = if i < grad_from {
+                        &self.sampling
+                    } else {
+                        &self.plain
+                    };
+                    self.engine.step(i, x, cond, z.clone(), false)
+                }
             };
             noises.push(z);
             latents.push(x);

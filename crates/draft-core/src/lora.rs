@@ -102,13 +102,20 @@ pub struct LoraSlot {
 }
 
 impl LoraSlot {
-    fn adapters(&self) -> Vec<Adapter> {
-        self.table.lock()[self.index].adapters.clone()
+    /// The adapters, in `dtype` (the layer input's: f32 LoRA weights run in f16 with
+    /// activations in f16, as peft runs them in a float16 pipeline).
+    fn adapters(&self, dtype: burn::tensor::DType) -> Vec<Adapter> {
+        let mut adapters = self.table.lock()[self.index].adapters.clone();
+        for ad in &mut adapters {
+            ad.a = crate::nn::in_dtype(ad.a.clone(), dtype);
+            ad.b = crate::nn::in_dtype(ad.b.clone(), dtype);
+        }
+        adapters
     }
 
     /// `x·Aᵀ·Bᵀ·s` summed over the adapters, for a `Linear` input `[.., in]`.
     pub fn linear<const D: usize>(&self, x: &Tensor<D>, mut y: Tensor<D>) -> Tensor<D> {
-        for ad in self.adapters() {
+        for ad in self.adapters(x.dtype()) {
             // The scale on the rank-r intermediate: r columns to multiply, not the output's.
             let h = scaled(linear(x.clone(), ad.a.transpose(), None), ad.scale);
             y = y + linear(h, ad.b.transpose(), None);
@@ -116,20 +123,24 @@ impl LoraSlot {
         y
     }
 
-    /// The conv adapters' contribution for a `Conv2d` input.
+    /// The conv adapters' contribution for a `Conv2d` input, computed in f32 whatever x's
+    /// dtype (convolutions in f16 accumulate in f16 on some of Burn's kernels:
+    /// [`crate::stored_weight`]) and added in y's.
     pub fn conv(&self, x: &Tensor<4>, mut y: Tensor<4>, options: &ConvOptions<2>) -> Tensor<4> {
         let kind = self.table.lock()[self.index].kind;
         let LoraKind::Conv { c_in, kernel, .. } = kind else {
             return y;
         };
-        for ad in self.adapters() {
+        let x = crate::nn::in_dtype(x.clone(), burn::tensor::DType::F32);
+        let out_dtype = y.dtype();
+        for ad in self.adapters(burn::tensor::DType::F32) {
             let [r, _] = ad.a.dims();
             let [out, _] = ad.b.dims();
             let a = ad.a.reshape([r, c_in, kernel, kernel]);
             let h = scaled(conv2d(x.clone(), a, None, options.clone()), ad.scale);
             let b = ad.b.reshape([out, r, 1, 1]);
             let pointwise = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
-            y = y + conv2d(h, b, None, pointwise);
+            y = y + crate::nn::in_dtype(conv2d(h, b, None, pointwise), out_dtype);
         }
         y
     }

@@ -33,6 +33,27 @@ pub fn compute_weight<const D: usize>(w: Tensor<D>) -> Tensor<D> {
     }
 }
 
+/// `t` in `dtype` (no op when it already is): a bias or a norm's parameters, kept in f32, for
+/// activations in f16 ([`crate::pipeline::Pipeline::sampling_dtype`]).
+pub fn in_dtype<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(FloatDType::from(dtype))
+    }
+}
+
+/// `f(x)` computed in f32 and returned in x's dtype: for statistics (norms) over activations
+/// in f16, which PyTorch likewise accumulates in f32.
+pub fn in_f32<const D: usize>(x: Tensor<D>, f: impl FnOnce(Tensor<D>) -> Tensor<D>) -> Tensor<D> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        f(x)
+    } else {
+        f(x.cast(FloatDType::F32)).cast(FloatDType::from(dtype))
+    }
+}
+
 /// `torch.nn.Linear`. The weight is kept as `[in, out]` (Burn's layout): it is transposed once
 /// at load time from PyTorch's `[out, in]`.
 #[derive(Module, Debug)]
@@ -64,7 +85,10 @@ impl Linear {
         // the stored weight and not x (crate::stored_weight).
         let y = crate::stored_weight::matmul_stored(x.clone(), self.weight.val());
         let y = match &self.bias {
-            Some(b) => y + b.val().unsqueeze(),
+            Some(b) => {
+                let b = in_dtype(b.val(), y.dtype());
+                y + b.unsqueeze()
+            }
             None => y,
         };
         match &self.lora {
@@ -148,7 +172,7 @@ impl Conv2d {
         let y = crate::stored_weight::conv2d_stored(x.clone(), self.weight.val(), options.clone());
         let y = match &self.bias {
             Some(b) => {
-                let b = b.val();
+                let b = in_dtype(b.val(), y.dtype());
                 let c = b.dims()[0];
                 y + b.reshape([1, c, 1, 1])
             }
@@ -196,14 +220,16 @@ impl GroupNorm {
     }
 
     fn apply<const D: usize>(&self, x: Tensor<D>, silu: bool) -> Tensor<D> {
-        crate::group_norm::group_norm(
-            x,
-            self.weight.val(),
-            self.bias.val(),
-            self.num_groups,
-            self.eps,
-            silu,
-        )
+        in_f32(x, |x| {
+            crate::group_norm::group_norm(
+                x,
+                self.weight.val(),
+                self.bias.val(),
+                self.num_groups,
+                self.eps,
+                silu,
+            )
+        })
     }
 }
 
@@ -225,7 +251,9 @@ impl LayerNorm {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        layer_norm(x, self.weight.val(), Some(self.bias.val()), self.eps)
+        in_f32(x, |x| {
+            layer_norm(x, self.weight.val(), Some(self.bias.val()), self.eps)
+        })
     }
 }
 

@@ -278,6 +278,14 @@ pub struct Pipeline {
     /// (WebGPU's default binding limit) on every device: on the CPU, where no binding limit
     /// asks for it, strips cost no time and lower the decode's memory (docs/benchmarks.md).
     pub max_buffer_bytes: u64,
+    /// The dtype the UNet computes in on the sampling steps that no gradient goes through:
+    /// `draft sample`, evaluations, and training's steps before the back-propagated ones (all
+    /// of DRaFT-LV's and ReFL's chain, DRaFT-K's first N − K). f16 halves those steps'
+    /// activations and runs them on an adapter's f16 units; norms' statistics and attention's
+    /// softmax still compute in f32, and the guidance combination and the DDIM update stay f32.
+    /// The back-propagated steps, the decoder, the reward and the loss always compute in f32:
+    /// their gradients are far below f16's smallest normal value (docs/parity.md). Default f32.
+    pub sampling_dtype: FloatDType,
 }
 
 /// Which layers get LoRA adapters when a pipeline loads.
@@ -440,6 +448,7 @@ impl Pipeline {
             device: device.clone(),
             lora: table,
             max_buffer_bytes: crate::strips::MAX_BUFFER_BYTES,
+            sampling_dtype: FloatDType::F32,
         })
     }
 
@@ -627,7 +636,8 @@ impl Pipeline {
         let ddim = crate::schedule::Ddim::new(&self.scheduler, options.steps)?;
         let cond = self.encode_prompts(&prompts)?;
         let uncond = self.encode_prompts(std::slice::from_ref(&options.negative_prompt))?;
-        let cond = crate::sampler::Conditioning::new(cond, uncond, options.guidance);
+        let cond = crate::sampler::Conditioning::new(cond, uncond, options.guidance)
+            .with_dtype(self.sampling_dtype);
         let mut rng = crate::noise::NoiseRng::new(options.seed.wrapping_add(1));
         let shape = x_t.dims();
         let device = self.device.clone();

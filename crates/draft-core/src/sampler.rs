@@ -3,6 +3,7 @@
 //! it, recompute it, or run it without a graph.
 
 use burn::prelude::*;
+use burn::tensor::{DType, FloatDType};
 
 use crate::models::unet::UNet2DConditionModel;
 use crate::schedule::Ddim;
@@ -10,6 +11,10 @@ use crate::schedule::Ddim;
 /// The conditioning of a batch: prompt embeddings and, for guidance, the unconditional
 /// (empty or negative prompt) embeddings broadcast to the batch, stacked once as the UNet's
 /// context `[uncond; cond]` for every step.
+///
+/// The UNet computes in the dtype of its context ([`with_dtype`](Self::with_dtype)): the
+/// latents are cast to it on the way in and the model output back to the latents' dtype, so
+/// the guidance combination and the scheduler's update stay in f32.
 #[derive(Clone)]
 pub struct Conditioning {
     pub cond: Tensor<3>,
@@ -37,23 +42,35 @@ impl Conditioning {
         }
     }
 
-    /// The guided model output for `x` at `timestep`.
+    /// The same conditioning with the UNet computing in `dtype` (f16: the sampling steps that
+    /// no gradient goes through, [`Pipeline::sampling_dtype`](crate::Pipeline::sampling_dtype)).
+    pub fn with_dtype(self, dtype: FloatDType) -> Self {
+        let dtype = DType::from(dtype);
+        Self {
+            cond: crate::nn::in_dtype(self.cond, dtype),
+            guided_context: self.guided_context.map(|c| crate::nn::in_dtype(c, dtype)),
+            guidance: self.guidance,
+        }
+    }
+
+    /// The guided model output for `x` at `timestep`, in x's dtype.
     pub fn model_output(
         &self,
         unet: &UNet2DConditionModel,
         x: Tensor<4>,
         timestep: f32,
     ) -> Tensor<4> {
+        let dtype = x.dtype();
+        let compute = self.cond.dtype();
+        let x = crate::nn::in_dtype(x, compute);
+        let unet_forward =
+            |x, context| crate::nn::in_dtype(unet.forward(x, timestep, context), dtype);
         match &self.guided_context {
-            None => unet.forward(x, timestep, self.cond.clone()),
+            None => unet_forward(x, self.cond.clone()),
             Some(context) => {
                 // One UNet call on [uncond; cond], as diffusers batches it.
                 let b = x.dims()[0];
-                let out = unet.forward(
-                    Tensor::cat(vec![x.clone(), x], 0),
-                    timestep,
-                    context.clone(),
-                );
+                let out = unet_forward(Tensor::cat(vec![x.clone(), x], 0), context.clone());
                 let u = out.clone().narrow(0, 0, b);
                 let c = out.narrow(0, b, b);
                 u.clone() + (c - u) * self.guidance

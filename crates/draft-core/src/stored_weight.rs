@@ -33,7 +33,8 @@ pub fn matmul_stored<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     ))
 }
 
-/// `conv2d(x, w)` (no bias) for a stored `[out, in, k, k]` weight, computed in x's dtype.
+/// `conv2d(x, w)` (no bias) for a stored `[out, in, k, k]` weight, in x's dtype (computed in
+/// f32 for half-precision x: [`conv_forward`]).
 pub fn conv2d_stored(x: Tensor<4>, w: Tensor<4>, options: ConvOptions<2>) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as StoredWeightBackend>::conv2d_stored(
         x.into_dispatch(),
@@ -57,8 +58,7 @@ pub trait StoredWeightBackend: Backend {
         w: FloatTensor<Self>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Self> {
-        let w = as_dtype::<Self>(w, x.dtype().into());
-        Self::conv2d(x, w, None, options)
+        conv_forward::<Self>(x, w, options)
     }
 }
 
@@ -71,6 +71,25 @@ fn as_dtype<B: Backend>(t: FloatTensor<B>, dtype: FloatDType) -> FloatTensor<B> 
     } else {
         B::float_cast(t, dtype)
     }
+}
+
+/// `conv2d(x, w)` in x's dtype; for half-precision x (activations in f16) computed in f32 and
+/// rounded once: Burn 0.22.1's direct convolution kernel on CubeCL accumulates in the tensor's
+/// dtype, which measured 5× the error of diffusers' float16 UNet on lavapipe
+/// (docs/parity.md, "f16 sampling"); its matmuls accumulate in f32 whatever the inputs.
+pub(crate) fn conv_forward<B: Backend>(
+    x: FloatTensor<B>,
+    w: FloatTensor<B>,
+    options: ConvOptions<2>,
+) -> FloatTensor<B> {
+    let dtype: FloatDType = x.dtype().into();
+    if dtype == FloatDType::F32 {
+        let w = as_dtype::<B>(w, dtype);
+        return B::conv2d(x, w, None, options);
+    }
+    let x = as_dtype::<B>(x, FloatDType::F32);
+    let w = as_dtype::<B>(w, FloatDType::F32);
+    as_dtype::<B>(B::conv2d(x, w, None, options), dtype)
 }
 
 /// `[.., in] · [in, out]` through a 2-d matmul.

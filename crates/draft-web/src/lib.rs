@@ -61,10 +61,12 @@ pub async fn open_device(kind: &str) -> Result<(Device, String), String> {
     }
 }
 
-/// The dtype the diffusion model's weight matrices and kernels are kept in on `device`: f16 on
-/// a WebGPU adapter with `shader-f16` (half the memory; LoRA, optimizer state, activations,
-/// reward and loss stay f32: docs/parity.md, "f16 weights"), f32 elsewhere — as the CLI's
-/// `--weights-dtype auto`.
+/// The dtype the diffusion model's weight matrices and kernels are kept in on `device`, and the
+/// one its UNet computes in on the sampling steps no gradient goes through
+/// ([`Pipeline::sampling_dtype`]): f16 on a WebGPU adapter with `shader-f16` (half the memory
+/// and bandwidth; LoRA, optimizer state, the back-propagated steps, the decoder, reward and
+/// loss stay f32: docs/parity.md, "f16 weights" and "f16 sampling"), f32 elsewhere — as the
+/// CLI's `--weights-dtype auto --sampling-dtype auto`.
 pub fn weights_dtype(device: &Device) -> FloatDType {
     if *device != Device::flex() && device.supports_dtype(FloatDType::F16) {
         FloatDType::F16
@@ -326,8 +328,9 @@ fn check_inputs(
 pub struct RunInfo {
     pub model: String,
     pub device: String,
-    /// How the diffusion model's weight matrices and kernels are kept: `"f16"` on an adapter
-    /// that computes in f16 (`shader-f16`), else `"f32"` ([`weights_dtype`]).
+    /// How the diffusion model's weight matrices and kernels are kept, and what its sampling
+    /// steps without gradient compute in: `"f16"` on an adapter that computes in f16
+    /// (`shader-f16`), else `"f32"` ([`weights_dtype`]).
     pub weights: String,
     pub method: String,
     pub reward: String,
@@ -411,6 +414,7 @@ impl Session {
             weights_dtype,
         )
         .map_err(|e| e.to_string())?;
+        pipeline.sampling_dtype = weights_dtype;
         // The adapter's binding limit bounds the VAE decoder's strips (the CPU backend has none).
         if let Some(limit) = max_binding_bytes.filter(|_| device != Device::flex()) {
             pipeline.max_buffer_bytes = pipeline.max_buffer_bytes.min(limit);

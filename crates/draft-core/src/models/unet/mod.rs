@@ -469,6 +469,9 @@ impl UNet2DConditionModel {
         t_emb: Tensor<2>,
         encoder_hidden_states: Tensor<3>,
     ) -> Tensor<4> {
+        // The UNet computes in the sample's dtype (f16 for `Pipeline::sampling_dtype`); the
+        // sinusoidal embedding is made in f32 and cast, as diffusers does.
+        let t_emb = crate::nn::in_dtype(t_emb, sample.dtype());
         let emb = self
             .time_embedding
             .linear_2
