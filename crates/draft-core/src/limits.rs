@@ -95,7 +95,9 @@ impl Activation {
 /// - a block of self-attention scores at the highest resolution with attention,
 ///   `[2·batch, heads, rows, N]` with the rows of [`crate::attention::block_rows`] (the whole
 ///   N×N matrix never exists: see [`crate::attention`]);
-/// - the UNet's feed-forward (GEGLU) projection there, `[2·batch, N, 8·channels]`;
+/// - the UNet's feed-forward (GEGLU) projection there, `[2·batch, tokens, 8·channels]`, over
+///   chunks of tokens where the whole would pass [`crate::strips::MAX_BUFFER_BYTES`]
+///   ([`FeedForward::forward`](crate::models::unet::transformer::FeedForward::forward));
 /// - with `vae`, the VAE decoder's largest activation with a `decoder_budget` of
 ///   [`crate::Pipeline::max_buffer_bytes`]: a resnet's or an upsampler's whole tensor where it
 ///   fits the budget, else one strip of rows with its halo rows and padding columns
@@ -122,10 +124,25 @@ pub fn largest_activations(
             format!("down_blocks.{i} self-attention scores (a block of {rows} of {n} query rows)"),
             vec![2 * batch, heads, rows, n],
         ));
-        out.push(Activation::new(
-            format!("down_blocks.{i} feed-forward projection"),
-            vec![2 * batch, n, 8 * unet.block_out_channels[i]],
-        ));
+        let width = 8 * unet.block_out_channels[i];
+        let tokens = crate::models::unet::transformer::FeedForward::chunk_tokens(
+            2 * batch,
+            width,
+            crate::strips::MAX_BUFFER_BYTES,
+        );
+        out.push(if tokens >= n {
+            Activation::new(
+                format!("down_blocks.{i} feed-forward projection"),
+                vec![2 * batch, n, width],
+            )
+        } else {
+            Activation::new(
+                format!(
+                    "down_blocks.{i} feed-forward projection (a chunk of {tokens} of {n} tokens)"
+                ),
+                vec![2 * batch, tokens, width],
+            )
+        });
     }
     if let Some(vae) = vae {
         let channels: Vec<usize> = vae.block_out_channels.iter().rev().copied().collect();
@@ -349,14 +366,21 @@ mod tests {
         let whole = largest_activations(&unet, Some(&vae), [64, 64], 1, u64::MAX).unwrap();
         assert_eq!(whole[0].what, "VAE decoder up_blocks.2 upsampler");
         assert_eq!(whole[0].shape, [1, 256, 512, 512]);
-        // What strips do not split: the UNet's feed-forward at batch 2 (160 MiB).
-        let err = check_activations(&unet, Some(&vae), [64, 64], 2, 128 << 20)
+        // At batch 2 the feed-forward's [4, 4096, 2560] (160 MiB) runs in chunks of 3276
+        // tokens: 127.97 MiB.
+        let acts = largest_activations(&unet, Some(&vae), [64, 64], 2, budget).unwrap();
+        let ff = acts
+            .iter()
+            .find(|a| a.what.starts_with("down_blocks.0 feed-forward"))
+            .unwrap();
+        assert_eq!(ff.shape, [4, 3276, 2560]);
+        assert!(ff.bytes <= budget);
+        check_activations(&unet, Some(&vae), [64, 64], 2, 128 << 20).unwrap();
+        // Below what any layer can be cut to, the check names the layer and the limit.
+        let err = check_activations(&unet, Some(&vae), [64, 64], 1, 64 << 20)
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("feed-forward") && err.contains("160.0 MiB") && err.contains("128.0 MiB"),
-            "{err}"
-        );
+        assert!(err.contains("64.0 MiB"), "{err}");
         check_activations(&unet, None, [32, 32], 4, 128 << 20).unwrap();
     }
 }

@@ -1,6 +1,7 @@
 //! `draft_core::strips`: a convolution and a group norm on strips of rows against the whole
 //! tensor, on every device, strips of one row up to the whole height; and an embedding table
-//! held as blocks of rows (`nn::Embedding`) against the whole table.
+//! held as blocks of rows (`nn::Embedding`) against the whole table; the UNet's feed-forward
+//! over chunks of tokens against the whole.
 
 mod common;
 
@@ -202,6 +203,50 @@ fn group_norm_on_strips_has_the_whole_tensors_gradients() {
                     assert!(err <= 5e-6, "{name}: {what}, {rows} rows: {err:e}");
                 }
             }
+        }
+    }
+}
+
+#[test]
+fn the_feed_forward_over_chunks_of_tokens_matches_the_whole() {
+    use draft_core::models::unet::transformer::{FeedForward, GEGLU};
+    use draft_core::nn::Linear;
+    let linear = |device: &Device, d_in: usize, d_out: usize, seed: u64| Linear {
+        weight: param(NoiseRng::new(seed).randn([d_in, d_out], device) * 0.3),
+        bias: Some(param(NoiseRng::new(seed + 1).randn([d_out], device))),
+        lora: None,
+    };
+    for (name, device) in devices() {
+        let ff = FeedForward {
+            geglu: GEGLU {
+                proj: linear(&device, 8, 64, 1),
+            },
+            out: linear(&device, 32, 8, 3),
+        };
+        let x = NoiseRng::new(5).randn([2, 13, 8], &device);
+        let want = values(ff.forward(x.clone()));
+        let (_, want_grad) = {
+            let x = x.clone().autodiff().require_grad();
+            let grads = ff.forward(x.clone()).square().sum().backward();
+            ((), values(x.grad(&grads).unwrap()))
+        };
+        // [2, tokens, 64] f32 projections: 512 bytes per token.
+        for tokens in [1, 4, 12] {
+            let max_bytes = (tokens * 512) as u64;
+            assert_eq!(FeedForward::chunk_tokens(2, 64, max_bytes), tokens);
+            let got = values(ff.forward_chunked(x.clone(), max_bytes));
+            assert_eq!(got.1, want.1);
+            let err = rel_err(&got.0, &want.0);
+            let x = x.clone().autodiff().require_grad();
+            let grads = ff
+                .forward_chunked(x.clone(), max_bytes)
+                .square()
+                .sum()
+                .backward();
+            let grad_err = rel_err(&values(x.grad(&grads).unwrap()).0, &want_grad.0);
+            eprintln!("{name}: chunks of {tokens} tokens: output {err:.1e}, ∂x {grad_err:.1e}");
+            assert!(err <= 1e-6, "{name}: {tokens} tokens: {err:e}");
+            assert!(grad_err <= 1e-6, "{name}: {tokens} tokens: ∂x {grad_err:e}");
         }
     }
 }

@@ -74,7 +74,36 @@ impl FeedForward {
         })
     }
 
+    /// Over chunks of tokens where the GEGLU projection `[B, N, 8·dim]` would pass
+    /// [`crate::strips::MAX_BUFFER_BYTES`] (diffusers' `enable_forward_chunking`; exact, as the
+    /// feed-forward acts on each token alone): SD-1.x at 512² with a batch of two images and
+    /// CFG makes it `[4, 4096, 2560]` = 160 MiB, over WebGPU's default binding limit.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.forward_chunked(x, crate::strips::MAX_BUFFER_BYTES)
+    }
+
+    /// [`forward`](Self::forward) with projections of at most `max_bytes` (f32), at least one
+    /// token per chunk.
+    pub fn forward_chunked(&self, x: Tensor<3>, max_bytes: u64) -> Tensor<3> {
+        let [b, n, _] = x.dims();
+        let width = self.geglu.proj.weight.dims()[1];
+        let tokens = Self::chunk_tokens(b, width, max_bytes).min(n.max(1));
+        if tokens >= n {
+            return self.forward_tokens(x);
+        }
+        let chunks = (0..n)
+            .step_by(tokens)
+            .map(|s| self.forward_tokens(x.clone().narrow(1, s, tokens.min(n - s))))
+            .collect();
+        Tensor::cat(chunks, 1)
+    }
+
+    /// Tokens per chunk so that a `[batch, tokens, width]` f32 projection fits `max_bytes`.
+    pub fn chunk_tokens(batch: usize, width: usize, max_bytes: u64) -> usize {
+        (max_bytes / (4 * batch.max(1) * width.max(1)) as u64).max(1) as usize
+    }
+
+    fn forward_tokens(&self, x: Tensor<3>) -> Tensor<3> {
         let h = self.geglu.proj.forward(x);
         let inner = h.dims()[2] / 2;
         let value = h.clone().narrow(2, 0, inner);
