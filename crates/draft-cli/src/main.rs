@@ -30,9 +30,9 @@ struct Cli {
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
     /// How the diffusion model's frozen weight matrices and kernels are kept: f16 halves their
-    /// resident memory, in sampling and in training (layers still compute in f32; LoRA weights,
-    /// gradients and the optimizer state stay f32). `auto`: f16 on a GPU adapter that computes
-    /// in f16, f32 on the CPU backend and elsewhere.
+    /// resident memory, in sampling and in training (layers compute in f32 except where
+    /// `--sampling-dtype` says f16; LoRA weights, gradients and the optimizer state stay f32).
+    /// `auto`: f16 on a GPU adapter that computes in f16, f32 on the CPU backend and elsewhere.
     #[arg(long, global = true, value_enum, default_value = "auto")]
     weights_dtype: device::DtypeArg,
     /// What the UNet computes in on the sampling steps no gradient goes through (`draft sample`,

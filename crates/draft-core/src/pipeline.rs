@@ -325,8 +325,8 @@ impl Pipeline {
 
     /// [`load_with_lora`](Self::load_with_lora) with the frozen weight matrices and kernels of
     /// the UNet, VAE and text encoder kept in `weights_dtype` (f16: half the memory; every layer
-    /// still computes in f32, and LoRA weights, their gradients and the optimizer state are
-    /// f32).
+    /// computes in f32 unless [`sampling_dtype`](Self::sampling_dtype) is set, and LoRA weights,
+    /// their gradients and the optimizer state are f32).
     pub fn load_with(
         files: &ModelFiles,
         device: &Device,
