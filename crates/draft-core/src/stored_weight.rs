@@ -34,7 +34,7 @@ pub fn matmul_stored<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
 }
 
 /// `conv2d(x, w)` (no bias) for a stored `[out, in, k, k]` weight, in x's dtype (computed in
-/// f32 for half-precision x: [`conv_forward`]).
+/// f32 for half-precision x, as `conv_forward` says).
 pub fn conv2d_stored(x: Tensor<4>, w: Tensor<4>, options: ConvOptions<2>) -> Tensor<4> {
     Tensor::from_dispatch(<Dispatch as StoredWeightBackend>::conv2d_stored(
         x.into_dispatch(),
