@@ -15,8 +15,8 @@ mod common;
 
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
-use common::{devices, fixtures, read_model, values};
-use draft_core::engine::{Draws, Engine, Method, Prompts};
+use common::{LORA_PROMPTS, devices, fixtures, lora_gradients, perturbed_lora, read_model, values};
+use draft_core::engine::Method;
 use draft_core::lora::LoraTarget;
 use draft_core::noise::NoiseRng;
 use draft_core::pipeline::{LoraSetup, SampleOptions, to_nhwc};
@@ -193,39 +193,14 @@ fn sd2_f16_sampling_is_as_close_as_diffusers_float16() {
     against_diffusers_float16("sd2-tiny");
 }
 
-const PROMPTS: [&str; 2] = ["a red circle on a blue background", "a photo of a cat"];
 /// DDIM steps of the training evaluations.
 const STEPS: usize = 4;
 
 fn gradients(pipe: &Pipeline, method: Method, seed: u64, device: &Device) -> Vec<f32> {
-    // A LoRA with non-zero up-projections, so that every gradient is non-zero.
-    pipe.lora.init_trainable(4, 4.0, 3, device);
-    let params: Vec<_> = pipe
-        .lora
-        .params()
-        .into_iter()
-        .map(|p| p.clone() + NoiseRng::new(4).randn(p.dims(), device) * 0.05)
-        .collect();
-    pipe.lora.set_params(&params);
-    let prompts: Vec<String> = PROMPTS.map(String::from).to_vec();
+    perturbed_lora(pipe, device);
     let [c, h, w] = pipe.latent_shape(32, 32).unwrap();
-    let reward =
-        WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default()).unwrap();
-    let engine = Engine::new(pipe, STEPS, 0.0, &reward).unwrap();
-    let p = Prompts {
-        texts: prompts.clone(),
-        ids: pipe.tokenize(&prompts).unwrap(),
-        uncond_ids: pipe.tokenize(&[String::new()]).unwrap(),
-        guidance: 7.5,
-    };
-    let draws = Draws {
-        x_t: NoiseRng::new(seed).randn([2, c, h, w], device),
-        step_noise: NoiseRng::new(0),
-        lv_noise: None,
-        truncation: 0.0,
-    };
-    let eval = pollster::block_on(engine.evaluate(method, &p, draws)).unwrap();
-    eval.grads.into_iter().flat_map(|g| values(g).0).collect()
+    let x_t = NoiseRng::new(seed).randn([2, c, h, w], device);
+    lora_gradients(pipe, STEPS, method, x_t)
 }
 
 #[test]
@@ -286,7 +261,7 @@ fn reward_gradients_at_512px_images_are_below_f16_normals() {
         .clamp(0.0, 1.0)
         .autodiff()
         .require_grad();
-    let texts: Vec<String> = PROMPTS.map(String::from).to_vec();
+    let texts: Vec<String> = LORA_PROMPTS.map(String::from).to_vec();
     let normal = half::f16::MIN_POSITIVE.to_f32();
     for spec in ["brightness", "colorfulness", "contrast", "target-color"] {
         let reward = WeightedReward::from_specs(&[spec.into()], &RewardOptions::default()).unwrap();

@@ -10,16 +10,16 @@ mod common;
 
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
-use common::{devices, fixtures, read_model, rel_err, values};
-use draft_core::engine::{Draws, Engine, Method, Prompts};
+use common::{
+    LORA_PROMPTS, devices, fixtures, lora_gradients, perturbed_lora, read_model, rel_err, values,
+};
+use draft_core::engine::Method;
 use draft_core::lora::LoraTarget;
 use draft_core::noise::NoiseRng;
 use draft_core::pipeline::{LoraSetup, SampleOptions};
-use draft_core::reward::{RewardOptions, WeightedReward};
 use draft_core::weights::{Weights, serialize_f32};
 use draft_core::{ModelFiles, Pipeline};
 
-const PROMPTS: [&str; 2] = ["a red circle on a blue background", "a photo of a cat"];
 /// DDIM steps of the sampling and of the DRaFT-K (K = 2) gradient: few, as lavapipe is slow.
 const STEPS: usize = 3;
 
@@ -65,20 +65,12 @@ fn run(model: &ModelFiles, dtype: FloatDType, device: &Device) -> Run {
         dtype,
     )
     .unwrap();
-    // A LoRA with non-zero up-projections, so that every gradient is non-zero.
-    pipe.lora.init_trainable(4, 4.0, 3, device);
-    let params: Vec<_> = pipe
-        .lora
-        .params()
-        .into_iter()
-        .map(|p| p.clone() + NoiseRng::new(4).randn(p.dims(), device) * 0.05)
-        .collect();
-    pipe.lora.set_params(&params);
-    let prompts: Vec<String> = PROMPTS.map(String::from).to_vec();
+    perturbed_lora(&pipe, device);
+    let prompts: Vec<String> = LORA_PROMPTS.map(String::from).to_vec();
     let [c, h, w] = pipe.latent_shape(32, 32).unwrap();
     let x_t = NoiseRng::new(5).randn([2, c, h, w], device);
     let options = SampleOptions {
-        prompts: prompts.clone(),
+        prompts,
         negative_prompt: String::new(),
         steps: STEPS,
         guidance: 7.5,
@@ -89,23 +81,7 @@ fn run(model: &ModelFiles, dtype: FloatDType, device: &Device) -> Run {
         pipe.sample_latents(&options, x_t.clone(), |_, _| {})
             .unwrap(),
     );
-    let reward =
-        WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default()).unwrap();
-    let engine = Engine::new(&pipe, STEPS, 0.0, &reward).unwrap();
-    let p = Prompts {
-        texts: prompts.clone(),
-        ids: pipe.tokenize(&prompts).unwrap(),
-        uncond_ids: pipe.tokenize(&[String::new()]).unwrap(),
-        guidance: 7.5,
-    };
-    let draws = Draws {
-        x_t,
-        step_noise: NoiseRng::new(0),
-        lv_noise: None,
-        truncation: 0.0,
-    };
-    let eval = pollster::block_on(engine.evaluate(Method::DraftK { k: 2 }, &p, draws)).unwrap();
-    let grads = eval.grads.into_iter().flat_map(|g| values(g).0).collect();
+    let grads = lora_gradients(&pipe, STEPS, Method::DraftK { k: 2 }, x_t);
     Run {
         images: values(images).0,
         grads,

@@ -42,3 +42,51 @@ pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
         .fold(0f32, f32::max);
     err / max_ref.max(1e-30)
 }
+
+/// The prompts of the f16 tests' training evaluations.
+pub const LORA_PROMPTS: [&str; 2] = ["a red circle on a blue background", "a photo of a cat"];
+
+/// Initialises the pipeline's trainable LoRA (rank 4, α 4) with non-zero up-projections, so
+/// that every gradient is non-zero.
+pub fn perturbed_lora(pipe: &draft_core::Pipeline, device: &Device) {
+    use draft_core::noise::NoiseRng;
+    pipe.lora.init_trainable(4, 4.0, 3, device);
+    let params: Vec<_> = pipe
+        .lora
+        .params()
+        .into_iter()
+        .map(|p| p.clone() + NoiseRng::new(4).randn(p.dims(), device) * 0.05)
+        .collect();
+    pipe.lora.set_params(&params);
+}
+
+/// The LoRA gradients of one `method` evaluation (colourfulness, CFG 7.5, η = 0,
+/// [`LORA_PROMPTS`]) from the initial latents `x_t`, flattened.
+pub fn lora_gradients(
+    pipe: &draft_core::Pipeline,
+    steps: usize,
+    method: draft_core::engine::Method,
+    x_t: Tensor<4>,
+) -> Vec<f32> {
+    use draft_core::engine::{Draws, Engine, Prompts};
+    use draft_core::noise::NoiseRng;
+    use draft_core::reward::{RewardOptions, WeightedReward};
+    let prompts: Vec<String> = LORA_PROMPTS.map(String::from).to_vec();
+    let reward =
+        WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default()).unwrap();
+    let engine = Engine::new(pipe, steps, 0.0, &reward).unwrap();
+    let p = Prompts {
+        texts: prompts.clone(),
+        ids: pipe.tokenize(&prompts).unwrap(),
+        uncond_ids: pipe.tokenize(&[String::new()]).unwrap(),
+        guidance: 7.5,
+    };
+    let draws = Draws {
+        x_t,
+        step_noise: NoiseRng::new(0),
+        lv_noise: None,
+        truncation: 0.0,
+    };
+    let eval = pollster::block_on(engine.evaluate(method, &p, draws)).unwrap();
+    eval.grads.into_iter().flat_map(|g| values(g).0).collect()
+}
