@@ -63,7 +63,12 @@ fn main() {
             .cloned()
     };
     if let Some(case) = flag("--case") {
-        run_case(&case);
+        // On a thread of the CPU backend's pool, as `draft` runs its commands.
+        rayon::ThreadPoolBuilder::new()
+            .stack_size(8 << 20)
+            .build_global()
+            .unwrap();
+        rayon::scope(|_| run_case(&case));
         return;
     }
     let devices = flag("--devices").unwrap_or_else(|| "cpu,wgpu".into());

@@ -36,16 +36,33 @@ pub fn quiet_headless_wayland() {
     }
 }
 
-/// Sizes the CPU backend's thread pool: `--threads N` when given, else rayon's own default
-/// (`RAYON_NUM_THREADS`, else one thread per logical core). Call before any tensor work.
-pub fn cpu_threads(threads: Option<usize>) -> Result<()> {
-    let Some(n) = threads else { return Ok(()) };
-    anyhow::ensure!(n >= 1, "--threads must be at least 1");
+/// Starts the CPU backend's thread pool — `--threads N` threads when given, else rayon's own
+/// default (`RAYON_NUM_THREADS`, else one per logical core) — and runs `command` on one of its
+/// threads. Flex's kernels then split their work from a pool thread (rayon's `join`): the
+/// thread that asks keeps working and at most the other threads wake up, where from outside
+/// the pool every kernel would hand its work over and put the asking thread to sleep until it
+/// is done (two context switches per kernel, a tenth of a small model's step,
+/// docs/benchmarks.md). Call before any tensor work.
+pub fn in_cpu_pool<T: Send>(
+    threads: Option<usize>,
+    command: impl FnOnce() -> Result<T> + Send,
+) -> Result<T> {
+    if threads == Some(0) {
+        anyhow::bail!("--threads must be at least 1");
+    }
     rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
+        .num_threads(threads.unwrap_or(0))
+        // The main thread's stack size: `command` is what `main` would have run.
+        .stack_size(POOL_STACK_BYTES)
         .build_global()
-        .context("cannot start the CPU backend's thread pool")
+        .context("cannot start the CPU backend's thread pool")?;
+    let mut result = None;
+    rayon::scope(|_| result = Some(command()));
+    result.expect("the pool ran the command")
 }
+
+/// Stack of each pool thread (the command runs on one): Linux's default main-thread stack.
+const POOL_STACK_BYTES: usize = 8 << 20;
 
 /// `--weights-dtype` and `--sampling-dtype`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

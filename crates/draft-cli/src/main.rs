@@ -68,18 +68,14 @@ fn main() -> ExitCode {
     device::quiet_headless_wayland();
     let cli = Cli::parse();
     device::set_dtypes(cli.weights_dtype, cli.sampling_dtype);
-    if let Err(e) = device::cpu_threads(cli.threads) {
-        eprintln!("error: {e:#}");
-        return ExitCode::FAILURE;
-    }
-    let result = match cli.command {
+    let result = device::in_cpu_pool(cli.threads, || match cli.command {
         Command::Sample(args) => sample::run(args),
         Command::Train(args) => train::run(*args),
         Command::Pretrain(args) => pretrain::run(args),
         Command::Compare(args) => compare::run(args),
         Command::Score(args) => score::run(args),
         Command::Convert(args) => convert::run(args),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

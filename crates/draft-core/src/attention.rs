@@ -30,7 +30,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::CubeBackend;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
-use burn::tensor::Slice;
+use burn::tensor::{DType, Slice};
 use burn::tensor::ops::AttentionModuleOptions;
 
 /// The largest block of attention scores (`[B, heads, rows, N]` f32) one step materialises:
@@ -91,9 +91,9 @@ pub trait AttentionBackend: Backend {
     }
 }
 
-/// The CPU backend: flex's fused attention, threaded over batch × heads (one head's `[N, M]`
-/// scores when they fit 1 MB, else tiles of 64 keys with an online softmax): O(N) memory at any
-/// size, so `block` does not apply.
+/// The CPU backend: in f32 our kernel ([`flex_attention`]); other dtypes flex's fused attention
+/// (threaded over batch × heads, one head's `[N, M]` scores when they fit 1 MB, else tiles of
+/// 64 keys with an online softmax). Both are O(N) memory at any size, so `block` does not apply.
 impl AttentionBackend for Flex {
     fn blocked_attention(
         q: FloatTensor<Self>,
@@ -102,6 +102,9 @@ impl AttentionBackend for Flex {
         scale: f32,
         _block: usize,
     ) -> FloatTensor<Self> {
+        if [&q, &k, &v].iter().all(|t| t.dtype() == DType::F32) {
+            return flex_attention(q, k, v, scale);
+        }
         let options = AttentionModuleOptions {
             scale: Some(scale.into()),
             softcap: None,
@@ -109,6 +112,127 @@ impl AttentionBackend for Flex {
         };
         fused::<Self>(q, k, v, options)
     }
+}
+
+/// Scores one task of [`flex_attention`] holds (128 KiB of f32, within a core's L2).
+const CPU_SCORE_FLOATS: usize = 32 * 1024;
+
+/// Below this much work (`B·H·N·M·(d + e)` multiply-adds) [`flex_attention`] stays on the
+/// calling thread: handing tasks out costs more than it saves.
+#[cfg(not(target_arch = "wasm32"))]
+const CPU_PARALLEL_WORK: usize = 256 * 1024;
+
+std::thread_local! {
+    /// Each thread's scores for [`flex_attention`]'s tasks, reused from call to call.
+    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `softmax(q kᵀ · scale) v` on the CPU for f32 `[B, H, N, d]` q, `[B, H, M, d]` k and
+/// `[B, H, M, e]` v: per task (a head's block of query rows, at most [`CPU_SCORE_FLOATS`]
+/// scores) `scale · q kᵀ` by gemm, each row's softmax with the vectorised `exp` of
+/// [`crate::cpu_kernels`], then `P v` by gemm; the tasks spread over rayon's threads (natively).
+/// Flex's own kernel evaluates the softmax one element at a time through libm's `expf`, which
+/// at sd1-tiny's 8-wide heads cost more than both matrix products (docs/benchmarks.md).
+fn flex_attention(
+    q: burn::backend::flex::FlexTensor,
+    k: burn::backend::flex::FlexTensor,
+    v: burn::backend::flex::FlexTensor,
+    scale: f32,
+) -> burn::backend::flex::FlexTensor {
+    use burn::backend::flex::FlexTensor;
+    use burn::tensor::TensorData;
+    let dims = |t: &FlexTensor| -> [usize; 4] {
+        let s = t.layout().shape();
+        [s[0], s[1], s[2], s[3]]
+    };
+    let ([b, h, n, d], [_, _, m, e]) = (dims(&q), dims(&v));
+    let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
+    let qs: &[f32] = q.as_slice().expect("contiguous");
+    let ks: &[f32] = k.as_slice().expect("contiguous");
+    let vs: &[f32] = v.as_slice().expect("contiguous");
+    let mut out = vec![0f32; b * h * n * e];
+    if out.is_empty() || m == 0 {
+        return FlexTensor::from_data(TensorData::new(out, [b, h, n, e]));
+    }
+    let rows = (CPU_SCORE_FLOATS / m).clamp(1, n);
+    // Rows `r0..` of head `bh` into `o` (`o.len() / e` rows).
+    let task = |bh: usize, r0: usize, o: &mut [f32]| {
+        let r = o.len() / e;
+        let qp = &qs[(bh * n + r0) * d..][..r * d];
+        let kp = &ks[bh * m * d..][..m * d];
+        let vp = &vs[bh * m * e..][..m * e];
+        SCORES.with_borrow_mut(|scores| {
+            scores.resize(rows * m, 0.0);
+            let scores = &mut scores[..r * m];
+            // SAFETY: every pointer, extent and stride below is within the slices above:
+            // scores r×m (row stride m), q r×d (row stride d), kᵀ d×m (k's rows are its
+            // columns, stride d), P r×m, v m×e and o r×e (row strides m, e, e).
+            unsafe {
+                gemm::gemm(
+                    r,
+                    m,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    m as isize,
+                    false,
+                    qp.as_ptr(),
+                    1,
+                    d as isize,
+                    kp.as_ptr(),
+                    d as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            crate::cpu_kernels::softmax_rows(scores, m);
+            // SAFETY: as above.
+            unsafe {
+                gemm::gemm(
+                    r,
+                    e,
+                    m,
+                    o.as_mut_ptr(),
+                    1,
+                    e as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    m as isize,
+                    vp.as_ptr(),
+                    1,
+                    e as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    };
+    #[cfg(not(target_arch = "wasm32"))]
+    if b * h * n * m * (d + e) >= CPU_PARALLEL_WORK {
+        use rayon::prelude::*;
+        out.par_chunks_mut(n * e).enumerate().for_each(|(bh, o)| {
+            o.par_chunks_mut(rows * e)
+                .enumerate()
+                .for_each(|(i, o)| task(bh, i * rows, o))
+        });
+        return FlexTensor::from_data(TensorData::new(out, [b, h, n, e]));
+    }
+    for (bh, o) in out.chunks_mut(n * e).enumerate() {
+        for (i, o) in o.chunks_mut(rows * e).enumerate() {
+            task(bh, i * rows, o);
+        }
+    }
+    FlexTensor::from_data(TensorData::new(out, [b, h, n, e]))
 }
 
 /// CubeCL (wgpu, and WebGPU in the browser, under `Fusion`, which defers to this): Burn's fused

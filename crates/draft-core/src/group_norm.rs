@@ -7,8 +7,8 @@
 //! ([`GroupNormBackend`], a Burn backend extension):
 //!
 //! - on the CPU backend (flex) the forward is one kernel of ours: per (sample, group), the
-//!   statistics in f64 and then `silu((x − μ)·a + b)` with the per-channel `a = w/σ`,
-//!   the groups spread over rayon's threads (natively);
+//!   statistics in f64 and then `silu((x − μ)·a + b)` with the per-channel `a = w/σ`
+//!   (vectorised, [`crate::cpu_kernels`]), the groups spread over rayon's threads (natively);
 //! - elsewhere (CubeCL, where `Fusion` fuses the element-wise work anyway) the forward is the
 //!   composed formula;
 //! - under autodiff the op keeps only its input and parameters and the backward recomputes the
@@ -180,7 +180,7 @@ fn flex_forward(
                 (w[first + ch] as f64 * inv) as f32,
                 b[first + ch],
             );
-            map_silu(oc, xc, silu, |v| (v - m) * a + shift);
+            crate::cpu_kernels::affine_silu(oc, xc, m, a, shift, silu);
         }
     });
     FlexTensor::from_data(TensorData::new(out, shape))
@@ -197,20 +197,6 @@ fn moments_f64(xs: &[f32]) -> (f64, f64) {
         })
         .sum::<f64>();
     (mean, m2)
-}
-
-/// `out[i] = silu?(f(xs[i]))`.
-fn map_silu(out: &mut [f32], xs: &[f32], silu: bool, f: impl Fn(f32) -> f32) {
-    if silu {
-        for (o, &v) in out.iter_mut().zip(xs) {
-            let y = f(v);
-            *o = y / (1.0 + (-y).exp());
-        }
-    } else {
-        for (o, &v) in out.iter_mut().zip(xs) {
-            *o = f(v);
-        }
-    }
 }
 
 /// `kernel(i, out_i, xs_i)` over the i-th chunks of `out` (`out_len` values each) and `xs`
@@ -456,7 +442,7 @@ impl StripNormBackend for Flex {
         if r > 0 {
             for_each_chunk(&mut out, r, xs, r, |nc, o, xi| {
                 let (a, s) = (av[nc], sv[nc]);
-                map_silu(o, xi, silu, |v| v * a + s);
+                crate::cpu_kernels::affine_silu(o, xi, 0.0, a, s, silu);
             });
         }
         FlexTensor::from_data(TensorData::new(out, shape))

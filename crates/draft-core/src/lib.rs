@@ -8,9 +8,11 @@
 
 pub mod attention;
 pub mod checkpoint;
+pub mod cpu_kernels;
 pub mod default_model;
 pub mod engine;
 pub mod error;
+pub mod geglu;
 pub mod group_norm;
 pub mod layouts;
 pub mod limits;

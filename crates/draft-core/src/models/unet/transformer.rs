@@ -2,7 +2,6 @@
 //! `Transformer2DModel` (continuous input, conv or linear `proj_in`/`proj_out`).
 
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
 
 use crate::error::Result;
 use crate::nn::{
@@ -104,11 +103,8 @@ impl FeedForward {
     }
 
     fn forward_tokens(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.geglu.proj.forward(x);
-        let inner = h.dims()[2] / 2;
-        let value = h.clone().narrow(2, 0, inner);
-        let gate = h.narrow(2, inner, inner);
-        self.out.forward(value * gelu(gate))
+        self.out
+            .forward(crate::geglu::geglu(self.geglu.proj.forward(x)))
     }
 }
 
