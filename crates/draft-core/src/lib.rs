@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod checkpoint;
+pub mod cpu_conv;
 pub mod cpu_kernels;
 pub mod default_model;
 pub mod engine;

@@ -62,7 +62,35 @@ pub trait StoredWeightBackend: Backend {
     }
 }
 
-impl StoredWeightBackend for Flex {}
+/// The CPU backend: f32 convolutions by [`crate::cpu_conv`], the rest as every backend.
+impl StoredWeightBackend for Flex {
+    fn conv2d_stored(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        use burn::backend::flex::FlexTensor;
+        use burn::tensor::{DType, TensorData};
+        let f32s = x.dtype() == DType::F32 && w.dtype() == DType::F32;
+        if !(f32s && crate::cpu_conv::supports(&options)) {
+            return conv_forward::<Self>(x, w, options);
+        }
+        let dims = |t: &FlexTensor| -> [usize; 4] {
+            let s = t.layout().shape();
+            [s[0], s[1], s[2], s[3]]
+        };
+        let ([n, c, h, wd], [o, _, kh, kw]) = (dims(&x), dims(&w));
+        let (x, w) = (x.to_contiguous(), w.to_contiguous());
+        let (values, shape) = crate::cpu_conv::conv2d(
+            x.as_slice().expect("contiguous"),
+            [n, c, h, wd],
+            w.as_slice().expect("contiguous"),
+            [o, kh, kw],
+            &options,
+        );
+        FlexTensor::from_data(TensorData::new(values, shape))
+    }
+}
 impl StoredWeightBackend for CubeBackend {}
 
 fn as_dtype<B: Backend>(t: FloatTensor<B>, dtype: FloatDType) -> FloatTensor<B> {

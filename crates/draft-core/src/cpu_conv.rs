@@ -1,0 +1,264 @@
+//! 2-d convolution on the CPU backend (flex), f32, one group, no dilation: the forward of every
+//! UNet and VAE convolution in sampling and training.
+//!
+//! Flex's own convolution (Burn 0.22.1) re-lays out the whole weight (`[O, C, kh, kw]` →
+//! `[O, kh, kw, C]`) and the whole input (NCHW → NHWC) element by element on every call, then
+//! gathers an im2col tile and multiplies into a scratch buffer that it scatters into the
+//! output: on sd1-tiny those copies took more time than the matrix products (docs/benchmarks.md).
+//! Here nothing is re-laid out: the weight in its stored layout is already the `[O, C·kh·kw]`
+//! matrix, the im2col rows (one per input channel and kernel tap) are shifted copies of input
+//! rows, and one gemm per task writes the NCHW output in place. A 1×1 convolution with stride 1
+//! and no padding multiplies the input itself, with no copy at all.
+//!
+//! Tasks are (sample, block of output rows), the block sized so that its im2col buffer stays
+//! within [`COL_FLOATS`]: natively spread over rayon's threads when there are enough of them,
+//! else one task at a time with gemm's own threads.
+
+use burn::tensor::ops::ConvOptions;
+
+/// The most im2col values one task holds (4 MiB of f32).
+const COL_FLOATS: usize = 1 << 20;
+
+/// Below this many multiply-adds a convolution runs on the calling thread.
+#[cfg(not(target_arch = "wasm32"))]
+const PARALLEL_WORK: usize = 1 << 20;
+
+std::thread_local! {
+    /// Each thread's im2col buffer, reused from call to call.
+    static COLS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Whether [`conv2d`] computes a convolution with these options (else the caller falls back).
+pub fn supports(options: &ConvOptions<2>) -> bool {
+    options.groups == 1 && options.dilation == [1, 1]
+}
+
+/// `conv2d(x, w)` (no bias) for contiguous f32 NCHW `x` (`[n, c, h, w]`) and `[o, c, kh, kw]`
+/// `w`, with `options` as [`supports`] requires; returns the `[n, o, oh, ow]` values.
+pub fn conv2d(
+    x: &[f32],
+    [n, c, h, wd]: [usize; 4],
+    w: &[f32],
+    [o, kh, kw]: [usize; 3],
+    options: &ConvOptions<2>,
+) -> (Vec<f32>, [usize; 4]) {
+    // Padding (before, after) of each spatial dimension.
+    let ([sh, sw], [(ph, ph_end), (pw, pw_end)]) = (options.stride, options.padding);
+    let (h_padded, w_padded) = (h + ph + ph_end, wd + pw + pw_end);
+    let oh = h_padded.saturating_sub(kh) / sh + 1;
+    let ow = w_padded.saturating_sub(kw) / sw + 1;
+    let (hw, k) = (oh * ow, c * kh * kw);
+    let mut out = vec![0f32; n * o * hw];
+    if out.is_empty() || k == 0 || h_padded < kh || w_padded < kw {
+        return (out, [n, o, oh, ow]);
+    }
+    // A 1×1 convolution without stride or padding multiplies x itself.
+    let no_padding = ph + ph_end + pw + pw_end == 0;
+    let pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && no_padding;
+    let rows = if pointwise {
+        oh
+    } else {
+        (COL_FLOATS / (k * ow)).clamp(1, oh)
+    };
+    let geometry = Geometry {
+        c,
+        h,
+        wd,
+        kh,
+        kw,
+        sh,
+        sw,
+        ph,
+        pw,
+        ow,
+    };
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    // Output rows r0..r1 of sample b; `threads`: gemm's own parallelism.
+    let task = |b: usize, r0: usize, threads: gemm::Parallelism| {
+        let r1 = (r0 + rows).min(oh);
+        let len = (r1 - r0) * ow;
+        let x_b = &x[b * c * h * wd..][..c * h * wd];
+        let run = |rhs: *const f32, rhs_rs: usize| {
+            let dst = out_ptr;
+            // SAFETY: the tasks write disjoint blocks (sample b, columns r0·ow.. of each of the
+            // o output rows of length hw), lhs is the o×k weight, rhs a k×len matrix with row
+            // stride rhs_rs inside x or the im2col buffer.
+            unsafe {
+                gemm::gemm(
+                    o,
+                    len,
+                    k,
+                    dst.0.add(b * o * hw + r0 * ow),
+                    1,
+                    hw as isize,
+                    false,
+                    w.as_ptr(),
+                    1,
+                    k as isize,
+                    rhs,
+                    1,
+                    rhs_rs as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    threads,
+                );
+            }
+        };
+        if pointwise {
+            run(x_b[r0 * ow..].as_ptr(), hw);
+        } else {
+            COLS.with_borrow_mut(|cols| {
+                cols.resize(k * rows * ow, 0.0);
+                let cols = &mut cols[..k * len];
+                geometry.im2col(cols, x_b, r0, r1);
+                run(cols.as_ptr(), len);
+            });
+        }
+    };
+    let blocks = oh.div_ceil(rows);
+    #[cfg(not(target_arch = "wasm32"))]
+    if n * o * k * hw >= PARALLEL_WORK {
+        use rayon::prelude::*;
+        if n * blocks >= rayon::current_num_threads() {
+            (0..n * blocks)
+                .into_par_iter()
+                .for_each(|t| task(t / blocks, t % blocks * rows, gemm::Parallelism::None));
+        } else {
+            for t in 0..n * blocks {
+                task(t / blocks, t % blocks * rows, gemm::Parallelism::Rayon(0));
+            }
+        }
+        return (out, [n, o, oh, ow]);
+    }
+    for t in 0..n * blocks {
+        task(t / blocks, t % blocks * rows, gemm::Parallelism::None);
+    }
+    (out, [n, o, oh, ow])
+}
+
+/// The output buffer's pointer, shared by tasks that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only dereferenced by tasks writing disjoint ranges (see `conv2d`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// One sample's input size, the kernel, stride, padding before each dimension and the output
+/// width.
+#[derive(Clone, Copy)]
+struct Geometry {
+    c: usize,
+    h: usize,
+    wd: usize,
+    kh: usize,
+    kw: usize,
+    sh: usize,
+    sw: usize,
+    ph: usize,
+    pw: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    /// The im2col matrix of output rows `r0..r1` of one sample `x` (`[c, h, wd]`): row
+    /// `(ch·kh + i)·kw + j` holds, for each output position, the input value under kernel tap
+    /// (i, j) of channel ch (0 in the padding).
+    fn im2col(&self, cols: &mut [f32], x: &[f32], r0: usize, r1: usize) {
+        let Self {
+            c,
+            h,
+            wd,
+            kh,
+            kw,
+            sh,
+            sw,
+            ph,
+            pw,
+            ow,
+        } = *self;
+        let len = (r1 - r0) * ow;
+        for ch in 0..c {
+            let plane = &x[ch * h * wd..][..h * wd];
+            for i in 0..kh {
+                for j in 0..kw {
+                    let row = &mut cols[((ch * kh + i) * kw + j) * len..][..len];
+                    // Output columns whose input column `q·sw + j − pw` lies in 0..wd.
+                    let q0 = pw.saturating_sub(j).div_ceil(sw).min(ow);
+                    let q1 = if wd + pw > j {
+                        ((wd + pw - j - 1) / sw + 1).min(ow)
+                    } else {
+                        0
+                    }
+                    .max(q0);
+                    for (r, dst) in (r0..r1).zip(row.chunks_exact_mut(ow)) {
+                        let y = (r * sh + i).wrapping_sub(ph);
+                        if y >= h {
+                            dst.fill(0.0);
+                            continue;
+                        }
+                        let src = &plane[y * wd..][..wd];
+                        dst[..q0].fill(0.0);
+                        dst[q1..].fill(0.0);
+                        let first = q0 * sw + j - pw;
+                        if sw == 1 {
+                            dst[q0..q1].copy_from_slice(&src[first..first + (q1 - q0)]);
+                        } else {
+                            for (d, s) in dst[q0..q1].iter_mut().zip(src[first..].iter().step_by(sw)) {
+                                *d = *s;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::prelude::*;
+
+    /// Against flex's own convolution: the UNet's and VAE's kinds (3×3 padded, strided,
+    /// unpadded, 1×1, a 4-channel input) at sizes that split into several row blocks.
+    #[test]
+    fn matches_flex_conv2d() {
+        let device = Device::flex();
+        let cases = [
+            // n, c, h, w, o, kh, kw, stride, padding (begin, end)
+            (2, 4, 16, 16, 32, 3, 3, 1, (1, 1)),
+            (2, 32, 9, 7, 16, 3, 3, 2, (1, 1)),
+            (1, 8, 9, 9, 8, 3, 3, 2, (0, 0)),
+            (1, 8, 8, 10, 8, 3, 3, 2, (0, 1)),
+            (2, 16, 5, 6, 24, 1, 1, 1, (0, 0)),
+            (1, 3, 4, 5, 2, 1, 1, 2, (1, 1)),
+            (1, 600, 40, 12, 3, 3, 3, 1, (1, 1)),
+        ];
+        for (n, c, h, w, o, kh, kw, s, p) in cases {
+            let x = crate::noise::NoiseRng::new(1).randn([n, c, h, w], &device);
+            let wt = crate::noise::NoiseRng::new(2).randn([o, c, kh, kw], &device);
+            let mut options = ConvOptions::new([s, s], [0, 0], [1, 1], 1);
+            options.padding = [p, p];
+            let want = burn::tensor::module::conv2d(x.clone(), wt.clone(), None, options.clone());
+            let (xs, ws) = (x.into_data(), wt.into_data());
+            let (got, shape) = conv2d(
+                xs.as_slice().unwrap(),
+                [n, c, h, w],
+                ws.as_slice().unwrap(),
+                [o, kh, kw],
+                &options,
+            );
+            assert_eq!(shape.to_vec(), want.dims().to_vec(), "{n} {c} {h} {w} {o} {kh} {s} {p:?}");
+            let want = want.into_data().try_to_vec::<f32>().unwrap();
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err <= 1e-5 * scale, "{n} {c} {h} {w} {o} {kh} {s} {p:?}: {err} of {scale}");
+        }
+    }
+}
