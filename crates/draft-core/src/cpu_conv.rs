@@ -185,6 +185,10 @@ impl Geometry {
             for i in 0..kh {
                 for j in 0..kw {
                     let row = &mut cols[((ch * kh + i) * kw + j) * len..][..len];
+                    if sw == 1 && ow == wd {
+                        self.shifted_plane(row, plane, i, j, r0, r1);
+                        continue;
+                    }
                     // Output columns whose input column `q·sw + j − pw` lies in 0..wd.
                     let q0 = pw.saturating_sub(j).div_ceil(sw).min(ow);
                     let q1 = if wd + pw > j {
@@ -215,6 +219,36 @@ impl Geometry {
             }
         }
     }
+
+    /// One im2col row when the output is as wide as the input (stride 1 across, "same"
+    /// padding): output position p of rows `r0..r1` reads input position
+    /// `p + (r0 + i − ph)·wd + (j − pw)` of the plane, so the row is one contiguous copy whose
+    /// columns that wrapped around an input row's edge are then zeroed.
+    fn shifted_plane(&self, row: &mut [f32], plane: &[f32], i: usize, j: usize, r0: usize, r1: usize) {
+        let Self { h, wd, ph, pw, ow, .. } = *self;
+        // Output rows whose input row r + i − ph lies in 0..h.
+        let r_lo = r0.max(ph.saturating_sub(i)).min(r1);
+        let r_hi = r1.min((h + ph).saturating_sub(i)).max(r_lo);
+        row[..(r_lo - r0) * ow].fill(0.0);
+        row[(r_hi - r0) * ow..].fill(0.0);
+        if r_hi == r_lo {
+            return;
+        }
+        let dst = &mut row[(r_lo - r0) * ow..(r_hi - r0) * ow];
+        let shift = j as isize - pw as isize;
+        let start = ((r_lo + i - ph) * wd) as isize + shift;
+        // The part of dst whose source lies inside the plane (the rest is wrapped columns).
+        let lo = (-start).max(0) as usize;
+        let hi = (dst.len() as isize).min((h * wd) as isize - start).max(lo as isize) as usize;
+        let from = (start + lo as isize) as usize;
+        dst[lo..hi].copy_from_slice(&plane[from..from + (hi - lo)]);
+        let edge = shift.unsigned_abs().min(ow);
+        if shift < 0 {
+            dst.chunks_exact_mut(ow).for_each(|r| r[..edge].fill(0.0));
+        } else if shift > 0 {
+            dst.chunks_exact_mut(ow).for_each(|r| r[ow - edge..].fill(0.0));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -236,6 +270,9 @@ mod tests {
             (2, 16, 5, 6, 24, 1, 1, 1, (0, 0)),
             (1, 3, 4, 5, 2, 1, 1, 2, (1, 1)),
             (1, 600, 40, 12, 3, 3, 3, 1, (1, 1)),
+            (2, 5, 6, 7, 4, 5, 5, 1, (2, 2)),
+            (1, 5, 6, 7, 4, 3, 3, 1, (0, 2)),
+            (1, 5, 6, 7, 4, 3, 3, 1, (2, 0)),
         ];
         for (n, c, h, w, o, kh, kw, s, p) in cases {
             let x = crate::noise::NoiseRng::new(1).randn([n, c, h, w], &device);
