@@ -133,6 +133,10 @@ std::thread_local! {
 /// [`crate::cpu_kernels`], then `P v` by gemm; the tasks spread over rayon's threads (natively).
 /// Flex's own kernel evaluates the softmax one element at a time through libm's `expf`, which
 /// at sd1-tiny's 8-wide heads cost more than both matrix products (docs/benchmarks.md).
+///
+/// q, k and v are read through their strides (the heads split off a `[B, N, H·d]` projection
+/// are not copied first), and the output is laid out `[B, N, H, e]` in memory, returned as the
+/// `[B, H, N, e]` view of it, so that merging the heads back is a reshape without a copy.
 fn flex_attention(
     q: burn::backend::flex::FlexTensor,
     k: burn::backend::flex::FlexTensor,
@@ -141,32 +145,54 @@ fn flex_attention(
 ) -> burn::backend::flex::FlexTensor {
     use burn::backend::flex::FlexTensor;
     use burn::tensor::TensorData;
-    let dims = |t: &FlexTensor| -> [usize; 4] {
-        let s = t.layout().shape();
-        [s[0], s[1], s[2], s[3]]
+    // (storage, offset, [B, H, N, d] sizes, their strides) of a tensor with positive strides.
+    let strided = |t: FlexTensor| {
+        if t.layout().has_positive_strides() {
+            t
+        } else {
+            t.to_contiguous()
+        }
     };
-    let ([b, h, n, d], [_, _, m, e]) = (dims(&q), dims(&v));
-    let (q, k, v) = (q.to_contiguous(), k.to_contiguous(), v.to_contiguous());
-    let qs: &[f32] = q.as_slice().expect("contiguous");
-    let ks: &[f32] = k.as_slice().expect("contiguous");
-    let vs: &[f32] = v.as_slice().expect("contiguous");
-    let mut out = vec![0f32; b * h * n * e];
-    if out.is_empty() || m == 0 {
-        return FlexTensor::from_data(TensorData::new(out, [b, h, n, e]));
+    let (q, k, v) = (strided(q), strided(k), strided(v));
+    let view = |t: &FlexTensor| -> (usize, [usize; 4], [isize; 4]) {
+        let (l, s) = (t.layout(), t.layout().strides());
+        let shape = l.shape();
+        (
+            l.start_offset(),
+            [shape[0], shape[1], shape[2], shape[3]],
+            [s[0], s[1], s[2], s[3]],
+        )
+    };
+    let ((qo, [b, h, n, d], qs), (ko, [_, _, m, _], ks), (vo, [_, _, _, e], vs)) =
+        (view(&q), view(&k), view(&v));
+    let (qd, kd, vd): (&[f32], &[f32], &[f32]) = (q.storage(), k.storage(), v.storage());
+    let physical = [b, n, h, e];
+    let heads_view = |t: FlexTensor| t.permute(&[0, 2, 1, 3]);
+    if b * h * n * e == 0 || m == 0 {
+        return heads_view(FlexTensor::from_data(TensorData::new(
+            vec![0f32; b * h * n * e],
+            physical,
+        )));
     }
+    let mut out = vec![0f32; b * h * n * e];
+    let out_ptr = crate::cpu_conv::SendPtr(out.as_mut_ptr());
     let rows = (CPU_SCORE_FLOATS / m).clamp(1, n);
-    // Rows `r0..` of head `bh` into `o` (`o.len() / e` rows).
-    let task = |bh: usize, r0: usize, o: &mut [f32]| {
-        let r = o.len() / e;
-        let qp = &qs[(bh * n + r0) * d..][..r * d];
-        let kp = &ks[bh * m * d..][..m * d];
-        let vp = &vs[bh * m * e..][..m * e];
+    let blocks = n.div_ceil(rows);
+    // Query rows `blk·rows..` of head `bh` (= batch·H + head).
+    let task = |bh: usize, blk: usize| {
+        let dst = out_ptr;
+        let (bi, hi) = ((bh / h) as isize, (bh % h) as isize);
+        let r0 = blk * rows;
+        let r = rows.min(n - r0);
+        let at = |offset: usize, s: [isize; 4], row: usize| {
+            (offset as isize + bi * s[0] + hi * s[1] + row as isize * s[2]) as usize
+        };
         SCORES.with_borrow_mut(|scores| {
             scores.resize(rows * m, 0.0);
             let scores = &mut scores[..r * m];
-            // SAFETY: every pointer, extent and stride below is within the slices above:
-            // scores r×m (row stride m), q r×d (row stride d), kᵀ d×m (k's rows are its
-            // columns, stride d), P r×m, v m×e and o r×e (row strides m, e, e).
+            // SAFETY: the pointers and strides below are those of q, k and v's layouts (every
+            // element they address lies in their storage), of the r×m scores and of this
+            // task's r rows of the [B, N, H, e] output, which no other task writes.
             unsafe {
                 gemm::gemm(
                     r,
@@ -176,12 +202,12 @@ fn flex_attention(
                     1,
                     m as isize,
                     false,
-                    qp.as_ptr(),
-                    1,
-                    d as isize,
-                    kp.as_ptr(),
-                    d as isize,
-                    1,
+                    qd.as_ptr().add(at(qo, qs, r0)),
+                    qs[3],
+                    qs[2],
+                    kd.as_ptr().add(at(ko, ks, 0)),
+                    ks[2],
+                    ks[3],
                     0.0,
                     scale,
                     false,
@@ -197,16 +223,16 @@ fn flex_attention(
                     r,
                     e,
                     m,
-                    o.as_mut_ptr(),
+                    dst.0.add(((bi as usize * n + r0) * h + hi as usize) * e),
                     1,
-                    e as isize,
+                    (h * e) as isize,
                     false,
                     scores.as_ptr(),
                     1,
                     m as isize,
-                    vp.as_ptr(),
-                    1,
-                    e as isize,
+                    vd.as_ptr().add(at(vo, vs, 0)),
+                    vs[3],
+                    vs[2],
                     0.0,
                     1.0,
                     false,
@@ -217,22 +243,19 @@ fn flex_attention(
             }
         });
     };
+    let tasks = b * h * blocks;
     #[cfg(not(target_arch = "wasm32"))]
     if b * h * n * m * (d + e) >= CPU_PARALLEL_WORK {
         use rayon::prelude::*;
-        out.par_chunks_mut(n * e).enumerate().for_each(|(bh, o)| {
-            o.par_chunks_mut(rows * e)
-                .enumerate()
-                .for_each(|(i, o)| task(bh, i * rows, o))
-        });
-        return FlexTensor::from_data(TensorData::new(out, [b, h, n, e]));
+        (0..tasks)
+            .into_par_iter()
+            .for_each(|t| task(t / blocks, t % blocks));
+        return heads_view(FlexTensor::from_data(TensorData::new(out, physical)));
     }
-    for (bh, o) in out.chunks_mut(n * e).enumerate() {
-        for (i, o) in o.chunks_mut(rows * e).enumerate() {
-            task(bh, i * rows, o);
-        }
+    for t in 0..tasks {
+        task(t / blocks, t % blocks);
     }
-    FlexTensor::from_data(TensorData::new(out, [b, h, n, e]))
+    heads_view(FlexTensor::from_data(TensorData::new(out, physical)))
 }
 
 /// CubeCL (wgpu, and WebGPU in the browser, under `Fusion`, which defers to this): Burn's fused

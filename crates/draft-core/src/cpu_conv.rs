@@ -21,7 +21,7 @@ const COL_FLOATS: usize = 1 << 20;
 
 /// Below this many multiply-adds a convolution runs on the calling thread.
 #[cfg(not(target_arch = "wasm32"))]
-const PARALLEL_WORK: usize = 1 << 20;
+const PARALLEL_WORK: usize = 1 << 23;
 
 std::thread_local! {
     /// Each thread's im2col buffer, reused from call to call.
@@ -48,10 +48,13 @@ pub fn conv2d(
     let oh = h_padded.saturating_sub(kh) / sh + 1;
     let ow = w_padded.saturating_sub(kw) / sw + 1;
     let (hw, k) = (oh * ow, c * kh * kw);
-    let mut out = vec![0f32; n * o * hw];
-    if out.is_empty() || k == 0 || h_padded < kh || w_padded < kw {
-        return (out, [n, o, oh, ow]);
+    if n * o * hw == 0 || k == 0 || h_padded < kh || w_padded < kw {
+        return (vec![0f32; n * o * hw], [n, o, oh, ow]);
     }
+    // Not zeroed first: the tasks' gemms write every output value (`read_dst` false).
+    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n * o * hw);
+    // SAFETY: MaybeUninit values need no initialisation.
+    unsafe { out.set_len(n * o * hw) };
     // A 1×1 convolution without stride or padding multiplies x itself.
     let no_padding = ph + ph_end + pw + pw_end == 0;
     let pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && no_padding;
@@ -72,7 +75,7 @@ pub fn conv2d(
         pw,
         ow,
     };
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
     // Output rows r0..r1 of sample b; `threads`: gemm's own parallelism.
     let task = |b: usize, r0: usize, threads: gemm::Parallelism| {
         let r1 = (r0 + rows).min(oh);
@@ -119,30 +122,39 @@ pub fn conv2d(
         }
     };
     let blocks = oh.div_ceil(rows);
-    #[cfg(not(target_arch = "wasm32"))]
-    if n * o * k * hw >= PARALLEL_WORK {
-        use rayon::prelude::*;
-        if n * blocks >= rayon::current_num_threads() {
-            (0..n * blocks)
-                .into_par_iter()
-                .for_each(|t| task(t / blocks, t % blocks * rows, gemm::Parallelism::None));
-        } else {
-            for t in 0..n * blocks {
-                task(t / blocks, t % blocks * rows, gemm::Parallelism::Rayon(0));
-            }
+    let serial = || {
+        for t in 0..n * blocks {
+            task(t / blocks, t % blocks * rows, gemm::Parallelism::None);
         }
-        return (out, [n, o, oh, ow]);
+    };
+    #[cfg(not(target_arch = "wasm32"))]
+    if n * o * k * hw < PARALLEL_WORK {
+        serial();
+    } else if n * blocks >= rayon::current_num_threads() {
+        use rayon::prelude::*;
+        (0..n * blocks)
+            .into_par_iter()
+            .for_each(|t| task(t / blocks, t % blocks * rows, gemm::Parallelism::None));
+    } else {
+        for t in 0..n * blocks {
+            task(t / blocks, t % blocks * rows, gemm::Parallelism::Rayon(0));
+        }
     }
-    for t in 0..n * blocks {
-        task(t / blocks, t % blocks * rows, gemm::Parallelism::None);
-    }
+    #[cfg(target_arch = "wasm32")]
+    serial();
+    // SAFETY: the tasks above covered every (sample, row block), so every value is written;
+    // MaybeUninit<f32> and f32 have the same layout.
+    let out = unsafe {
+        let mut out = std::mem::ManuallyDrop::new(out);
+        Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity())
+    };
     (out, [n, o, oh, ow])
 }
 
-/// The output buffer's pointer, shared by tasks that write disjoint parts of it.
+/// An output buffer's pointer, shared by tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: only dereferenced by tasks writing disjoint ranges (see `conv2d`).
+pub(crate) struct SendPtr(pub(crate) *mut f32);
+// SAFETY: only dereferenced by tasks writing disjoint ranges (`conv2d`, the attention kernel).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 

@@ -81,18 +81,21 @@ pub fn gelu(x: f32) -> f32 {
 /// baseline only).
 macro_rules! multiversion {
     ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        multiversion! { $(#[$doc])* pub fn $name($($arg: $ty),*) -> () $body }
+    };
+    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$doc])*
-        pub fn $name($($arg: $ty),*) {
+        pub fn $name($($arg: $ty),*) -> $ret {
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            fn body($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
-                unsafe fn avx512($($arg: $ty),*) {
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
                     body($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
                     body($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f")
@@ -170,6 +173,32 @@ multiversion! {
         for row in scores.chunks_exact_mut(cols.max(1)) {
             softmax_row(row);
         }
+    }
+}
+
+/// Lanes of the f64 partial sums of [`moments`] (one AVX-512 register of f64).
+const F64_LANES: usize = 8;
+
+/// `Σ f(x)` over `xs` in f64, in `F64_LANES` partial sums so that it vectorises.
+#[inline(always)]
+fn sum_f64(xs: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+    let mut acc = [0f64; F64_LANES];
+    let chunks = xs.chunks_exact(F64_LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += f(v as f64);
+        }
+    }
+    acc.iter().sum::<f64>() + tail.iter().map(|&v| f(v as f64)).sum::<f64>()
+}
+
+multiversion! {
+    /// The mean and the centred sum of squares `Σ (x − mean)²` of `xs`, in f64 (two passes:
+    /// a mean far larger than the spread does not cancel).
+    pub fn moments(xs: &[f32]) -> (f64, f64) {
+        let mean = sum_f64(xs, |v| v) / xs.len().max(1) as f64;
+        (mean, sum_f64(xs, |v| (v - mean) * (v - mean)))
     }
 }
 
@@ -262,6 +291,16 @@ mod tests {
             1.0 - (-a * a).exp() / (f * std::f64::consts::PI.sqrt())
         };
         r.copysign(x)
+    }
+
+    #[test]
+    fn moments_match_a_sequential_f64_sum() {
+        let xs: Vec<f32> = (0..1003).map(|i| 1e3 + ((i * 37 % 101) as f32) / 7.0).collect();
+        let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / xs.len() as f64;
+        let m2: f64 = xs.iter().map(|&v| (v as f64 - mean).powi(2)).sum();
+        let (m, s) = moments(&xs);
+        assert!((m - mean).abs() <= 1e-12 * mean && (s - m2).abs() <= 1e-10 * m2);
+        assert_eq!(moments(&[]), (0.0, 0.0));
     }
 
     #[test]

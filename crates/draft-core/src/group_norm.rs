@@ -169,7 +169,7 @@ fn flex_forward(
         return FlexTensor::from_data(TensorData::new(out, shape));
     }
     for_each_chunk(&mut out, len, xs, len, |ng, o, xi| {
-        let (mean, m2) = moments_f64(xi);
+        let (mean, m2) = crate::cpu_kernels::moments(xi);
         let inv = 1.0 / (m2 / len as f64 + eps).sqrt();
         let first = (ng % groups) * per_group;
         for (ch, (oc, xc)) in o.chunks_mut(r).zip(xi.chunks(r)).enumerate() {
@@ -184,19 +184,6 @@ fn flex_forward(
         }
     });
     FlexTensor::from_data(TensorData::new(out, shape))
-}
-
-/// The mean and the centred sum of squares `Σ (x − mean)²` of `xs`, in f64.
-fn moments_f64(xs: &[f32]) -> (f64, f64) {
-    let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / xs.len().max(1) as f64;
-    let m2 = xs
-        .iter()
-        .map(|&v| {
-            let d = v as f64 - mean;
-            d * d
-        })
-        .sum::<f64>();
-    (mean, m2)
 }
 
 /// `kernel(i, out_i, xs_i)` over the i-th chunks of `out` (`out_len` values each) and `xs`
@@ -415,7 +402,7 @@ impl StripNormBackend for Flex {
         let mut out = vec![0f32; n * groups * 2];
         if len > 0 {
             for_each_chunk(&mut out, 2, xs, len, |_, o, xi| {
-                let (mean, m2) = moments_f64(xi);
+                let (mean, m2) = crate::cpu_kernels::moments(xi);
                 o[0] = mean as f32;
                 o[1] = m2 as f32;
             });

@@ -182,3 +182,40 @@ fn blocks_keep_the_scores_within_the_budget() {
     let want = values(plain(q, k, v, 0.25));
     assert!(rel_err(&got.0, &want.0) <= 1e-6);
 }
+
+/// Heads split off `[B, N, H·d]` projections (strided views, as the UNet's attention makes
+/// them) and merged back: the same values as the plain formula on contiguous copies, for self-
+/// and cross-attention, one task and many (over the CPU kernel's 32 K-score blocks and its
+/// threading threshold).
+#[test]
+fn split_heads_views_give_the_plain_formulas_values() {
+    for (name, device) in devices() {
+        for (i, (b, n, m, heads, d)) in [(2, 64, 77, 8, 8), (1, 600, 600, 2, 8), (2, 9, 5, 3, 4)]
+            .into_iter()
+            .enumerate()
+        {
+            let mut rng = NoiseRng::new(40 + i as u64);
+            let x = rng.randn([b, n, heads * d], &device) * 2.0;
+            let ctx = rng.randn([b, m, heads * d], &device) * 2.0;
+            let split = |t: Tensor<3>| draft_core::nn::split_heads(t, heads);
+            let (q, k, v) = (split(x), split(ctx.clone()), split(ctx * 0.5));
+            let scale = 1.0 / (d as f32).sqrt();
+            let got = values(draft_core::nn::merge_heads(attention(
+                q.clone(),
+                k.clone(),
+                v.clone(),
+            )));
+            let contiguous = |t: Tensor<4>| Tensor::<4>::from_data(t.into_data(), &device);
+            let want = values(draft_core::nn::merge_heads(plain(
+                contiguous(q),
+                contiguous(k),
+                contiguous(v),
+                scale,
+            )));
+            assert_eq!(got.1, want.1);
+            let err = rel_err(&got.0, &want.0);
+            eprintln!("{name} split heads case {i}: {err:.1e}");
+            assert!(err <= 4e-6, "{name} split heads case {i}: {err:e}");
+        }
+    }
+}
