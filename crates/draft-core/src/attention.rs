@@ -30,8 +30,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::CubeBackend;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
-use burn::tensor::{DType, Slice};
 use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, Slice};
 
 /// The largest block of attention scores (`[B, heads, rows, N]` f32) one step materialises:
 /// a quarter of WebGPU's default `maxStorageBufferBindingSize`, so that the block and the

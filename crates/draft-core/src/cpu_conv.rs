@@ -222,7 +222,9 @@ impl Geometry {
                         if sw == 1 {
                             dst[q0..q1].copy_from_slice(&src[first..first + (q1 - q0)]);
                         } else {
-                            for (d, s) in dst[q0..q1].iter_mut().zip(src[first..].iter().step_by(sw)) {
+                            for (d, s) in
+                                dst[q0..q1].iter_mut().zip(src[first..].iter().step_by(sw))
+                            {
                                 *d = *s;
                             }
                         }
@@ -236,8 +238,18 @@ impl Geometry {
     /// padding): output position p of rows `r0..r1` reads input position
     /// `p + (r0 + i − ph)·wd + (j − pw)` of the plane, so the row is one contiguous copy whose
     /// columns that wrapped around an input row's edge are then zeroed.
-    fn shifted_plane(&self, row: &mut [f32], plane: &[f32], i: usize, j: usize, r0: usize, r1: usize) {
-        let Self { h, wd, ph, pw, ow, .. } = *self;
+    fn shifted_plane(
+        &self,
+        row: &mut [f32],
+        plane: &[f32],
+        i: usize,
+        j: usize,
+        r0: usize,
+        r1: usize,
+    ) {
+        let Self {
+            h, wd, ph, pw, ow, ..
+        } = *self;
         // Output rows whose input row r + i − ph lies in 0..h.
         let r_lo = r0.max(ph.saturating_sub(i)).min(r1);
         let r_hi = r1.min((h + ph).saturating_sub(i)).max(r_lo);
@@ -251,14 +263,17 @@ impl Geometry {
         let start = ((r_lo + i - ph) * wd) as isize + shift;
         // The part of dst whose source lies inside the plane (the rest is wrapped columns).
         let lo = (-start).max(0) as usize;
-        let hi = (dst.len() as isize).min((h * wd) as isize - start).max(lo as isize) as usize;
+        let hi = (dst.len() as isize)
+            .min((h * wd) as isize - start)
+            .max(lo as isize) as usize;
         let from = (start + lo as isize) as usize;
         dst[lo..hi].copy_from_slice(&plane[from..from + (hi - lo)]);
         let edge = shift.unsigned_abs().min(ow);
         if shift < 0 {
             dst.chunks_exact_mut(ow).for_each(|r| r[..edge].fill(0.0));
         } else if shift > 0 {
-            dst.chunks_exact_mut(ow).for_each(|r| r[ow - edge..].fill(0.0));
+            dst.chunks_exact_mut(ow)
+                .for_each(|r| r[ow - edge..].fill(0.0));
         }
     }
 }
@@ -300,14 +315,21 @@ mod tests {
                 [o, kh, kw],
                 &options,
             );
-            assert_eq!(shape.to_vec(), want.dims().to_vec(), "{n} {c} {h} {w} {o} {kh} {s} {p:?}");
+            assert_eq!(
+                shape.to_vec(),
+                want.dims().to_vec(),
+                "{n} {c} {h} {w} {o} {kh} {s} {p:?}"
+            );
             let want = want.into_data().try_to_vec::<f32>().unwrap();
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             let err = got
                 .iter()
                 .zip(&want)
                 .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(err <= 1e-5 * scale, "{n} {c} {h} {w} {o} {kh} {s} {p:?}: {err} of {scale}");
+            assert!(
+                err <= 1e-5 * scale,
+                "{n} {c} {h} {w} {o} {kh} {s} {p:?}: {err} of {scale}"
+            );
         }
     }
 }

@@ -295,7 +295,9 @@ mod tests {
 
     #[test]
     fn moments_match_a_sequential_f64_sum() {
-        let xs: Vec<f32> = (0..1003).map(|i| 1e3 + ((i * 37 % 101) as f32) / 7.0).collect();
+        let xs: Vec<f32> = (0..1003)
+            .map(|i| 1e3 + ((i * 37 % 101) as f32) / 7.0)
+            .collect();
         let mean = xs.iter().map(|&v| v as f64).sum::<f64>() / xs.len() as f64;
         let m2: f64 = xs.iter().map(|&v| (v as f64 - mean).powi(2)).sum();
         let (m, s) = moments(&xs);
@@ -305,7 +307,9 @@ mod tests {
 
     #[test]
     fn kernels_match_the_scalar_formulas() {
-        let xs: Vec<f32> = (0..103).map(|i| ((i * 37 % 101) as f32 - 50.0) / 9.0).collect();
+        let xs: Vec<f32> = (0..103)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 9.0)
+            .collect();
         let mut s = xs.clone();
         softmax_rows(&mut s, 103);
         // The reference subtracts in f32 as the kernel does (that rounding is the input's).
