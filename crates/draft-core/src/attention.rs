@@ -89,6 +89,12 @@ pub trait AttentionBackend: Backend {
     ) -> FloatTensor<Self> {
         forward::<Self>(q, k, v, scale, block)
     }
+
+    /// Softmax over the last of 4 dimensions (the probabilities the backward recomputes).
+    #[fusion(default)]
+    fn softmax_last(scores: FloatTensor<Self>) -> FloatTensor<Self> {
+        softmax_dim3::<Self>(scores)
+    }
 }
 
 /// The CPU backend: in f32 our kernel ([`flex_attention`]); other dtypes flex's fused attention
@@ -111,6 +117,21 @@ impl AttentionBackend for Flex {
             is_causal: false,
         };
         fused::<Self>(q, k, v, options)
+    }
+
+    /// In f32, [`crate::cpu_kernels::softmax_rows`] (flex's softmax evaluates `exp` one element
+    /// at a time).
+    fn softmax_last(scores: FloatTensor<Self>) -> FloatTensor<Self> {
+        use burn::backend::flex::FlexTensor;
+        use burn::tensor::TensorData;
+        if scores.dtype() != DType::F32 {
+            return softmax_dim3::<Self>(scores);
+        }
+        let shape = scores.layout().shape().clone();
+        let cols = shape[shape.num_dims() - 1];
+        let mut values: Vec<f32> = scores.into_data().try_into_vec().expect("f32 values");
+        crate::cpu_kernels::softmax_rows(&mut values, cols);
+        FlexTensor::from_data(TensorData::new(values, shape))
     }
 }
 
@@ -290,6 +311,11 @@ impl AttentionBackend for CubeBackend {
     }
 }
 
+/// Burn's softmax over dimension 3.
+fn softmax_dim3<B: Backend>(scores: FloatTensor<B>) -> FloatTensor<B> {
+    B::softmax(scores, 3)
+}
+
 /// The backend's own attention op, without mask or bias.
 fn fused<B: Backend>(
     q: FloatTensor<B>,
@@ -332,17 +358,18 @@ fn blocks(n: usize, block: usize) -> impl Iterator<Item = (usize, usize)> {
 /// `softmax(q_b kᵀ · scale)` for one block of queries, `kt` = kᵀ. Half-precision inputs
 /// (activations in f16) have their scores and softmax computed in f32 — diffusers'
 /// `upcast_attention` — and the probabilities returned in their dtype.
-fn probabilities<B: Backend>(qb: FloatTensor<B>, kt: FloatTensor<B>, scale: f32) -> FloatTensor<B> {
+fn probabilities<B: AttentionBackend>(
+    qb: FloatTensor<B>,
+    kt: FloatTensor<B>,
+    scale: f32,
+) -> FloatTensor<B> {
     let dtype = qb.dtype();
     if dtype != burn::tensor::DType::F32 {
         let f32 = burn::tensor::FloatDType::F32;
         let p = probabilities::<B>(B::float_cast(qb, f32), B::float_cast(kt, f32), scale);
         return B::float_cast(p, dtype.into());
     }
-    B::softmax(
-        B::float_mul_scalar(B::float_matmul(qb, kt), scale.into()),
-        3,
-    )
+    B::softmax_last(B::float_mul_scalar(B::float_matmul(qb, kt), scale.into()))
 }
 
 fn cat_rows<B: Backend>(mut parts: Vec<FloatTensor<B>>) -> FloatTensor<B> {
@@ -353,7 +380,7 @@ fn cat_rows<B: Backend>(mut parts: Vec<FloatTensor<B>>) -> FloatTensor<B> {
     }
 }
 
-fn forward<B: Backend>(
+fn forward<B: AttentionBackend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -373,7 +400,7 @@ fn forward<B: Backend>(
 
 /// Gradients of q, k and v (each only where `want` says) for the output gradient `d_o`.
 #[allow(clippy::too_many_arguments)]
-fn backward<B: Backend>(
+fn backward<B: AttentionBackend>(
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
@@ -435,7 +462,7 @@ struct Saved<B: Backend> {
     block: usize,
 }
 
-impl<B: Backend> Backward<B, 3> for AttentionBackward {
+impl<B: AttentionBackend> Backward<B, 3> for AttentionBackward {
     type State = Saved<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {

@@ -151,6 +151,57 @@ pub fn conv2d(
     (out, [n, o, oh, ow])
 }
 
+/// Whether [`x_gradient`] computes the input gradient of a convolution with these options, a
+/// `[o, c, kh, kw]` kernel and an `[n, c, h, w]` input: stride 1, one group, no dilation, and
+/// padding no wider than the kernel less one on each side.
+pub fn x_gradient_supported(
+    options: &ConvOptions<2>,
+    [_, _, kh, kw]: [usize; 4],
+    [_, _, h, wd]: [usize; 4],
+) -> bool {
+    let [(ph, ph_end), (pw, pw_end)] = options.padding;
+    supports(options)
+        && options.stride == [1, 1]
+        && ph.max(ph_end) < kh
+        && pw.max(pw_end) < kw
+        && h + ph + ph_end >= kh
+        && wd + pw + pw_end >= kw
+}
+
+/// The gradient of a stride-1 `conv2d(x, w)` with respect to its `[n, c, h, wd]` input, for
+/// the `[n, o, oh, ow]` output gradient `dy`: itself a stride-1 convolution of `dy` with the
+/// kernel transposed (`[c, o, kh, kw]`) and flipped, padded by `k − 1 − p` on each side, so it
+/// runs on [`conv2d`]'s kernel (Burn's transposed convolution re-lays out both operands on
+/// every call, as its forward does). Requires [`x_gradient_supported`].
+pub fn x_gradient(
+    dy: &[f32],
+    [n, o, oh, ow]: [usize; 4],
+    w: &[f32],
+    [_, c, kh, kw]: [usize; 4],
+    [_, _, h, wd]: [usize; 4],
+    options: &ConvOptions<2>,
+) -> Vec<f32> {
+    let [(ph, ph_end), (pw, pw_end)] = options.padding;
+    let taps = kh * kw;
+    let mut flipped = vec![0f32; c * o * taps];
+    for (oi, w_o) in w.chunks_exact(c * taps).enumerate() {
+        for (ci, w_oc) in w_o.chunks_exact(taps).enumerate() {
+            let dst = &mut flipped[(ci * o + oi) * taps..][..taps];
+            for (d, s) in dst.iter_mut().zip(w_oc.iter().rev()) {
+                *d = *s;
+            }
+        }
+    }
+    let mut transposed = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+    transposed.padding = [
+        (kh - 1 - ph, kh - 1 - ph_end),
+        (kw - 1 - pw, kw - 1 - pw_end),
+    ];
+    let (dx, shape) = conv2d(dy, [n, o, oh, ow], &flipped, [c, kh, kw], &transposed);
+    debug_assert_eq!(shape, [n, c, h, wd]);
+    dx
+}
+
 /// An output buffer's pointer, shared by tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]
 pub(crate) struct SendPtr(pub(crate) *mut f32);
@@ -329,6 +380,57 @@ mod tests {
             assert!(
                 err <= 1e-5 * scale,
                 "{n} {c} {h} {w} {o} {kh} {s} {p:?}: {err} of {scale}"
+            );
+        }
+    }
+
+    /// The input gradient against Burn's `conv2d_x_backward` on flex, for stride-1 cases.
+    #[test]
+    fn x_gradient_matches_burns() {
+        let device = Device::flex();
+        let cases = [
+            // n, c, h, w, o, k, padding (begin, end)
+            (2, 4, 16, 16, 32, 3, (1, 1)),
+            (1, 5, 6, 7, 4, 3, (0, 2)),
+            (1, 5, 6, 7, 4, 3, (2, 0)),
+            (2, 16, 5, 6, 24, 1, (0, 0)),
+            (1, 3, 8, 9, 6, 5, (2, 1)),
+            (1, 600, 40, 12, 3, 3, (1, 1)),
+        ];
+        for (n, c, h, w, o, k, p) in cases {
+            let mut options = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+            options.padding = [p, p];
+            let (oh, ow) = (h + p.0 + p.1 + 1 - k, w + p.0 + p.1 + 1 - k);
+            assert!(x_gradient_supported(&options, [o, c, k, k], [n, c, h, w]));
+            let wt = crate::noise::NoiseRng::new(3).randn([o, c, k, k], &device);
+            let dy = crate::noise::NoiseRng::new(4).randn([n, o, oh, ow], &device);
+            let want = Tensor::<4>::from_dispatch(crate::stored_weight::conv_x_backward_burn::<
+                burn::backend::Dispatch,
+            >(
+                [n, c, h, w].into(),
+                wt.clone().into_dispatch(),
+                dy.clone().into_dispatch(),
+                options.clone(),
+            ));
+            let (ws, dys) = (wt.into_data(), dy.into_data());
+            let got = x_gradient(
+                dys.as_slice().unwrap(),
+                [n, o, oh, ow],
+                ws.as_slice().unwrap(),
+                [o, c, k, k],
+                [n, c, h, w],
+                &options,
+            );
+            let want = want.into_data().try_to_vec::<f32>().unwrap();
+            assert_eq!(got.len(), want.len());
+            let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err <= 1e-5 * scale,
+                "{n} {c} {h} {w} {o} {k} {p:?}: {err} of {scale}"
             );
         }
     }

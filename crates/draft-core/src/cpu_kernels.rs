@@ -230,6 +230,32 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// GEGLU's backward over rows: `h` as for [`geglu_rows`], `d_out` the output gradient
+    /// (`inner` values a row); writes `dh` (`2·inner` a row): `dvalue = d_out·gelu(gate)`,
+    /// `dgate = d_out·value·(Φ(gate) + gate·φ(gate))`.
+    pub fn geglu_backward_rows(dh: &mut [f32], h: &[f32], d_out: &[f32], inner: usize) {
+        let inner = inner.max(1);
+        let rows = dh
+            .chunks_exact_mut(2 * inner)
+            .zip(h.chunks_exact(2 * inner))
+            .zip(d_out.chunks_exact(inner));
+        for ((dh, h), d) in rows {
+            let (d_value, d_gate) = dh.split_at_mut(inner);
+            let (value, gate) = h.split_at(inner);
+            for i in 0..inner {
+                let g = gate[i];
+                let q = erfc_nonneg(g.abs() * std::f32::consts::FRAC_1_SQRT_2);
+                let cdf = if g < 0.0 { 0.5 * q } else { 1.0 - 0.5 * q };
+                // φ(g) = e^{−g²/2} / √(2π).
+                let pdf = 0.398_942_3 * exp(-0.5 * g * g);
+                d_value[i] = d[i] * g * cdf;
+                d_gate[i] = d[i] * value[i] * (cdf + g * pdf);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

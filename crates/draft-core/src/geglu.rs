@@ -8,7 +8,8 @@
 //! - elsewhere (CubeCL, where `Fusion` fuses the element-wise work anyway, and other dtypes) the
 //!   composed formula;
 //! - under autodiff the op keeps only `h` and the backward is
-//!   `dvalue = dout·gelu(gate)`, `dgate = gelu'(gate)·dout·value` (the backend's GELU backward).
+//!   `dvalue = dout·gelu(gate)`, `dgate = gelu'(gate)·dout·value`: on flex in f32 one kernel of
+//!   ours as well, elsewhere the backend's GELU and GELU backward.
 
 use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
 use burn::backend::autodiff::grads::Gradients;
@@ -33,6 +34,12 @@ pub trait GegluBackend: Backend {
     fn geglu(h: FloatTensor<Self>) -> FloatTensor<Self> {
         composed::<Self>(h)
     }
+
+    /// The gradient with respect to `h` for the output gradient `d_out`.
+    #[fusion(default)]
+    fn geglu_backward(h: FloatTensor<Self>, d_out: FloatTensor<Self>) -> FloatTensor<Self> {
+        backward_composed::<Self>(h, d_out)
+    }
 }
 
 impl GegluBackend for CubeBackend {}
@@ -56,12 +63,37 @@ impl GegluBackend for Flex {
         }
         FlexTensor::from_data(TensorData::new(out, shape))
     }
+
+    fn geglu_backward(h: FloatTensor<Self>, d_out: FloatTensor<Self>) -> FloatTensor<Self> {
+        if h.dtype() != DType::F32 || d_out.dtype() != DType::F32 {
+            return backward_composed::<Self>(h, d_out);
+        }
+        let shape = h.layout().shape().clone();
+        let inner = shape[shape.num_dims() - 1] / 2;
+        let (h, d_out) = (h.to_contiguous(), d_out.to_contiguous());
+        let hs: &[f32] = h.as_slice().expect("contiguous");
+        let ds: &[f32] = d_out.as_slice().expect("contiguous");
+        let mut dh = vec![0f32; hs.len()];
+        if inner > 0 {
+            crate::cpu_kernels::geglu_backward_rows(&mut dh, hs, ds, inner);
+        }
+        FlexTensor::from_data(TensorData::new(dh, shape))
+    }
 }
 
 /// The formula in Burn's primitives.
 fn composed<B: Backend>(h: FloatTensor<B>) -> FloatTensor<B> {
     let [value, gate] = halves::<B>(h);
     B::float_mul(value, B::gelu(gate))
+}
+
+/// [`GegluBackend::geglu_backward`] in Burn's primitives (the backend's GELU backward).
+fn backward_composed<B: Backend>(h: FloatTensor<B>, d_out: FloatTensor<B>) -> FloatTensor<B> {
+    let [value, gate] = halves::<B>(h);
+    let d_value = B::float_mul(d_out.clone(), B::gelu(gate.clone()));
+    let d_gate = B::gelu_backward(gate, B::float_mul(d_out, value));
+    let last = d_value.shape().num_dims() - 1;
+    B::float_cat(vec![d_value, d_gate], last)
 }
 
 /// The value and gate halves of `h`'s last dimension.
@@ -103,7 +135,7 @@ fn for_each_rows(
 #[derive(Debug)]
 struct GegluBackward;
 
-impl<B: Backend> Backward<B, 1> for GegluBackward {
+impl<B: Backend + GegluBackend> Backward<B, 1> for GegluBackward {
     /// `h`, the op's input.
     type State = FloatTensor<B>;
 
@@ -111,11 +143,7 @@ impl<B: Backend> Backward<B, 1> for GegluBackward {
         let [node_h] = ops.parents;
         let d_out = grads.consume::<B>(&ops.node);
         let Some(node_h) = node_h else { return };
-        let [value, gate] = halves::<B>(ops.state);
-        let d_value = B::float_mul(d_out.clone(), B::gelu(gate.clone()));
-        let d_gate = B::gelu_backward(gate, B::float_mul(d_out, value));
-        let last = d_value.shape().num_dims() - 1;
-        grads.register::<B>(node_h.id, B::float_cat(vec![d_value, d_gate], last));
+        grads.register::<B>(node_h.id, B::geglu_backward(ops.state, d_out));
     }
 }
 

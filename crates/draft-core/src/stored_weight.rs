@@ -60,6 +60,29 @@ pub trait StoredWeightBackend: Backend {
     ) -> FloatTensor<Self> {
         conv_forward::<Self>(x, w, options)
     }
+
+    /// The gradient of `conv2d(x, w)` with respect to an x of shape `x_shape`, for the output
+    /// gradient `dy` (Burn's `conv2d_x_backward`, which needs x's shape only).
+    #[fusion(default)]
+    fn conv2d_stored_x_backward(
+        x_shape: Shape,
+        w: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        conv_x_backward_burn::<Self>(x_shape, w, dy, options)
+    }
+}
+
+/// Burn's `conv2d_x_backward` for an input of shape `x_shape` (its values are not used).
+pub(crate) fn conv_x_backward_burn<B: Backend>(
+    x_shape: Shape,
+    w: FloatTensor<B>,
+    dy: FloatTensor<B>,
+    options: ConvOptions<2>,
+) -> FloatTensor<B> {
+    let x = B::float_empty(x_shape, &dy.device(), dy.dtype().into());
+    B::conv2d_x_backward(x, w, dy, options)
 }
 
 /// The CPU backend: f32 convolutions by [`crate::cpu_conv`], the rest as every backend.
@@ -89,6 +112,37 @@ impl StoredWeightBackend for Flex {
             &options,
         );
         FlexTensor::from_data(TensorData::new(values, shape))
+    }
+
+    /// With stride 1, in f32: the convolution of `dy` with the kernel transposed and flipped
+    /// ([`crate::cpu_conv::x_gradient`]); otherwise Burn's.
+    fn conv2d_stored_x_backward(
+        x_shape: Shape,
+        w: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        options: ConvOptions<2>,
+    ) -> FloatTensor<Self> {
+        use burn::backend::flex::FlexTensor;
+        use burn::tensor::{DType, TensorData};
+        let f32s = dy.dtype() == DType::F32 && w.dtype() == DType::F32;
+        let dims = |t: &FlexTensor| -> [usize; 4] {
+            let s = t.layout().shape();
+            [s[0], s[1], s[2], s[3]]
+        };
+        let x_dims = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
+        if !(f32s && crate::cpu_conv::x_gradient_supported(&options, dims(&w), x_dims)) {
+            return conv_x_backward_burn::<Self>(x_shape, w, dy, options);
+        }
+        let (w, dy) = (w.to_contiguous(), dy.to_contiguous());
+        let values = crate::cpu_conv::x_gradient(
+            dy.as_slice().expect("contiguous"),
+            dims(&dy),
+            w.as_slice().expect("contiguous"),
+            dims(&w),
+            x_dims,
+            &options,
+        );
+        FlexTensor::from_data(TensorData::new(values, x_dims))
     }
 }
 impl StoredWeightBackend for CubeBackend {}
@@ -181,7 +235,7 @@ struct ConvSaved<B: Backend> {
     options: ConvOptions<2>,
 }
 
-impl<B: Backend> Backward<B, 2> for Conv2dStoredBackward {
+impl<B: Backend + StoredWeightBackend> Backward<B, 2> for Conv2dStoredBackward {
     type State = ConvSaved<B>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
@@ -202,8 +256,8 @@ impl<B: Backend> Backward<B, 2> for Conv2dStoredBackward {
         }
         if let Some(node) = node_x {
             // The input's values are not needed for its gradient, only its shape.
-            let x = B::float_empty(x_shape, &dy.device(), compute);
-            grads.register::<B>(node.id, B::conv2d_x_backward(x, w32, dy, options));
+            let dx = B::conv2d_stored_x_backward(x_shape, w32, dy, options);
+            grads.register::<B>(node.id, dx);
         }
     }
 }
