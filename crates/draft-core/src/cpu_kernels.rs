@@ -76,6 +76,32 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * if x < 0.0 { q } else { 2.0 - q }
 }
 
+/// `kernel(i, out_i, xs_i)` over the i-th chunks of `out` (`out_len` values each) and `xs`
+/// (`in_len > 0` each): natively spread over rayon's threads in tasks of at least ~16 K input
+/// values (smaller ones cost more to hand out than they save), in order on wasm32.
+pub(crate) fn for_each_chunk(
+    out: &mut [f32],
+    out_len: usize,
+    xs: &[f32],
+    in_len: usize,
+    kernel: impl Fn(usize, &mut [f32], &[f32]) + Send + Sync,
+) {
+    #[cfg(not(target_arch = "wasm32"))]
+    {
+        use rayon::prelude::*;
+        out.par_chunks_mut(out_len)
+            .zip(xs.par_chunks(in_len))
+            .enumerate()
+            .with_min_len((16384 / in_len).max(1))
+            .for_each(|(i, (o, x))| kernel(i, o, x));
+    }
+    #[cfg(target_arch = "wasm32")]
+    out.chunks_mut(out_len)
+        .zip(xs.chunks(in_len))
+        .enumerate()
+        .for_each(|(i, (o, x))| kernel(i, o, x));
+}
+
 /// Defines `pub fn $name(args)` whose body is compiled for AVX-512, for AVX2 + FMA and for the
 /// baseline, the first the CPU has chosen when called (natively on x86-64; elsewhere the
 /// baseline only).

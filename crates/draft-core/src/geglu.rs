@@ -56,10 +56,16 @@ impl GegluBackend for Flex {
         let h = h.to_contiguous();
         let hs: &[f32] = h.as_slice().expect("contiguous");
         let mut out = vec![0f32; shape.num_elements()];
-        if inner > 0 {
-            for_each_rows(&mut out, inner, hs, |o, hi| {
-                crate::cpu_kernels::geglu_rows(o, hi, inner)
-            });
+        // Runs of ~16 K outputs (whole rows) per task.
+        if let Some(rows) = 16384usize.checked_div(inner) {
+            let rows = rows.max(1);
+            crate::cpu_kernels::for_each_chunk(
+                &mut out,
+                rows * inner,
+                hs,
+                rows * 2 * inner,
+                |_, o, hi| crate::cpu_kernels::geglu_rows(o, hi, inner),
+            );
         }
         FlexTensor::from_data(TensorData::new(out, shape))
     }
@@ -107,29 +113,6 @@ fn halves<B: Backend>(h: FloatTensor<B>) -> [FloatTensor<B>; 2] {
         B::float_slice(h.clone(), &ranges)
     };
     [half(0), half(inner)]
-}
-
-/// `kernel(out_rows, h_rows)` over matching runs of rows of `out` (`inner` values a row) and
-/// `h` (`2·inner`): natively spread over rayon's threads in tasks of at least ~16 K outputs,
-/// in order on wasm32.
-fn for_each_rows(
-    out: &mut [f32],
-    inner: usize,
-    h: &[f32],
-    kernel: impl Fn(&mut [f32], &[f32]) + Send + Sync,
-) {
-    let rows = (16384 / inner).max(1);
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use rayon::prelude::*;
-        out.par_chunks_mut(rows * inner)
-            .zip(h.par_chunks(rows * 2 * inner))
-            .for_each(|(o, hi)| kernel(o, hi));
-    }
-    #[cfg(target_arch = "wasm32")]
-    out.chunks_mut(rows * inner)
-        .zip(h.chunks(rows * 2 * inner))
-        .for_each(|(o, hi)| kernel(o, hi));
 }
 
 #[derive(Debug)]

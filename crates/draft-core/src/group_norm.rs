@@ -168,7 +168,7 @@ fn flex_forward(
     if len == 0 {
         return FlexTensor::from_data(TensorData::new(out, shape));
     }
-    for_each_chunk(&mut out, len, xs, len, |ng, o, xi| {
+    crate::cpu_kernels::for_each_chunk(&mut out, len, xs, len, |ng, o, xi| {
         let (mean, m2) = crate::cpu_kernels::moments(xi);
         let inv = 1.0 / (m2 / len as f64 + eps).sqrt();
         let first = (ng % groups) * per_group;
@@ -184,32 +184,6 @@ fn flex_forward(
         }
     });
     FlexTensor::from_data(TensorData::new(out, shape))
-}
-
-/// `kernel(i, out_i, xs_i)` over the i-th chunks of `out` (`out_len` values each) and `xs`
-/// (`in_len > 0` each): natively spread over rayon's threads in tasks of at least ~16 K input
-/// values (smaller ones cost more to hand out than they save), in order on wasm32.
-fn for_each_chunk(
-    out: &mut [f32],
-    out_len: usize,
-    xs: &[f32],
-    in_len: usize,
-    kernel: impl Fn(usize, &mut [f32], &[f32]) + Send + Sync,
-) {
-    #[cfg(not(target_arch = "wasm32"))]
-    {
-        use rayon::prelude::*;
-        out.par_chunks_mut(out_len)
-            .zip(xs.par_chunks(in_len))
-            .enumerate()
-            .with_min_len((16384 / in_len).max(1))
-            .for_each(|(i, (o, x))| kernel(i, o, x));
-    }
-    #[cfg(target_arch = "wasm32")]
-    out.chunks_mut(out_len)
-        .zip(xs.chunks(in_len))
-        .enumerate()
-        .for_each(|(i, (o, x))| kernel(i, o, x));
 }
 
 /// Gradients of x, weight and bias (each only where `want` says) for the output gradient.
@@ -401,7 +375,7 @@ impl StripNormBackend for Flex {
         let len = c / groups * r;
         let mut out = vec![0f32; n * groups * 2];
         if len > 0 {
-            for_each_chunk(&mut out, 2, xs, len, |_, o, xi| {
+            crate::cpu_kernels::for_each_chunk(&mut out, 2, xs, len, |_, o, xi| {
                 let (mean, m2) = crate::cpu_kernels::moments(xi);
                 o[0] = mean as f32;
                 o[1] = m2 as f32;
@@ -427,7 +401,7 @@ impl StripNormBackend for Flex {
         let sv: &[f32] = s.as_slice().expect("contiguous");
         let mut out = vec![0f32; xs.len()];
         if r > 0 {
-            for_each_chunk(&mut out, r, xs, r, |nc, o, xi| {
+            crate::cpu_kernels::for_each_chunk(&mut out, r, xs, r, |nc, o, xi| {
                 let (a, s) = (av[nc], sv[nc]);
                 crate::cpu_kernels::affine_silu(o, xi, 0.0, a, s, silu);
             });

@@ -98,11 +98,7 @@ impl StoredWeightBackend for Flex {
         if !(f32s && crate::cpu_conv::supports(&options)) {
             return conv_forward::<Self>(x, w, options);
         }
-        let dims = |t: &FlexTensor| -> [usize; 4] {
-            let s = t.layout().shape();
-            [s[0], s[1], s[2], s[3]]
-        };
-        let ([n, c, h, wd], [o, _, kh, kw]) = (dims(&x), dims(&w));
+        let ([n, c, h, wd], [o, _, kh, kw]) = (dims4(&x), dims4(&w));
         let (x, w) = (x.to_contiguous(), w.to_contiguous());
         let (values, shape) = crate::cpu_conv::conv2d(
             x.as_slice().expect("contiguous"),
@@ -125,20 +121,16 @@ impl StoredWeightBackend for Flex {
         use burn::backend::flex::FlexTensor;
         use burn::tensor::{DType, TensorData};
         let f32s = dy.dtype() == DType::F32 && w.dtype() == DType::F32;
-        let dims = |t: &FlexTensor| -> [usize; 4] {
-            let s = t.layout().shape();
-            [s[0], s[1], s[2], s[3]]
-        };
         let x_dims = [x_shape[0], x_shape[1], x_shape[2], x_shape[3]];
-        if !(f32s && crate::cpu_conv::x_gradient_supported(&options, dims(&w), x_dims)) {
+        if !(f32s && crate::cpu_conv::x_gradient_supported(&options, dims4(&w), x_dims)) {
             return conv_x_backward_burn::<Self>(x_shape, w, dy, options);
         }
         let (w, dy) = (w.to_contiguous(), dy.to_contiguous());
         let values = crate::cpu_conv::x_gradient(
             dy.as_slice().expect("contiguous"),
-            dims(&dy),
+            dims4(&dy),
             w.as_slice().expect("contiguous"),
-            dims(&w),
+            dims4(&w),
             x_dims,
             &options,
         );
@@ -153,6 +145,12 @@ fn as_dtype<B: Backend>(t: FloatTensor<B>, dtype: FloatDType) -> FloatTensor<B> 
     } else {
         B::float_cast(t, dtype)
     }
+}
+
+/// The sizes of a 4-d flex tensor.
+fn dims4(t: &burn::backend::flex::FlexTensor) -> [usize; 4] {
+    let s = t.layout().shape();
+    [s[0], s[1], s[2], s[3]]
 }
 
 /// `conv2d(x, w)` in x's dtype; for half-precision x (activations in f16) computed in f32 and
