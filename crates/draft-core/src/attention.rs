@@ -145,7 +145,8 @@ const CPU_PARALLEL_WORK: usize = 256 * 1024;
 
 std::thread_local! {
     /// Each thread's scores for [`flex_attention`]'s tasks, reused from call to call.
-    static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCORES: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// `softmax(q kᵀ · scale) v` on the CPU for f32 `[B, H, N, d]` q, `[B, H, M, d]` k and
@@ -195,22 +196,22 @@ fn flex_attention(
             physical,
         )));
     }
-    let mut out = vec![0f32; b * h * n * e];
-    let out_ptr = crate::cpu_conv::SendPtr(out.as_mut_ptr());
-    let rows = (CPU_SCORE_FLOATS / m).clamp(1, n);
+    // Score rows padded to whole vector blocks (crate::cpu_kernels::exp_rows).
+    let stride = m.next_multiple_of(crate::cpu_kernels::LANES);
+    let rows = (CPU_SCORE_FLOATS / stride).clamp(1, n);
     let blocks = n.div_ceil(rows);
     // Query rows `blk·rows..` of head `bh` (= batch·H + head).
-    let task = |bh: usize, blk: usize| {
-        let dst = out_ptr;
+    let task = |dst: crate::cpu_conv::SendPtr, bh: usize, blk: usize| {
         let (bi, hi) = ((bh / h) as isize, (bh % h) as isize);
         let r0 = blk * rows;
         let r = rows.min(n - r0);
         let at = |offset: usize, s: [isize; 4], row: usize| {
             (offset as isize + bi * s[0] + hi * s[1] + row as isize * s[2]) as usize
         };
-        SCORES.with_borrow_mut(|scores| {
-            scores.resize(rows * m, 0.0);
-            let scores = &mut scores[..r * m];
+        SCORES.with_borrow_mut(|(scores, inv_sums)| {
+            scores.resize(rows * stride, 0.0);
+            inv_sums.resize(rows, 0.0);
+            let (scores, inv_sums) = (&mut scores[..r * stride], &mut inv_sums[..r]);
             // SAFETY: the pointers and strides below are those of q, k and v's layouts (every
             // element they address lies in their storage), of the r×m scores and of this
             // task's r rows of the [B, N, H, e] output, which no other task writes.
@@ -221,7 +222,7 @@ fn flex_attention(
                     d,
                     scores.as_mut_ptr(),
                     1,
-                    m as isize,
+                    stride as isize,
                     false,
                     qd.as_ptr().add(at(qo, qs, r0)),
                     qs[3],
@@ -237,20 +238,21 @@ fn flex_attention(
                     gemm::Parallelism::None,
                 );
             }
-            crate::cpu_kernels::softmax_rows(scores, m);
+            crate::cpu_kernels::exp_rows(scores, m, stride, inv_sums);
+            let out_rows = ((bi as usize * n + r0) * h + hi as usize) * e;
             // SAFETY: as above.
             unsafe {
                 gemm::gemm(
                     r,
                     e,
                     m,
-                    dst.0.add(((bi as usize * n + r0) * h + hi as usize) * e),
+                    dst.0.add(out_rows),
                     1,
                     (h * e) as isize,
                     false,
                     scores.as_ptr(),
                     1,
-                    m as isize,
+                    stride as isize,
                     vd.as_ptr().add(at(vo, vs, 0)),
                     vs[3],
                     vs[2],
@@ -262,20 +264,33 @@ fn flex_attention(
                     gemm::Parallelism::None,
                 );
             }
+            // The softmax's division, on the e values of each output row.
+            for (i, &inv) in inv_sums.iter().enumerate() {
+                // SAFETY: row r0 + i of this task's output, written by the gemm above.
+                let row =
+                    unsafe { std::slice::from_raw_parts_mut(dst.0.add(out_rows + i * h * e), e) };
+                for v in row {
+                    *v *= inv;
+                }
+            }
         });
     };
     let tasks = b * h * blocks;
-    #[cfg(not(target_arch = "wasm32"))]
-    if b * h * n * m * (d + e) >= CPU_PARALLEL_WORK {
-        use rayon::prelude::*;
-        (0..tasks)
-            .into_par_iter()
-            .for_each(|t| task(t / blocks, t % blocks));
-        return heads_view(FlexTensor::from_data(TensorData::new(out, physical)));
-    }
-    for t in 0..tasks {
-        task(t / blocks, t % blocks);
-    }
+    let fill = |out_ptr: crate::cpu_conv::SendPtr| {
+        #[cfg(not(target_arch = "wasm32"))]
+        if b * h * n * m * (d + e) >= CPU_PARALLEL_WORK {
+            use rayon::prelude::*;
+            (0..tasks)
+                .into_par_iter()
+                .for_each(|t| task(out_ptr, t / blocks, t % blocks));
+            return;
+        }
+        for t in 0..tasks {
+            task(out_ptr, t / blocks, t % blocks);
+        }
+    };
+    // SAFETY: the tasks' gemms (`read_dst` false) write every row of every head.
+    let out = unsafe { crate::cpu_conv::written(b * h * n * e, fill) };
     heads_view(FlexTensor::from_data(TensorData::new(out, physical)))
 }
 

@@ -51,10 +51,6 @@ pub fn conv2d(
     if n * o * hw == 0 || k == 0 || h_padded < kh || w_padded < kw {
         return (vec![0f32; n * o * hw], [n, o, oh, ow]);
     }
-    // Not zeroed first: the tasks' gemms write every output value (`read_dst` false).
-    let mut out: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(n * o * hw);
-    // SAFETY: MaybeUninit values need no initialisation.
-    unsafe { out.set_len(n * o * hw) };
     // A 1×1 convolution without stride or padding multiplies x itself.
     let no_padding = ph + ph_end + pw + pw_end == 0;
     let pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && no_padding;
@@ -75,79 +71,77 @@ pub fn conv2d(
         pw,
         ow,
     };
-    let out_ptr = SendPtr(out.as_mut_ptr().cast::<f32>());
-    // Output rows r0..r1 of sample b; `threads`: gemm's own parallelism.
-    let task = |b: usize, r0: usize, threads: gemm::Parallelism| {
-        let r1 = (r0 + rows).min(oh);
-        let len = (r1 - r0) * ow;
-        let x_b = &x[b * c * h * wd..][..c * h * wd];
-        let run = |rhs: *const f32, rhs_rs: usize| {
-            let dst = out_ptr;
-            // SAFETY: the tasks write disjoint blocks (sample b, columns r0·ow.. of each of the
-            // o output rows of length hw), lhs is the o×k weight, rhs a k×len matrix with row
-            // stride rhs_rs inside x or the im2col buffer.
-            unsafe {
-                gemm::gemm(
-                    o,
-                    len,
-                    k,
-                    dst.0.add(b * o * hw + r0 * ow),
-                    1,
-                    hw as isize,
-                    false,
-                    w.as_ptr(),
-                    1,
-                    k as isize,
-                    rhs,
-                    1,
-                    rhs_rs as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    threads,
-                );
+    let fill = |out_ptr: SendPtr| {
+        // Output rows r0..r1 of sample b; `threads`: gemm's own parallelism.
+        let task = |b: usize, r0: usize, threads: gemm::Parallelism| {
+            let r1 = (r0 + rows).min(oh);
+            let len = (r1 - r0) * ow;
+            let x_b = &x[b * c * h * wd..][..c * h * wd];
+            let run = |rhs: *const f32, rhs_rs: usize| {
+                let dst = out_ptr;
+                // SAFETY: the tasks write disjoint blocks (sample b, columns r0·ow.. of each of the
+                // o output rows of length hw), lhs is the o×k weight, rhs a k×len matrix with row
+                // stride rhs_rs inside x or the im2col buffer.
+                unsafe {
+                    gemm::gemm(
+                        o,
+                        len,
+                        k,
+                        dst.0.add(b * o * hw + r0 * ow),
+                        1,
+                        hw as isize,
+                        false,
+                        w.as_ptr(),
+                        1,
+                        k as isize,
+                        rhs,
+                        1,
+                        rhs_rs as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        threads,
+                    );
+                }
+            };
+            if pointwise {
+                run(x_b[r0 * ow..].as_ptr(), hw);
+            } else {
+                COLS.with_borrow_mut(|cols| {
+                    cols.resize(k * rows * ow, 0.0);
+                    let cols = &mut cols[..k * len];
+                    geometry.im2col(cols, x_b, r0, r1);
+                    run(cols.as_ptr(), len);
+                });
             }
         };
-        if pointwise {
-            run(x_b[r0 * ow..].as_ptr(), hw);
+        let blocks = oh.div_ceil(rows);
+        let serial = || {
+            for t in 0..n * blocks {
+                task(t / blocks, t % blocks * rows, gemm::Parallelism::None);
+            }
+        };
+        #[cfg(not(target_arch = "wasm32"))]
+        if n * o * k * hw < PARALLEL_WORK {
+            serial();
+        } else if n * blocks >= rayon::current_num_threads() {
+            use rayon::prelude::*;
+            (0..n * blocks)
+                .into_par_iter()
+                .for_each(|t| task(t / blocks, t % blocks * rows, gemm::Parallelism::None));
         } else {
-            COLS.with_borrow_mut(|cols| {
-                cols.resize(k * rows * ow, 0.0);
-                let cols = &mut cols[..k * len];
-                geometry.im2col(cols, x_b, r0, r1);
-                run(cols.as_ptr(), len);
-            });
+            for t in 0..n * blocks {
+                task(t / blocks, t % blocks * rows, gemm::Parallelism::Rayon(0));
+            }
         }
-    };
-    let blocks = oh.div_ceil(rows);
-    let serial = || {
-        for t in 0..n * blocks {
-            task(t / blocks, t % blocks * rows, gemm::Parallelism::None);
-        }
-    };
-    #[cfg(not(target_arch = "wasm32"))]
-    if n * o * k * hw < PARALLEL_WORK {
+        #[cfg(target_arch = "wasm32")]
         serial();
-    } else if n * blocks >= rayon::current_num_threads() {
-        use rayon::prelude::*;
-        (0..n * blocks)
-            .into_par_iter()
-            .for_each(|t| task(t / blocks, t % blocks * rows, gemm::Parallelism::None));
-    } else {
-        for t in 0..n * blocks {
-            task(t / blocks, t % blocks * rows, gemm::Parallelism::Rayon(0));
-        }
-    }
-    #[cfg(target_arch = "wasm32")]
-    serial();
-    // SAFETY: the tasks above covered every (sample, row block), so every value is written;
-    // MaybeUninit<f32> and f32 have the same layout.
-    let out = unsafe {
-        let mut out = std::mem::ManuallyDrop::new(out);
-        Vec::from_raw_parts(out.as_mut_ptr().cast::<f32>(), out.len(), out.capacity())
     };
+    // Not zeroed first: the tasks' gemms write every output value (`read_dst` false).
+    // SAFETY: `fill`'s tasks cover every (sample, row block), so every value is written.
+    let out = unsafe { written(n * o * hw, fill) };
     (out, [n, o, oh, ow])
 }
 
@@ -200,6 +194,71 @@ pub fn x_gradient(
     let (dx, shape) = conv2d(dy, [n, o, oh, ow], &flipped, [c, kh, kw], &transposed);
     debug_assert_eq!(shape, [n, c, h, wd]);
     dx
+}
+
+/// A vector of `len` values written by `fill` at the pointer it is given, not zeroed first.
+///
+/// # Safety
+/// `fill` writes every one of the `len` values.
+pub(crate) unsafe fn written(len: usize, fill: impl FnOnce(SendPtr)) -> Vec<f32> {
+    let mut out = Vec::<f32>::with_capacity(len);
+    fill(SendPtr(out.as_mut_ptr()));
+    // SAFETY: the capacity is len, and the caller guarantees every value was written.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// `x · w` for row-major `[rows, d_in]` x and a `[d_in, d_out]` w addressed by its strides
+/// (`w[i][j]` at `w_rs·i + w_cs·j`: a Linear's stored `[d_out, d_in]` weight, transposed as a
+/// view), written straight into the result (flex's matmul zeroes its output, then copies it
+/// once more to realign it). Above [`PARALLEL_WORK`] multiply-adds, gemm's own threads.
+pub fn matmul(
+    x: &[f32],
+    [rows, d_in]: [usize; 2],
+    w: &[f32],
+    [w_rs, w_cs]: [isize; 2],
+    d_out: usize,
+) -> Vec<f32> {
+    if rows * d_out == 0 || d_in == 0 {
+        return vec![0f32; rows * d_out];
+    }
+    #[cfg(not(target_arch = "wasm32"))]
+    let threads = if rows * d_in * d_out >= PARALLEL_WORK {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    };
+    #[cfg(target_arch = "wasm32")]
+    let threads = gemm::Parallelism::None;
+    let fill = |dst: SendPtr| {
+        // SAFETY: dst holds rows·d_out values; x is rows×d_in, row-major; w's strides address
+        // d_in×d_out values inside its slice (the caller's layout).
+        unsafe {
+            gemm::gemm(
+                rows,
+                d_out,
+                d_in,
+                dst.0,
+                1,
+                d_out as isize,
+                false,
+                x.as_ptr(),
+                1,
+                d_in as isize,
+                w.as_ptr(),
+                w_cs,
+                w_rs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                threads,
+            )
+        }
+    };
+    // SAFETY: the gemm writes the whole rows×d_out output (`read_dst` false).
+    unsafe { written(rows * d_out, fill) }
 }
 
 /// An output buffer's pointer, shared by tasks that write disjoint parts of it.
@@ -319,12 +378,11 @@ impl Geometry {
             .max(lo as isize) as usize;
         let from = (start + lo as isize) as usize;
         dst[lo..hi].copy_from_slice(&plane[from..from + (hi - lo)]);
+        // Column by column down the rows (a `fill` per row is a memset call per 1–2 values).
         let edge = shift.unsigned_abs().min(ow);
-        if shift < 0 {
-            dst.chunks_exact_mut(ow).for_each(|r| r[..edge].fill(0.0));
-        } else if shift > 0 {
-            dst.chunks_exact_mut(ow)
-                .for_each(|r| r[ow - edge..].fill(0.0));
+        let columns = if shift < 0 { 0..edge } else { ow - edge..ow };
+        for col in columns {
+            dst[col..].iter_mut().step_by(ow).for_each(|v| *v = 0.0);
         }
     }
 }

@@ -14,9 +14,35 @@
 //!   error below 1.5e-7 in exact arithmetic, 6e-7 in f32 (its polynomial cancels near 0). GELU
 //!   built on it is within 3e-7·|x| of the exact value.
 
+/// `a·b + c`, fused (one rounding, one instruction) in the kernels compiled for CPUs with FMA,
+/// a product and a sum in the baseline, where `f32::mul_add` would be a libm call.
+pub trait Mad {
+    fn mad(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// [`Mad`] by the FMA instruction (`f32::mul_add`).
+pub struct Fused;
+
+/// [`Mad`] as a product, then a sum.
+pub struct Separate;
+
+impl Mad for Fused {
+    #[inline(always)]
+    fn mad(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+impl Mad for Separate {
+    #[inline(always)]
+    fn mad(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
 /// `e^x` for `x` in `[−87.3, 88.3]` (clamped outside), within 2 ulp.
 #[inline(always)]
-pub fn exp(x: f32) -> f32 {
+pub fn exp<M: Mad>(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -25,23 +51,24 @@ pub fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.3, 88.3);
     // n = round(x / ln 2) ∈ [−126, 127], as a float and (the low bits of t) as an integer:
     // no float-to-int conversion, which compilers do not vectorise (Rust's saturates).
-    let t = x * LOG2E + ROUND;
+    let t = M::mad(x, LOG2E, ROUND);
     let n = t - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
+    // n·LN2_HI is exact (LN2_HI has 12 significant bits), fused or not.
+    let r = M::mad(n, -LN2_LO, M::mad(n, -LN2_HI, x));
     let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let e = p * (r * r) + r + 1.0;
+    let p = M::mad(p, r, 1.398_199_9e-3);
+    let p = M::mad(p, r, 8.333_452e-3);
+    let p = M::mad(p, r, 4.166_579_6e-2);
+    let p = M::mad(p, r, 1.666_666_5e-1);
+    let p = M::mad(p, r, 0.5);
+    let e = M::mad(p, r * r, r) + 1.0;
     let biased = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
     e * f32::from_bits(biased << 23)
 }
 
 /// `erfc(a)` for `a ≥ 0` (Abramowitz & Stegun 7.1.26), absolute error below 6e-7 in f32.
 #[inline(always)]
-fn erfc_nonneg(a: f32) -> f32 {
+fn erfc_nonneg<M: Mad>(a: f32) -> f32 {
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
         0.254_829_6,
@@ -50,29 +77,33 @@ fn erfc_nonneg(a: f32) -> f32 {
         -1.453_152_1,
         1.061_405_4,
     ];
-    let t = 1.0 / (1.0 + P * a);
-    let poly = ((((A[4] * t + A[3]) * t + A[2]) * t + A[1]) * t + A[0]) * t;
-    poly * exp(-a * a)
+    let t = 1.0 / M::mad(P, a, 1.0);
+    let poly = M::mad(
+        M::mad(M::mad(M::mad(A[4], t, A[3]), t, A[2]), t, A[1]),
+        t,
+        A[0],
+    ) * t;
+    poly * exp::<M>(-a * a)
 }
 
 /// The error function, absolute error below 6e-7.
 #[inline(always)]
-pub fn erf(x: f32) -> f32 {
-    (1.0 - erfc_nonneg(x.abs())).copysign(x)
+pub fn erf<M: Mad>(x: f32) -> f32 {
+    (1.0 - erfc_nonneg::<M>(x.abs())).copysign(x)
 }
 
 /// `x·sigmoid(x)`.
 #[inline(always)]
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + exp(-x))
+pub fn silu<M: Mad>(x: f32) -> f32 {
+    x / (1.0 + exp::<M>(-x))
 }
 
 /// `x·Φ(x)`, GELU with the exact normal CDF (PyTorch's default `approximate='none'`), as
 /// `x/2 · erfc(−x/√2)`: for negative `x` erfc is computed directly, without the cancellation
 /// of `1 + erf` in the tail.
 #[inline(always)]
-pub fn gelu(x: f32) -> f32 {
-    let q = erfc_nonneg(x.abs() * std::f32::consts::FRAC_1_SQRT_2);
+pub fn gelu<M: Mad>(x: f32) -> f32 {
+    let q = erfc_nonneg::<M>(x.abs() * std::f32::consts::FRAC_1_SQRT_2);
     0.5 * x * if x < 0.0 { q } else { 2.0 - q }
 }
 
@@ -102,31 +133,33 @@ pub(crate) fn for_each_chunk(
         .for_each(|(i, (o, x))| kernel(i, o, x));
 }
 
-/// Defines `pub fn $name(args)` whose body is compiled for AVX-512, for AVX2 + FMA and for the
-/// baseline, the first the CPU has chosen when called (natively on x86-64; elsewhere the
-/// baseline only).
+/// Defines `pub fn $name(args)` whose body (generic over `$m:` [`Mad`]) is compiled for
+/// AVX-512 and for AVX2 + FMA with [`Fused`] multiply-adds, and for the baseline with
+/// [`Separate`] ones, the first the CPU has chosen when called (natively on x86-64; elsewhere
+/// the baseline only).
 macro_rules! multiversion {
-    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        multiversion! { $(#[$doc])* pub fn $name($($arg: $ty),*) -> () $body }
+    ($(#[$doc:meta])* pub fn $name:ident<$m:ident>($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        multiversion! { $(#[$doc])* pub fn $name<$m>($($arg: $ty),*) -> () $body }
     };
-    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+    ($(#[$doc:meta])* pub fn $name:ident<$m:ident>($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$doc])*
         pub fn $name($($arg: $ty),*) -> $ret {
             #[inline(always)]
-            fn body($($arg: $ty),*) -> $ret $body
+            fn body<$m: Mad>($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
                 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
                 unsafe fn avx512($($arg: $ty),*) -> $ret {
-                    body($($arg),*)
+                    body::<Fused>($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) -> $ret {
-                    body($($arg),*)
+                    body::<Fused>($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f")
                     && std::arch::is_x86_feature_detected!("avx512vl")
                     && std::arch::is_x86_feature_detected!("avx512dq")
+                    && std::arch::is_x86_feature_detected!("fma")
                 {
                     // SAFETY: the CPU has the features the function is compiled for.
                     return unsafe { avx512($($arg),*) };
@@ -138,55 +171,80 @@ macro_rules! multiversion {
                     return unsafe { avx2($($arg),*) };
                 }
             }
-            body($($arg),*)
+            body::<Separate>($($arg),*)
         }
     };
 }
 
 /// Lanes of the partial reductions below (one AVX-512 register of f32).
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
-/// `xs` in `LANES`-wide blocks, the last one padded with `pad` (`f(block, valid lanes)`), so
-/// that rows whose length is not a multiple of `LANES` stay vectorised to the end.
+/// The first `cols` values of `xs` in `LANES`-wide blocks (`f(block, valid lanes)`), so that
+/// rows whose length is not a multiple of `LANES` stay vectorised to the end: the last, partial
+/// block in place where `xs` extends a whole block past it (its lanes from `valid` on then hold
+/// whatever `xs` holds there), else copied into a block padded with `pad`.
 #[inline(always)]
-fn blocks(xs: &mut [f32], pad: f32, mut f: impl FnMut(&mut [f32; LANES], usize)) {
-    let mut chunks = xs.chunks_exact_mut(LANES);
-    for c in &mut chunks {
+fn blocks(xs: &mut [f32], cols: usize, pad: f32, mut f: impl FnMut(&mut [f32; LANES], usize)) {
+    let full = cols / LANES * LANES;
+    let (head, rest) = xs.split_at_mut(full);
+    for c in head.chunks_exact_mut(LANES) {
         f(c.try_into().expect("LANES values"), LANES);
     }
-    let tail = chunks.into_remainder();
-    if !tail.is_empty() {
+    let valid = cols - full;
+    if valid == 0 {
+        return;
+    }
+    if rest.len() >= LANES {
+        f(
+            (&mut rest[..LANES]).try_into().expect("LANES values"),
+            valid,
+        );
+    } else {
+        let tail = &mut rest[..valid];
         let mut block = [pad; LANES];
-        block[..tail.len()].copy_from_slice(tail);
-        f(&mut block, tail.len());
-        tail.copy_from_slice(&block[..tail.len()]);
+        block[..valid].copy_from_slice(tail);
+        f(&mut block, valid);
+        tail.copy_from_slice(&block[..valid]);
     }
 }
 
-/// Softmax of one row, in place (−∞ everywhere: zeros).
+/// `e^(x − max)` in place over the first `cols` values of `row`, returning their sum (0, with
+/// the values zeroed, when all are −∞).
 #[inline(always)]
-fn softmax_row(row: &mut [f32]) {
+fn exp_sum<M: Mad>(row: &mut [f32], cols: usize) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
-    blocks(row, f32::NEG_INFINITY, |b, _| {
-        for (a, &v) in lanes.iter_mut().zip(b.iter()) {
+    blocks(row, cols, f32::NEG_INFINITY, |b, valid| {
+        for (i, (a, &v)) in lanes.iter_mut().zip(b.iter()).enumerate() {
+            let v = if i < valid { v } else { f32::NEG_INFINITY };
             *a = if v > *a { v } else { *a };
         }
     });
     let m = lanes.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     if m == f32::NEG_INFINITY {
-        row.fill(0.0);
-        return;
+        row[..cols].fill(0.0);
+        return 0.0;
     }
     let mut sums = [0f32; LANES];
-    blocks(row, f32::NEG_INFINITY, |b, valid| {
+    blocks(row, cols, f32::NEG_INFINITY, |b, valid| {
         for (i, (a, v)) in sums.iter_mut().zip(b.iter_mut()).enumerate() {
-            *v = exp(*v - m);
-            // Padding lanes (exp clamps −∞ to 1.2e-38) add nothing.
+            *v = exp::<M>(*v - m);
+            // Lanes past the row (exp clamps −∞ to 1.2e-38) add nothing.
             *a += if i < valid { *v } else { 0.0 };
         }
     });
-    let inv = 1.0 / sums.iter().sum::<f32>();
-    blocks(row, 0.0, |b, _| {
+    sums.iter().sum()
+}
+
+/// Softmax of one row, in place (−∞ everywhere: zeros).
+#[inline(always)]
+fn softmax_row<M: Mad>(row: &mut [f32]) {
+    let cols = row.len();
+    let sum = exp_sum::<M>(row, cols);
+    if sum == 0.0 {
+        return;
+    }
+    let inv = 1.0 / sum;
+    blocks(row, cols, 0.0, |b, _| {
         for v in b.iter_mut() {
             *v *= inv;
         }
@@ -195,9 +253,23 @@ fn softmax_row(row: &mut [f32]) {
 
 multiversion! {
     /// Softmax of each row of `cols` values of `scores`, in place.
-    pub fn softmax_rows(scores: &mut [f32], cols: usize) {
+    pub fn softmax_rows<M>(scores: &mut [f32], cols: usize) {
         for row in scores.chunks_exact_mut(cols.max(1)) {
-            softmax_row(row);
+            softmax_row::<M>(row);
+        }
+    }
+}
+
+multiversion! {
+    /// The softmax of each row of `scores` but for its division by the row's sum: rows of
+    /// `stride` values of which the first `cols` are the row's (the rest are scratch, written
+    /// but not read, so a `stride` of `cols` rounded up to [`LANES`] keeps every block whole),
+    /// `e^(x − max)` in place and `1 / Σ` into `inv_sums` (0 for a row of −∞). The attention
+    /// kernel divides its `P v` rows instead: `e` values per row, not `cols`.
+    pub fn exp_rows<M>(scores: &mut [f32], cols: usize, stride: usize, inv_sums: &mut [f32]) {
+        for (row, inv) in scores.chunks_exact_mut(stride.max(1)).zip(inv_sums.iter_mut()) {
+            let sum = exp_sum::<M>(row, cols);
+            *inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
         }
     }
 }
@@ -222,7 +294,7 @@ fn sum_f64(xs: &[f32], f: impl Fn(f64) -> f64) -> f64 {
 multiversion! {
     /// The mean and the centred sum of squares `Σ (x − mean)²` of `xs`, in f64 (two passes:
     /// a mean far larger than the spread does not cancel).
-    pub fn moments(xs: &[f32]) -> (f64, f64) {
+    pub fn moments<M>(xs: &[f32]) -> (f64, f64) {
         let mean = sum_f64(xs, |v| v) / xs.len().max(1) as f64;
         (mean, sum_f64(xs, |v| (v - mean) * (v - mean)))
     }
@@ -230,10 +302,10 @@ multiversion! {
 
 multiversion! {
     /// `out[i] = silu?((xs[i] − m)·a + shift)`.
-    pub fn affine_silu(out: &mut [f32], xs: &[f32], m: f32, a: f32, shift: f32, silu_after: bool) {
+    pub fn affine_silu<M>(out: &mut [f32], xs: &[f32], m: f32, a: f32, shift: f32, silu_after: bool) {
         if silu_after {
             for (o, &v) in out.iter_mut().zip(xs) {
-                *o = silu((v - m) * a + shift);
+                *o = silu::<M>((v - m) * a + shift);
             }
         } else {
             for (o, &v) in out.iter_mut().zip(xs) {
@@ -246,11 +318,11 @@ multiversion! {
 multiversion! {
     /// GEGLU over rows of `h` (`2·inner` values each: the value half, then the gate half):
     /// `out[r][i] = h[r][i] · gelu(h[r][inner + i])`, `inner` values per row of `out`.
-    pub fn geglu_rows(out: &mut [f32], h: &[f32], inner: usize) {
+    pub fn geglu_rows<M>(out: &mut [f32], h: &[f32], inner: usize) {
         for (o, row) in out.chunks_exact_mut(inner.max(1)).zip(h.chunks_exact(2 * inner.max(1))) {
             let (value, gate) = row.split_at(inner);
             for ((o, &v), &g) in o.iter_mut().zip(value).zip(gate) {
-                *o = v * gelu(g);
+                *o = v * gelu::<M>(g);
             }
         }
     }
@@ -260,7 +332,7 @@ multiversion! {
     /// GEGLU's backward over rows: `h` as for [`geglu_rows`], `d_out` the output gradient
     /// (`inner` values a row); writes `dh` (`2·inner` a row): `dvalue = d_out·gelu(gate)`,
     /// `dgate = d_out·value·(Φ(gate) + gate·φ(gate))`.
-    pub fn geglu_backward_rows(dh: &mut [f32], h: &[f32], d_out: &[f32], inner: usize) {
+    pub fn geglu_backward_rows<M>(dh: &mut [f32], h: &[f32], d_out: &[f32], inner: usize) {
         let inner = inner.max(1);
         let rows = dh
             .chunks_exact_mut(2 * inner)
@@ -271,10 +343,10 @@ multiversion! {
             let (value, gate) = h.split_at(inner);
             for i in 0..inner {
                 let g = gate[i];
-                let q = erfc_nonneg(g.abs() * std::f32::consts::FRAC_1_SQRT_2);
+                let q = erfc_nonneg::<M>(g.abs() * std::f32::consts::FRAC_1_SQRT_2);
                 let cdf = if g < 0.0 { 0.5 * q } else { 1.0 - 0.5 * q };
                 // φ(g) = e^{−g²/2} / √(2π).
-                let pdf = 0.398_942_3 * exp(-0.5 * g * g);
+                let pdf = 0.398_942_3 * exp::<M>(-0.5 * g * g);
                 d_value[i] = d[i] * g * cdf;
                 d_gate[i] = d[i] * value[i] * (cdf + g * pdf);
             }
@@ -292,16 +364,20 @@ mod tests {
 
     #[test]
     fn exp_is_within_two_ulp_over_its_range() {
-        let mut worst = 0;
-        let mut x = -87.0f32;
-        while x < 88.3 {
-            let want = (x as f64).exp() as f32;
-            worst = worst.max(ulps(exp(x), want));
-            x += 0.001_7;
+        fn check<M: Mad>() {
+            let mut worst = 0;
+            let mut x = -87.0f32;
+            while x < 88.3 {
+                let want = (x as f64).exp() as f32;
+                worst = worst.max(ulps(exp::<M>(x), want));
+                x += 0.001_7;
+            }
+            assert!(worst <= 2, "worst {worst} ulp");
+            assert_eq!(exp::<M>(0.0), 1.0);
+            assert!(exp::<M>(f32::NEG_INFINITY) < 1.3e-38);
         }
-        assert!(worst <= 2, "worst {worst} ulp");
-        assert_eq!(exp(0.0), 1.0);
-        assert!(exp(f32::NEG_INFINITY) < 1.3e-38);
+        check::<Fused>();
+        check::<Separate>();
     }
 
     /// erfc's error, halved and times x, plus rounding.
@@ -311,14 +387,21 @@ mod tests {
 
     #[test]
     fn erf_and_gelu_are_within_their_bounds() {
-        let mut x = -6.0f32;
-        while x < 6.0 {
-            let want = libm_erf(x as f64);
-            assert!((erf(x) as f64 - want).abs() < 6e-7, "erf({x})");
-            let g = 0.5 * x as f64 * (1.0 + libm_erf(x as f64 / 2f64.sqrt()));
-            assert!((gelu(x) as f64 - g).abs() <= gelu_bound(x, g), "gelu({x})");
-            x += 0.000_97;
+        fn check<M: Mad>() {
+            let mut x = -6.0f32;
+            while x < 6.0 {
+                let want = libm_erf(x as f64);
+                assert!((erf::<M>(x) as f64 - want).abs() < 6e-7, "erf({x})");
+                let g = 0.5 * x as f64 * (1.0 + libm_erf(x as f64 / 2f64.sqrt()));
+                assert!(
+                    (gelu::<M>(x) as f64 - g).abs() <= gelu_bound(x, g),
+                    "gelu({x})"
+                );
+                x += 0.000_97;
+            }
         }
+        check::<Fused>();
+        check::<Separate>();
     }
 
     /// erf in f64 (W. J. Cody's rational approximations are overkill here: the series and the
@@ -371,6 +454,29 @@ mod tests {
             let want = ((v - m) as f64).exp() / z;
             assert!((p as f64 - want).abs() <= 4e-7 * want + 1e-12, "{p} {want}");
         }
+        // Rows of 77 in a stride of 80 whose scratch holds NaN and huge values, and a row of
+        // −∞: the same exponentials, the scratch ignored.
+        let (cols, stride) = (77, 80);
+        let mut rows = vec![f32::NAN; 3 * stride];
+        for r in 0..2 {
+            rows[r * stride..][..cols].copy_from_slice(&xs[r * 20..][..cols]);
+            rows[r * stride + cols] = 1e30;
+        }
+        rows[2 * stride..][..cols].fill(f32::NEG_INFINITY);
+        let mut inv = [f32::NAN; 3];
+        exp_rows(&mut rows, cols, stride, &mut inv);
+        for r in 0..2 {
+            let row = &xs[r * 20..][..cols];
+            let m = row.iter().cloned().fold(f32::MIN, f32::max);
+            let z: f64 = row.iter().map(|&v| ((v - m) as f64).exp()).sum();
+            assert!((inv[r] as f64 * z - 1.0).abs() <= 4e-7, "{} {z}", inv[r]);
+            for (&e, &v) in rows[r * stride..][..cols].iter().zip(row) {
+                let want = ((v - m) as f64).exp();
+                assert!((e as f64 - want).abs() <= 3e-7 * want, "{e} {want}");
+            }
+        }
+        assert_eq!(inv[2], 0.0);
+        assert!(rows[2 * stride..][..cols].iter().all(|&v| v == 0.0));
         let mut o = vec![0f32; xs.len()];
         affine_silu(&mut o, &xs, 0.5, 1.5, -0.25, true);
         for (&o, &v) in o.iter().zip(&xs) {

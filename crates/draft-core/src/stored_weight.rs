@@ -85,8 +85,34 @@ pub(crate) fn conv_x_backward_burn<B: Backend>(
     B::conv2d_x_backward(x, w, dy, options)
 }
 
-/// The CPU backend: f32 convolutions by [`crate::cpu_conv`], the rest as every backend.
+/// The CPU backend: f32 matrix products and convolutions by [`crate::cpu_conv`], the rest as
+/// every backend.
 impl StoredWeightBackend for Flex {
+    fn matmul_stored(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
+        use burn::backend::flex::FlexTensor;
+        use burn::tensor::{DType, TensorData};
+        let f32s = x.dtype() == DType::F32 && w.dtype() == DType::F32;
+        if !(f32s && w.layout().has_positive_strides()) {
+            return matmul_forward::<Self>(x, w);
+        }
+        let mut shape = x.layout().shape().clone();
+        let last = shape.num_dims() - 1;
+        let d_in = shape[last];
+        let rows = shape.num_elements() / d_in.max(1);
+        let d_out = w.layout().shape()[1];
+        let x = x.to_contiguous();
+        let (w_start, s) = (w.layout().start_offset(), w.layout().strides());
+        let values = crate::cpu_conv::matmul(
+            x.as_slice().expect("contiguous"),
+            [rows, d_in],
+            &w.storage::<f32>()[w_start..],
+            [s[0], s[1]],
+            d_out,
+        );
+        shape[last] = d_out;
+        FlexTensor::from_data(TensorData::new(values, shape))
+    }
+
     fn conv2d_stored(
         x: FloatTensor<Self>,
         w: FloatTensor<Self>,

@@ -168,10 +168,14 @@ impl Upsample2D {
 }
 
 /// Exact ×2 nearest upsampling as a broadcast: same values as `interpolate`, and a plain
-/// reshape/expand in the backward pass on every backend.
+/// reshape/expand in the backward pass on every backend. Widened, then heightened: each step
+/// is a copy flex makes by rows (one expand of both axes walks element by element).
 fn twice(x: Tensor<4>) -> Tensor<4> {
     let [b, c, h, w] = x.dims();
-    x.reshape([b, c, h, 1, w, 1])
-        .expand([b, c, h, 2, w, 2])
+    let wide = x
+        .reshape([b * c * h, w, 1])
+        .expand([b * c * h, w, 2])
+        .reshape([b * c * h, 1, w * 2]);
+    wide.expand([b * c * h, 2, w * 2])
         .reshape([b, c, h * 2, w * 2])
 }
