@@ -88,6 +88,9 @@ pub struct LoraEntry {
     pub key: String,
     pub kind: LoraKind,
     pub adapters: Vec<Adapter>,
+    /// The layer's weight with the adapters folded in ([`LoraSlot::merged_linear`]), made
+    /// for the adapters as they are: every change to the table drops it.
+    merged: Option<Tensor<2>>,
 }
 
 /// The adapters of every adapted layer of a pipeline, shared by those layers.
@@ -111,6 +114,65 @@ impl LoraSlot {
             ad.b = crate::nn::in_dtype(ad.b.clone(), dtype);
         }
         adapters
+    }
+
+    /// A `Linear` layer's stored `[in, out]` weight `w` plus `Σ s·Aᵀ·Bᵀ`, for an input `x`
+    /// that no gradient flows through on the CPU: the layer then runs as one matrix product,
+    /// where the adapters' two thin products and the sum into the output cost sd1-tiny's
+    /// sampling ~4% (docs/benchmarks.md). Made once for the adapters as they are (a training
+    /// step's whole sampling chain) and kept in the table until they change; `None` where the
+    /// adapters run apart: a pass with gradient (x or an adapter tracked), another dtype than
+    /// f32, or a GPU, whose memory the merged copies would take.
+    pub fn merged_linear<const D: usize>(&self, w: &Tensor<2>, x: &Tensor<D>) -> Option<Tensor<2>> {
+        self.merged(w.dtype(), x.is_tracked(), &x.device(), |adapters| {
+            adapters.iter().fold(w.clone(), |w, ad| {
+                w + scaled(ad.a.clone().transpose(), ad.scale).matmul(ad.b.clone().transpose())
+            })
+        })
+    }
+
+    /// As [`merged_linear`](Self::merged_linear), for a `Conv2d` layer's `[out, in, k, k]`
+    /// weight: `w + Σ s·B·A`, A `[r, in·k·k]` being the adapter's conv with the layer's kernel
+    /// and options and B its 1×1 conv.
+    pub fn merged_conv(&self, w: &Tensor<4>, x: &Tensor<4>) -> Option<Tensor<4>> {
+        let dims = w.dims();
+        let merged = self.merged(w.dtype(), x.is_tracked(), &x.device(), |adapters| {
+            adapters.iter().fold(w.clone().flatten::<2>(1, 3), |w, ad| {
+                w + scaled(ad.b.clone(), ad.scale).matmul(ad.a.clone())
+            })
+        })?;
+        Some(merged.reshape(dims))
+    }
+
+    /// The entry's merged weight, made by `merge` from the adapters when there is none yet;
+    /// see [`merged_linear`](Self::merged_linear) for when.
+    fn merged(
+        &self,
+        w_dtype: burn::tensor::DType,
+        x_tracked: bool,
+        device: &Device,
+        merge: impl FnOnce(&[Adapter]) -> Tensor<2>,
+    ) -> Option<Tensor<2>> {
+        use burn::tensor::DType;
+        let on_cpu = matches!(
+            device.clone().inner().as_dispatch(),
+            burn::backend::DispatchDevice::Flex(_)
+        );
+        if x_tracked || !on_cpu || w_dtype != DType::F32 {
+            return None;
+        }
+        let mut entries = self.table.lock();
+        let e = &mut entries[self.index];
+        if let Some(m) = &e.merged {
+            return Some(m.clone());
+        }
+        let plain = |t: &Tensor<2>| !t.is_tracked() && t.dtype() == DType::F32;
+        if e.adapters.is_empty() || !e.adapters.iter().all(|ad| plain(&ad.a) && plain(&ad.b)) {
+            return None;
+        }
+        let m = merge(&e.adapters);
+        e.merged = Some(m.clone());
+        Some(m)
     }
 
     /// `x·Aᵀ·Bᵀ·s` summed over the adapters, for a `Linear` input `[.., in]`.
@@ -466,12 +528,21 @@ impl LoraTable {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn register(&self, key: String, kind: LoraKind) -> usize {
+    /// The entries, to change them: the merged weights made for the adapters as they were
+    /// are dropped.
+    fn lock_mut(&self) -> MutexGuard<'_, Vec<LoraEntry>> {
         let mut entries = self.lock();
+        entries.iter_mut().for_each(|e| e.merged = None);
+        entries
+    }
+
+    fn register(&self, key: String, kind: LoraKind) -> usize {
+        let mut entries = self.lock_mut();
         entries.push(LoraEntry {
             key,
             kind,
             adapters: Vec::new(),
+            merged: None,
         });
         entries.len() - 1
     }
@@ -501,7 +572,7 @@ impl LoraTable {
     /// (bound 1/√fan_in), `B` zero, so training starts from the base model.
     pub fn init_trainable(&self, rank: usize, alpha: f64, seed: u64, device: &Device) {
         let mut rng = rand_uniform(seed);
-        let mut entries = self.lock();
+        let mut entries = self.lock_mut();
         for e in entries.iter_mut() {
             let fan_in = e.kind.fan_in();
             let bound = 1.0 / (fan_in as f64).sqrt();
@@ -522,7 +593,7 @@ impl LoraTable {
     /// the scale; it is divided by `alpha / rank` so that training goes on in peft's
     /// parameterisation). Layers the file does not name keep their fresh adapter.
     pub fn load_trainable(&self, file: &LoraFile, alpha: f64, device: &Device) -> Result<()> {
-        let mut entries = self.lock();
+        let mut entries = self.lock_mut();
         let mut matched = 0;
         for e in entries.iter_mut() {
             let Some(LoraModule {
@@ -576,7 +647,7 @@ impl LoraTable {
     /// Adds `file` at `scale` (on top of the file's own folded scale) as one more adapter of
     /// every layer it names: inference-time scaling and mixing.
     pub fn add_file(&self, file: &LoraFile, scale: f64, device: &Device) -> Result<()> {
-        let mut entries = self.lock();
+        let mut entries = self.lock_mut();
         let index: BTreeMap<String, usize> = entries
             .iter()
             .enumerate()
@@ -613,7 +684,7 @@ impl LoraTable {
 
     /// Sets the scale of every layer's trainable (first) adapter (`alpha / rank` in training).
     pub fn set_trainable_scale(&self, scale: f64) {
-        for e in self.lock().iter_mut() {
+        for e in self.lock_mut().iter_mut() {
             if let Some(ad) = e.adapters.first_mut() {
                 ad.scale = scale;
             }
@@ -631,7 +702,7 @@ impl LoraTable {
 
     /// Replaces the trainable parameters (same order as [`params`](Self::params)).
     pub fn set_params(&self, params: &[Tensor<2>]) {
-        let mut entries = self.lock();
+        let mut entries = self.lock_mut();
         let mut it = params.iter();
         for e in entries.iter_mut() {
             if let Some(ad) = e.adapters.first_mut() {

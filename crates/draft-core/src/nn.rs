@@ -81,9 +81,16 @@ impl Linear {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let w = self.weight.val();
+        // Without gradient on the CPU, the adapters folded into the weight (LoraSlot).
+        let (w, lora) = match self.lora.as_ref().map(|l| (l.merged_linear(&w, &x), l)) {
+            Some((Some(merged), _)) => (merged, None),
+            Some((None, l)) => (w, Some(l)),
+            None => (w, None),
+        };
         // The weight in its stored dtype (f16 weights are cast per use); the backward keeps
         // the stored weight and not x (crate::stored_weight).
-        let y = crate::stored_weight::matmul_stored(x.clone(), self.weight.val());
+        let y = crate::stored_weight::matmul_stored(x.clone(), w);
         let y = match &self.bias {
             Some(b) => {
                 let b = in_dtype(b.val(), y.dtype());
@@ -91,7 +98,7 @@ impl Linear {
             }
             None => y,
         };
-        match &self.lora {
+        match lora {
             None => y,
             Some(lora) => lora.linear(&x, y),
         }
@@ -168,8 +175,15 @@ impl Conv2d {
             [1, 1],
             1,
         );
-        // As Linear: the stored weight, kept without x for the backward (crate::stored_weight).
-        let y = crate::stored_weight::conv2d_stored(x.clone(), self.weight.val(), options.clone());
+        let w = self.weight.val();
+        // As Linear: without gradient on the CPU, the adapters folded into the weight; the
+        // stored weight, kept without x for the backward (crate::stored_weight).
+        let (w, lora) = match self.lora.as_ref().map(|l| (l.merged_conv(&w, &x), l)) {
+            Some((Some(merged), _)) => (merged, None),
+            Some((None, l)) => (w, Some(l)),
+            None => (w, None),
+        };
+        let y = crate::stored_weight::conv2d_stored(x.clone(), w, options.clone());
         let y = match &self.bias {
             Some(b) => {
                 let b = in_dtype(b.val(), y.dtype());
@@ -178,7 +192,7 @@ impl Conv2d {
             }
             None => y,
         };
-        match &self.lora {
+        match lora {
             None => y,
             Some(lora) => lora.conv(&x, y, &options),
         }
