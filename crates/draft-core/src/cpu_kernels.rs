@@ -144,7 +144,9 @@ macro_rules! multiversion {
     ($(#[$doc:meta])* pub fn $name:ident<$m:ident>($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$doc])*
         pub fn $name($($arg: $ty),*) -> $ret {
+            // Kernels without multiply-adds (`moments`) leave `$m` unused.
             #[inline(always)]
+            #[allow(clippy::extra_unused_type_parameters)]
             fn body<$m: Mad>($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
