@@ -2,9 +2,10 @@
 //! diffusers' file layout.
 //!
 //! An adapted layer computes `x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ` with `A` [r, in] and `B` [out, r]
-//! (PyTorch layout, as peft stores them) and `s = alpha / r`; the dense `W + s·B·A` is never
-//! formed. A conv layer's `A` is a conv with the layer's kernel, stride and padding into `r`
-//! channels and its `B` a 1×1 conv out of them, as peft's `lora.Conv2d`.
+//! (PyTorch layout, as peft stores them) and `s = alpha / r`. A conv layer's `A` is a conv with
+//! the layer's kernel, stride and padding into `r` channels and its `B` a 1×1 conv out of them,
+//! as peft's `lora.Conv2d`. The dense `W + s·B·A` is formed only for passes without gradient on
+//! the CPU ([`LoraSlot::merged_linear`]); with gradient, and on GPUs, the adapters run apart.
 //!
 //! The adapters live in a [`LoraTable`] shared by every adapted layer of a pipeline. Layers
 //! hold a slot index into it, so the trainer swaps all adapters at once (plain tensors for a
@@ -816,4 +817,88 @@ fn rand_uniform(seed: u64) -> impl FnMut() -> f64 {
     use rand::{RngExt, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     move || rng.random::<f64>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::{Conv2d, Linear, param};
+    use crate::noise::NoiseRng;
+
+    /// Random values for every trainable parameter, from `seed`.
+    fn randomise(table: &LoraTable, seed: u64, device: &Device) {
+        let params: Vec<Tensor<2>> = table
+            .params()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| NoiseRng::new(seed + i as u64).randn(p.dims(), device) * 0.3)
+            .collect();
+        table.set_params(&params);
+    }
+
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        let b = b.inner();
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    /// Without gradient on the CPU the adapters run folded into the weight; with gradient,
+    /// apart. The two agree, and keep agreeing after the adapters and their scale change (a
+    /// folded weight kept past a change of the table would not).
+    #[test]
+    fn folded_adapters_follow_the_table() {
+        let device = Device::flex();
+        let table = LoraTable::new();
+        let plan = LoraPlan::targets(&table, "unet", &[LoraTarget::Attn, LoraTarget::Conv]);
+        let (d_in, d_out) = (6, 5);
+        let linear = Linear {
+            weight: param(NoiseRng::new(1).randn([d_out, d_in], &device).transpose()),
+            bias: Some(param(NoiseRng::new(2).randn([d_out], &device))),
+            lora: plan.slot(
+                "mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+                LoraKind::Linear { d_in, d_out },
+            ),
+        };
+        let (c_in, c_out) = (3, 4);
+        let conv = Conv2d {
+            weight: param(NoiseRng::new(3).randn([c_out, c_in, 3, 3], &device)),
+            bias: Some(param(NoiseRng::new(4).randn([c_out], &device))),
+            stride: 1,
+            pad_begin: 1,
+            pad_end: 1,
+            lora: plan.slot(
+                "mid_block.resnets.0.conv1",
+                LoraKind::Conv {
+                    c_in,
+                    c_out,
+                    kernel: 3,
+                    stride: 1,
+                    pad: (1, 1),
+                },
+            ),
+        };
+        assert!(linear.lora.is_some() && conv.lora.is_some());
+        table.init_trainable(2, 4.0, 7, &device);
+        let x = NoiseRng::new(5).randn([2, 7, d_in], &device);
+        let image = NoiseRng::new(6).randn([2, c_in, 5, 6], &device);
+        let tracked = |t: &Tensor<3>| t.clone().autodiff().require_grad();
+        let tracked4 = |t: &Tensor<4>| t.clone().autodiff().require_grad();
+        for seed in [10, 20] {
+            randomise(&table, seed, &device);
+            for scale in [2.0, 0.5] {
+                table.set_trainable_scale(scale);
+                let folded = linear.forward(x.clone());
+                let apart = linear.forward(tracked(&x));
+                let d = max_diff(folded.clone(), apart);
+                assert!(d < 1e-5, "linear, seed {seed}, scale {scale}: {d}");
+                let folded_conv = conv.forward(image.clone());
+                let apart_conv = conv.forward(tracked4(&image));
+                let d = max_diff(folded_conv, apart_conv);
+                assert!(d < 1e-5, "conv, seed {seed}, scale {scale}: {d}");
+                // The adapters matter at this size.
+                let bias = linear.bias.as_ref().expect("a bias").val().unsqueeze::<3>();
+                let base = crate::stored_weight::matmul_stored(x.clone(), linear.weight.val());
+                assert!(max_diff(folded, base + bias) > 1e-2);
+            }
+        }
+    }
 }
