@@ -165,6 +165,7 @@ fn flex_attention(
     v: burn::backend::flex::FlexTensor,
     scale: f32,
 ) -> burn::backend::flex::FlexTensor {
+    use crate::cpu_conv::Operand;
     use burn::backend::flex::FlexTensor;
     use burn::tensor::TensorData;
     // (storage, offset, [B, H, N, d] sizes, their strides) of a tensor with positive strides.
@@ -216,25 +217,20 @@ fn flex_attention(
             // element they address lies in their storage), of the r×m scores and of this
             // task's r rows of the [B, N, H, e] output, which no other task writes.
             unsafe {
-                gemm::gemm(
-                    r,
-                    m,
-                    d,
-                    scores.as_mut_ptr(),
-                    1,
-                    stride as isize,
-                    false,
-                    qd.as_ptr().add(at(qo, qs, r0)),
-                    qs[3],
-                    qs[2],
-                    kd.as_ptr().add(at(ko, ks, 0)),
-                    ks[2],
-                    ks[3],
-                    0.0,
+                crate::cpu_conv::gemm_into(
+                    [r, m, d],
+                    (scores.as_mut_ptr(), stride as isize),
+                    Operand {
+                        ptr: qd.as_ptr().add(at(qo, qs, r0)),
+                        rs: qs[2],
+                        cs: qs[3],
+                    },
+                    Operand {
+                        ptr: kd.as_ptr().add(at(ko, ks, 0)),
+                        rs: ks[3],
+                        cs: ks[2],
+                    },
                     scale,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }
@@ -242,25 +238,16 @@ fn flex_attention(
             let out_rows = ((bi as usize * n + r0) * h + hi as usize) * e;
             // SAFETY: as above.
             unsafe {
-                gemm::gemm(
-                    r,
-                    e,
-                    m,
-                    dst.0.add(out_rows),
-                    1,
-                    (h * e) as isize,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    stride as isize,
-                    vd.as_ptr().add(at(vo, vs, 0)),
-                    vs[3],
-                    vs[2],
-                    0.0,
+                crate::cpu_conv::gemm_into(
+                    [r, e, m],
+                    (dst.0.add(out_rows), (h * e) as isize),
+                    Operand::rows(scores.as_ptr(), stride as isize),
+                    Operand {
+                        ptr: vd.as_ptr().add(at(vo, vs, 0)),
+                        rs: vs[2],
+                        cs: vs[3],
+                    },
                     1.0,
-                    false,
-                    false,
-                    false,
                     gemm::Parallelism::None,
                 );
             }

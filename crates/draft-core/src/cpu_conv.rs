@@ -83,25 +83,12 @@ pub fn conv2d(
                 // o output rows of length hw), lhs is the o×k weight, rhs a k×len matrix with row
                 // stride rhs_rs inside x or the im2col buffer.
                 unsafe {
-                    gemm::gemm(
-                        o,
-                        len,
-                        k,
-                        dst.0.add(b * o * hw + r0 * ow),
-                        1,
-                        hw as isize,
-                        false,
-                        w.as_ptr(),
-                        1,
-                        k as isize,
-                        rhs,
-                        1,
-                        rhs_rs as isize,
-                        0.0,
+                    gemm_into(
+                        [o, len, k],
+                        (dst.0.add(b * o * hw + r0 * ow), hw as isize),
+                        Operand::rows(w.as_ptr(), k as isize),
+                        Operand::rows(rhs, rhs_rs as isize),
                         1.0,
-                        false,
-                        false,
-                        false,
                         threads,
                     );
                 }
@@ -234,31 +221,60 @@ pub fn matmul(
         // SAFETY: dst holds rows·d_out values; x is rows×d_in, row-major; w's strides address
         // d_in×d_out values inside its slice (the caller's layout).
         unsafe {
-            gemm::gemm(
-                rows,
-                d_out,
-                d_in,
-                dst.0,
-                1,
-                d_out as isize,
-                false,
-                x.as_ptr(),
-                1,
-                d_in as isize,
-                w.as_ptr(),
-                w_cs,
-                w_rs,
-                0.0,
+            gemm_into(
+                [rows, d_out, d_in],
+                (dst.0, d_out as isize),
+                Operand::rows(x.as_ptr(), d_in as isize),
+                Operand {
+                    ptr: w.as_ptr(),
+                    rs: w_rs,
+                    cs: w_cs,
+                },
                 1.0,
-                false,
-                false,
-                false,
                 threads,
             )
         }
     };
     // SAFETY: the gemm writes the whole rows×d_out output (`read_dst` false).
     unsafe { written(rows * d_out, fill) }
+}
+
+/// A matrix operand of [`gemm_into`]: element (i, j) at `ptr + i·rs + j·cs`.
+#[derive(Clone, Copy)]
+pub(crate) struct Operand {
+    pub(crate) ptr: *const f32,
+    pub(crate) rs: isize,
+    pub(crate) cs: isize,
+}
+
+impl Operand {
+    /// Rows `rs` apart, each contiguous.
+    pub(crate) fn rows(ptr: *const f32, rs: isize) -> Self {
+        Self { ptr, rs, cs: 1 }
+    }
+}
+
+/// `dst = scale · lhs · rhs` by gemm for `[m, n, k]` (lhs m×k, rhs k×n), dst's m rows of n
+/// contiguous values `dst.1` apart; dst is overwritten, not read.
+///
+/// # Safety
+/// Every element the operands' strides address for these sizes lies in its allocation, and
+/// dst's do not overlap what another thread reads or writes meanwhile.
+pub(crate) unsafe fn gemm_into(
+    [m, n, k]: [usize; 3],
+    dst: (*mut f32, isize),
+    lhs: Operand,
+    rhs: Operand,
+    scale: f32,
+    threads: gemm::Parallelism,
+) {
+    // SAFETY: the caller's.
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst.0, 1, dst.1, false, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 0.0,
+            scale, false, false, false, threads,
+        )
+    }
 }
 
 /// An output buffer's pointer, shared by tasks that write disjoint parts of it.
