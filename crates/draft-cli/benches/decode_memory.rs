@@ -3,7 +3,7 @@
 //! to a 512×512 image, scored by colourfulness, back-propagated to the latents — as one graph
 //! (how the trainer did it before), checkpointed per resnet (`Pipeline::decode_chain`, what
 //! the trainer does), and checkpointed with the layers over 128 MiB on strips of rows
-//! (`draft_core::strips`, what it does on GPU adapters). Prints peak resident memory over the
+//! (`draft_core::memory::strips`, what it does on GPU adapters). Prints peak resident memory over the
 //! weights and seconds per pass.
 //!
 //! `cargo bench -p draft-cli --bench decode_memory -- [--batch 1] [--side 512] [--modes whole,chain,strips]`
@@ -15,10 +15,10 @@ use std::process::Command;
 use std::time::Instant;
 
 use burn::prelude::*;
-use draft_core::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use draft_core::model::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use draft_core::model::var_builder::VarBuilder;
 use draft_core::noise::NoiseRng;
-use draft_core::reward::{RewardOptions, WeightedReward};
-use draft_core::var_builder::VarBuilder;
+use draft_core::reward::builtin::{RewardOptions, WeightedReward};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -104,7 +104,7 @@ fn run_case(mode: &str, batch: usize, side: usize) {
         }
         "chain" | "strips" => {
             let budget = if mode == "strips" {
-                draft_core::strips::MAX_BUFFER_BYTES
+                draft_core::memory::strips::MAX_BUFFER_BYTES
             } else {
                 u64::MAX
             };

@@ -10,11 +10,11 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::prelude::*;
-use draft_core::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use draft_core::model::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use draft_core::model::sampler::{Conditioning, sample};
+use draft_core::model::schedule::{Ddim, SchedulerConfig};
+use draft_core::model::var_builder::VarBuilder;
 use draft_core::noise::NoiseRng;
-use draft_core::sampler::{Conditioning, sample};
-use draft_core::schedule::{Ddim, SchedulerConfig};
-use draft_core::var_builder::VarBuilder;
 use draft_core::{ModelFiles, Pipeline};
 
 const SD14_SCHEDULER: &str = r#"{"beta_start":0.00085,"beta_end":0.012,"beta_schedule":"scaled_linear",

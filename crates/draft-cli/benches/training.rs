@@ -23,7 +23,7 @@
 //! our time over PyTorch's best time for each case.
 //!
 //! `--max-buffer-mib N` sets `Pipeline::max_buffer_bytes`: the VAE decoder's layers whose tensors
-//! would pass N MiB run on strips of rows (`draft_core::strips`; default 128 MiB).
+//! would pass N MiB run on strips of rows (`draft_core::memory::strips`; default 128 MiB).
 //!
 //! `--weights-dtype f16` keeps the UNet's (and for sd1-tiny the whole pipeline's) weight matrices
 //! and kernels in f16 (`Pipeline::load_with`); the rows say so.
@@ -41,17 +41,17 @@ use std::process::Command;
 use std::time::Instant;
 
 use burn::prelude::*;
-use draft_core::engine::{Draws, Engine, Method, Prompts};
-use draft_core::lora::{LoraPlan, LoraTable, LoraTarget};
-use draft_core::models::clip::{CLIPConfig, CLIPModel};
-use draft_core::models::clip_text::{CLIPTextConfig, CLIPTextModel};
-use draft_core::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use draft_core::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use draft_core::model::lora::{LoraPlan, LoraTable, LoraTarget};
+use draft_core::model::models::clip::{CLIPConfig, CLIPModel};
+use draft_core::model::models::clip_text::{CLIPTextConfig, CLIPTextModel};
+use draft_core::model::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use draft_core::model::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use draft_core::model::pipeline::LoraSetup;
+use draft_core::model::var_builder::VarBuilder;
 use draft_core::noise::NoiseRng;
-use draft_core::pipeline::LoraSetup;
-use draft_core::reward::{RewardOptions, WeightedReward};
-use draft_core::reward_models::{AestheticMlp, LaionAesthetic};
-use draft_core::var_builder::VarBuilder;
+use draft_core::reward::builtin::{RewardOptions, WeightedReward};
+use draft_core::reward::models::{AestheticMlp, LaionAesthetic};
+use draft_core::train::engine::{Draws, Engine, Method, Prompts};
 use draft_core::{ModelFiles, Pipeline};
 
 fn main() {
@@ -398,7 +398,7 @@ fn run_case(case: &str) {
     };
     let step = |seed: u64| {
         let e = pollster::block_on(engine.evaluate(method, &prompts, draws(seed))).unwrap();
-        let norm = pollster::block_on(draft_core::optim::global_norm(&e.grads)).unwrap();
+        let norm = pollster::block_on(draft_core::train::optim::global_norm(&e.grads)).unwrap();
         device.sync().unwrap();
         (e, norm)
     };

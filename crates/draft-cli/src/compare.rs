@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
-use draft_core::train::StepMetrics;
+use draft_core::train::trainer::StepMetrics;
 
 use crate::plot;
 

@@ -1,6 +1,6 @@
 //! `draft convert IN OUT.safetensors`: a PyTorch pickle (`.pt`, `.pth`, `.bin`, `.ckpt`) written
 //! as safetensors, for the browser page, which reads no pickles. The same conversion
-//! `--reward-model` and `--model` do in memory ([`crate::rewards::read_weights`]): a
+//! `--reward-model` and `--model` do in memory ([`crate::files::read_weights`]): a
 //! `state_dict.` nesting and a DDP `module.` prefix dropped, float64 written as float32.
 
 use std::collections::BTreeSet;
@@ -61,7 +61,7 @@ pub fn run(a: ConvertArgs) -> Result<()> {
             output.display()
         );
     }
-    let (_, bytes) = crate::rewards::read_weights(input)?;
+    let (_, bytes) = crate::files::read_weights(input)?;
     let written = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow::anyhow!("{name}: converted file does not parse: {e}"))?;
     let names: BTreeSet<String> = written.names().into_iter().map(str::to_string).collect();

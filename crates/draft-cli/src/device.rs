@@ -5,7 +5,7 @@ use burn::prelude::*;
 use burn::tensor::FloatDType;
 use burn::tensor::wgpu::{WgpuBackend, wgpu};
 use clap::ValueEnum;
-use draft_core::pipeline::LoraSetup;
+use draft_core::model::pipeline::LoraSetup;
 use draft_core::{ModelFiles, Pipeline};
 
 #[derive(Clone, Copy, Debug, ValueEnum, serde::Deserialize)]

@@ -1,11 +1,12 @@
 //! Reading a diffusers model folder and tensor files from disk.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use burn::prelude::{Device, Tensor};
 use draft_core::ModelFiles;
-use draft_core::weights::Weights;
+use draft_core::model::weights::Weights;
 
 /// The standard CLIP BPE tokenizer SD-1.x/2.x were trained with (49408 tokens; the files
 /// `tests/fixtures/make_fixtures.py` rebuilds from open_clip's vocabulary): single-file
@@ -32,7 +33,7 @@ pub fn read_model(
         if variant.is_some() || config.is_some() {
             bail!("--variant and --model-config need --model");
         }
-        return Ok(draft_core::default_model::files());
+        return Ok(draft_core::data::default_model::files());
     };
     if path.is_dir() {
         if config.is_some() {
@@ -55,9 +56,9 @@ pub fn read_model(
             path.display()
         );
     }
-    let (name, bytes) = crate::rewards::read_weights(path)?;
+    let (name, bytes) = read_weights(path)?;
     let config = config.map(read_config_dir).transpose()?;
-    Ok(draft_core::layouts::ldm::model_files(
+    Ok(draft_core::ModelFiles::from_checkpoint(
         &name,
         bytes,
         config.as_ref(),
@@ -77,7 +78,7 @@ pub fn read_model_dir(dir: &Path, variant: Option<&str>) -> Result<ModelFiles> {
             return Ok(None);
         }
         if rel.ends_with(".bin") {
-            return crate::rewards::pytorch_to_safetensors(&path).map(Some);
+            return pytorch_to_safetensors(&path).map(Some);
         }
         let bytes =
             std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
@@ -133,4 +134,82 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(e).with_context(|| format!("{}: cannot write", path.display()));
     }
     Ok(())
+}
+
+/// Reads a weights file as safetensors bytes: `.safetensors` as is, PyTorch pickles converted.
+pub fn read_weights(path: &Path) -> Result<(String, Vec<u8>)> {
+    let name = path.display().to_string();
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "safetensors" => Ok((name, crate::files::read(path)?)),
+        "pt" | "pth" | "bin" | "ckpt" => Ok((name, pytorch_to_safetensors(path)?)),
+        _ => bail!("{name}: expected a .safetensors file or a PyTorch .pt/.pth/.bin/.ckpt file"),
+    }
+}
+
+/// A PyTorch checkpoint's tensors as an in-memory safetensors file (float tensors as f32/f16/
+/// bf16, integer ones as i64/i32).
+pub fn pytorch_to_safetensors(path: &Path) -> Result<Vec<u8>> {
+    use pytorch_reader::{DType, PytorchReader};
+    use safetensors::Dtype;
+    let name = path.display();
+    let reader = PytorchReader::new(path)
+        .map_err(|e| one_line_error(&name, "not a readable PyTorch file", e))?;
+    let all = reader.tensors();
+    // HPSv2 saves {"state_dict": …, "epoch": …}; DDP training prefixes `module.`.
+    let strip = |k: &str| -> String {
+        let k = k.strip_prefix("state_dict.").unwrap_or(k);
+        k.strip_prefix("module.").unwrap_or(k).to_string()
+    };
+    let nested = all.keys().any(|k| k.starts_with("state_dict."));
+    let mut out: BTreeMap<String, (Dtype, Vec<usize>, Vec<u8>)> = BTreeMap::new();
+    for (key, t) in all {
+        if nested && !key.starts_with("state_dict.") {
+            continue;
+        }
+        let key = strip(key);
+        let bytes = t
+            .read()
+            .map_err(|e| one_line_error(&name, &format!("cannot read tensor {key:?}"), e))?;
+        let (dtype, bytes) = match t.dtype() {
+            DType::F32 => (Dtype::F32, bytes),
+            DType::F16 => (Dtype::F16, bytes),
+            DType::BF16 => (Dtype::BF16, bytes),
+            DType::F64 => (
+                Dtype::F32,
+                bytes
+                    .chunks_exact(8)
+                    .flat_map(|b| (f64::from_le_bytes(b.try_into().unwrap()) as f32).to_le_bytes())
+                    .collect(),
+            ),
+            DType::I64 => (Dtype::I64, bytes),
+            DType::I32 => (Dtype::I32, bytes),
+            // Buffers such as masks and counters: no reward model reads them.
+            _ => continue,
+        };
+        out.insert(key, (dtype, t.shape().to_vec(), bytes));
+    }
+    if out.is_empty() {
+        bail!("{name}: no tensors found");
+    }
+    let raw: Vec<_> = out
+        .into_iter()
+        .map(|(k, (dtype, shape, bytes))| (k, dtype, shape, bytes))
+        .collect();
+    draft_core::model::weights::serialize(&raw, None)
+        .with_context(|| format!("{name}: cannot convert"))
+}
+
+/// `{name}: {what}: {e}` on one line: the reader's messages quote the file's own bytes.
+fn one_line_error(
+    name: &impl std::fmt::Display,
+    what: &str,
+    e: impl std::fmt::Display,
+) -> anyhow::Error {
+    let msg = format!("{name}: {what}: {e}");
+    anyhow::anyhow!("{}", draft_core::error::one_line(&msg))
 }

@@ -69,7 +69,7 @@ pub fn write_tensors(path: &Path, tensors: &[(&str, &[f32], Vec<usize>)]) -> Res
         .iter()
         .map(|(name, values, shape)| (name.to_string(), shape.clone(), values.to_vec()))
         .collect();
-    let bytes = draft_core::weights::serialize_f32(&owned, None)
+    let bytes = draft_core::model::weights::serialize_f32(&owned, None)
         .with_context(|| format!("cannot serialize tensors for {}", path.display()))?;
     write_atomic(path, &bytes)
 }

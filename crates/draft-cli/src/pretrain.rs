@@ -1,12 +1,12 @@
 //! `draft pretrain`: train the small text-to-image model on the procedural shapes dataset and
-//! write it as a diffusers folder (see `draft_core::pretrain`).
+//! write it as a diffusers folder (see `draft_core::data::pretrain`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use draft_core::pretrain::{self, PretrainConfig, Pretrainer};
+use draft_core::data::pretrain::{self, PretrainConfig, Pretrainer};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::{self, DeviceArg};

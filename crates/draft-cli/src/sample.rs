@@ -4,9 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use draft_core::lora::LoraFile;
+use draft_core::model::lora::LoraFile;
+use draft_core::model::pipeline::{LoraSetup, SampleOptions, to_nhwc};
 use draft_core::noise::NoiseRng;
-use draft_core::pipeline::{LoraSetup, SampleOptions, to_nhwc};
 use draft_core::read_f32;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -131,7 +131,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
             let size = pipe.default_image_size();
             let [c, h, w] = pipe.latent_shape(a.height.unwrap_or(size), a.width.unwrap_or(size))?;
             let b = a.batch.unwrap_or(a.prompt.len());
-            draft_core::pipeline::check_batch("--batch", b)?;
+            draft_core::model::files::check_batch("--batch", b)?;
             NoiseRng::new(a.seed).randn([b, c, h, w], &device)
         }
     };

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use burn::prelude::*;
 use clap::Args;
-use draft_core::lora::LoraFile;
+use draft_core::model::lora::LoraFile;
+use draft_core::model::pipeline::{LoraSetup, SampleOptions};
 use draft_core::noise::NoiseRng;
-use draft_core::pipeline::{LoraSetup, SampleOptions};
-use draft_core::reward::{RewardOptions, WeightedReward};
+use draft_core::reward::builtin::{RewardOptions, WeightedReward};
 use draft_core::{ModelFiles, read_f32};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -91,7 +91,7 @@ fn collect_pngs(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 pub const MAX_IMAGE_SIDE: u32 = 4096;
 
 /// A PNG as `[1, 3, H, W]` in [0, 1].
-pub(crate) fn read_png(path: &Path, device: &Device) -> Result<Tensor<4>> {
+pub fn read_png(path: &Path, device: &Device) -> Result<Tensor<4>> {
     let name = path.display();
     let mut reader = image::ImageReader::open(path)
         .with_context(|| format!("{name}: cannot read"))?
@@ -131,7 +131,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     } else {
         a.reward.clone()
     };
-    draft_core::reward::check_specs(&specs)?;
+    draft_core::reward::builtin::check_specs(&specs)?;
     let mut options = RewardOptions::default();
     if let Some(s) = &a.target_color {
         options.target_color = crate::train::parse_color(s)?;
@@ -168,7 +168,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let mut rows: Vec<(String, String, Vec<f32>)> = Vec::new();
     match a.sample {
         Some(n) => {
-            draft_core::pipeline::check_batch("--sample", n)?;
+            draft_core::model::files::check_batch("--sample", n)?;
             if a.prompt.is_empty() {
                 bail!("--sample needs --prompt");
             }

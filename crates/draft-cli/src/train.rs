@@ -1,4 +1,4 @@
-//! `draft train`: flags (or a TOML file with the same keys) → a `draft_core::train::Trainer`,
+//! `draft train`: flags (or a TOML file with the same keys) → a `draft_core::train::trainer::Trainer`,
 //! plus everything around it that touches disk: the LoRA file, metrics, sample grids, the
 //! reward curve and the resumable checkpoint.
 
@@ -7,15 +7,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use draft_core::lora::{LoraFile, LoraTarget};
-use draft_core::pipeline::{LoraSetup, to_nhwc};
+use draft_core::model::lora::{LoraFile, LoraTarget};
+use draft_core::model::pipeline::{LoraSetup, to_nhwc};
 use draft_core::read_f32;
-use draft_core::reward::RewardOptions;
-use draft_core::run::{Run, RunPolicy};
-use draft_core::train::{
-    CheckpointMeta, FixedEval, MethodName, OptimizerName, StepMetrics, TrainConfig, Trainer,
-    prompt_set,
-};
+use draft_core::reward::builtin::RewardOptions;
+use draft_core::train::config::{MethodName, OptimizerName, TrainConfig};
+use draft_core::train::run::{Run, RunPolicy};
+use draft_core::train::trainer::{CheckpointMeta, FixedEval, StepMetrics, Trainer, prompt_set};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
@@ -25,7 +23,7 @@ use crate::{files, images, plot};
 
 /// `--lr`, `--train-steps` and `--eval-every` defaults when training the embedded model (no
 /// `--model`), shared with the browser.
-use draft_core::default_model::{
+use draft_core::data::default_model::{
     EVAL_EVERY as EMBEDDED_EVAL_EVERY, PROMPT_SET as EMBEDDED_PROMPT_SET, TRAIN_LR as EMBEDDED_LR,
     TRAIN_STEPS as EMBEDDED_TRAIN_STEPS,
 };
@@ -236,9 +234,7 @@ impl TrainArgs {
 
     /// The settings of a `--config` file alone, checked as `draft train` checks them before it
     /// loads anything (tests/fuzz.rs).
-    #[cfg(test)]
-    #[allow(dead_code)]
-    pub(crate) fn check_file(path: &Path) -> Result<()> {
+    pub fn check_file(path: &Path) -> Result<()> {
         let args = TrainArgs {
             config: Some(path.to_path_buf()),
             ..Default::default()
@@ -453,7 +449,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             let name = p.display().to_string();
             let noise = files::init_noise(&name, bytes, &device)?;
             let b = noise.dims()[0];
-            draft_core::pipeline::check_batch(&format!("the batch of {name}"), b)?;
+            draft_core::model::files::check_batch(&format!("the batch of {name}"), b)?;
             if let Some(n) = a.batch.filter(|&n| n != b) {
                 bail!("--batch {n} does not match {name}: tensor `noise` holds a batch of {b}");
             }

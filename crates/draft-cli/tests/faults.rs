@@ -93,7 +93,7 @@ fn reference(root: &Path) -> (PathBuf, Duration) {
 fn assert_checkpoint_readable(dir: &Path) {
     let path = dir.join("checkpoint.safetensors");
     if let Ok(bytes) = std::fs::read(&path) {
-        let w = draft_core::weights::Weights::from_bytes("checkpoint", &bytes)
+        let w = draft_core::model::weights::Weights::from_bytes("checkpoint", &bytes)
             .unwrap_or_else(|e| panic!("{}: unreadable after a fault: {e}", path.display()));
         assert!(!w.keys().is_empty());
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();

@@ -4,32 +4,11 @@
 //! weights) converted to safetensors. The core's parsers have their own in
 //! crates/draft-core/tests/fuzz.rs.
 //!
-//! The CLI has no library target: its modules are compiled into this test as they are into
-//! the binary, and the parsers are called directly (a process per input would be slow).
+//! The parsers are called directly through the CLI's library (a process per input would be
+//! slow).
 //! Inputs are structured mutations of valid files; each must give `Ok` or a one-line error
 //! naming the file, never a panic. `DRAFT_FUZZ_SEED` / `DRAFT_FUZZ_SCALE` as in the core's.
-#![allow(dead_code)]
-
-#[path = "../src/compare.rs"]
-mod compare;
-#[path = "../src/device.rs"]
-mod device;
-#[path = "../src/files.rs"]
-mod files;
-#[path = "../src/images.rs"]
-mod images;
-#[path = "../src/plot.rs"]
-mod plot;
-#[path = "../src/pretrain.rs"]
-mod pretrain;
-#[path = "../src/rewards.rs"]
-mod rewards;
-#[path = "../src/sample.rs"]
-mod sample;
-#[path = "../src/score.rs"]
-mod score;
-#[path = "../src/train.rs"]
-mod train;
+use draft_cli::{files, score, train};
 
 use std::cell::Cell;
 use std::fmt::Debug;
@@ -649,7 +628,7 @@ fn pytorch_checkpoints() {
     let dir = scratch("pth");
     let path = dir.join("reward.pth");
     std::fs::write(&path, &base).unwrap();
-    rewards::pytorch_to_safetensors(&path).unwrap();
+    files::pytorch_to_safetensors(&path).unwrap();
     let name = path.display().to_string();
     assert!(zip_entries(&base).len() > 2, "the fixture is a stored zip");
     let edit = prop_oneof![
@@ -672,11 +651,11 @@ fn pytorch_checkpoints() {
                 bytes = apply_bytes(&bytes, raw);
             }
             std::fs::write(&path, &bytes).unwrap();
-            match rewards::pytorch_to_safetensors(&path) {
+            match files::pytorch_to_safetensors(&path) {
                 Ok(st) => {
                     accepted();
                     // What the conversion writes must read back.
-                    if let Err(e) = draft_core::weights::Weights::from_bytes(&name, &st) {
+                    if let Err(e) = draft_core::model::weights::Weights::from_bytes(&name, &st) {
                         check_error(&e.into(), &name)?;
                     }
                 }

@@ -140,7 +140,7 @@ fn impossible_settings_are_refused() {
 
     // A LoRA file whose keys match no layer: refused once the model's layers are known.
     let bad = dir.join("bad_lora.safetensors");
-    let bytes = draft_core::weights::serialize_f32(
+    let bytes = draft_core::model::weights::serialize_f32(
         &[
             (
                 "unet.nowhere.to_q.lora_A.weight".into(),

@@ -1,4 +1,4 @@
-//! The blocked attention op (`draft_core::attention`, its own O(N) backward) against the plain
+//! The blocked attention op (`draft_core::ops::attention`, its own O(N) backward) against the plain
 //! formula `softmax(q kᵀ · scale) v` differentiated by Burn's autodiff, on every device: the
 //! same outputs and the same gradients for q, k and v, with blocks that divide the query rows,
 //! that don't, one block, and with only some inputs tracked.
@@ -7,8 +7,8 @@ mod common;
 
 use burn::prelude::*;
 use common::{devices, rel_err, values};
-use draft_core::attention::{attention, attention_blocked, block_rows};
 use draft_core::noise::NoiseRng;
+use draft_core::ops::attention::{attention, attention_blocked, block_rows};
 
 fn plain(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, scale: f32) -> Tensor<4> {
     let scores = q.matmul(k.swap_dims(2, 3)) * scale;
@@ -169,7 +169,9 @@ fn gradients_flow_through_the_op_to_what_is_tracked() {
 fn blocks_keep_the_scores_within_the_budget() {
     // SD-1.x at 512²: 64×64 latents, 8 heads, batch 2 with classifier-free guidance.
     let rows = block_rows(2 * 2 * 8, 4096);
-    assert!(rows >= 1 && 2 * 2 * 8 * rows * 4096 * 4 <= draft_core::attention::SCORE_BLOCK_BYTES);
+    assert!(
+        rows >= 1 && 2 * 2 * 8 * rows * 4096 * 4 <= draft_core::ops::attention::SCORE_BLOCK_BYTES
+    );
     // Small problems are one block: the plain formula's ops.
     assert!(block_rows(2 * 8, 256) >= 256);
     // The default entry point is the plain formula at 1/√d.
@@ -197,16 +199,16 @@ fn split_heads_views_give_the_plain_formulas_values() {
             let mut rng = NoiseRng::new(40 + i as u64);
             let x = rng.randn([b, n, heads * d], &device) * 2.0;
             let ctx = rng.randn([b, m, heads * d], &device) * 2.0;
-            let split = |t: Tensor<3>| draft_core::nn::split_heads(t, heads);
+            let split = |t: Tensor<3>| draft_core::model::nn::split_heads(t, heads);
             let (q, k, v) = (split(x), split(ctx.clone()), split(ctx * 0.5));
             let scale = 1.0 / (d as f32).sqrt();
-            let got = values(draft_core::nn::merge_heads(attention(
+            let got = values(draft_core::model::nn::merge_heads(attention(
                 q.clone(),
                 k.clone(),
                 v.clone(),
             )));
             let contiguous = |t: Tensor<4>| Tensor::<4>::from_data(t.into_data(), &device);
-            let want = values(draft_core::nn::merge_heads(plain(
+            let want = values(draft_core::model::nn::merge_heads(plain(
                 contiguous(q),
                 contiguous(k),
                 contiguous(v),

@@ -49,7 +49,7 @@ fn the_checkpointed_decode_has_the_whole_graphs_gradient() {
 }
 
 /// The decoder on strips of rows (`Pipeline::max_buffer_bytes` below its activations, so that
-/// its layers run as `draft_core::strips` does it at 512²) against the whole tensors: the same
+/// its layers run as `draft_core::memory::strips` does it at 512²) against the whole tensors: the same
 /// images and the same gradient with respect to the latents, checkpointed and as one graph.
 #[test]
 fn the_decoder_on_strips_of_rows_matches_the_whole_tensors() {

@@ -1,5 +1,5 @@
 //! The embedded default model (`shapes-32`): sample quality on captions its pretraining never
-//! saw, measured with the deterministic analyser of `draft_core::shapes`.
+//! saw, measured with the deterministic analyser of `draft_core::data::shapes`.
 //!
 //! Its issue asks for ≥ 80 % attribute accuracy (mean of shape, colour and background; chance
 //! is 21 %) at guidance 7.5 and 50 DDIM steps; the model shipped now (5,400 pretraining steps)
@@ -7,12 +7,12 @@
 
 use burn::prelude::*;
 use draft_core::Pipeline;
-use draft_core::pretrain::{attribute_accuracy, held_out_attributes};
+use draft_core::data::pretrain::{attribute_accuracy, held_out_attributes};
 
 #[test]
 fn held_out_captions_are_followed_well_above_chance() {
     let device = Device::flex();
-    let pipe = Pipeline::load(&draft_core::default_model::files(), &device).unwrap();
+    let pipe = Pipeline::load(&draft_core::data::default_model::files(), &device).unwrap();
     let wanted = held_out_attributes();
     let (acc, _) = pollster::block_on(attribute_accuracy(&pipe, &wanted, 50, 7.5, 0, 12)).unwrap();
     eprintln!(

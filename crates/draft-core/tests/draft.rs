@@ -7,12 +7,12 @@ mod common;
 use burn::prelude::*;
 use common::{devices, fixtures, read_model, rel_err, values};
 use draft_core::Pipeline;
-use draft_core::engine::{Draws, Engine, Method, Prompts};
-use draft_core::lora::{LoraFile, LoraTarget};
+use draft_core::model::lora::{LoraFile, LoraTarget};
+use draft_core::model::pipeline::{LoraSetup, SampleOptions, to_nhwc};
+use draft_core::model::weights::Weights;
 use draft_core::noise::NoiseRng;
-use draft_core::pipeline::{LoraSetup, SampleOptions, to_nhwc};
-use draft_core::reward::{self, RewardOptions, WeightedReward};
-use draft_core::weights::Weights;
+use draft_core::reward::builtin::{self, RewardOptions, WeightedReward};
+use draft_core::train::engine::{Draws, Engine, Method, Prompts};
 
 /// The bound on ‖Δg‖/‖g‖ over all LoRA parameters.
 const GRAD_TOL: f32 = 1e-3;
@@ -26,7 +26,7 @@ fn read(name: &str) -> Vec<u8> {
 }
 
 fn all_rewards() -> WeightedReward {
-    let specs: Vec<String> = reward::BUILTIN.iter().map(|s| s.to_string()).collect();
+    let specs: Vec<String> = builtin::BUILTIN.iter().map(|s| s.to_string()).collect();
     WeightedReward::from_specs(&specs, &RewardOptions::default()).unwrap()
 }
 
@@ -36,8 +36,8 @@ fn rewards_match_pytorch() {
     let w = Weights::from_bytes("rewards.safetensors", &bytes).unwrap();
     for (dev_name, device) in devices() {
         let image = w.tensor::<4>("image", &device).unwrap();
-        for name in reward::BUILTIN {
-            let r = reward::builtin(name, &RewardOptions::default()).unwrap();
+        for name in builtin::BUILTIN {
+            let r = builtin::builtin(name, &RewardOptions::default()).unwrap();
             let x = image.clone().autodiff().require_grad();
             let score = r.score(x.clone(), &[]).unwrap();
             let grads = score.clone().sum().backward();
@@ -224,7 +224,7 @@ fn lora_file_round_trips_in_diffusers_layout() {
 fn lora_file_naming_no_layer_is_refused() {
     let device = Device::flex();
     let model = read_model(&fixtures().join("sd1-tiny"));
-    let bytes = draft_core::weights::serialize_f32(
+    let bytes = draft_core::model::weights::serialize_f32(
         &[
             (
                 "unet.no_such_block.to_q.lora_A.weight".into(),

@@ -20,17 +20,17 @@ use std::fmt::Debug;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::prelude::*;
-use draft_core::lora::{LoraFile, LoraTarget};
-use draft_core::models::clip::CLIPConfig;
-use draft_core::models::clip_text::CLIPTextConfig;
-use draft_core::models::open_clip::OpenClipConfig;
-use draft_core::models::unet::UNet2DConditionConfig;
-use draft_core::models::vae::AutoencoderKLConfig;
-use draft_core::pipeline::LoraSetup;
-use draft_core::reward_models::{AestheticMlp, is_open_clip, load_clip, load_open_clip};
-use draft_core::schedule::{Ddim, SchedulerConfig};
-use draft_core::tokenizer::{ClipTokenizer, SpecialTokens};
-use draft_core::weights::Weights;
+use draft_core::model::lora::{LoraFile, LoraTarget};
+use draft_core::model::models::clip::CLIPConfig;
+use draft_core::model::models::clip_text::CLIPTextConfig;
+use draft_core::model::models::open_clip::OpenClipConfig;
+use draft_core::model::models::unet::UNet2DConditionConfig;
+use draft_core::model::models::vae::AutoencoderKLConfig;
+use draft_core::model::pipeline::LoraSetup;
+use draft_core::model::schedule::{Ddim, SchedulerConfig};
+use draft_core::model::tokenizer::{ClipTokenizer, SpecialTokens};
+use draft_core::model::weights::Weights;
+use draft_core::reward::models::{AestheticMlp, is_open_clip, load_clip, load_open_clip};
 use draft_core::{ModelFiles, Pipeline};
 use proptest::prelude::*;
 use proptest::test_runner::{
@@ -994,7 +994,7 @@ fn tokenizer_vocab_merges() {
                 "tokenizer/special_tokens_map.json",
                 special.to_string().into_bytes(),
             );
-            match draft_core::pipeline::load_tokenizer_in(&files, "tokenizer/") {
+            match draft_core::model::files::load_tokenizer_in(&files, "tokenizer/") {
                 Ok(t) => check_tokenizer(&t, &prompts),
                 Err(e) => check_message(&e.to_string(), "sd1-tiny/tokenizer/"),
             }
@@ -1004,7 +1004,7 @@ fn tokenizer_vocab_merges() {
 
 #[test]
 fn tokenizer_json() {
-    let files = draft_core::default_model::files();
+    let files = draft_core::data::default_model::files();
     let base: Value = serde_json::from_slice(&files.files["tokenizer/tokenizer.json"]).unwrap();
     let mut fields: Vec<String> = [
         "added_tokens",
@@ -1052,7 +1052,7 @@ fn tokenizer_json() {
 
 /// The embedded model's files (small: a pipeline loads in milliseconds).
 fn embedded() -> ModelFiles {
-    draft_core::default_model::files()
+    draft_core::data::default_model::files()
 }
 
 fn clone_files(f: &ModelFiles) -> ModelFiles {
@@ -1487,7 +1487,7 @@ fn ldm_checkpoints() {
     let dev = device();
     let name = "models/sd1-tiny.safetensors";
     let files =
-        draft_core::layouts::ldm::model_files(name, base.clone(), None, &tokenizer).unwrap();
+        draft_core::ModelFiles::from_checkpoint(name, base.clone(), None, &tokenizer).unwrap();
     Pipeline::load(&files, &dev).unwrap();
     let n = Cell::new(0usize);
     fuzz(
@@ -1496,7 +1496,8 @@ fn ldm_checkpoints() {
         prop::collection::vec(lora_edit(), 1..=3),
         |edits| {
             let bytes = apply_lora(&base, &edits);
-            let files = match draft_core::layouts::ldm::model_files(name, bytes, None, &tokenizer) {
+            let files = match draft_core::ModelFiles::from_checkpoint(name, bytes, None, &tokenizer)
+            {
                 Ok(f) => {
                     accepted();
                     f

@@ -1,4 +1,4 @@
-//! The group-norm op (`draft_core::group_norm`: flex's own kernel on the CPU, a handwritten
+//! The group-norm op (`draft_core::ops::group_norm`: flex's own kernel on the CPU, a handwritten
 //! backward everywhere) against the composed formula differentiated by Burn's autodiff, on
 //! every device: values and the gradients of x, weight and bias, with and without the fused
 //! SiLU, for 3-d and 4-d inputs, a strided input and a mean away from zero.
@@ -8,8 +8,8 @@ mod common;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use common::{devices, rel_err, values};
-use draft_core::group_norm::group_norm;
 use draft_core::noise::NoiseRng;
+use draft_core::ops::group_norm::group_norm;
 
 /// PyTorch's `GroupNorm` (+ SiLU) in Burn's tensor ops.
 fn plain<const D: usize>(

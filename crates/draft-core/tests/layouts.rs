@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 
 use burn::prelude::*;
 use draft_core::Pipeline;
-use draft_core::layouts::ldm;
-use draft_core::lora::{LoraFile, LoraTarget};
-use draft_core::pipeline::LoraSetup;
-use draft_core::weights::Weights;
+use draft_core::model::layouts::ldm;
+use draft_core::model::lora::{LoraFile, LoraTarget};
+use draft_core::model::pipeline::LoraSetup;
+use draft_core::model::weights::Weights;
 
 mod common;
 use common::{fixtures, read_model};
@@ -169,14 +169,17 @@ fn inferred_architecture_is_sd15_and_sd21() {
             ],
         );
         // What the loader makes of them.
-        use draft_core::models::{
+        use draft_core::model::models::{
             clip_text::CLIPTextConfig, unet::UNet2DConditionConfig, vae::AutoencoderKLConfig,
         };
         UNet2DConditionConfig::from_json(name, &inferred.unet.to_string()).unwrap();
         AutoencoderKLConfig::from_json(name, &inferred.vae.to_string()).unwrap();
         CLIPTextConfig::from_json(name, &inferred.text_encoder.to_string()).unwrap();
-        draft_core::schedule::SchedulerConfig::from_json(name, &inferred.scheduler.to_string())
-            .unwrap();
+        draft_core::model::schedule::SchedulerConfig::from_json(
+            name,
+            &inferred.scheduler.to_string(),
+        )
+        .unwrap();
         let want_v = name == "sd21";
         assert_eq!(
             inferred.scheduler["prediction_type"] == "v_prediction",
@@ -198,7 +201,7 @@ fn transformers5_clip_model_loads_for_the_reward_towers() {
     let device = Device::flex();
     let config = std::fs::read_to_string(dir.join("layouts/clip-tiny-tf5/config.json")).unwrap();
     let weights = std::fs::read(dir.join("layouts/clip-tiny-tf5/model.safetensors")).unwrap();
-    let clip = draft_core::reward_models::load_clip(
+    let clip = draft_core::reward::models::load_clip(
         "clip-tiny-tf5/config.json",
         &config,
         "clip-tiny-tf5/model.safetensors",
@@ -207,7 +210,7 @@ fn transformers5_clip_model_loads_for_the_reward_towers() {
     )
     .unwrap();
     let image = r.tensor::<4>("image", &device).unwrap();
-    let pixels = draft_core::reward_models::preprocess(image, clip.image_size);
+    let pixels = draft_core::reward::models::preprocess(image, clip.image_size);
     let close = |got: Tensor<2>, key: &str| {
         let (got, _) = common::values(got);
         let want = r.read_f32(key).unwrap().0;

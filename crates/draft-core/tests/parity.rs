@@ -4,8 +4,8 @@
 //! backend and on wgpu (lavapipe in CI). Tolerance: max abs error ≤ 1e-4.
 
 use burn::prelude::*;
-use draft_core::pipeline::{SampleOptions, to_nhwc};
-use draft_core::weights::Weights;
+use draft_core::model::pipeline::{SampleOptions, to_nhwc};
+use draft_core::model::weights::Weights;
 use draft_core::{ModelFiles, Pipeline};
 
 const TOL: f32 = 1e-4;
@@ -180,7 +180,8 @@ fn sampling(name: &str) {
                 eta: 0.0,
                 seed: 0,
             };
-            let ddim = draft_core::schedule::Ddim::new(&pipe.scheduler, options.steps).unwrap();
+            let ddim =
+                draft_core::model::schedule::Ddim::new(&pipe.scheduler, options.steps).unwrap();
             let want: Vec<usize> = cfg["timesteps"]
                 .as_array()
                 .unwrap()

@@ -3,8 +3,8 @@
 
 use burn::prelude::*;
 use draft_core::Pipeline;
-use draft_core::pipeline::SampleOptions;
-use draft_core::pretrain::{PretrainConfig, Pretrainer};
+use draft_core::data::pretrain::{PretrainConfig, Pretrainer};
+use draft_core::model::pipeline::SampleOptions;
 
 /// A model small enough to train for a few dozen steps in a test.
 fn tiny() -> PretrainConfig {
@@ -25,7 +25,8 @@ fn tiny() -> PretrainConfig {
 /// so files are compared by their values).
 fn values(t: &Pretrainer, ema: bool, path: &str) -> Vec<(String, Vec<f32>)> {
     let files = pollster::block_on(t.model_files(ema)).unwrap();
-    let w = draft_core::weights::Weights::from_bytes(path, files.bytes(path).unwrap()).unwrap();
+    let w =
+        draft_core::model::weights::Weights::from_bytes(path, files.bytes(path).unwrap()).unwrap();
     let mut keys = w.keys();
     keys.sort();
     keys.into_iter()

@@ -12,13 +12,13 @@ use std::sync::Arc;
 use burn::prelude::*;
 use common::{fixtures, values};
 use draft_core::ModelFiles;
-use draft_core::models::open_clip::OpenClipConfig;
-use draft_core::reward::{Reward, RewardOptions, WeightedReward};
-use draft_core::reward_files::{RewardFiles, RewardSource};
-use draft_core::reward_models::{
+use draft_core::model::models::open_clip::OpenClipConfig;
+use draft_core::model::weights::Weights;
+use draft_core::reward::builtin::{Reward, RewardOptions, WeightedReward};
+use draft_core::reward::files::{RewardFiles, RewardSource};
+use draft_core::reward::models::{
     AestheticMlp, ClipSimilarity, LaionAesthetic, Similarity, load_clip, load_open_clip,
 };
-use draft_core::weights::Weights;
 
 const PROMPTS: [&str; 2] = ["a red circle on a blue background", "a photo of a cat"];
 
@@ -106,7 +106,7 @@ fn clip_rewards_from_memory_equal_the_models_built_directly() {
     let mlp = std::fs::read(dir.join("rewards/aesthetic-tiny.safetensors")).unwrap();
     let clip = Arc::new(load_clip("c", &config, "w", &weights, &device).unwrap());
     let tok = Arc::new(
-        draft_core::pipeline::load_tokenizer_in(
+        draft_core::model::files::load_tokenizer_in(
             &common::read_model(&dir.join("sd1-tiny")),
             "tokenizer/",
         )
@@ -172,7 +172,7 @@ fn hpsv2_from_a_folder_and_from_a_file_with_its_config() {
     .unwrap();
     let weights = std::fs::read(dir.join("open_clip_model.safetensors")).unwrap();
     let clip = Arc::new(load_open_clip(&config, "w", &weights, &device).unwrap());
-    let tok = Arc::new(draft_core::pipeline::load_tokenizer_in(&model, "tokenizer/").unwrap());
+    let tok = Arc::new(draft_core::model::files::load_tokenizer_in(&model, "tokenizer/").unwrap());
     let direct = ClipSimilarity::new(clip, tok, Similarity::Hpsv2).unwrap();
     let want = values(direct.score(image, &prompts()).unwrap()).0;
     assert!(

@@ -8,21 +8,21 @@ mod common;
 use std::sync::Arc;
 
 use common::{devices, fixtures, rel_err, values};
-use draft_core::models::open_clip::OpenClipConfig;
-use draft_core::reward::Reward;
-use draft_core::reward_models::{
+use draft_core::model::models::open_clip::OpenClipConfig;
+use draft_core::model::tokenizer::ClipTokenizer;
+use draft_core::model::weights::Weights;
+use draft_core::reward::builtin::Reward;
+use draft_core::reward::models::{
     AestheticMlp, ClipSimilarity, LaionAesthetic, Similarity, is_open_clip, load_clip,
     load_open_clip, preprocess,
 };
-use draft_core::tokenizer::ClipTokenizer;
-use draft_core::weights::Weights;
 
 const PROMPTS: [&str; 2] = ["a red circle on a blue background", "a photo of a cat"];
 
 /// The sd1-tiny tokenizer (vocabulary 1014), which the tiny CLIP models were made for.
 fn tokenizer() -> Arc<ClipTokenizer> {
     let files = common::read_model(&fixtures().join("sd1-tiny"));
-    Arc::new(draft_core::pipeline::load_tokenizer_in(&files, "tokenizer/").unwrap())
+    Arc::new(draft_core::model::files::load_tokenizer_in(&files, "tokenizer/").unwrap())
 }
 
 fn prompts() -> Vec<String> {

@@ -16,12 +16,12 @@ mod common;
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
 use common::{LORA_PROMPTS, devices, fixtures, lora_gradients, perturbed_lora, read_model, values};
-use draft_core::engine::Method;
-use draft_core::lora::LoraTarget;
+use draft_core::model::lora::LoraTarget;
+use draft_core::model::pipeline::{LoraSetup, SampleOptions, to_nhwc};
+use draft_core::model::weights::Weights;
 use draft_core::noise::NoiseRng;
-use draft_core::pipeline::{LoraSetup, SampleOptions, to_nhwc};
-use draft_core::reward::{RewardOptions, WeightedReward};
-use draft_core::weights::Weights;
+use draft_core::reward::builtin::{RewardOptions, WeightedReward};
+use draft_core::train::engine::Method;
 use draft_core::{ModelFiles, Pipeline};
 
 /// max |a − b|.

@@ -1,4 +1,4 @@
-//! `draft_core::strips`: a convolution and a group norm on strips of rows against the whole
+//! `draft_core::memory::strips`: a convolution and a group norm on strips of rows against the whole
 //! tensor, on every device, strips of one row up to the whole height; and an embedding table
 //! held as blocks of rows (`nn::Embedding`) against the whole table; the UNet's feed-forward
 //! over chunks of tokens against the whole.
@@ -7,12 +7,12 @@ mod common;
 
 use burn::prelude::*;
 use common::{devices, rel_err, values};
-use draft_core::models::unet::resnet::{ResnetBlock2D, Upsample2D};
-use draft_core::nn::{Conv2d, Embedding, GroupNorm, param};
+use draft_core::memory::strips;
+use draft_core::model::models::unet::resnet::{ResnetBlock2D, Upsample2D};
+use draft_core::model::nn::{Conv2d, Embedding, GroupNorm, param};
+use draft_core::model::var_builder::VarBuilder;
+use draft_core::model::weights::{Weights, serialize_f32};
 use draft_core::noise::NoiseRng;
-use draft_core::strips;
-use draft_core::var_builder::VarBuilder;
-use draft_core::weights::{Weights, serialize_f32};
 
 fn norm(device: &Device, c: usize, seed: u64) -> GroupNorm {
     GroupNorm {
@@ -50,7 +50,7 @@ fn conv_and_group_norm_on_strips_match_the_whole_tensor() {
             let want = values(conv.forward(norm.forward_silu(x.clone())));
             for rows in [1, 2, 4, 9] {
                 let parts = strips::resplit(vec![x.clone()], rows);
-                let got = strips::conv(&conv, &strips::group_norm(&norm, parts, true));
+                let got = conv.forward_strips(&norm.forward_strips(parts, true));
                 assert_eq!(got.len(), 9usize.div_ceil(rows));
                 let got = values(strips::join(got));
                 assert_eq!(got.1, want.1);
@@ -177,11 +177,9 @@ fn group_norm_on_strips_has_the_whole_tensors_gradients() {
                 let y = match strip_rows {
                     None if silu => norm.forward_silu(xg.clone()),
                     None => norm.forward(xg.clone()),
-                    Some(rows) => strips::join(strips::group_norm(
-                        &norm,
-                        strips::resplit(vec![xg.clone()], rows),
-                        silu,
-                    )),
+                    Some(rows) => strips::join(
+                        norm.forward_strips(strips::resplit(vec![xg.clone()], rows), silu),
+                    ),
                 };
                 let grads = (y.clone() * g_out.clone().autodiff()).sum().backward();
                 [
@@ -209,8 +207,8 @@ fn group_norm_on_strips_has_the_whole_tensors_gradients() {
 
 #[test]
 fn the_feed_forward_over_chunks_of_tokens_matches_the_whole() {
-    use draft_core::models::unet::transformer::{FeedForward, GEGLU};
-    use draft_core::nn::Linear;
+    use draft_core::model::models::unet::transformer::{FeedForward, GEGLU};
+    use draft_core::model::nn::Linear;
     let linear = |device: &Device, d_in: usize, d_out: usize, seed: u64| Linear {
         weight: param(NoiseRng::new(seed).randn([d_in, d_out], device) * 0.3),
         bias: Some(param(NoiseRng::new(seed + 1).randn([d_out], device))),

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use draft_core::tokenizer::{ClipTokenizer, SpecialTokens};
+use draft_core::model::tokenizer::{ClipTokenizer, SpecialTokens};
 
 #[test]
 fn clip_tokenizer_matches_transformers() {

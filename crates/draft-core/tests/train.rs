@@ -7,10 +7,11 @@ use burn::prelude::*;
 use common::{fixtures, read_model, values};
 use draft_core::Pipeline;
 use draft_core::Result;
-use draft_core::lora::LoraTarget;
-use draft_core::pipeline::LoraSetup;
-use draft_core::reward::{Reward, RewardOptions, WeightedReward};
-use draft_core::train::{MethodName, TrainConfig, Trainer};
+use draft_core::model::lora::LoraTarget;
+use draft_core::model::pipeline::LoraSetup;
+use draft_core::reward::builtin::{Reward, RewardOptions, WeightedReward};
+use draft_core::train::config::{MethodName, TrainConfig};
+use draft_core::train::trainer::Trainer;
 
 fn config() -> TrainConfig {
     TrainConfig {
@@ -122,7 +123,7 @@ fn non_finite_updates_are_skipped_then_stop_training() {
     assert!(err.contains("2 non-finite updates in a row"), "{err}");
     assert_eq!(lora_bytes(&t), before);
     let ckpt = pollster::block_on(t.checkpoint()).unwrap();
-    let w = draft_core::weights::Weights::from_bytes("ckpt", &ckpt).unwrap();
+    let w = draft_core::model::weights::Weights::from_bytes("ckpt", &ckpt).unwrap();
     for k in w.keys() {
         let (v, _) = w.read_f32(&k).unwrap();
         assert!(
@@ -174,7 +175,7 @@ fn one_nan_gradient_is_skipped_and_never_reaches_the_lora_or_the_checkpoint() {
     assert_ne!(lora[3], lora[2], "training went on after it");
     let ckpt = pollster::block_on(t.checkpoint()).unwrap();
     for bytes in [&ckpt, &lora[4]] {
-        let w = draft_core::weights::Weights::from_bytes("out", bytes).unwrap();
+        let w = draft_core::model::weights::Weights::from_bytes("out", bytes).unwrap();
         for k in w.keys() {
             let (v, _) = w.read_f32(&k).unwrap();
             assert!(v.iter().all(|x| x.is_finite()), "{k} is not finite");
@@ -222,7 +223,7 @@ fn every_method_raises_the_reward() {
 /// evaluations, the early stop on diversity, and the "before" figures kept in checkpoints.
 #[test]
 fn run_policy_evaluates_checkpoints_and_stops_as_asked() {
-    use draft_core::run::{Run, RunPolicy};
+    use draft_core::train::run::{Run, RunPolicy};
     let policy = RunPolicy {
         eval_images: 2,
         eval_every: 2,
@@ -297,7 +298,7 @@ fn run_policy_evaluates_checkpoints_and_stops_as_asked() {
     // A diversity far below the reference stops the run at the first evaluation, with a
     // checkpoint.
     let mut t = trainer(cfg, None);
-    t.before = Some(draft_core::train::EvalSummary {
+    t.before = Some(draft_core::train::trainer::EvalSummary {
         images: 2,
         reward: 0.0,
         terms: vec![0.0, 0.0],
@@ -334,7 +335,7 @@ fn run_policy_evaluates_checkpoints_and_stops_as_asked() {
 /// cancelled attempt never happened.
 #[test]
 fn progress_is_reported_and_a_cancelled_update_changes_nothing() {
-    use draft_core::engine::Progress;
+    use draft_core::train::engine::Progress;
     use std::sync::{Arc, Mutex};
     let mut reference = trainer(config(), None);
     run(&mut reference, 2);

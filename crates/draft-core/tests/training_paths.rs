@@ -10,17 +10,16 @@ mod common;
 use burn::prelude::*;
 use common::{fixtures, read_model, rel_err, values};
 use draft_core::Pipeline;
-use draft_core::engine::{Draws, Engine, Evaluation, Method, Prompts, uniform_in};
-use draft_core::lora::{LoraFile, LoraTarget};
+use draft_core::model::lora::{LoraFile, LoraTarget};
+use draft_core::model::pipeline::LoraSetup;
+use draft_core::model::schedule::{Ddim, SchedulerConfig};
+use draft_core::model::weights::Weights;
 use draft_core::noise::NoiseRng;
-use draft_core::optim::{OptimState, Optimizer};
-use draft_core::pipeline::LoraSetup;
-use draft_core::reward::{self, RewardOptions, WeightedReward};
-use draft_core::schedule::{Ddim, SchedulerConfig};
-use draft_core::train::{
-    MethodName, OptimizerName, TrainConfig, Trainer, stream_seed, truncation_draw,
-};
-use draft_core::weights::Weights;
+use draft_core::reward::builtin::{self, RewardOptions, WeightedReward};
+use draft_core::train::config::{MethodName, OptimizerName, TrainConfig};
+use draft_core::train::engine::{Draws, Engine, Evaluation, Method, Prompts, uniform_in};
+use draft_core::train::optim::{OptimState, Optimizer};
+use draft_core::train::trainer::{Trainer, stream_seed, truncation_draw};
 
 /// ‖Δg‖/‖g‖ over all LoRA parameters (docs/parity.md's bound).
 const GRAD_TOL: f64 = 1e-3;
@@ -46,7 +45,7 @@ fn all_rewards() -> WeightedReward {
 }
 
 fn reward_specs() -> Vec<String> {
-    reward::BUILTIN.iter().map(|s| s.to_string()).collect()
+    builtin::BUILTIN.iter().map(|s| s.to_string()).collect()
 }
 
 fn prompt_texts(json: &serde_json::Value) -> Vec<String> {
@@ -229,7 +228,7 @@ fn v_prediction_matches_pytorch() {
     let engine = Engine::new(&pipe, steps, 0.0, &reward).unwrap();
     assert_eq!(
         engine.ddim.prediction,
-        draft_core::schedule::Prediction::VPrediction
+        draft_core::model::schedule::Prediction::VPrediction
     );
     assert_eq!(engine.ddim.timesteps, case_timesteps(&json, "sd2_k1"));
     let p = prompts(&pipe, &json);
@@ -606,7 +605,7 @@ fn trainer_noise_fixture_is_current() {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
-        let bytes = draft_core::weights::serialize_f32(&tensors, Some(meta)).unwrap();
+        let bytes = draft_core::model::weights::serialize_f32(&tensors, Some(meta)).unwrap();
         std::fs::create_dir_all(dir()).unwrap();
         std::fs::write(&path, bytes).unwrap();
         eprintln!("wrote {} tensors (seed {TRAINER_SEED})", tensors.len());

@@ -13,11 +13,11 @@ use burn::tensor::{DType, FloatDType};
 use common::{
     LORA_PROMPTS, devices, fixtures, lora_gradients, perturbed_lora, read_model, rel_err, values,
 };
-use draft_core::engine::Method;
-use draft_core::lora::LoraTarget;
+use draft_core::model::lora::LoraTarget;
+use draft_core::model::pipeline::{LoraSetup, SampleOptions};
+use draft_core::model::weights::{Weights, serialize_f32};
 use draft_core::noise::NoiseRng;
-use draft_core::pipeline::{LoraSetup, SampleOptions};
-use draft_core::weights::{Weights, serialize_f32};
+use draft_core::train::engine::Method;
 use draft_core::{ModelFiles, Pipeline};
 
 /// DDIM steps of the sampling and of the DRaFT-K (K = 2) gradient: few, as lavapipe is slow.
@@ -136,14 +136,14 @@ fn l2_rel(a: &[f32], b: &[f32]) -> f32 {
     (num / den).sqrt() as f32
 }
 
-/// The ops behind f16 Linear and Conv2d layers (`draft_core::stored_weight`: the backward keeps
+/// The ops behind f16 Linear and Conv2d layers (`draft_core::ops::stored_weight`: the backward keeps
 /// the f16 weight, not its f32 cast) against cast-then-op differentiated by Burn: the same
 /// outputs, input gradients and — for a tracked f16 weight — weight gradients (in f16).
 #[test]
 fn stored_weight_ops_have_cast_then_ops_gradients() {
     use burn::tensor::module::conv2d;
     use burn::tensor::ops::ConvOptions;
-    use draft_core::stored_weight::{conv2d_stored, matmul_stored};
+    use draft_core::ops::stored_weight::{conv2d_stored, matmul_stored};
     for (name, device) in devices() {
         let mut rng = NoiseRng::new(21);
         let x = rng.randn([2, 5, 12], &device);

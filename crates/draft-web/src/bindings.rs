@@ -3,7 +3,7 @@
 use std::rc::Rc;
 
 use draft_core::ModelFiles;
-use draft_core::reward_files::RewardSource;
+use draft_core::reward::files::RewardSource;
 use js_sys::{Array, Promise, Uint8Array, Uint8ClampedArray};
 use serde::Serialize;
 use wasm_bindgen::prelude::*;
@@ -200,7 +200,7 @@ impl WebTrainer {
             .trainer()
             .ok_or_else(|| js_error(crate::BUSY))?;
         trainer.set_progress(f.map(|f| {
-            Box::new(move |p: &draft_core::engine::Progress| {
+            Box::new(move |p: &draft_core::train::engine::Progress| {
                 let args = (
                     JsValue::from_str(p.phase.name()),
                     JsValue::from_f64(p.done as f64),
@@ -209,7 +209,7 @@ impl WebTrainer {
                 // Anything but `false` (or a throwing callback) goes on.
                 f.call3(&JsValue::NULL, &args.0, &args.1, &args.2)
                     .map_or(true, |v| v.as_bool() != Some(false))
-            }) as Box<draft_core::engine::ProgressFn>
+            }) as Box<draft_core::train::engine::ProgressFn>
         }));
         Ok(())
     }
@@ -302,7 +302,7 @@ pub fn default_prompts() -> Vec<String> {
 /// The weight-free rewards the page can train on.
 #[wasm_bindgen(js_name = rewardNames)]
 pub fn reward_names() -> Vec<String> {
-    draft_core::reward::BUILTIN
+    draft_core::reward::builtin::BUILTIN
         .iter()
         .map(|s| s.to_string())
         .collect()
@@ -312,7 +312,7 @@ pub fn reward_names() -> Vec<String> {
 /// `setRewardWeights`).
 #[wasm_bindgen(js_name = learnedRewardNames)]
 pub fn learned_reward_names() -> Vec<String> {
-    draft_core::reward::LEARNED
+    draft_core::reward::builtin::LEARNED
         .iter()
         .map(|s| s.to_string())
         .collect()

@@ -10,15 +10,16 @@ use std::collections::BTreeMap;
 
 use burn::prelude::*;
 use burn::tensor::FloatDType;
-use draft_core::pipeline::LoraSetup;
-use draft_core::reward::RewardOptions;
-use draft_core::reward_files::{RewardFiles, RewardSource};
-use draft_core::run::{Run, RunPolicy};
-use draft_core::train::{
-    CheckpointMeta, EvalSummary, FixedEval, MethodName, StepMetrics, TrainConfig, Trainer,
-    prompt_set,
+use draft_core::data::default_model;
+use draft_core::model::pipeline::LoraSetup;
+use draft_core::reward::builtin::RewardOptions;
+use draft_core::reward::files::{RewardFiles, RewardSource};
+use draft_core::train::config::{MethodName, TrainConfig};
+use draft_core::train::run::{Run, RunPolicy};
+use draft_core::train::trainer::{
+    CheckpointMeta, EvalSummary, FixedEval, StepMetrics, Trainer, prompt_set,
 };
-use draft_core::{ModelFiles, Pipeline, default_model, read_f32};
+use draft_core::{ModelFiles, Pipeline, read_f32};
 use serde::{Deserialize, Serialize};
 
 #[cfg(target_arch = "wasm32")]
@@ -249,7 +250,7 @@ fn check_inputs(
     eval_images: usize,
     limit: Option<u64>,
 ) -> Result<(), String> {
-    use draft_core::limits;
+    use draft_core::model::limits;
     let pickle = |name: &str, bytes: &[u8]| -> Result<(), String> {
         let lower = name.to_ascii_lowercase();
         let is_pickle = [".bin", ".pt", ".pth", ".ckpt"]
@@ -295,7 +296,7 @@ fn check_inputs(
         .map_err(|e| e.to_string())?;
     if let Some(json) = model.files.get("unet/config.json") {
         let text = String::from_utf8_lossy(json);
-        let unet = draft_core::models::unet::UNet2DConditionConfig::from_json(
+        let unet = draft_core::model::models::unet::UNet2DConditionConfig::from_json(
             &model.display("unet/config.json"),
             &text,
         )
@@ -304,10 +305,12 @@ fn check_inputs(
             MethodName::DraftLv => config.batch * config.lv_samples,
             _ => config.batch,
         };
-        let batch = per_update.max(draft_core::train::eval_set_size(eval_images.max(1)));
+        let batch = per_update.max(draft_core::train::trainer::eval_set_size(
+            eval_images.max(1),
+        ));
         let vae = match model.files.get("vae/config.json") {
             Some(json) => Some(
-                draft_core::models::vae::AutoencoderKLConfig::from_json(
+                draft_core::model::models::vae::AutoencoderKLConfig::from_json(
                     &model.display("vae/config.json"),
                     &String::from_utf8_lossy(json),
                 )

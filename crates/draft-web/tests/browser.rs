@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use draft_core::weights::Weights;
+use draft_core::model::weights::Weights;
 use wasm_bindgen_test::*;
 
 wasm_bindgen_test_configure!(run_in_browser);

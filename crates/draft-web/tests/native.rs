@@ -9,8 +9,8 @@ mod common;
 
 use burn::prelude::*;
 use common::*;
+use draft_core::model::weights::Weights;
 use draft_core::noise::NoiseRng;
-use draft_core::weights::Weights;
 
 const NATIVE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -33,7 +33,7 @@ fn native_fixture_is_current() {
         let (noise_values, _) = pollster::block_on(draft_core::read_f32(noise.clone())).unwrap();
         let images = pollster::block_on(sample_shapes(&device, noise));
         let u = pollster::block_on(draft_k_update("cpu"));
-        let bytes = draft_core::weights::serialize_f32(
+        let bytes = draft_core::model::weights::serialize_f32(
             &[
                 ("noise".into(), vec![2, 3, 32, 32], noise_values),
                 ("images".into(), vec![2, 32, 32, 3], images),
@@ -178,7 +178,7 @@ fn one_update_on_the_learned_aesthetic_reward() {
 /// PyTorch pickle is refused with the conversion command.
 #[test]
 fn inputs_over_the_adapter_limit_or_unreadable_are_refused() {
-    use draft_core::reward_files::RewardSource;
+    use draft_core::reward::files::RewardSource;
     use draft_web::{RunInputs, Session, WebOptions};
     let options = WebOptions {
         device: "cpu".into(),
@@ -200,8 +200,8 @@ fn inputs_over_the_adapter_limit_or_unreadable_are_refused() {
     // sd1-tiny at 256×256 latents (512² images) on the evaluation batch: its largest activation,
     // the UNet's feed-forward at 128×128, is 256 MiB whole and runs in chunks of tokens of at
     // most 128 MiB (WebGPU's guaranteed binding size), over an adapter of 64 MiB. Attention is
-    // not what limits it (its scores are computed in blocks: draft_core::attention), nor the
-    // VAE decoder (its layers at 512² run on strips of rows: draft_core::strips).
+    // not what limits it (its scores are computed in blocks: draft_core::ops::attention), nor the
+    // VAE decoder (its layers at 512² run on strips of rows: draft_core::memory::strips).
     let mut sd1 = sd1_files();
     let unet: serde_json::Value = serde_json::from_slice(&sd1.files["unet/config.json"]).unwrap();
     let mut unet = unet.as_object().unwrap().clone();

@@ -65,12 +65,12 @@ pub fn perturbed_lora(pipe: &draft_core::Pipeline, device: &Device) {
 pub fn lora_gradients(
     pipe: &draft_core::Pipeline,
     steps: usize,
-    method: draft_core::engine::Method,
+    method: draft_core::train::engine::Method,
     x_t: Tensor<4>,
 ) -> Vec<f32> {
-    use draft_core::engine::{Draws, Engine, Prompts};
     use draft_core::noise::NoiseRng;
-    use draft_core::reward::{RewardOptions, WeightedReward};
+    use draft_core::reward::builtin::{RewardOptions, WeightedReward};
+    use draft_core::train::engine::{Draws, Engine, Prompts};
     let prompts: Vec<String> = LORA_PROMPTS.map(String::from).to_vec();
     let reward =
         WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default()).unwrap();

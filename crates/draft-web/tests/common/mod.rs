@@ -4,11 +4,12 @@
 #![allow(dead_code)]
 
 use burn::prelude::*;
-use draft_core::pipeline::{SampleOptions, to_nhwc};
-use draft_core::reward_files::RewardSource;
-use draft_core::train::StepMetrics;
-use draft_core::weights::Weights;
-use draft_core::{ModelFiles, Pipeline, default_model, read_f32};
+use draft_core::data::default_model;
+use draft_core::model::pipeline::{SampleOptions, to_nhwc};
+use draft_core::model::weights::Weights;
+use draft_core::reward::files::RewardSource;
+use draft_core::train::trainer::StepMetrics;
+use draft_core::{ModelFiles, Pipeline, read_f32};
 use draft_web::{RunInputs, Session, WebOptions};
 use std::collections::BTreeMap;
 

@@ -1,0 +1,373 @@
+//! A pipeline's files as bytes: [`ModelFiles`] (a diffusers folder, a sharded set, a variant or
+//! a single-file checkpoint, by path relative to the folder), the CLIP tokenizer built from
+//! them, and the limits on what any command asks of a pipeline.
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::model::layouts::ldm;
+use crate::model::tokenizer::{ClipTokenizer, SpecialTokens};
+use crate::model::weights::Weights;
+
+/// The largest batch of images any command samples or trains on at once (a guard against a
+/// setting that would allocate without bound, not a practical limit).
+pub const MAX_BATCH: usize = 4096;
+/// The largest image side in pixels.
+pub const MAX_IMAGE_SIDE: usize = 16384;
+
+/// Refuses a batch of 0 or above [`MAX_BATCH`]; `what` names the setting.
+pub fn check_batch(what: &str, n: usize) -> Result<()> {
+    if n == 0 || n > MAX_BATCH {
+        return Err(Error::Input(format!(
+            "{what} must be between 1 and {MAX_BATCH}, got {n}"
+        )));
+    }
+    Ok(())
+}
+/// The files of a diffusers pipeline folder, by path relative to the folder.
+///
+/// Weights may be one safetensors file per component, a sharded set (`*.safetensors.index.json`
+/// and the shards its `weight_map` names), a variant (`diffusion_pytorch_model.fp16.safetensors`,
+/// chosen with [`variant`](Self::variant) as diffusers' `variant=`), or PyTorch `.bin` files,
+/// whose bytes the shell has converted to safetensors (the core has no pickle reader). A
+/// single-file checkpoint in the original LDM layout is held under [`checkpoint`](Self::checkpoint)
+/// instead, with the folder's config files beside it ([`ModelFiles::from_checkpoint`]).
+pub struct ModelFiles {
+    /// How the folder is named in error messages (its path, for the CLI).
+    pub name: String,
+    pub files: BTreeMap<String, Vec<u8>>,
+    /// The weights variant to load (`fp16`, …; a component without it loads its plain files);
+    /// `None`: the plain files, else `fp16`.
+    pub variant: Option<String>,
+    /// The key in `files` of a single-file LDM checkpoint holding every component's weights.
+    pub checkpoint: Option<String>,
+}
+
+/// The components that have weight files.
+pub const COMPONENTS: [&str; 3] = ["unet", "vae", "text_encoder"];
+
+impl ModelFiles {
+    /// Every file other than weights the loader may read.
+    pub const LAYOUT: &'static [&'static str] = &[
+        "model_index.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer/tokenizer.json",
+        "tokenizer/vocab.json",
+        "tokenizer/merges.txt",
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/special_tokens_map.json",
+        "scheduler/scheduler_config.json",
+    ];
+
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            files: BTreeMap::new(),
+            variant: None,
+            checkpoint: None,
+        }
+    }
+
+    /// A single-file checkpoint as a pipeline: the checkpoint (safetensors bytes: the shell converts
+    /// `.ckpt` pickles, dropping a `state_dict` nesting) plus config and tokenizer files. Config files
+    /// come from `config` (a diffusers folder, `--model-config`) where it has them, else they are
+    /// inferred from the checkpoint; tokenizer files from `config`, else from `tokenizer`
+    /// (`(file name, bytes)` of the standard CLIP BPE tokenizer that SD used).
+    pub fn from_checkpoint(
+        name: &str,
+        checkpoint: Vec<u8>,
+        config: Option<&Self>,
+        tokenizer: &[(&str, &[u8])],
+    ) -> Result<Self> {
+        let mut files = Self::new(name);
+        let inferred = {
+            let s = ldm::shapes(&Weights::from_bytes(name, &checkpoint)?)?;
+            if !ldm::is_checkpoint(&s) {
+                let sdxl = s.keys().any(|k| k.starts_with("conditioner."));
+                return Err(Error::config(
+                    name,
+                    if sdxl {
+                        "an SDXL checkpoint: only Stable Diffusion 1.x / 2.x single files load"
+                            .into()
+                    } else {
+                        "not a Stable Diffusion checkpoint in the LDM layout: it has no \
+                         `model.diffusion_model.*` tensors (a diffusers model is a folder)"
+                            .to_string()
+                    },
+                ));
+            }
+            ldm::infer(name, &s)?
+        };
+        let from_config = |path: &str| config.filter(|c| c.has(path));
+        for (path, value) in [
+            ("model_index.json", &inferred.model_index),
+            ("unet/config.json", &inferred.unet),
+            ("vae/config.json", &inferred.vae),
+            ("text_encoder/config.json", &inferred.text_encoder),
+            ("scheduler/scheduler_config.json", &inferred.scheduler),
+        ] {
+            let bytes = match from_config(path) {
+                Some(c) => c.bytes(path)?.to_vec(),
+                None => serde_json::to_vec_pretty(value).expect("JSON values serialise"),
+            };
+            files.insert(path, bytes);
+        }
+        let config_tokenizer = config.is_some_and(|c| {
+            c.has("tokenizer/tokenizer.json")
+                || (c.has("tokenizer/vocab.json") && c.has("tokenizer/merges.txt"))
+        });
+        if let (true, Some(c)) = (config_tokenizer, config) {
+            for (path, bytes) in &c.files {
+                if path.starts_with("tokenizer/") {
+                    files.insert(path.clone(), bytes.clone());
+                }
+            }
+        } else {
+            for (file, bytes) in tokenizer {
+                files.insert(format!("tokenizer/{file}"), bytes.to_vec());
+            }
+            files.insert(
+                "tokenizer/special_tokens_map.json",
+                serde_json::to_vec(&json!({ "pad_token": inferred.pad_token })).expect("JSON"),
+            );
+        }
+        files.insert(ldm::CHECKPOINT, checkpoint);
+        files.checkpoint = Some(ldm::CHECKPOINT.into());
+        Ok(files)
+    }
+
+    /// Collects every file of [`Self::LAYOUT`] and the weights [`Self::weight_names`] picks
+    /// that `read(path)` finds (`Ok(None)`: absent).
+    pub fn read_layout<E>(
+        name: impl Into<String>,
+        read: impl FnMut(&str) -> std::result::Result<Option<Vec<u8>>, E>,
+    ) -> std::result::Result<Self, E> {
+        Self::read_layout_variant(name, None, read)
+    }
+
+    /// [`read_layout`](Self::read_layout) for a weights variant (`--variant fp16`): only the
+    /// first weights found per component are read, and for a sharded set its shards.
+    pub fn read_layout_variant<E>(
+        name: impl Into<String>,
+        variant: Option<&str>,
+        mut read: impl FnMut(&str) -> std::result::Result<Option<Vec<u8>>, E>,
+    ) -> std::result::Result<Self, E> {
+        let mut files = Self::read_configs(name, &mut read)?;
+        files.variant = variant.map(str::to_string);
+        for component in COMPONENTS {
+            for path in files.weight_names(component) {
+                let Some(bytes) = read(&path)? else {
+                    continue;
+                };
+                // A malformed index is reported when the component loads.
+                let shards = shard_names(&bytes).unwrap_or_default();
+                files.insert(path, bytes);
+                for shard in shards {
+                    let rel = format!("{component}/{shard}");
+                    if let Some(bytes) = read(&rel)? {
+                        files.insert(rel, bytes);
+                    }
+                }
+                break;
+            }
+        }
+        Ok(files)
+    }
+
+    /// Collects the files of [`Self::LAYOUT`] that `read(path)` finds — configs and tokenizer,
+    /// no weights (`--model-config`).
+    pub fn read_configs<E>(
+        name: impl Into<String>,
+        mut read: impl FnMut(&str) -> std::result::Result<Option<Vec<u8>>, E>,
+    ) -> std::result::Result<Self, E> {
+        let mut files = Self::new(name);
+        for rel in Self::LAYOUT {
+            if let Some(bytes) = read(rel)? {
+                files.insert(*rel, bytes);
+            }
+        }
+        Ok(files)
+    }
+
+    /// The weight files `component` may have, best first: the chosen variant, then the plain
+    /// files (without a variant: the plain files, then `fp16`), safetensors before a sharded safetensors index before
+    /// PyTorch `.bin` (single, then sharded). diffusers' names.
+    pub fn weight_names(&self, component: &str) -> Vec<String> {
+        let (st, bin) = if component == "text_encoder" {
+            ("model", "pytorch_model")
+        } else {
+            ("diffusion_pytorch_model", "diffusion_pytorch_model")
+        };
+        let variants: Vec<Option<&str>> = match &self.variant {
+            // As diffusers: a component without the variant loads its plain files.
+            Some(v) => vec![Some(v.as_str()), None],
+            None => vec![None, Some("fp16")],
+        };
+        let mut names = Vec::new();
+        for v in variants {
+            let file = |stem: &str, ext: &str| match v {
+                Some(v) => format!("{component}/{stem}.{v}.{ext}"),
+                None => format!("{component}/{stem}.{ext}"),
+            };
+            let index = |stem: &str, ext: &str| match v {
+                Some(v) => format!("{component}/{stem}.{ext}.index.{v}.json"),
+                None => format!("{component}/{stem}.{ext}.index.json"),
+            };
+            names.extend([
+                file(st, "safetensors"),
+                index(st, "safetensors"),
+                file(bin, "bin"),
+                index(bin, "bin"),
+            ]);
+        }
+        names
+    }
+
+    pub fn insert(&mut self, path: impl Into<String>, bytes: Vec<u8>) {
+        self.files.insert(path.into(), bytes);
+    }
+
+    /// The name a file is reported under: `<folder>/<path>`.
+    pub fn display(&self, path: &str) -> String {
+        format!("{}/{}", self.name.trim_end_matches('/'), path)
+    }
+
+    pub fn has(&self, path: &str) -> bool {
+        self.files.contains_key(path)
+    }
+
+    pub fn bytes(&self, path: &str) -> Result<&[u8]> {
+        self.files
+            .get(path)
+            .map(Vec::as_slice)
+            .ok_or_else(|| Error::config(&self.display(path), "file is missing"))
+    }
+
+    pub fn text(&self, path: &str) -> Result<&str> {
+        std::str::from_utf8(self.bytes(path)?)
+            .map_err(|_| Error::config(&self.display(path), "not UTF-8 text"))
+    }
+
+    /// The weights of `component` (`unet`, `vae`, `text_encoder`) under the diffusers /
+    /// transformers keys its module asks for, whatever layout they are stored in.
+    pub fn component_weights(&self, component: &str) -> Result<Weights<'_>> {
+        if let Some(key) = &self.checkpoint {
+            let w = Weights::from_bytes(&self.name, self.bytes(key)?)?;
+            return ldm::component(w, component);
+        }
+        let names = self.weight_names(component);
+        let Some(path) = names.iter().find(|p| self.has(p)) else {
+            let looked: Vec<&str> = names
+                .iter()
+                .map(|n| n.rsplit('/').next().unwrap_or(n))
+                .collect();
+            let hint = match &self.variant {
+                Some(v) => format!("; the folder has no weights of variant `{v}`"),
+                None => String::new(),
+            };
+            return Err(Error::config(
+                &self.display(&names[0]),
+                format!(
+                    "file is missing, and so are the other weight files of `{component}` \
+                     ({}){hint}",
+                    looked[1..].join(", ")
+                ),
+            ));
+        };
+        let w = if path.ends_with(".json") {
+            let shards = shard_names(self.bytes(path)?)
+                .map_err(|reason| Error::config(&self.display(path), reason))?;
+            let mut parts = Vec::with_capacity(shards.len());
+            for shard in shards {
+                let rel = format!("{component}/{shard}");
+                parts.push((self.display(&rel), self.bytes(&rel)?));
+            }
+            Weights::from_shards(&self.display(path), &parts)?
+        } else {
+            Weights::from_bytes(&self.display(path), self.bytes(path)?)?
+        };
+        if component == "text_encoder" {
+            return crate::model::layouts::text_model_prefix(w);
+        }
+        Ok(w)
+    }
+}
+
+/// The shard files a `*.index.json` names in its `weight_map`, in order of first use.
+fn shard_names(index: &[u8]) -> std::result::Result<Vec<String>, String> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: BTreeMap<String, String>,
+    }
+    let index: Index = serde_json::from_slice(index).map_err(|e| e.to_string())?;
+    let mut names: Vec<String> = index.weight_map.into_values().collect();
+    names.sort();
+    names.dedup();
+    if let Some(bad) = names
+        .iter()
+        .find(|n| n.contains('/') || n.contains('\\') || n.starts_with('.'))
+    {
+        return Err(format!("shard `{bad}` is not a file name in the folder"));
+    }
+    Ok(names)
+}
+
+/// The tokenizer files a CLIP tokenizer is built from, in a folder (`tokenizer/` of a
+/// diffusers model, the top level of a transformers CLIP repo).
+pub const TOKENIZER_FILES: [&str; 5] = [
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+];
+
+/// The pipeline's CLIP tokenizer (`tokenizer/`).
+pub fn load_tokenizer(files: &ModelFiles) -> Result<ClipTokenizer> {
+    load_tokenizer_in(files, "tokenizer/")
+}
+
+/// A CLIP tokenizer from the [`TOKENIZER_FILES`] under `dir` (`""` or ending in `/`):
+/// `tokenizer.json` if present, else `vocab.json` + `merges.txt`.
+pub fn load_tokenizer_in(files: &ModelFiles, dir: &str) -> Result<ClipTokenizer> {
+    let path = |name: &str| format!("{dir}{name}");
+    let mut settings = Vec::new();
+    for p in [
+        path("special_tokens_map.json"),
+        path("tokenizer_config.json"),
+    ] {
+        if files.has(&p) {
+            let text = files.text(&p)?;
+            settings.push((p, text));
+        }
+    }
+    let settings: Vec<(&str, &str)> = settings.iter().map(|(a, b)| (a.as_str(), *b)).collect();
+    let special = SpecialTokens::from_json_files(&settings).map_err(|e| match e {
+        Error::Tokenizer { file, reason } => Error::Tokenizer {
+            file: files.display(&file),
+            reason,
+        },
+        e => e,
+    })?;
+    let result = if files.has(&path("tokenizer.json")) {
+        ClipTokenizer::from_tokenizer_json(files.bytes(&path("tokenizer.json"))?, &special)
+    } else {
+        ClipTokenizer::from_vocab_merges(
+            files.text(&path("vocab.json"))?,
+            files.text(&path("merges.txt"))?,
+            &special,
+        )
+    };
+    // The tokenizer names files by their bare names; report them inside this folder.
+    result.map_err(|e| match e {
+        Error::Tokenizer { file, reason } => Error::Tokenizer {
+            file: files.display(&path(&file)),
+            reason,
+        },
+        e => e,
+    })
+}

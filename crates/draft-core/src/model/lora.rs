@@ -1,0 +1,904 @@
+//! LoRA (Hu et al. 2021) on `Linear` and `Conv2d` layers, in peft's parameterisation and
+//! diffusers' file layout.
+//!
+//! An adapted layer computes `x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ` with `A` [r, in] and `B` [out, r]
+//! (PyTorch layout, as peft stores them) and `s = alpha / r`. A conv layer's `A` is a conv with
+//! the layer's kernel, stride and padding into `r` channels and its `B` a 1×1 conv out of them,
+//! as peft's `lora.Conv2d`. The dense `W + s·B·A` is formed only for passes without gradient on
+//! the CPU ([`LoraSlot::merged_linear`]); with gradient, and on GPUs, the adapters run apart.
+//!
+//! The adapters live in a [`LoraTable`] shared by every adapted layer of a pipeline. Layers
+//! hold a slot index into it, so the trainer swaps all adapters at once (plain tensors for a
+//! pass without gradient, autodiff leaves for a pass with gradient) without walking the model.
+//! Which layers get a slot is decided at load time by a [`LoraPlan`] carried by the
+//! [`VarBuilder`](crate::model::var_builder::VarBuilder).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use burn::prelude::*;
+use burn::tensor::module::{conv2d, linear};
+use burn::tensor::ops::ConvOptions;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::model::layouts::kohya::{self, module_id};
+use crate::model::weights::Weights;
+
+/// What an adapted layer is: the shapes and conv options its adapter needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraKind {
+    Linear {
+        d_in: usize,
+        d_out: usize,
+    },
+    Conv {
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        pad: (usize, usize),
+    },
+}
+
+impl LoraKind {
+    /// `A`'s shape as peft stores it: [r, in] or [r, in, k, k].
+    pub fn a_shape(&self, rank: usize) -> Vec<usize> {
+        match *self {
+            LoraKind::Linear { d_in, .. } => vec![rank, d_in],
+            LoraKind::Conv { c_in, kernel, .. } => vec![rank, c_in, kernel, kernel],
+        }
+    }
+
+    /// `B`'s shape as peft stores it: [out, r] or [out, r, 1, 1].
+    pub fn b_shape(&self, rank: usize) -> Vec<usize> {
+        match *self {
+            LoraKind::Linear { d_out, .. } => vec![d_out, rank],
+            LoraKind::Conv { c_out, .. } => vec![c_out, rank, 1, 1],
+        }
+    }
+
+    /// The fan-in of `A` (its matrix width).
+    pub fn fan_in(&self) -> usize {
+        match *self {
+            LoraKind::Linear { d_in, .. } => d_in,
+            LoraKind::Conv { c_in, kernel, .. } => c_in * kernel * kernel,
+        }
+    }
+
+    pub fn fan_out(&self) -> usize {
+        match *self {
+            LoraKind::Linear { d_out, .. } => d_out,
+            LoraKind::Conv { c_out, .. } => c_out,
+        }
+    }
+}
+
+/// One low-rank update: `A` [r, fan_in] and `B` [out, r] as matrices, and its scale.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub a: Tensor<2>,
+    pub b: Tensor<2>,
+    pub scale: f64,
+}
+
+/// One adapted layer: its key in the LoRA file layout (`unet.<module path>`), what it is,
+/// and the adapters summed into its output.
+#[derive(Debug, Clone)]
+pub struct LoraEntry {
+    pub key: String,
+    pub kind: LoraKind,
+    pub adapters: Vec<Adapter>,
+    /// The layer's weight with the adapters folded in ([`LoraSlot::merged_linear`]), made
+    /// for the adapters as they are: every change to the table drops it.
+    merged: Option<Tensor<2>>,
+}
+
+/// The adapters of every adapted layer of a pipeline, shared by those layers.
+#[derive(Debug, Clone, Default)]
+pub struct LoraTable(Arc<Mutex<Vec<LoraEntry>>>);
+
+/// A layer's handle into the [`LoraTable`].
+#[derive(Debug, Clone)]
+pub struct LoraSlot {
+    table: LoraTable,
+    index: usize,
+}
+
+impl LoraSlot {
+    /// The adapters, in `dtype` (the layer input's: f32 LoRA weights run in f16 with
+    /// activations in f16, as peft runs them in a float16 pipeline).
+    fn adapters(&self, dtype: burn::tensor::DType) -> Vec<Adapter> {
+        let mut adapters = self.table.lock()[self.index].adapters.clone();
+        for ad in &mut adapters {
+            ad.a = crate::tensor::in_dtype(ad.a.clone(), dtype);
+            ad.b = crate::tensor::in_dtype(ad.b.clone(), dtype);
+        }
+        adapters
+    }
+
+    /// A `Linear` layer's stored `[in, out]` weight `w` plus `Σ s·Aᵀ·Bᵀ`, for an input `x`
+    /// that no gradient flows through on the CPU: the layer then runs as one matrix product,
+    /// where the adapters' two thin products and the sum into the output cost sd1-tiny's
+    /// sampling ~4% (docs/benchmarks.md). Made once for the adapters as they are (a training
+    /// step's whole sampling chain) and kept in the table until they change; `None` where the
+    /// adapters run apart: a pass with gradient (x or an adapter tracked), another dtype than
+    /// f32, or a GPU, whose memory the merged copies would take.
+    pub fn merged_linear<const D: usize>(&self, w: &Tensor<2>, x: &Tensor<D>) -> Option<Tensor<2>> {
+        self.merged(w.dtype(), x.is_tracked(), &x.device(), |adapters| {
+            adapters.iter().fold(w.clone(), |w, ad| {
+                w + scaled(ad.a.clone().transpose(), ad.scale).matmul(ad.b.clone().transpose())
+            })
+        })
+    }
+
+    /// As [`merged_linear`](Self::merged_linear), for a `Conv2d` layer's `[out, in, k, k]`
+    /// weight: `w + Σ s·B·A`, A `[r, in·k·k]` being the adapter's conv with the layer's kernel
+    /// and options and B its 1×1 conv.
+    pub fn merged_conv(&self, w: &Tensor<4>, x: &Tensor<4>) -> Option<Tensor<4>> {
+        let dims = w.dims();
+        let merged = self.merged(w.dtype(), x.is_tracked(), &x.device(), |adapters| {
+            adapters.iter().fold(w.clone().flatten::<2>(1, 3), |w, ad| {
+                w + scaled(ad.b.clone(), ad.scale).matmul(ad.a.clone())
+            })
+        })?;
+        Some(merged.reshape(dims))
+    }
+
+    /// The entry's merged weight, made by `merge` from the adapters when there is none yet;
+    /// see [`merged_linear`](Self::merged_linear) for when.
+    fn merged(
+        &self,
+        w_dtype: burn::tensor::DType,
+        x_tracked: bool,
+        device: &Device,
+        merge: impl FnOnce(&[Adapter]) -> Tensor<2>,
+    ) -> Option<Tensor<2>> {
+        use burn::tensor::DType;
+        let on_cpu = matches!(
+            device.clone().inner().as_dispatch(),
+            burn::backend::DispatchDevice::Flex(_)
+        );
+        if x_tracked || !on_cpu || w_dtype != DType::F32 {
+            return None;
+        }
+        let mut entries = self.table.lock();
+        let e = &mut entries[self.index];
+        if let Some(m) = &e.merged {
+            return Some(m.clone());
+        }
+        let plain = |t: &Tensor<2>| !t.is_tracked() && t.dtype() == DType::F32;
+        if e.adapters.is_empty() || !e.adapters.iter().all(|ad| plain(&ad.a) && plain(&ad.b)) {
+            return None;
+        }
+        let m = merge(&e.adapters);
+        e.merged = Some(m.clone());
+        Some(m)
+    }
+
+    /// `x·Aᵀ·Bᵀ·s` summed over the adapters, for a `Linear` input `[.., in]`.
+    pub fn linear<const D: usize>(&self, x: &Tensor<D>, mut y: Tensor<D>) -> Tensor<D> {
+        let adapters = self.adapters(x.dtype());
+        if adapters.is_empty() {
+            return y;
+        }
+        // As [rows, in]: one 2-d matrix product per factor (a `[.., in]` input would be a
+        // batched product with the factor broadcast, several times slower at rank 4 on the CPU).
+        let x2 = x.clone().flatten::<2>(0, D - 2);
+        let dims = y.dims();
+        for ad in adapters {
+            // The scale on the rank-r intermediate: r columns to multiply, not the output's.
+            let h = scaled(linear(x2.clone(), ad.a.transpose(), None), ad.scale);
+            y = y + linear(h, ad.b.transpose(), None).reshape(dims);
+        }
+        y
+    }
+
+    /// The conv adapters' contribution for a `Conv2d` input, computed in f32 whatever x's
+    /// dtype (convolutions in f16 accumulate in f16 on some of Burn's kernels:
+    /// [`crate::ops::stored_weight`]) and added in y's.
+    pub fn conv(&self, x: &Tensor<4>, mut y: Tensor<4>, options: &ConvOptions<2>) -> Tensor<4> {
+        let kind = self.table.lock()[self.index].kind;
+        let LoraKind::Conv { c_in, kernel, .. } = kind else {
+            return y;
+        };
+        let x = crate::tensor::in_dtype(x.clone(), burn::tensor::DType::F32);
+        let out_dtype = y.dtype();
+        for ad in self.adapters(burn::tensor::DType::F32) {
+            let [r, _] = ad.a.dims();
+            let [out, _] = ad.b.dims();
+            let a = ad.a.reshape([r, c_in, kernel, kernel]);
+            let h = scaled(conv2d(x.clone(), a, None, options.clone()), ad.scale);
+            let b = ad.b.reshape([out, r, 1, 1]);
+            let pointwise = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+            y = y + crate::tensor::in_dtype(conv2d(h, b, None, pointwise), out_dtype);
+        }
+        y
+    }
+}
+
+fn scaled<const D: usize>(h: Tensor<D>, scale: f64) -> Tensor<D> {
+    if scale == 1.0 { h } else { h * scale }
+}
+
+/// Groups of layers LoRA can adapt (`--lora-targets`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoraTarget {
+    /// The UNet's attention projections `to_q`, `to_k`, `to_v`, `to_out.0` (attn1 and attn2).
+    Attn,
+    /// The UNet transformer blocks' feed-forward `ff.net.0.proj` and `ff.net.2`.
+    Ff,
+    /// The transformers' `proj_in` / `proj_out` (1×1 convs in SD-1, linear in SD-2).
+    Proj,
+    /// The UNet resnets' 3×3 convolutions `conv1` and `conv2`.
+    Conv,
+    /// The text encoder's attention `q_proj`, `k_proj`, `v_proj`, `out_proj`.
+    Text,
+}
+
+impl LoraTarget {
+    pub const ALL: [LoraTarget; 5] = [Self::Attn, Self::Ff, Self::Proj, Self::Conv, Self::Text];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Attn => "attn",
+            Self::Ff => "ff",
+            Self::Proj => "proj",
+            Self::Conv => "conv",
+            Self::Text => "text",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                Error::Input(format!(
+                    "unknown LoRA target `{s}` (expected one of attn, ff, proj, conv, text)"
+                ))
+            })
+    }
+
+    /// Whether the layer at `path` of `component` belongs to this group.
+    fn matches(&self, component: &str, path: &str) -> bool {
+        let last = path.rsplit('.').next().unwrap_or("");
+        match (self, component) {
+            (Self::Attn, "unet") => {
+                (path.contains(".attn1.") || path.contains(".attn2."))
+                    && (matches!(last, "to_q" | "to_k" | "to_v") || path.ends_with("to_out.0"))
+            }
+            (Self::Ff, "unet") => path.ends_with(".ff.net.0.proj") || path.ends_with(".ff.net.2"),
+            (Self::Proj, "unet") => matches!(last, "proj_in" | "proj_out"),
+            (Self::Conv, "unet") => path.contains(".resnets.") && matches!(last, "conv1" | "conv2"),
+            (Self::Text, "text_encoder") => {
+                path.contains(".self_attn.")
+                    && matches!(last, "q_proj" | "k_proj" | "v_proj" | "out_proj")
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Which layers of one component get a slot in `table` when the component is loaded.
+#[derive(Debug, Clone)]
+pub struct LoraPlan {
+    pub table: LoraTable,
+    pub component: String,
+    select: Selection,
+}
+
+#[derive(Debug, Clone)]
+enum Selection {
+    Targets(Vec<LoraTarget>),
+    /// Exactly these layers, by [`module_id`] (the ones a LoRA file names).
+    Paths(BTreeSet<String>),
+}
+
+impl LoraPlan {
+    pub fn targets(table: &LoraTable, component: &str, targets: &[LoraTarget]) -> Self {
+        Self {
+            table: table.clone(),
+            component: component.into(),
+            select: Selection::Targets(targets.to_vec()),
+        }
+    }
+
+    pub fn paths(table: &LoraTable, component: &str, paths: BTreeSet<String>) -> Self {
+        Self {
+            table: table.clone(),
+            component: component.into(),
+            select: Selection::Paths(paths),
+        }
+    }
+
+    /// A slot for the layer at `path` if the plan selects it.
+    pub fn slot(&self, path: &str, kind: LoraKind) -> Option<LoraSlot> {
+        let selected = match &self.select {
+            Selection::Targets(t) => t.iter().any(|t| t.matches(&self.component, path)),
+            Selection::Paths(p) => p.contains(&module_id(&self.component, path)),
+        };
+        selected.then(|| {
+            let key = format!("{}.{}", self.component, path);
+            LoraSlot {
+                table: self.table.clone(),
+                index: self.table.register(key, kind),
+            }
+        })
+    }
+}
+
+/// One layer's adapter as a LoRA file holds it.
+#[derive(Debug, Clone)]
+pub struct LoraModule {
+    /// The layer's name in the file (for messages).
+    pub key: String,
+    pub a: Vec<f32>,
+    pub a_shape: Vec<usize>,
+    /// `B` with the file's scale folded in (kohya's `alpha / r`; diffusers files carry none).
+    pub b: Vec<f32>,
+    pub b_shape: Vec<usize>,
+}
+
+/// A LoRA file's contents: layer id ([`module_id`]) → adapter.
+pub struct LoraFile {
+    pub name: String,
+    pub modules: BTreeMap<String, LoraModule>,
+}
+
+/// A layer key of the [`LoraTable`] (`unet.<path>`) as its [`module_id`].
+fn entry_id(key: &str) -> String {
+    let (component, path) = key.split_once('.').unwrap_or(("", key));
+    module_id(component, path)
+}
+
+impl LoraFile {
+    /// Reads a LoRA file in diffusers / peft layout (keys `<component>.<module path>.lora_A.weight`
+    /// and `….lora_B.weight`, with or without the text encoder's `text_model.`) or in kohya's
+    /// (`lora_unet_….lora_down.weight`, `.lora_up.weight`, `.alpha`; see [`kohya`]).
+    pub fn parse(name: &str, bytes: &[u8]) -> Result<Self> {
+        let w = Weights::from_bytes(name, bytes)?;
+        let keys = w.keys();
+        let modules = if kohya::is_kohya(&keys) {
+            parse_kohya(name, &w)?
+        } else {
+            parse_peft(name, &w)?
+        };
+        if modules.is_empty() {
+            return Err(Error::Input(format!(
+                "{name}: the file holds no LoRA weights"
+            )));
+        }
+        Ok(Self {
+            name: name.into(),
+            modules,
+        })
+    }
+
+    /// The layer ids ([`module_id`]) of one component (`unet`, `text_encoder`).
+    pub fn paths(&self, component: &str) -> BTreeSet<String> {
+        let prefix = format!("{component}:");
+        self.modules
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .cloned()
+            .collect()
+    }
+
+    pub fn rank(&self) -> usize {
+        self.modules.values().next().map_or(0, |m| m.a_shape[0])
+    }
+}
+
+fn parse_peft(name: &str, w: &Weights) -> Result<BTreeMap<String, LoraModule>> {
+    let mut a_keys = BTreeMap::new();
+    let mut b_keys = BTreeMap::new();
+    for key in w.keys() {
+        if let Some(m) = key.strip_suffix(".lora_A.weight") {
+            a_keys.insert(m.to_string(), key.clone());
+        } else if let Some(m) = key.strip_suffix(".lora_B.weight") {
+            b_keys.insert(m.to_string(), key.clone());
+        } else {
+            return Err(Error::Input(format!(
+                "{name}: `{key}` is not a LoRA weight (expected keys ending in .lora_A.weight / .lora_B.weight, or kohya's lora_unet_…)"
+            )));
+        }
+    }
+    let mut modules = BTreeMap::new();
+    for (m, ak) in &a_keys {
+        let bk = b_keys
+            .get(m)
+            .ok_or_else(|| Error::Input(format!("{name}: `{ak}` has no matching lora_B.weight")))?;
+        let (a, a_shape) = w.read_f32(ak)?;
+        let (b, b_shape) = w.read_f32(bk)?;
+        check_ranks(name, m, &a_shape, &b_shape)?;
+        let (component, path) = m.split_once('.').unwrap_or(("", m));
+        modules.insert(
+            module_id(component, path),
+            LoraModule {
+                key: m.clone(),
+                a,
+                a_shape,
+                b,
+                b_shape,
+            },
+        );
+    }
+    if let Some(m) = b_keys.keys().find(|m| !a_keys.contains_key(*m)) {
+        return Err(Error::Input(format!(
+            "{name}: `{m}.lora_B.weight` has no matching lora_A.weight"
+        )));
+    }
+    Ok(modules)
+}
+
+fn parse_kohya(name: &str, w: &Weights) -> Result<BTreeMap<String, LoraModule>> {
+    // id → (module name, down key, up key, alpha key)
+    let mut layers: BTreeMap<String, [Option<String>; 4]> = BTreeMap::new();
+    for key in w.keys() {
+        let Some((id, part)) = kohya::parse_key(&key) else {
+            return Err(Error::Input(format!(
+                "{name}: `{key}` is not a kohya LoRA weight of an SD-1.x/2.x layer (expected lora_unet_… / lora_te_… with .lora_down.weight, .lora_up.weight, .alpha)"
+            )));
+        };
+        let module = key.split('.').next().unwrap_or(&key).to_string();
+        let slot = layers.entry(id).or_default();
+        slot[0] = Some(module);
+        let i = match part {
+            kohya::Part::Down => 1,
+            kohya::Part::Up => 2,
+            kohya::Part::Alpha => 3,
+        };
+        slot[i] = Some(key.clone());
+    }
+    let mut modules = BTreeMap::new();
+    for (id, [module, down, up, alpha]) in layers {
+        let module = module.expect("set with any part");
+        let (Some(down), Some(up)) = (down, up) else {
+            return Err(Error::Input(format!(
+                "{name}: `{module}` needs both lora_down.weight and lora_up.weight"
+            )));
+        };
+        let (a, a_shape) = w.read_f32(&down)?;
+        let (b, b_shape) = w.read_f32(&up)?;
+        check_ranks(name, &module, &a_shape, &b_shape)?;
+        let rank = a_shape[0];
+        // No alpha, or alpha 0 (as kohya's sd-scripts reads it), means alpha = rank: scale 1.
+        let alpha = match alpha {
+            None => rank as f64,
+            Some(k) => {
+                let v = match w.read_f32(&k) {
+                    Ok((v, _)) => v.first().map(|x| *x as f64),
+                    Err(Error::TensorDtype { .. }) => w.read_i64(&k)?.0.first().map(|x| *x as f64),
+                    Err(e) => return Err(e),
+                };
+                match v.filter(|a| a.is_finite()) {
+                    Some(0.0) => rank as f64,
+                    Some(a) => a,
+                    None => {
+                        return Err(Error::Input(format!(
+                            "{name}: `{k}` is not one finite number"
+                        )));
+                    }
+                }
+            }
+        };
+        let scale = alpha / rank as f64;
+        let b: Vec<f32> = b.iter().map(|v| (*v as f64 * scale) as f32).collect();
+        if b.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Input(format!(
+                "{name}: `{module}`: alpha {alpha} / rank {rank} scales lora_up.weight past f32's range"
+            )));
+        }
+        modules.insert(
+            id,
+            LoraModule {
+                key: module,
+                a,
+                a_shape,
+                b,
+                b_shape,
+            },
+        );
+    }
+    Ok(modules)
+}
+
+fn check_ranks(name: &str, module: &str, a_shape: &[usize], b_shape: &[usize]) -> Result<()> {
+    let ranks_agree = a_shape.len() >= 2
+        && b_shape.len() >= 2
+        && a_shape[0] == b_shape[1]
+        && a_shape[0] > 0
+        && b_shape[2..].iter().all(|&d| d == 1);
+    if !ranks_agree {
+        return Err(Error::Input(format!(
+            "{name}: `{module}` has lora_A {a_shape:?} and lora_B {b_shape:?}, whose ranks disagree"
+        )));
+    }
+    Ok(())
+}
+
+impl LoraTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<LoraEntry>> {
+        // A panic while holding the lock leaves plain data behind: keep going with it.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The entries, to change them: the merged weights made for the adapters as they were
+    /// are dropped.
+    fn lock_mut(&self) -> MutexGuard<'_, Vec<LoraEntry>> {
+        let mut entries = self.lock();
+        entries.iter_mut().for_each(|e| e.merged = None);
+        entries
+    }
+
+    fn register(&self, key: String, kind: LoraKind) -> usize {
+        let mut entries = self.lock_mut();
+        entries.push(LoraEntry {
+            key,
+            kind,
+            adapters: Vec::new(),
+            merged: None,
+        });
+        entries.len() - 1
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    pub fn entries(&self) -> Vec<LoraEntry> {
+        self.lock().clone()
+    }
+
+    /// Number of LoRA parameters of the first (trainable) adapter of every layer.
+    pub fn num_params(&self) -> usize {
+        self.lock()
+            .iter()
+            .filter_map(|e| e.adapters.first())
+            .map(|a| a.a.dims().iter().product::<usize>() + a.b.dims().iter().product::<usize>())
+            .sum()
+    }
+
+    /// Gives every layer a fresh trainable adapter as peft initialises one: `A` Kaiming-uniform
+    /// (bound 1/√fan_in), `B` zero, so training starts from the base model.
+    pub fn init_trainable(&self, rank: usize, alpha: f64, seed: u64, device: &Device) {
+        let mut rng = rand_uniform(seed);
+        let mut entries = self.lock_mut();
+        for e in entries.iter_mut() {
+            let fan_in = e.kind.fan_in();
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let a: Vec<f32> = (0..rank * fan_in)
+                .map(|_| ((rng() * 2.0 - 1.0) * bound) as f32)
+                .collect();
+            let a = Tensor::from_data(TensorData::new(a, [rank, fan_in]), device);
+            let b = Tensor::zeros([e.kind.fan_out(), rank], device);
+            e.adapters = vec![Adapter {
+                a,
+                b,
+                scale: alpha / rank as f64,
+            }];
+        }
+    }
+
+    /// Loads `file` as the trainable adapter of every layer it names (the file's `B` includes
+    /// the scale; it is divided by `alpha / rank` so that training goes on in peft's
+    /// parameterisation). Layers the file does not name keep their fresh adapter.
+    pub fn load_trainable(&self, file: &LoraFile, alpha: f64, device: &Device) -> Result<()> {
+        let mut entries = self.lock_mut();
+        let mut matched = 0;
+        for e in entries.iter_mut() {
+            let Some(LoraModule {
+                a,
+                a_shape,
+                b,
+                b_shape,
+                ..
+            }) = file.modules.get(&entry_id(&e.key))
+            else {
+                continue;
+            };
+            let rank = a_shape[0];
+            check_shapes(&file.name, e, rank, a_shape, b_shape)?;
+            let scale = alpha / rank as f64;
+            if let Some(ad) = e.adapters.first()
+                && ad.a.dims()[0] != rank
+            {
+                return Err(Error::Input(format!(
+                    "{}: `{}` has rank {rank}, but training uses rank {}",
+                    file.name,
+                    e.key,
+                    ad.a.dims()[0]
+                )));
+            }
+            let b: Vec<f32> = b.iter().map(|v| (*v as f64 / scale) as f32).collect();
+            let adapter = Adapter {
+                a: Tensor::from_data(TensorData::new(a.clone(), [rank, e.kind.fan_in()]), device),
+                b: Tensor::from_data(TensorData::new(b, [e.kind.fan_out(), rank]), device),
+                scale,
+            };
+            match e.adapters.first_mut() {
+                Some(first) => *first = adapter,
+                None => e.adapters.push(adapter),
+            }
+            matched += 1;
+        }
+        if matched != file.modules.len() {
+            let known: BTreeSet<String> = entries.iter().map(|e| entry_id(&e.key)).collect();
+            let missing: Vec<&String> = file
+                .modules
+                .iter()
+                .filter(|(id, _)| !known.contains(*id))
+                .map(|(_, m)| &m.key)
+                .collect();
+            return Err(unmatched(&file.name, &missing));
+        }
+        Ok(())
+    }
+
+    /// Adds `file` at `scale` (on top of the file's own folded scale) as one more adapter of
+    /// every layer it names: inference-time scaling and mixing.
+    pub fn add_file(&self, file: &LoraFile, scale: f64, device: &Device) -> Result<()> {
+        let mut entries = self.lock_mut();
+        let index: BTreeMap<String, usize> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (entry_id(&e.key), i))
+            .collect();
+        let missing: Vec<&String> = file
+            .modules
+            .iter()
+            .filter(|(id, _)| !index.contains_key(*id))
+            .map(|(_, m)| &m.key)
+            .collect();
+        if !missing.is_empty() {
+            return Err(unmatched(&file.name, &missing));
+        }
+        for (id, m) in &file.modules {
+            let LoraModule {
+                a,
+                a_shape,
+                b,
+                b_shape,
+                ..
+            } = m;
+            let e = &mut entries[index[id]];
+            let rank = a_shape[0];
+            check_shapes(&file.name, e, rank, a_shape, b_shape)?;
+            e.adapters.push(Adapter {
+                a: Tensor::from_data(TensorData::new(a.clone(), [rank, e.kind.fan_in()]), device),
+                b: Tensor::from_data(TensorData::new(b.clone(), [e.kind.fan_out(), rank]), device),
+                scale,
+            });
+        }
+        Ok(())
+    }
+
+    /// Sets the scale of every layer's trainable (first) adapter (`alpha / rank` in training).
+    pub fn set_trainable_scale(&self, scale: f64) {
+        for e in self.lock_mut().iter_mut() {
+            if let Some(ad) = e.adapters.first_mut() {
+                ad.scale = scale;
+            }
+        }
+    }
+
+    /// The trainable parameters `[A₀, B₀, A₁, B₁, …]` (first adapter of every layer).
+    pub fn params(&self) -> Vec<Tensor<2>> {
+        self.lock()
+            .iter()
+            .filter_map(|e| e.adapters.first())
+            .flat_map(|ad| [ad.a.clone(), ad.b.clone()])
+            .collect()
+    }
+
+    /// Replaces the trainable parameters (same order as [`params`](Self::params)).
+    pub fn set_params(&self, params: &[Tensor<2>]) {
+        let mut entries = self.lock_mut();
+        let mut it = params.iter();
+        for e in entries.iter_mut() {
+            if let Some(ad) = e.adapters.first_mut() {
+                ad.a = it.next().expect("one A per adapter").clone();
+                ad.b = it.next().expect("one B per adapter").clone();
+            }
+        }
+    }
+
+    /// Parameter names in [`params`](Self::params) order: `<key>.lora_A.weight`, ….
+    pub fn param_names(&self) -> Vec<String> {
+        self.lock()
+            .iter()
+            .filter(|e| !e.adapters.is_empty())
+            .flat_map(|e| {
+                [
+                    format!("{}.lora_A.weight", e.key),
+                    format!("{}.lora_B.weight", e.key),
+                ]
+            })
+            .collect()
+    }
+
+    /// The trainable (first) adapter of every layer on the host, the scale folded into `B`:
+    /// what both LoRA files hold.
+    async fn folded(&self) -> Result<Vec<LoraModule>> {
+        let mut out = Vec::new();
+        for e in &self.entries() {
+            let Some(ad) = e.adapters.first() else {
+                continue;
+            };
+            let rank = ad.a.dims()[0];
+            out.push(LoraModule {
+                key: e.key.clone(),
+                a: crate::read_f32(ad.a.clone()).await?.0,
+                a_shape: e.kind.a_shape(rank),
+                b: crate::read_f32(ad.b.clone() * ad.scale).await?.0,
+                b_shape: e.kind.b_shape(rank),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The trainable adapters as a diffusers LoRA file (`pytorch_lora_weights.safetensors`):
+    /// `A` as is, `B` times the scale (the format carries no alpha), f32.
+    pub async fn to_safetensors(&self) -> Result<Vec<u8>> {
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for m in self.folded().await? {
+            tensors.push((format!("{}.lora_A.weight", m.key), m.a_shape, m.a));
+            tensors.push((format!("{}.lora_B.weight", m.key), m.b_shape, m.b));
+        }
+        crate::model::weights::serialize_f32(&tensors, None)
+    }
+
+    /// The trainable adapters as a kohya LoRA file (`lora_kohya.safetensors`, for A1111 and
+    /// ComfyUI): `lora_down` = `A`, `lora_up` = `B` times the scale and `alpha` = r, so the
+    /// strength at weight 1 is ours — the scale is folded, as in the diffusers file and as
+    /// diffusers' `convert_state_dict_to_kohya` writes alpha. f32.
+    pub async fn to_kohya_safetensors(&self) -> Result<Vec<u8>> {
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for m in self.folded().await? {
+            let (component, path) = m.key.split_once('.').unwrap_or(("", &m.key));
+            let name = kohya::module_name(component, path).ok_or_else(|| {
+                Error::Input(format!("`{}`: no kohya name for this layer", m.key))
+            })?;
+            let rank = m.a_shape[0];
+            tensors.push((format!("{name}.lora_down.weight"), m.a_shape, m.a));
+            tensors.push((format!("{name}.lora_up.weight"), m.b_shape, m.b));
+            tensors.push((format!("{name}.alpha"), vec![], vec![rank as f32]));
+        }
+        crate::model::weights::serialize_f32(&tensors, None)
+    }
+}
+
+fn check_shapes(
+    name: &str,
+    e: &LoraEntry,
+    rank: usize,
+    a_shape: &[usize],
+    b_shape: &[usize],
+) -> Result<()> {
+    if a_shape != e.kind.a_shape(rank).as_slice() || b_shape != e.kind.b_shape(rank).as_slice() {
+        let b2: Vec<usize> = e.kind.b_shape(rank);
+        // A conv layer's B may also come flat, [out, r], from tools that drop the 1×1 axes.
+        let flat_b_ok = matches!(e.kind, LoraKind::Conv { .. })
+            && b_shape == [b2[0], b2[1]]
+            && a_shape == e.kind.a_shape(rank).as_slice();
+        if !flat_b_ok {
+            return Err(Error::Input(format!(
+                "{name}: `{}` has lora_A {a_shape:?} / lora_B {b_shape:?}; the layer needs {:?} / {:?}",
+                e.key,
+                e.kind.a_shape(rank),
+                e.kind.b_shape(rank)
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn unmatched(name: &str, missing: &[&String]) -> Error {
+    let shown: Vec<&str> = missing.iter().take(3).map(|s| s.as_str()).collect();
+    Error::Input(format!(
+        "{name}: {} LoRA module(s) match no layer of the model, e.g. `{}`",
+        missing.len(),
+        shown.join("`, `")
+    ))
+}
+
+/// A seeded uniform [0, 1) stream (f64).
+fn rand_uniform(seed: u64) -> impl FnMut() -> f64 {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    move || rng.random::<f64>()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::nn::{Conv2d, Linear, param};
+    use crate::noise::NoiseRng;
+
+    /// Random values for every trainable parameter, from `seed`.
+    fn randomise(table: &LoraTable, seed: u64, device: &Device) {
+        let params: Vec<Tensor<2>> = table
+            .params()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| NoiseRng::new(seed + i as u64).randn(p.dims(), device) * 0.3)
+            .collect();
+        table.set_params(&params);
+    }
+
+    fn max_diff<const D: usize>(a: Tensor<D>, b: Tensor<D>) -> f32 {
+        let b = b.inner();
+        (a - b).abs().max().into_scalar::<f32>()
+    }
+
+    /// Without gradient on the CPU the adapters run folded into the weight; with gradient,
+    /// apart. The two agree, and keep agreeing after the adapters and their scale change (a
+    /// folded weight kept past a change of the table would not).
+    #[test]
+    fn folded_adapters_follow_the_table() {
+        let device = Device::flex();
+        let table = LoraTable::new();
+        let plan = LoraPlan::targets(&table, "unet", &[LoraTarget::Attn, LoraTarget::Conv]);
+        let (d_in, d_out) = (6, 5);
+        let linear = Linear {
+            weight: param(NoiseRng::new(1).randn([d_out, d_in], &device).transpose()),
+            bias: Some(param(NoiseRng::new(2).randn([d_out], &device))),
+            lora: plan.slot(
+                "mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
+                LoraKind::Linear { d_in, d_out },
+            ),
+        };
+        let (c_in, c_out) = (3, 4);
+        let conv = Conv2d {
+            weight: param(NoiseRng::new(3).randn([c_out, c_in, 3, 3], &device)),
+            bias: Some(param(NoiseRng::new(4).randn([c_out], &device))),
+            stride: 1,
+            pad_begin: 1,
+            pad_end: 1,
+            lora: plan.slot(
+                "mid_block.resnets.0.conv1",
+                LoraKind::Conv {
+                    c_in,
+                    c_out,
+                    kernel: 3,
+                    stride: 1,
+                    pad: (1, 1),
+                },
+            ),
+        };
+        assert!(linear.lora.is_some() && conv.lora.is_some());
+        table.init_trainable(2, 4.0, 7, &device);
+        let x = NoiseRng::new(5).randn([2, 7, d_in], &device);
+        let image = NoiseRng::new(6).randn([2, c_in, 5, 6], &device);
+        let tracked = |t: &Tensor<3>| t.clone().autodiff().require_grad();
+        let tracked4 = |t: &Tensor<4>| t.clone().autodiff().require_grad();
+        for seed in [10, 20] {
+            randomise(&table, seed, &device);
+            for scale in [2.0, 0.5] {
+                table.set_trainable_scale(scale);
+                let folded = linear.forward(x.clone());
+                let apart = linear.forward(tracked(&x));
+                let d = max_diff(folded.clone(), apart);
+                assert!(d < 1e-5, "linear, seed {seed}, scale {scale}: {d}");
+                let folded_conv = conv.forward(image.clone());
+                let apart_conv = conv.forward(tracked4(&image));
+                let d = max_diff(folded_conv, apart_conv);
+                assert!(d < 1e-5, "conv, seed {seed}, scale {scale}: {d}");
+                // The adapters matter at this size.
+                let bias = linear.bias.as_ref().expect("a bias").val().unsqueeze::<3>();
+                let base = crate::ops::stored_weight::matmul_stored(x.clone(), linear.weight.val());
+                assert!(max_diff(folded, base + bias) > 1e-2);
+            }
+        }
+    }
+}

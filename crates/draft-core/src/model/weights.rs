@@ -1,0 +1,301 @@
+//! safetensors bytes → tensors, addressed by the same dotted paths as the PyTorch modules
+//! (read through [`VarBuilder`](crate::model::var_builder::VarBuilder)), and the one safetensors writer
+//! of the project ([`serialize_f32`]).
+
+use burn::prelude::*;
+use safetensors::{Dtype, SafeTensors};
+
+use crate::error::{Error, Result};
+
+/// One or more parsed safetensors files (the shards of one component) plus the name they are
+/// reported under in errors, with the keys the model asks for mapped onto the keys in the files.
+///
+/// Other layouts (a transformers-5 text encoder without `text_model.`, a single-file LDM
+/// checkpoint) are read through [`Weights::renamed`]: the module code always asks for the
+/// diffusers/transformers key.
+pub struct Weights<'a> {
+    file: String,
+    shards: Vec<(String, SafeTensors<'a>)>,
+    /// Key the model asks for → where it is in the files.
+    keys: std::collections::BTreeMap<String, Entry>,
+}
+
+/// A tensor found: the name of the file holding it, its view and its row block, if any.
+type View<'s> = (
+    &'s str,
+    safetensors::tensor::TensorView<'s>,
+    Option<(usize, usize)>,
+);
+
+/// Where one tensor of a [`Weights`] is: its shard, its key there and, for a tensor that is
+/// one of `n` equal row blocks of a fused file tensor (OpenCLIP's `in_proj_weight` as q, k, v),
+/// which block.
+#[derive(Clone)]
+struct Entry {
+    shard: usize,
+    key: String,
+    chunk: Option<(usize, usize)>,
+}
+
+impl<'a> Weights<'a> {
+    /// Parses the header of `bytes`; `file` names the file in error messages.
+    pub fn from_bytes(file: &str, bytes: &'a [u8]) -> Result<Self> {
+        Self::from_shards(file, &[(file.to_string(), bytes)])
+    }
+
+    /// The shards of one sharded checkpoint (`*.safetensors.index.json`'s files), read as one:
+    /// `file` (the index) names the set, each shard's own name its tensors. A key found in two
+    /// shards is refused.
+    pub fn from_shards(file: &str, shards: &[(String, &'a [u8])]) -> Result<Self> {
+        let mut parsed = Vec::with_capacity(shards.len());
+        let mut keys = std::collections::BTreeMap::new();
+        for (i, (name, bytes)) in shards.iter().enumerate() {
+            let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
+                file: name.clone(),
+                reason: e.to_string(),
+            })?;
+            for key in st.names() {
+                let entry = Entry {
+                    shard: i,
+                    key: key.to_string(),
+                    chunk: None,
+                };
+                if let Some(other) = keys.insert(key.to_string(), entry) {
+                    return Err(Error::Safetensors {
+                        file: name.clone(),
+                        reason: format!("tensor `{key}` is also in {}", shards[other.shard].0),
+                    });
+                }
+            }
+            parsed.push((name.clone(), st));
+        }
+        Ok(Self {
+            file: file.to_string(),
+            shards: parsed,
+            keys,
+        })
+    }
+
+    /// The same tensors under other keys: `rename(key in the file)` gives the key the model
+    /// asks for, or `None` to hide the tensor. Two file keys renamed alike are refused.
+    pub fn renamed(self, rename: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        self.remapped(|k| rename(k).map(|new| (new, None)).into_iter().collect())
+    }
+
+    /// Like [`renamed`](Self::renamed), where one file tensor may also become several:
+    /// `(new key, Some((i, n)))` is the `i`-th of `n` equal blocks of its rows.
+    pub fn remapped(
+        self,
+        map: impl Fn(&str) -> Vec<(String, Option<(usize, usize)>)>,
+    ) -> Result<Self> {
+        let mut keys = std::collections::BTreeMap::new();
+        for entry in self.keys.into_values() {
+            for (new, chunk) in map(&entry.key) {
+                let e = Entry {
+                    chunk,
+                    ..entry.clone()
+                };
+                if let Some(other) = keys.insert(new.clone(), e) {
+                    return Err(Error::Safetensors {
+                        file: self.file.clone(),
+                        reason: format!(
+                            "tensors `{}` and `{}` both map to `{new}`",
+                            other.key, entry.key
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(Self { keys, ..self })
+    }
+
+    pub fn file(&self) -> &str {
+        &self.file
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.keys.contains_key(key)
+    }
+
+    pub fn keys(&self) -> Vec<String> {
+        self.keys.keys().cloned().collect()
+    }
+
+    /// The shape of `key` without reading its values.
+    pub fn shape(&self, key: &str) -> Result<Vec<usize>> {
+        let (file, view, chunk) = self.view(key)?;
+        let mut shape = view.shape().to_vec();
+        if let Some((_, n)) = chunk {
+            Self::check_chunk(file, key, &shape, n)?;
+            shape[0] /= n;
+        }
+        Ok(shape)
+    }
+
+    fn check_chunk(file: &str, key: &str, shape: &[usize], n: usize) -> Result<()> {
+        if shape.first().is_none_or(|&rows| rows % n != 0) {
+            return Err(Error::Safetensors {
+                file: file.to_string(),
+                reason: format!("tensor for `{key}` has shape {shape:?}, not {n} row blocks"),
+            });
+        }
+        Ok(())
+    }
+
+    /// The tensor `key`, the name of the file holding it and its row block, if any.
+    fn view(&self, key: &str) -> Result<View<'_>> {
+        let missing = || Error::MissingTensor {
+            file: self.file.clone(),
+            key: key.to_string(),
+        };
+        let entry = self.keys.get(key).ok_or_else(missing)?;
+        let (name, st) = &self.shards[entry.shard];
+        let view = st.tensor(&entry.key).map_err(|_| missing())?;
+        Ok((name, view, entry.chunk))
+    }
+
+    /// The bytes of `key` (its row block only, for a block of a fused tensor) and its shape.
+    fn data(&self, key: &str) -> Result<(&str, Dtype, &[u8], Vec<usize>)> {
+        let (file, view, chunk) = self.view(key)?;
+        let mut shape = view.shape().to_vec();
+        let mut bytes = view.data();
+        if let Some((i, n)) = chunk {
+            Self::check_chunk(file, key, &shape, n)?;
+            let block = bytes.len() / n;
+            bytes = &bytes[i * block..(i + 1) * block];
+            shape[0] /= n;
+        }
+        Ok((file, view.dtype(), bytes, shape))
+    }
+
+    fn dtype_error(file: &str, key: &str, dtype: Dtype, expected: &str) -> Error {
+        Error::TensorDtype {
+            file: file.to_string(),
+            key: key.to_string(),
+            dtype: format!("{dtype:?}"),
+            expected: expected.to_string(),
+        }
+    }
+
+    /// Reads `key` as f32 values and its shape; a value that is not finite (NaN, ±∞, or an
+    /// F64 beyond f32's range) is an error naming the tensor.
+    pub fn read_f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (file, dtype, bytes, shape) = self.data(key)?;
+        let values: Vec<f32> = match dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F64 => bytes
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
+                .collect(),
+            other => return Err(Self::dtype_error(file, key, other, "F32, F16, BF16 or F64")),
+        };
+        // A NaN or infinite weight turns every output into NaN; refuse it here, by name,
+        // rather than as a black image or a NaN reward many steps later.
+        if let Some(i) = values.iter().position(|v: &f32| !v.is_finite()) {
+            return Err(Error::Safetensors {
+                file: file.to_string(),
+                reason: format!(
+                    "tensor `{key}` holds {} at index {i} (as f32): weights must be finite",
+                    values[i]
+                ),
+            });
+        }
+        Ok((values, shape))
+    }
+
+    /// Reads an integer tensor (I64 or I32) as i64 values and its shape.
+    pub fn read_i64(&self, key: &str) -> Result<(Vec<i64>, Vec<usize>)> {
+        let (file, dtype, bytes, shape) = self.data(key)?;
+        let values = match dtype {
+            Dtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::I32 => bytes
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64)
+                .collect(),
+            other => return Err(Self::dtype_error(file, key, other, "I64 or I32")),
+        };
+        Ok((values, shape))
+    }
+
+    /// Reads `key` as a float tensor of rank `D` on `device`, whatever its shape.
+    pub fn tensor<const D: usize>(&self, key: &str, device: &Device) -> Result<Tensor<D>> {
+        let (values, shape) = self.read_f32(key)?;
+        if shape.len() != D {
+            return Err(Error::TensorShape {
+                file: self.file.clone(),
+                key: key.to_string(),
+                expected: vec![0; D],
+                found: shape,
+            });
+        }
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+}
+
+/// The string metadata of the safetensors file `name` (empty when it has none), from its
+/// header alone: what checkpoints keep their counters and settings in.
+pub fn read_string_metadata(
+    name: &str,
+    bytes: &[u8],
+) -> Result<std::collections::HashMap<String, String>> {
+    let (_, meta) =
+        safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
+            file: name.into(),
+            reason: e.to_string(),
+        })?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+/// Writes f32 tensors `(name, shape, values)` as a safetensors file, with optional string
+/// metadata.
+pub fn serialize_f32(
+    tensors: &[(String, Vec<usize>, Vec<f32>)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let raw: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, shape, v)| {
+            let bytes = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (name.clone(), Dtype::F32, shape.clone(), bytes)
+        })
+        .collect();
+    serialize(&raw, metadata)
+}
+
+/// Writes tensors `(name, dtype, shape, little-endian bytes)` as a safetensors file: the one
+/// safetensors writer of the project (LoRA files, checkpoints, pretrained models, sampled
+/// images, converted PyTorch weights).
+pub fn serialize(
+    tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)],
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let mut views = Vec::with_capacity(tensors.len());
+    for (name, dtype, shape, data) in tensors {
+        let view =
+            safetensors::tensor::TensorView::new(*dtype, shape.clone(), data).map_err(|e| {
+                Error::Safetensors {
+                    file: "(output)".into(),
+                    reason: format!("tensor {name}: {e}"),
+                }
+            })?;
+        views.push((name.clone(), view));
+    }
+    safetensors::tensor::serialize(views, metadata).map_err(|e| Error::Safetensors {
+        file: "(output)".into(),
+        reason: e.to_string(),
+    })
+}
