@@ -165,7 +165,7 @@ fn flex_attention(
     v: burn::backend::flex::FlexTensor,
     scale: f32,
 ) -> burn::backend::flex::FlexTensor {
-    use crate::ops::conv::Operand;
+    use crate::ops::gemm::{Operand, Parallelism, SendPtr, gemm_into, written};
     use burn::backend::flex::FlexTensor;
     use burn::tensor::TensorData;
     // (storage, offset, [B, H, N, d] sizes, their strides) of a tensor with positive strides.
@@ -186,8 +186,24 @@ fn flex_attention(
             [s[0], s[1], s[2], s[3]],
         )
     };
-    let ((qo, [b, h, n, d], qs), (ko, [_, _, m, _], ks), (vo, [_, _, _, e], vs)) =
+    for t in [&q, &k, &v] {
+        assert_eq!(
+            t.layout().shape().num_dims(),
+            4,
+            "attention: q, k, v must be 4-d"
+        );
+    }
+    let ((qo, [b, h, n, d], qs), (ko, [kb, kh, m, kd], ks), (vo, [vb, vh, vm, e], vs)) =
         (view(&q), view(&k), view(&v));
+    // The gemms below read k and v with q's batch, heads and d and k's m: other sizes would
+    // address past their storage.
+    assert!(
+        [kb, kh, kd] == [b, h, d] && [vb, vh, vm] == [b, h, m],
+        "attention: q {:?}, k {:?} and v {:?} do not fit",
+        [b, h, n, d],
+        [kb, kh, m, kd],
+        [vb, vh, vm, e]
+    );
     let (qd, kd, vd): (&[f32], &[f32], &[f32]) = (q.storage(), k.storage(), v.storage());
     let physical = [b, n, h, e];
     let heads_view = |t: FlexTensor| t.permute(&[0, 2, 1, 3]);
@@ -197,12 +213,22 @@ fn flex_attention(
             physical,
         )));
     }
+    for (t, (offset, sizes, strides)) in
+        [qd, kd, vd].into_iter().zip([view(&q), view(&k), view(&v)])
+    {
+        let end =
+            crate::ops::gemm::strided_extent(sizes, strides).and_then(|e| e.checked_add(offset));
+        assert!(
+            end.is_some_and(|end| end <= t.len()),
+            "attention: a view past its storage"
+        );
+    }
     // Score rows padded to whole vector blocks (crate::ops::cpu_kernels::exp_rows).
     let stride = m.next_multiple_of(crate::ops::cpu_kernels::LANES);
     let rows = (CPU_SCORE_FLOATS / stride).clamp(1, n);
     let blocks = n.div_ceil(rows);
     // Query rows `blk·rows..` of head `bh` (= batch·H + head).
-    let task = |dst: crate::ops::conv::SendPtr, bh: usize, blk: usize| {
+    let task = |dst: SendPtr, bh: usize, blk: usize| {
         let (bi, hi) = ((bh / h) as isize, (bh % h) as isize);
         let r0 = blk * rows;
         let r = rows.min(n - r0);
@@ -213,11 +239,12 @@ fn flex_attention(
             scores.resize(rows * stride, 0.0);
             inv_sums.resize(rows, 0.0);
             let (scores, inv_sums) = (&mut scores[..r * stride], &mut inv_sums[..r]);
-            // SAFETY: the pointers and strides below are those of q, k and v's layouts (every
-            // element they address lies in their storage), of the r×m scores and of this
-            // task's r rows of the [B, N, H, e] output, which no other task writes.
+            // SAFETY: the pointers and strides below are those of q, k and v's views (asserted
+            // above to lie in their storage, with k's and v's sizes fitting q's), of the r×m
+            // scores (r rows `stride` ≥ m apart) and of this task's r rows of the [B, N, H, e]
+            // output, which no other task writes.
             unsafe {
-                crate::ops::conv::gemm_into(
+                gemm_into(
                     [r, m, d],
                     (scores.as_mut_ptr(), stride as isize),
                     Operand {
@@ -231,14 +258,14 @@ fn flex_attention(
                         cs: ks[2],
                     },
                     scale,
-                    gemm::Parallelism::None,
+                    Parallelism::None,
                 );
             }
             crate::ops::cpu_kernels::exp_rows(scores, m, stride, inv_sums);
             let out_rows = ((bi as usize * n + r0) * h + hi as usize) * e;
             // SAFETY: as above.
             unsafe {
-                crate::ops::conv::gemm_into(
+                gemm_into(
                     [r, e, m],
                     (dst.0.add(out_rows), (h * e) as isize),
                     Operand::rows(scores.as_ptr(), stride as isize),
@@ -248,7 +275,7 @@ fn flex_attention(
                         cs: vs[3],
                     },
                     1.0,
-                    gemm::Parallelism::None,
+                    Parallelism::None,
                 );
             }
             // The softmax's division, on the e values of each output row.
@@ -263,7 +290,7 @@ fn flex_attention(
         });
     };
     let tasks = b * h * blocks;
-    let fill = |out_ptr: crate::ops::conv::SendPtr| {
+    let fill = |out_ptr: SendPtr| {
         #[cfg(not(target_arch = "wasm32"))]
         if b * h * n * m * (d + e) >= CPU_PARALLEL_WORK {
             use rayon::prelude::*;
@@ -277,7 +304,7 @@ fn flex_attention(
         }
     };
     // SAFETY: the tasks' gemms (`read_dst` false) write every row of every head.
-    let out = unsafe { crate::ops::conv::written(b * h * n * e, fill) };
+    let out = unsafe { written(b * h * n * e, fill) };
     heads_view(FlexTensor::from_data(TensorData::new(out, physical)))
 }
 

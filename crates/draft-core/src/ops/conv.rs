@@ -14,14 +14,11 @@
 //! within [`COL_FLOATS`]: natively spread over rayon's threads when there are enough of them,
 //! else one task at a time with gemm's own threads.
 
+use crate::ops::gemm::{Operand, Parallelism, SendPtr, gemm_into, written};
 use burn::tensor::ops::ConvOptions;
 
 /// The most im2col values one task holds (4 MiB of f32).
 const COL_FLOATS: usize = 1 << 20;
-
-/// Below this many multiply-adds a convolution runs on the calling thread.
-#[cfg(not(target_arch = "wasm32"))]
-const PARALLEL_WORK: usize = 1 << 23;
 
 std::thread_local! {
     /// Each thread's im2col buffer, reused from call to call.
@@ -35,6 +32,10 @@ pub fn supports(options: &ConvOptions<2>) -> bool {
 
 /// `conv2d(x, w)` (no bias) for contiguous f32 NCHW `x` (`[n, c, h, w]`) and `[o, c, kh, kw]`
 /// `w`, with `options` as [`supports`] requires; returns the `[n, o, oh, ow]` values.
+///
+/// # Panics
+/// If `x` or `w` does not hold as many values as its shape says, or [`supports`] refuses
+/// `options`.
 pub fn conv2d(
     x: &[f32],
     [n, c, h, wd]: [usize; 4],
@@ -42,6 +43,14 @@ pub fn conv2d(
     [o, kh, kw]: [usize; 3],
     options: &ConvOptions<2>,
 ) -> (Vec<f32>, [usize; 4]) {
+    assert_len("conv2d: x", x, [n, c, h, wd]);
+    assert_len("conv2d: w", w, [o, c, kh, kw]);
+    assert!(
+        supports(options),
+        "conv2d: groups {} and dilation {:?} are not supported",
+        options.groups,
+        options.dilation
+    );
     // Padding (before, after) of each spatial dimension.
     let ([sh, sw], [(ph, ph_end), (pw, pw_end)]) = (options.stride, options.padding);
     let (h_padded, w_padded) = (h + ph + ph_end, wd + pw + pw_end);
@@ -73,7 +82,7 @@ pub fn conv2d(
     };
     let fill = |out_ptr: SendPtr| {
         // Output rows r0..r1 of sample b; `threads`: gemm's own parallelism.
-        let task = |b: usize, r0: usize, threads: gemm::Parallelism| {
+        let task = |b: usize, r0: usize, threads: Parallelism| {
             let r1 = (r0 + rows).min(oh);
             let len = (r1 - r0) * ow;
             let x_b = &x[b * c * h * wd..][..c * h * wd];
@@ -107,20 +116,20 @@ pub fn conv2d(
         let blocks = oh.div_ceil(rows);
         let serial = || {
             for t in 0..n * blocks {
-                task(t / blocks, t % blocks * rows, gemm::Parallelism::None);
+                task(t / blocks, t % blocks * rows, Parallelism::None);
             }
         };
         #[cfg(not(target_arch = "wasm32"))]
-        if n * o * k * hw < PARALLEL_WORK {
+        if n * o * k * hw < crate::ops::gemm::PARALLEL_WORK {
             serial();
         } else if n * blocks >= rayon::current_num_threads() {
             use rayon::prelude::*;
             (0..n * blocks)
                 .into_par_iter()
-                .for_each(|t| task(t / blocks, t % blocks * rows, gemm::Parallelism::None));
+                .for_each(|t| task(t / blocks, t % blocks * rows, Parallelism::None));
         } else {
             for t in 0..n * blocks {
-                task(t / blocks, t % blocks * rows, gemm::Parallelism::Rayon(0));
+                task(t / blocks, t % blocks * rows, Parallelism::Rayon(0));
             }
         }
         #[cfg(target_arch = "wasm32")]
@@ -153,16 +162,33 @@ pub fn x_gradient_supported(
 /// the `[n, o, oh, ow]` output gradient `dy`: itself a stride-1 convolution of `dy` with the
 /// kernel transposed (`[c, o, kh, kw]`) and flipped, padded by `k − 1 − p` on each side, so it
 /// runs on [`conv2d`]'s kernel (Burn's transposed convolution re-lays out both operands on
-/// every call, as its forward does). Requires [`x_gradient_supported`].
+/// every call, as its forward does).
+///
+/// # Panics
+/// If `dy` or `w` does not hold as many values as its shape says, the shapes disagree, or
+/// [`x_gradient_supported`] refuses them.
 pub fn x_gradient(
     dy: &[f32],
     [n, o, oh, ow]: [usize; 4],
     w: &[f32],
-    [_, c, kh, kw]: [usize; 4],
-    [_, _, h, wd]: [usize; 4],
+    w_shape: [usize; 4],
+    x_shape: [usize; 4],
     options: &ConvOptions<2>,
 ) -> Vec<f32> {
+    let ([wo, c, kh, kw], [xn, xc, h, wd]) = (w_shape, x_shape);
+    assert_len("x_gradient: dy", dy, [n, o, oh, ow]);
+    assert_len("x_gradient: w", w, w_shape);
     let [(ph, ph_end), (pw, pw_end)] = options.padding;
+    assert!(
+        x_gradient_supported(options, w_shape, x_shape)
+            && (wo, xn, xc) == (o, n, c)
+            && (oh + kh, ow + kw) == (h + ph + ph_end + 1, wd + pw + pw_end + 1),
+        "x_gradient: a {x_shape:?} input, a {w_shape:?} kernel, a {:?} output gradient, \
+         padding {:?} and stride {:?} are not a supported convolution",
+        [n, o, oh, ow],
+        options.padding,
+        options.stride
+    );
     let taps = kh * kw;
     let mut flipped = vec![0f32; c * o * taps];
     for (oi, w_o) in w.chunks_exact(c * taps).enumerate() {
@@ -179,110 +205,20 @@ pub fn x_gradient(
         (kw - 1 - pw, kw - 1 - pw_end),
     ];
     let (dx, shape) = conv2d(dy, [n, o, oh, ow], &flipped, [c, kh, kw], &transposed);
-    debug_assert_eq!(shape, [n, c, h, wd]);
+    debug_assert_eq!(shape, x_shape);
     dx
 }
 
-/// A vector of `len` values written by `fill` at the pointer it is given, not zeroed first.
-///
-/// # Safety
-/// `fill` writes every one of the `len` values.
-pub(crate) unsafe fn written(len: usize, fill: impl FnOnce(SendPtr)) -> Vec<f32> {
-    let mut out = Vec::<f32>::with_capacity(len);
-    fill(SendPtr(out.as_mut_ptr()));
-    // SAFETY: the capacity is len, and the caller guarantees every value was written.
-    unsafe { out.set_len(len) };
-    out
+/// Panics unless `values` holds exactly as many values as `shape` says (`what` names them).
+fn assert_len(what: &str, values: &[f32], shape: [usize; 4]) {
+    let want = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    assert_eq!(
+        Some(values.len()),
+        want,
+        "{what} holds {} values, not the {shape:?} its shape says",
+        values.len()
+    );
 }
-
-/// `x · w` for row-major `[rows, d_in]` x and a `[d_in, d_out]` w addressed by its strides
-/// (`w[i][j]` at `w_rs·i + w_cs·j`: a Linear's stored `[d_out, d_in]` weight, transposed as a
-/// view), written straight into the result (flex's matmul zeroes its output, then copies it
-/// once more to realign it). Above [`PARALLEL_WORK`] multiply-adds, gemm's own threads.
-pub fn matmul(
-    x: &[f32],
-    [rows, d_in]: [usize; 2],
-    w: &[f32],
-    [w_rs, w_cs]: [isize; 2],
-    d_out: usize,
-) -> Vec<f32> {
-    if rows * d_out == 0 || d_in == 0 {
-        return vec![0f32; rows * d_out];
-    }
-    #[cfg(not(target_arch = "wasm32"))]
-    let threads = if rows * d_in * d_out >= PARALLEL_WORK {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
-    };
-    #[cfg(target_arch = "wasm32")]
-    let threads = gemm::Parallelism::None;
-    let fill = |dst: SendPtr| {
-        // SAFETY: dst holds rows·d_out values; x is rows×d_in, row-major; w's strides address
-        // d_in×d_out values inside its slice (the caller's layout).
-        unsafe {
-            gemm_into(
-                [rows, d_out, d_in],
-                (dst.0, d_out as isize),
-                Operand::rows(x.as_ptr(), d_in as isize),
-                Operand {
-                    ptr: w.as_ptr(),
-                    rs: w_rs,
-                    cs: w_cs,
-                },
-                1.0,
-                threads,
-            )
-        }
-    };
-    // SAFETY: the gemm writes the whole rows×d_out output (`read_dst` false).
-    unsafe { written(rows * d_out, fill) }
-}
-
-/// A matrix operand of [`gemm_into`]: element (i, j) at `ptr + i·rs + j·cs`.
-#[derive(Clone, Copy)]
-pub(crate) struct Operand {
-    pub(crate) ptr: *const f32,
-    pub(crate) rs: isize,
-    pub(crate) cs: isize,
-}
-
-impl Operand {
-    /// Rows `rs` apart, each contiguous.
-    pub(crate) fn rows(ptr: *const f32, rs: isize) -> Self {
-        Self { ptr, rs, cs: 1 }
-    }
-}
-
-/// `dst = scale · lhs · rhs` by gemm for `[m, n, k]` (lhs m×k, rhs k×n), dst's m rows of n
-/// contiguous values `dst.1` apart; dst is overwritten, not read.
-///
-/// # Safety
-/// Every element the operands' strides address for these sizes lies in its allocation, and
-/// dst's do not overlap what another thread reads or writes meanwhile.
-pub(crate) unsafe fn gemm_into(
-    [m, n, k]: [usize; 3],
-    dst: (*mut f32, isize),
-    lhs: Operand,
-    rhs: Operand,
-    scale: f32,
-    threads: gemm::Parallelism,
-) {
-    // SAFETY: the caller's.
-    unsafe {
-        gemm::gemm(
-            m, n, k, dst.0, 1, dst.1, false, lhs.ptr, lhs.cs, lhs.rs, rhs.ptr, rhs.cs, rhs.rs, 0.0,
-            scale, false, false, false, threads,
-        )
-    }
-}
-
-/// An output buffer's pointer, shared by tasks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-pub(crate) struct SendPtr(pub(crate) *mut f32);
-// SAFETY: only dereferenced by tasks writing disjoint ranges (`conv2d`, the attention kernel).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 /// One sample's input size, the kernel, stride, padding before each dimension and the output
 /// width.
@@ -508,5 +444,73 @@ mod tests {
                 "{n} {c} {h} {w} {o} {k} {p:?}: {err} of {scale}"
             );
         }
+    }
+
+    fn same_3x3() -> ConvOptions<2> {
+        ConvOptions::new([1, 1], [1, 1], [1, 1], 1)
+    }
+
+    /// A slice shorter than its shape says is refused before any pointer into it is formed.
+    #[test]
+    #[should_panic(expected = "conv2d: x holds 17 values, not the [1, 2, 3, 3]")]
+    fn conv2d_refuses_a_short_input() {
+        conv2d(&[0.0; 17], [1, 2, 3, 3], &[0.0; 36], [2, 3, 3], &same_3x3());
+    }
+
+    #[test]
+    #[should_panic(expected = "conv2d: w holds 35 values, not the [2, 2, 3, 3]")]
+    fn conv2d_refuses_a_short_kernel() {
+        conv2d(&[0.0; 18], [1, 2, 3, 3], &[0.0; 35], [2, 3, 3], &same_3x3());
+    }
+
+    #[test]
+    #[should_panic(expected = "not supported")]
+    fn conv2d_refuses_groups() {
+        let mut options = same_3x3();
+        options.groups = 2;
+        conv2d(&[0.0; 18], [1, 2, 3, 3], &[0.0; 36], [2, 3, 3], &options);
+    }
+
+    #[test]
+    #[should_panic(expected = "x_gradient: dy holds 17 values, not the [1, 2, 3, 3]")]
+    fn x_gradient_refuses_a_short_output_gradient() {
+        let shape = [1, 2, 3, 3];
+        x_gradient(
+            &[0.0; 17],
+            shape,
+            &[0.0; 36],
+            [2, 2, 3, 3],
+            shape,
+            &same_3x3(),
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "x_gradient: w holds 35 values")]
+    fn x_gradient_refuses_a_short_kernel() {
+        let shape = [1, 2, 3, 3];
+        x_gradient(
+            &[0.0; 18],
+            shape,
+            &[0.0; 35],
+            [2, 2, 3, 3],
+            shape,
+            &same_3x3(),
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "are not a supported convolution")]
+    fn x_gradient_refuses_an_output_gradient_of_another_size() {
+        // A 3×3 "same" convolution of a 3×3 input has a 3×3 output, not 2×4.
+        let dy = [1, 2, 2, 4];
+        x_gradient(
+            &[0.0; 16],
+            dy,
+            &[0.0; 36],
+            [2, 2, 3, 3],
+            [1, 2, 3, 3],
+            &same_3x3(),
+        );
     }
 }

@@ -85,8 +85,8 @@ pub(crate) fn conv_x_backward_burn<B: Backend>(
     B::conv2d_x_backward(x, w, dy, options)
 }
 
-/// The CPU backend: f32 matrix products and convolutions by [`crate::ops::conv`], the rest as
-/// every backend.
+/// The CPU backend: f32 matrix products by [`crate::ops::gemm`] and convolutions by
+/// [`crate::ops::conv`], the rest as every backend.
 impl StoredWeightBackend for Flex {
     fn matmul_stored(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
         use burn::backend::flex::FlexTensor;
@@ -100,9 +100,15 @@ impl StoredWeightBackend for Flex {
         let d_in = shape[last];
         let rows = shape.num_elements() / d_in.max(1);
         let d_out = w.layout().shape()[1];
+        assert_eq!(
+            w.layout().shape()[0],
+            d_in,
+            "matmul_stored: a [.., {d_in}] x times a {:?} weight",
+            w.layout().shape()
+        );
         let x = x.to_contiguous();
         let (w_start, s) = (w.layout().start_offset(), w.layout().strides());
-        let values = crate::ops::conv::matmul(
+        let values = crate::ops::gemm::matmul(
             x.as_slice().expect("contiguous"),
             [rows, d_in],
             &w.storage::<f32>()[w_start..],
