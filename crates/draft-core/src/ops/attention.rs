@@ -23,9 +23,8 @@
 //! (autotuned) on CubeCL, per block of query rows there; the blocked primitives
 //! ([`attention_blocked`] with a non-default scale on CubeCL) otherwise.
 
-use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use crate::ops::extension::{Differentiable, all_kept, record};
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::CubeBackend;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
@@ -427,94 +426,67 @@ fn forward<B: AttentionBackend>(
     cat_rows::<B>(outs)
 }
 
-/// Gradients of q, k and v (each only where `want` says) for the output gradient `d_o`.
-#[allow(clippy::too_many_arguments)]
-fn backward<B: AttentionBackend>(
-    q: FloatTensor<B>,
-    k: FloatTensor<B>,
-    v: FloatTensor<B>,
-    d_o: FloatTensor<B>,
-    scale: f32,
-    block: usize,
-    want: [bool; 3],
-) -> [Option<FloatTensor<B>>; 3] {
-    let n = q.shape()[2];
-    let kt = B::float_swap_dims(k.clone(), 2, 3);
-    let vt = B::float_swap_dims(v, 2, 3);
-    let mut dq = Vec::new();
-    let mut dk: Option<FloatTensor<B>> = None;
-    let mut dv: Option<FloatTensor<B>> = None;
-    let accumulate = |acc: &mut Option<FloatTensor<B>>, x: FloatTensor<B>| {
-        *acc = Some(match acc.take() {
-            Some(a) => B::float_add(a, x),
-            None => x,
-        });
-    };
-    for (s, e) in blocks(n, block) {
-        let qb = rows::<B>(q.clone(), s, e);
-        let dob = rows::<B>(d_o.clone(), s, e);
-        let p = probabilities::<B>(qb.clone(), kt.clone(), scale);
-        if want[2] {
-            accumulate(
-                &mut dv,
-                B::float_matmul(B::float_swap_dims(p.clone(), 2, 3), dob.clone()),
-            );
-        }
-        if !(want[0] || want[1]) {
-            continue;
-        }
-        let dp = B::float_matmul(dob, vt.clone());
-        let pdp = B::float_mul(p.clone(), dp);
-        let row = B::float_sum_dim(pdp.clone(), 3);
-        // P ∘ (dP − rowsum(P ∘ dP)) = P∘dP − P ∘ rowsum(P∘dP); scaled once here for dq and dk.
-        let ds = B::float_mul_scalar(B::float_sub(pdp, B::float_mul(p, row)), scale.into());
-        if want[0] {
-            dq.push(B::float_matmul(ds.clone(), k.clone()));
-        }
-        if want[1] {
-            accumulate(&mut dk, B::float_matmul(B::float_swap_dims(ds, 2, 3), qb));
-        }
-    }
-    [want[0].then(|| cat_rows::<B>(dq)), dk, dv]
-}
-
-#[derive(Debug)]
-struct AttentionBackward;
-
-/// What the backward keeps: q, k, v (the op's inputs, O(N·d)), the scale and the block rows.
+/// The op's settings, kept with q, k and v for the backward of this module's docs.
 #[derive(Clone, Debug)]
-struct Saved<B: Backend> {
-    q: FloatTensor<B>,
-    k: FloatTensor<B>,
-    v: FloatTensor<B>,
+struct Attention {
     scale: f32,
     block: usize,
 }
 
-impl<B: AttentionBackend> Backward<B, 3> for AttentionBackward {
-    type State = Saved<B>;
+impl<B: AttentionBackend> Differentiable<B, 3> for Attention {
+    fn forward(&self, [q, k, v]: [FloatTensor<B>; 3]) -> FloatTensor<B> {
+        B::blocked_attention(q, k, v, self.scale, self.block)
+    }
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_q, node_k, node_v] = ops.parents;
-        let d_o = grads.consume::<B>(&ops.node);
-        let Saved {
-            q,
-            k,
-            v,
-            scale,
-            block,
-        } = ops.state;
-        let want = [node_q.is_some(), node_k.is_some(), node_v.is_some()];
-        let [dq, dk, dv] = backward::<B>(q, k, v, d_o, scale, block, want);
-        for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
-            if let (Some(node), Some(grad)) = (node, grad) {
-                grads.register::<B>(node.id, grad);
+    fn backward(
+        self,
+        inputs: [Option<FloatTensor<B>>; 3],
+        d_o: FloatTensor<B>,
+        want: [bool; 3],
+    ) -> [Option<FloatTensor<B>>; 3] {
+        let ([q, k, v], Self { scale, block }) = (all_kept(inputs), self);
+        let n = q.shape()[2];
+        let kt = B::float_swap_dims(k.clone(), 2, 3);
+        let vt = B::float_swap_dims(v, 2, 3);
+        let mut dq = Vec::new();
+        let mut dk: Option<FloatTensor<B>> = None;
+        let mut dv: Option<FloatTensor<B>> = None;
+        let accumulate = |acc: &mut Option<FloatTensor<B>>, x: FloatTensor<B>| {
+            *acc = Some(match acc.take() {
+                Some(a) => B::float_add(a, x),
+                None => x,
+            });
+        };
+        for (s, e) in blocks(n, block) {
+            let qb = rows::<B>(q.clone(), s, e);
+            let dob = rows::<B>(d_o.clone(), s, e);
+            let p = probabilities::<B>(qb.clone(), kt.clone(), scale);
+            if want[2] {
+                accumulate(
+                    &mut dv,
+                    B::float_matmul(B::float_swap_dims(p.clone(), 2, 3), dob.clone()),
+                );
+            }
+            if !(want[0] || want[1]) {
+                continue;
+            }
+            let dp = B::float_matmul(dob, vt.clone());
+            let pdp = B::float_mul(p.clone(), dp);
+            let row = B::float_sum_dim(pdp.clone(), 3);
+            // P ∘ (dP − rowsum(P ∘ dP)) = P∘dP − P ∘ rowsum(P∘dP); scaled once here for dq, dk.
+            let ds = B::float_mul_scalar(B::float_sub(pdp, B::float_mul(p, row)), scale.into());
+            if want[0] {
+                dq.push(B::float_matmul(ds.clone(), k.clone()));
+            }
+            if want[1] {
+                accumulate(&mut dk, B::float_matmul(B::float_swap_dims(ds, 2, 3), qb));
             }
         }
+        [want[0].then(|| cat_rows::<B>(dq)), dk, dv]
     }
 }
 
-impl<B: Backend + AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C> {
+impl<B: AttentionBackend, C: CheckpointStrategy> AttentionBackend for Autodiff<B, C> {
     fn blocked_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -522,30 +494,6 @@ impl<B: Backend + AttentionBackend, C: CheckpointStrategy> AttentionBackend for 
         scale: f32,
         block: usize,
     ) -> FloatTensor<Self> {
-        match AttentionBackward
-            .prepare::<C>([q.node(), k.node(), v.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                let out = B::blocked_attention(q.clone(), k.clone(), v.clone(), scale, block);
-                let saved = Saved {
-                    q,
-                    k,
-                    v,
-                    scale,
-                    block,
-                };
-                prep.finish(saved, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::blocked_attention(
-                q.into_primitive(),
-                k.into_primitive(),
-                v.into_primitive(),
-                scale,
-                block,
-            )),
-        }
+        record::<B, C, _, 3>(Attention { scale, block }, [q, k, v])
     }
 }

@@ -11,9 +11,8 @@
 //!   `dvalue = dout·gelu(gate)`, `dgate = gelu'(gate)·dout·value`: on flex in f32 one kernel of
 //!   ours as well, elsewhere the backend's GELU and GELU backward.
 
-use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use crate::ops::extension::{Differentiable, all_kept, record};
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::CubeBackend;
@@ -115,35 +114,29 @@ fn halves<B: Backend>(h: FloatTensor<B>) -> [FloatTensor<B>; 2] {
     [half(0), half(inner)]
 }
 
-#[derive(Debug)]
-struct GegluBackward;
+/// The op, which keeps `h`, its input, for the backward.
+#[derive(Clone, Debug)]
+struct Geglu;
 
-impl<B: Backend + GegluBackend> Backward<B, 1> for GegluBackward {
-    /// `h`, the op's input.
-    type State = FloatTensor<B>;
+impl<B: GegluBackend> Differentiable<B, 1> for Geglu {
+    fn forward(&self, [h]: [FloatTensor<B>; 1]) -> FloatTensor<B> {
+        B::geglu(h)
+    }
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_h] = ops.parents;
-        let d_out = grads.consume::<B>(&ops.node);
-        let Some(node_h) = node_h else { return };
-        grads.register::<B>(node_h.id, B::geglu_backward(ops.state, d_out));
+    fn backward(
+        self,
+        inputs: [Option<FloatTensor<B>>; 1],
+        d_out: FloatTensor<B>,
+        _: [bool; 1],
+    ) -> [Option<FloatTensor<B>>; 1] {
+        let [h] = all_kept(inputs);
+        [Some(B::geglu_backward(h, d_out))]
     }
 }
 
-impl<B: Backend + GegluBackend, C: CheckpointStrategy> GegluBackend for Autodiff<B, C> {
+impl<B: GegluBackend, C: CheckpointStrategy> GegluBackend for Autodiff<B, C> {
     fn geglu(h: FloatTensor<Self>) -> FloatTensor<Self> {
-        match GegluBackward
-            .prepare::<C>([h.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let h = h.into_primitive();
-                let out = B::geglu(h.clone());
-                prep.finish(h, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::geglu(h.into_primitive())),
-        }
+        record::<B, C, _, 1>(Geglu, [h])
     }
 }
 

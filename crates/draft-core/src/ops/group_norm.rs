@@ -19,9 +19,8 @@
 //! dw = Σ dy·x̂      db = Σ dy      dx = (dx̂ − mean_g(dx̂) − x̂·mean_g(dx̂·x̂)) / σ,  dx̂ = dy·w
 //! ```
 
-use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use crate::ops::extension::{Differentiable, all_kept, record};
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::CubeBackend;
@@ -186,93 +185,68 @@ fn flex_forward(
     FlexTensor::from_data(TensorData::new(out, shape))
 }
 
-/// Gradients of x, weight and bias (each only where `want` says) for the output gradient.
-#[allow(clippy::too_many_arguments)]
-fn backward<B: Backend>(
-    x: FloatTensor<B>,
-    weight: FloatTensor<B>,
-    bias: FloatTensor<B>,
-    d_out: FloatTensor<B>,
-    groups: usize,
-    eps: f64,
-    silu: bool,
-    want: [bool; 3],
-) -> [Option<FloatTensor<B>>; 3] {
-    let shape = x.shape();
-    let [n, c, r] = ncr(&shape);
-    let (xhat, inv) = normalized::<B>(x, groups, eps);
-    let d_out = reshape::<B>(d_out, &[n, c, r]);
-    let dy = if silu {
-        // silu'(y) = s + y·s·(1 − s) = s·(1 + y·(1 − s)).
-        let y = affine::<B>(xhat.clone(), weight.clone(), bias);
-        let s = B::sigmoid(y.clone());
-        let one_minus_s = B::float_add_scalar(B::float_neg(s.clone()), 1.0.into());
-        let d = B::float_mul(
-            s,
-            B::float_add_scalar(B::float_mul(y, one_minus_s), 1.0.into()),
-        );
-        B::float_mul(d_out, d)
-    } else {
-        d_out
-    };
-    let per_channel =
-        |t: FloatTensor<B>| reshape::<B>(B::float_sum_dim(B::float_sum_dim(t, 2), 0), &[c]);
-    let dw = want[1].then(|| per_channel(B::float_mul(dy.clone(), xhat.clone())));
-    let db = want[2].then(|| per_channel(dy.clone()));
-    let dx = want[0].then(|| {
-        let pg = c / groups * r;
-        let dxhat = reshape::<B>(
-            B::float_mul(dy, reshape::<B>(weight, &[1, c, 1])),
-            &[n, groups, pg],
-        );
-        let xhat = reshape::<B>(xhat, &[n, groups, pg]);
-        let m1 = B::float_mean_dim(dxhat.clone(), 2);
-        let m2 = B::float_mean_dim(B::float_mul(dxhat.clone(), xhat.clone()), 2);
-        let centred = B::float_sub(B::float_sub(dxhat, m1), B::float_mul(xhat, m2));
-        B::float_reshape(B::float_mul(centred, inv), shape)
-    });
-    [dx, dw, db]
-}
-
-#[derive(Debug)]
-struct GroupNormBackward;
-
-/// What the backward keeps: the op's inputs (x is the size of the output; nothing else is).
+/// The op's settings, kept with its inputs (x is the size of the output; nothing else is).
 #[derive(Clone, Debug)]
-struct Saved<B: Backend> {
-    x: FloatTensor<B>,
-    weight: FloatTensor<B>,
-    bias: FloatTensor<B>,
+struct GroupNorm {
     groups: usize,
     eps: f64,
     silu: bool,
 }
 
-impl<B: Backend> Backward<B, 3> for GroupNormBackward {
-    type State = Saved<B>;
+impl<B: GroupNormBackend> Differentiable<B, 3> for GroupNorm {
+    fn forward(&self, [x, weight, bias]: [FloatTensor<B>; 3]) -> FloatTensor<B> {
+        B::group_norm(x, weight, bias, self.groups, self.eps, self.silu)
+    }
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_w, node_b] = ops.parents;
-        let d_out = grads.consume::<B>(&ops.node);
-        let Saved {
-            x,
-            weight,
-            bias,
-            groups,
-            eps,
-            silu,
-        } = ops.state;
-        let want = [node_x.is_some(), node_w.is_some(), node_b.is_some()];
-        let [dx, dw, db] = backward::<B>(x, weight, bias, d_out, groups, eps, silu, want);
-        for (node, grad) in [(node_x, dx), (node_w, dw), (node_b, db)] {
-            if let (Some(node), Some(grad)) = (node, grad) {
-                grads.register::<B>(node.id, grad);
-            }
-        }
+    fn backward(
+        self,
+        inputs: [Option<FloatTensor<B>>; 3],
+        d_out: FloatTensor<B>,
+        want: [bool; 3],
+    ) -> [Option<FloatTensor<B>>; 3] {
+        let [x, weight, bias] = all_kept(inputs);
+        let Self { groups, eps, silu } = self;
+        let shape = x.shape();
+        let [n, c, r] = ncr(&shape);
+        let (xhat, inv) = normalized::<B>(x, groups, eps);
+        let d_out = reshape::<B>(d_out, &[n, c, r]);
+        let dy = if silu {
+            let y = affine::<B>(xhat.clone(), weight.clone(), bias);
+            B::float_mul(d_out, silu_derivative::<B>(y))
+        } else {
+            d_out
+        };
+        let per_channel =
+            |t: FloatTensor<B>| reshape::<B>(B::float_sum_dim(B::float_sum_dim(t, 2), 0), &[c]);
+        let dw = want[1].then(|| per_channel(B::float_mul(dy.clone(), xhat.clone())));
+        let db = want[2].then(|| per_channel(dy.clone()));
+        let dx = want[0].then(|| {
+            let pg = c / groups * r;
+            let dxhat = reshape::<B>(
+                B::float_mul(dy, reshape::<B>(weight, &[1, c, 1])),
+                &[n, groups, pg],
+            );
+            let xhat = reshape::<B>(xhat, &[n, groups, pg]);
+            let m1 = B::float_mean_dim(dxhat.clone(), 2);
+            let m2 = B::float_mean_dim(B::float_mul(dxhat.clone(), xhat.clone()), 2);
+            let centred = B::float_sub(B::float_sub(dxhat, m1), B::float_mul(xhat, m2));
+            B::float_reshape(B::float_mul(centred, inv), shape)
+        });
+        [dx, dw, db]
     }
 }
 
-impl<B: Backend + GroupNormBackend, C: CheckpointStrategy> GroupNormBackend for Autodiff<B, C> {
+/// `silu'(y) = s + y·s·(1 − s) = s·(1 + y·(1 − s))`, `s = sigmoid(y)`.
+fn silu_derivative<B: Backend>(y: FloatTensor<B>) -> FloatTensor<B> {
+    let s = B::sigmoid(y.clone());
+    let one_minus_s = B::float_add_scalar(B::float_neg(s.clone()), 1.0.into());
+    B::float_mul(
+        s,
+        B::float_add_scalar(B::float_mul(y, one_minus_s), 1.0.into()),
+    )
+}
+
+impl<B: GroupNormBackend, C: CheckpointStrategy> GroupNormBackend for Autodiff<B, C> {
     fn group_norm(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -281,37 +255,8 @@ impl<B: Backend + GroupNormBackend, C: CheckpointStrategy> GroupNormBackend for 
         eps: f64,
         silu: bool,
     ) -> FloatTensor<Self> {
-        match GroupNormBackward
-            .prepare::<C>([x.node(), weight.node(), bias.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (x, weight, bias) = (
-                    x.into_primitive(),
-                    weight.into_primitive(),
-                    bias.into_primitive(),
-                );
-                let out = B::group_norm(x.clone(), weight.clone(), bias.clone(), groups, eps, silu);
-                let saved = Saved {
-                    x,
-                    weight,
-                    bias,
-                    groups,
-                    eps,
-                    silu,
-                };
-                prep.finish(saved, out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::group_norm(
-                x.into_primitive(),
-                weight.into_primitive(),
-                bias.into_primitive(),
-                groups,
-                eps,
-                silu,
-            )),
-        }
+        let op = GroupNorm { groups, eps, silu };
+        record::<B, C, _, 3>(op, [x, weight, bias])
     }
 }
 
@@ -450,18 +395,24 @@ fn scale_shift_composed<B: Backend>(
     B::float_reshape(y, shape)
 }
 
-#[derive(Debug)]
-struct MomentsBackward;
+/// [`group_moments`]' settings, kept with its input.
+#[derive(Clone, Debug)]
+struct Moments {
+    groups: usize,
+}
 
-impl<B: Backend> Backward<B, 1> for MomentsBackward {
-    /// The input and the groups.
-    type State = (FloatTensor<B>, usize);
+impl<B: StripNormBackend> Differentiable<B, 1> for Moments {
+    fn forward(&self, [x]: [FloatTensor<B>; 1]) -> FloatTensor<B> {
+        B::group_moments(x, self.groups)
+    }
 
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x] = ops.parents;
-        let d_out = grads.consume::<B>(&ops.node);
-        let (x, groups) = ops.state;
-        let Some(node) = node_x else { return };
+    fn backward(
+        self,
+        inputs: [Option<FloatTensor<B>>; 1],
+        d_out: FloatTensor<B>,
+        _: [bool; 1],
+    ) -> [Option<FloatTensor<B>>; 1] {
+        let ([x], groups) = (all_kept(inputs), self.groups);
         // ∂mean/∂x = 1/len, ∂M2/∂x = 2(x − mean) (the mean's own term sums to zero).
         let shape = x.shape();
         let [n, c, r] = ncr(&shape);
@@ -477,67 +428,54 @@ impl<B: Backend> Backward<B, 1> for MomentsBackward {
         let d_mean = B::float_div_scalar(idx(0), (len.max(1) as f64).into());
         let d_m2 = B::float_mul_scalar(idx(1), 2.0.into());
         let dx = B::float_add(B::float_mul(B::float_sub(xg, mean), d_m2), d_mean);
-        grads.register::<B>(node.id, B::float_reshape(dx, shape));
+        [Some(B::float_reshape(dx, shape))]
     }
 }
 
-#[derive(Debug)]
-struct ScaleShiftBackward;
+/// [`scale_shift`]'s settings, kept with its inputs.
+#[derive(Clone, Debug)]
+struct ScaleShift {
+    silu: bool,
+}
 
-impl<B: Backend> Backward<B, 3> for ScaleShiftBackward {
-    /// The inputs and whether SiLU follows.
-    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, bool);
+impl<B: StripNormBackend> Differentiable<B, 3> for ScaleShift {
+    fn forward(&self, [x, a, s]: [FloatTensor<B>; 3]) -> FloatTensor<B> {
+        B::scale_shift(x, a, s, self.silu)
+    }
 
-    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_a, node_s] = ops.parents;
-        let d_out = grads.consume::<B>(&ops.node);
-        let (x, a, s, silu) = ops.state;
+    fn backward(
+        self,
+        inputs: [Option<FloatTensor<B>>; 3],
+        d_out: FloatTensor<B>,
+        [want_x, want_a, want_s]: [bool; 3],
+    ) -> [Option<FloatTensor<B>>; 3] {
+        let [x, a, s] = all_kept(inputs);
         let shape = x.shape();
         let [n, c, r] = ncr(&shape);
         let d_out = reshape::<B>(d_out, &[n, c, r]);
-        let dy = if silu {
-            // silu'(y) = s·(1 + y·(1 − s)), s = sigmoid(y).
+        let dy = if self.silu {
             let y = scale_shift_parts::<B>(x.clone(), a.clone(), s);
-            let sg = B::sigmoid(y.clone());
-            let one_minus = B::float_add_scalar(B::float_neg(sg.clone()), 1.0.into());
-            let d = B::float_mul(
-                sg,
-                B::float_add_scalar(B::float_mul(y, one_minus), 1.0.into()),
-            );
-            B::float_mul(d_out, d)
+            B::float_mul(d_out, silu_derivative::<B>(y))
         } else {
             d_out
         };
-        if let Some(node) = node_a {
+        let da = want_a.then(|| {
             let xr = reshape::<B>(x.clone(), &[n, c, r]);
             let da = B::float_sum_dim(B::float_mul(dy.clone(), xr), 2);
-            grads.register::<B>(node.id, reshape::<B>(da, &[n, c]));
-        }
-        if let Some(node) = node_s {
-            let ds = B::float_sum_dim(dy.clone(), 2);
-            grads.register::<B>(node.id, reshape::<B>(ds, &[n, c]));
-        }
-        if let Some(node) = node_x {
+            reshape::<B>(da, &[n, c])
+        });
+        let ds = want_s.then(|| reshape::<B>(B::float_sum_dim(dy.clone(), 2), &[n, c]));
+        let dx = want_x.then(|| {
             let dx = B::float_mul(dy, reshape::<B>(a, &[n, c, 1]));
-            grads.register::<B>(node.id, B::float_reshape(dx, shape));
-        }
+            B::float_reshape(dx, shape)
+        });
+        [dx, da, ds]
     }
 }
 
-impl<B: Backend + StripNormBackend, C: CheckpointStrategy> StripNormBackend for Autodiff<B, C> {
+impl<B: StripNormBackend, C: CheckpointStrategy> StripNormBackend for Autodiff<B, C> {
     fn group_moments(x: FloatTensor<Self>, groups: usize) -> FloatTensor<Self> {
-        match MomentsBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let x = x.into_primitive();
-                let out = B::group_moments(x.clone(), groups);
-                prep.finish((x, groups), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::group_moments(x.into_primitive(), groups)),
-        }
+        record::<B, C, _, 1>(Moments { groups }, [x])
     }
 
     fn scale_shift(
@@ -546,22 +484,6 @@ impl<B: Backend + StripNormBackend, C: CheckpointStrategy> StripNormBackend for 
         s: FloatTensor<Self>,
         silu: bool,
     ) -> FloatTensor<Self> {
-        match ScaleShiftBackward
-            .prepare::<C>([x.node(), a.node(), s.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (x, a, s) = (x.into_primitive(), a.into_primitive(), s.into_primitive());
-                let out = B::scale_shift(x.clone(), a.clone(), s.clone(), silu);
-                prep.finish((x, a, s, silu), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::scale_shift(
-                x.into_primitive(),
-                a.into_primitive(),
-                s.into_primitive(),
-                silu,
-            )),
-        }
+        record::<B, C, _, 3>(ScaleShift { silu }, [x, a, s])
     }
 }

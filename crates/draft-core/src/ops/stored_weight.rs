@@ -15,9 +15,8 @@
 //! For f32 weights the forward is Burn's `matmul` / `conv2d` unchanged and the input's gradient
 //! is Burn's own formula (`dY · Wᵀ`, `conv2d_x_backward`), so only what is kept changes.
 
-use burn::backend::autodiff::checkpoint::{base::Checkpointer, strategy::CheckpointStrategy};
-use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use crate::ops::extension::{Differentiable, record};
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::wgpu::CubeBackend;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
@@ -218,103 +217,89 @@ fn matmul_forward<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>) -> FloatTens
     B::float_reshape(y, out)
 }
 
-#[derive(Debug)]
-struct MatmulStoredBackward;
-
-/// The stored weight, and x only where the weight's own gradient is wanted.
+/// [`matmul_stored`]'s settings: x's shape. Its backward keeps the stored weight, and x only
+/// where the weight's own gradient is wanted.
 #[derive(Clone, Debug)]
-struct MatmulSaved<B: Backend> {
-    w: FloatTensor<B>,
-    x: Option<FloatTensor<B>>,
+struct MatmulStored {
     x_shape: Shape,
 }
 
-impl<B: Backend> Backward<B, 2> for MatmulStoredBackward {
-    type State = MatmulSaved<B>;
+impl<B: StoredWeightBackend> Differentiable<B, 2> for MatmulStored {
+    fn keep(&self, [_, w_tracked]: [bool; 2]) -> [bool; 2] {
+        [w_tracked, true]
+    }
 
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_w] = ops.parents;
-        let dy = grads.consume::<B>(&ops.node);
-        let MatmulSaved { w, x, x_shape } = ops.state;
+    fn forward(&self, [x, w]: [FloatTensor<B>; 2]) -> FloatTensor<B> {
+        B::matmul_stored(x, w)
+    }
+
+    fn backward(
+        self,
+        [x, w]: [Option<FloatTensor<B>>; 2],
+        dy: FloatTensor<B>,
+        [want_x, want_w]: [bool; 2],
+    ) -> [Option<FloatTensor<B>>; 2] {
+        let (w, x_shape) = (w.expect("the stored weight"), self.x_shape);
         let compute: FloatDType = dy.dtype().into();
         let d_out = dy.shape()[dy.shape().num_dims() - 1];
         let d_in = x_shape[x_shape.num_dims() - 1];
         let rows = x_shape.num_elements() / d_in.max(1);
         let dy2 = B::float_reshape(dy, Shape::new([rows, d_out]));
-        if let (Some(node), Some(x)) = (node_w, x) {
+        let dw = x.filter(|_| want_w).map(|x| {
             let x2 = B::float_reshape(x, Shape::new([rows, d_in]));
             let dw = B::float_matmul(B::float_swap_dims(x2, 0, 1), dy2.clone());
-            grads.register::<B>(node.id, as_dtype::<B>(dw, w.dtype().into()));
-        }
-        if let Some(node) = node_x {
+            as_dtype::<B>(dw, w.dtype().into())
+        });
+        let dx = want_x.then(|| {
             let wt = B::float_swap_dims(as_dtype::<B>(w, compute), 0, 1);
-            let dx = B::float_reshape(B::float_matmul(dy2, wt), x_shape);
-            grads.register::<B>(node.id, dx);
-        }
+            B::float_reshape(B::float_matmul(dy2, wt), x_shape)
+        });
+        [dx, dw]
     }
 }
 
-#[derive(Debug)]
-struct Conv2dStoredBackward;
-
+/// [`conv2d_stored`]'s settings: x's shape and the options. Its backward keeps the stored
+/// weight, and x only where the weight's own gradient is wanted.
 #[derive(Clone, Debug)]
-struct ConvSaved<B: Backend> {
-    w: FloatTensor<B>,
-    x: Option<FloatTensor<B>>,
+struct Conv2dStored {
     x_shape: Shape,
     options: ConvOptions<2>,
 }
 
-impl<B: Backend + StoredWeightBackend> Backward<B, 2> for Conv2dStoredBackward {
-    type State = ConvSaved<B>;
+impl<B: StoredWeightBackend> Differentiable<B, 2> for Conv2dStored {
+    fn keep(&self, [_, w_tracked]: [bool; 2]) -> [bool; 2] {
+        [w_tracked, true]
+    }
 
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let [node_x, node_w] = ops.parents;
-        let dy = grads.consume::<B>(&ops.node);
-        let ConvSaved {
-            w,
-            x,
-            x_shape,
-            options,
-        } = ops.state;
+    fn forward(&self, [x, w]: [FloatTensor<B>; 2]) -> FloatTensor<B> {
+        B::conv2d_stored(x, w, self.options.clone())
+    }
+
+    fn backward(
+        self,
+        [x, w]: [Option<FloatTensor<B>>; 2],
+        dy: FloatTensor<B>,
+        [want_x, want_w]: [bool; 2],
+    ) -> [Option<FloatTensor<B>>; 2] {
+        let Self { x_shape, options } = self;
+        let w = w.expect("the stored weight");
         let compute: FloatDType = dy.dtype().into();
         let stored: FloatDType = w.dtype().into();
         let w32 = as_dtype::<B>(w, compute);
-        if let (Some(node), Some(x)) = (node_w, x) {
+        let dw = x.filter(|_| want_w).map(|x| {
             let dw = B::conv2d_weight_backward(x, w32.clone(), dy.clone(), options.clone());
-            grads.register::<B>(node.id, as_dtype::<B>(dw, stored));
-        }
-        if let Some(node) = node_x {
-            // The input's values are not needed for its gradient, only its shape.
-            let dx = B::conv2d_stored_x_backward(x_shape, w32, dy, options);
-            grads.register::<B>(node.id, dx);
-        }
+            as_dtype::<B>(dw, stored)
+        });
+        // The input's values are not needed for its gradient, only its shape.
+        let dx = want_x.then(|| B::conv2d_stored_x_backward(x_shape, w32, dy, options));
+        [dx, dw]
     }
 }
 
-impl<B: Backend + StoredWeightBackend, C: CheckpointStrategy> StoredWeightBackend
-    for Autodiff<B, C>
-{
+impl<B: StoredWeightBackend, C: CheckpointStrategy> StoredWeightBackend for Autodiff<B, C> {
     fn matmul_stored(x: FloatTensor<Self>, w: FloatTensor<Self>) -> FloatTensor<Self> {
-        let w_tracked = w.is_tracked();
-        match MatmulStoredBackward
-            .prepare::<C>([x.node(), w.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (x, w) = (x.into_primitive(), w.into_primitive());
-                let saved = MatmulSaved {
-                    w: w.clone(),
-                    x: w_tracked.then(|| x.clone()),
-                    x_shape: x.shape(),
-                };
-                prep.finish(saved, B::matmul_stored(x, w))
-            }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::matmul_stored(x.into_primitive(), w.into_primitive()))
-            }
-        }
+        let op = MatmulStored { x_shape: x.shape() };
+        record::<B, C, _, 2>(op, [x, w])
     }
 
     fn conv2d_stored(
@@ -322,27 +307,10 @@ impl<B: Backend + StoredWeightBackend, C: CheckpointStrategy> StoredWeightBacken
         w: FloatTensor<Self>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Self> {
-        let w_tracked = w.is_tracked();
-        match Conv2dStoredBackward
-            .prepare::<C>([x.node(), w.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(prep) => {
-                let (x, w) = (x.into_primitive(), w.into_primitive());
-                let saved = ConvSaved {
-                    w: w.clone(),
-                    x: w_tracked.then(|| x.clone()),
-                    x_shape: x.shape(),
-                    options: options.clone(),
-                };
-                prep.finish(saved, B::conv2d_stored(x, w, options))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::conv2d_stored(
-                x.into_primitive(),
-                w.into_primitive(),
-                options,
-            )),
-        }
+        let op = Conv2dStored {
+            x_shape: x.shape(),
+            options,
+        };
+        record::<B, C, _, 2>(op, [x, w])
     }
 }
