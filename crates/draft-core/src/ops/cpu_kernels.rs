@@ -150,10 +150,12 @@ macro_rules! multiversion {
             fn body<$m: Mad>($($arg: $ty),*) -> $ret $body
             #[cfg(target_arch = "x86_64")]
             {
+                // # Safety: to be called only on a CPU with these features.
                 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
                 unsafe fn avx512($($arg: $ty),*) -> $ret {
                     body::<Fused>($($arg),*)
                 }
+                // # Safety: as `avx512`, with these features.
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) -> $ret {
                     body::<Fused>($($arg),*)
@@ -163,7 +165,7 @@ macro_rules! multiversion {
                     && std::arch::is_x86_feature_detected!("avx512dq")
                     && std::arch::is_x86_feature_detected!("fma")
                 {
-                    // SAFETY: the CPU has the features the function is compiled for.
+                    // SAFETY: the CPU has the features avx512 is compiled for (AVX-512F implies AVX2).
                     return unsafe { avx512($($arg),*) };
                 }
                 if std::arch::is_x86_feature_detected!("avx2")
