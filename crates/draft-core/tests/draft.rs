@@ -14,8 +14,16 @@ use draft_core::noise::NoiseRng;
 use draft_core::reward::builtin::{self, RewardOptions, WeightedReward};
 use draft_core::train::engine::{Draws, Engine, Method, Prompts};
 
-/// The bound on ‖Δg‖/‖g‖ over all LoRA parameters.
-const GRAD_TOL: f32 = 1e-3;
+/// The bounds on the LoRA gradients against PyTorch, per device: `(global ‖Δg‖/‖g‖ over all
+/// LoRA parameters, the worst single tensor's max|Δ|/max|g|)`, about 10× what is measured
+/// (docs/parity.md): CPU ≤ 8.3e-6 global, ≤ 3.1e-5 worst tensor; wgpu (lavapipe) WGPU_MEASURED.
+fn grad_tol(dev_name: &str) -> (f32, f32) {
+    match dev_name {
+        "cpu" => (1e-4, 3e-4),
+        _ => WGPU_TOL,
+    }
+}
+const WGPU_TOL: (f32, f32) = (1e-3, 5e-3);
 
 fn draft_dir() -> std::path::PathBuf {
     fixtures().join("draft")
@@ -182,13 +190,14 @@ fn lora_gradients_match_pytorch(dev_name: &str, device: Device) {
                 "[{dev_name}] {case}: loss {} vs {loss_ref}",
                 eval.loss
             );
+            let (global_tol, worst_tol) = grad_tol(dev_name);
             assert!(
-                global < GRAD_TOL,
+                global < global_tol,
                 "[{dev_name}] {case}: global grad rel err {global:e}"
             );
             // Single small tensors are noisier (wgpu's backward kernels sum in other orders).
             assert!(
-                worst.0 < 5.0 * GRAD_TOL,
+                worst.0 < worst_tol,
                 "[{dev_name}] {case}: {} rel err {:e}",
                 worst.1,
                 worst.0
@@ -410,7 +419,10 @@ fn lora_gradients_of_every_target_group_match_pytorch() {
             "{group}: gradient rel err {rel:.1e} (‖g‖ {:.3e})",
             den.sqrt()
         );
-        assert!(*den > 0.0 && rel < GRAD_TOL as f64, "{group}: {rel:e}");
+        assert!(
+            *den > 0.0 && rel < grad_tol("cpu").0 as f64,
+            "{group}: {rel:e}"
+        );
     }
     assert_eq!(per_group.len(), 5);
 }

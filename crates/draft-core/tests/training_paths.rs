@@ -21,8 +21,15 @@ use draft_core::train::engine::{Draws, Engine, Evaluation, Method, Prompts, unif
 use draft_core::train::optim::{OptimState, Optimizer};
 use draft_core::train::trainer::{Trainer, stream_seed, truncation_draw};
 
-/// ‖Δg‖/‖g‖ over all LoRA parameters (docs/parity.md's bound).
-const GRAD_TOL: f64 = 1e-3;
+/// Bounds against PyTorch, about 10× what is measured on the CPU (docs/parity.md, "Training
+/// paths"): ‖Δg‖/‖g‖ over all LoRA parameters (measured ≤ 1.5e-5, v-prediction) …
+const GRAD_TOL: f64 = 1.5e-4;
+/// … the worst single tensor's max|Δ|/max|g| (measured ≤ 4.4e-5) …
+const WORST_TENSOR_TOL: f64 = 5e-4;
+/// … and the trainer's updates: the parameter update and AdamW's moments (measured ≤ 3.4e-5),
+/// the pre-clip gradient norm (≤ 1.7e-6).
+const UPDATE_TOL: f64 = 4e-4;
+const GRAD_NORM_TOL: f64 = 2e-5;
 
 fn dir() -> std::path::PathBuf {
     fixtures().join("training_paths")
@@ -155,7 +162,7 @@ fn check_case(case: &str, pipe: &Pipeline, eval: &Evaluation, reference: &Weight
     assert!(loss_err < 1e-4, "{case}: loss {} vs {loss_ref}", eval.loss);
     assert!(global < GRAD_TOL, "{case}: global grad rel err {global:e}");
     assert!(
-        (worst.0 as f64) < 5.0 * GRAD_TOL,
+        (worst.0 as f64) < WORST_TENSOR_TOL,
         "{case}: {} rel err {:e}",
         worst.1,
         worst.0
@@ -720,12 +727,12 @@ fn trainer_grad_accum_clip_adamw_match_pytorch() {
         );
         assert!(loss_err < 1e-4, "update {s}: loss {} vs {loss_ref}", m.loss);
         assert!(
-            norm_err < GRAD_TOL,
+            norm_err < GRAD_NORM_TOL,
             "update {s}: grad norm {} vs {norm_ref}",
             m.grad_norm
         );
         for (what, e) in ["update", "exp_avg", "exp_avg_sq"].iter().zip(&errs) {
-            assert!(*e < GRAD_TOL, "update {s}: {what} rel err {e:e}");
+            assert!(*e < UPDATE_TOL, "update {s}: {what} rel err {e:e}");
         }
         before = after;
     }
