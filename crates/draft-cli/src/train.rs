@@ -1,19 +1,21 @@
-//! `draft train`: flags (or a TOML file with the same keys) → a `draft_core::train::trainer::Trainer`,
-//! plus everything around it that touches disk: the LoRA file, metrics, sample grids, the
-//! reward curve and the resumable checkpoint.
+//! `draft train`: flags (or a TOML file with the same keys) → the core's training settings
+//! ([`Settings`], resolved by [`draft_core::train::config::resolve`]: defaults ← checkpoint ←
+//! `--config` file ← flags) → a `draft_core::train::trainer::Trainer`, plus everything around it
+//! that touches disk: the model, the LoRA file, metrics, sample grids, the reward curve and the
+//! resumable checkpoint.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use draft_core::model::lora::{LoraFile, LoraTarget};
+use draft_core::data::default_model;
+use draft_core::model::lora::LoraFile;
 use draft_core::model::pipeline::{LoraSetup, to_nhwc};
 use draft_core::read_f32;
-use draft_core::reward::builtin::RewardOptions;
-use draft_core::train::config::{MethodName, OptimizerName, TrainConfig};
-use draft_core::train::run::{Run, RunPolicy};
-use draft_core::train::trainer::{CheckpointMeta, FixedEval, StepMetrics, Trainer, prompt_set};
+use draft_core::train::config::{Color, ModelDefaults, Resolved, Saved, Settings, resolve};
+use draft_core::train::run::Run;
+use draft_core::train::trainer::{CheckpointMeta, FixedEval, StepMetrics, Trainer};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
 
@@ -21,200 +23,212 @@ use crate::device::{self, DeviceArg};
 use crate::rewards::RewardFiles;
 use crate::{files, images, plot};
 
-/// `--lr`, `--train-steps` and `--eval-every` defaults when training the embedded model (no
-/// `--model`), shared with the browser.
-use draft_core::data::default_model::{
-    EVAL_EVERY as EMBEDDED_EVAL_EVERY, PROMPT_SET as EMBEDDED_PROMPT_SET, TRAIN_LR as EMBEDDED_LR,
-    TRAIN_STEPS as EMBEDDED_TRAIN_STEPS,
-};
-
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
 /// The same LoRA in kohya's layout, for A1111 and ComfyUI.
 pub const KOHYA_FILE: &str = "lora_kohya.safetensors";
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
-/// Every flag is optional here so that `--config FILE.toml` can set it; the TOML keys are the
-/// flag names (`train-steps = 200`, `reward = ["colorfulness=1", "smoothness=0.5"]`).
-#[derive(Args, Deserialize, Default, Debug)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+/// `--help`'s default of a setting that depends on the model.
+fn model_default(
+    what: &str,
+    general: impl std::fmt::Display,
+    embedded: impl std::fmt::Display,
+) -> String {
+    format!("{what} [default: {general}; {embedded} on the embedded model]")
+}
+
+/// `draft train`'s flags: the training settings ([`Settings`], the core's: every flag optional so
+/// that `--config FILE.toml` or a checkpoint can set it) and what only the command line has
+/// (the model, the device, files and folders). The TOML keys are the flag names
+/// (`train-steps = 200`, `reward = ["colorfulness=1", "smoothness=0.5"]`).
+#[derive(Args, Default, Debug)]
+#[command(
+    mut_arg("train_steps", |a| a.help(model_default(
+        "Optimizer updates",
+        ModelDefaults::GENERAL.train_steps,
+        default_model::TRAIN_DEFAULTS.train_steps,
+    ))),
+    mut_arg("lr", |a| a.help(model_default(
+        "Learning rate",
+        ModelDefaults::GENERAL.lr,
+        default_model::TRAIN_DEFAULTS.lr,
+    ))),
+    mut_arg("eval_every", |a| a.help(model_default(
+        "Measure the evaluation set's reward and diversity every N updates and after the last (0: only before and after)",
+        ModelDefaults::GENERAL.eval_every,
+        default_model::TRAIN_DEFAULTS.eval_every,
+    ))),
+)]
 pub struct TrainArgs {
     /// A TOML file setting any of these flags (flags given on the command line win).
     #[arg(long)]
-    #[serde(skip)]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub shell: ShellArgs,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+/// The flags (and `--config` keys) that are not training settings.
+#[derive(Args, Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ShellArgs {
     /// A diffusers pipeline folder, or a single-file SD-1.x/2.x checkpoint (.safetensors,
     /// .ckpt) [default: the embedded shapes-32 model].
     #[arg(long)]
-    model: Option<PathBuf>,
+    pub model: Option<PathBuf>,
     /// Load this weights variant of a diffusers folder (`fp16` reads
     /// diffusion_pytorch_model.fp16.safetensors, …), as diffusers' `variant=`.
     #[arg(long)]
-    variant: Option<String>,
+    pub variant: Option<String>,
     /// For a single-file --model: a diffusers folder whose config files (and tokenizer) replace
     /// the ones inferred from the checkpoint.
     #[arg(long)]
-    model_config: Option<PathBuf>,
+    pub model_config: Option<PathBuf>,
     #[arg(long, value_enum)]
-    device: Option<DeviceArg>,
-    /// draft (whole chain) | draft-k | draft-lv | refl | alignprop [default: draft-lv].
-    #[arg(long)]
-    method: Option<String>,
-    /// DRaFT-K: sampling steps back-propagated [default: 1].
-    #[arg(long)]
-    k: Option<usize>,
-    /// DRaFT-LV: re-noised samples per image [default: 2].
-    #[arg(long)]
-    lv_samples: Option<usize>,
-    /// ReFL: fewest sampling steps remaining when x̂₀ is predicted [default: 1].
-    #[arg(long)]
-    t_min: Option<usize>,
-    /// ReFL: most sampling steps remaining [default: 10, at most --steps].
-    #[arg(long)]
-    t_max: Option<usize>,
-    /// AlignProp: smallest K [default: 1].
-    #[arg(long)]
-    k_min: Option<usize>,
-    /// AlignProp: largest K [default: 10, at most --steps].
-    #[arg(long)]
-    k_max: Option<usize>,
-    /// Reward term NAME[=WEIGHT], repeatable: brightness, colorfulness, contrast, smoothness,
-    /// symmetry, target-color; learned (need --reward-model): laion-aesthetic, clip-score,
-    /// pickscore, hpsv2 [default: colorfulness].
-    #[arg(long)]
-    reward: Option<Vec<String>>,
+    pub device: Option<DeviceArg>,
     /// Weights of a learned reward, NAME=PATH, repeatable: `clip=DIR` (a transformers or
     /// OpenCLIP folder; laion-aesthetic, clip-score), `laion-aesthetic=FILE` (the MLP, .pth or
     /// .safetensors), `pickscore=DIR`, `hpsv2=DIR|FILE` (OpenCLIP; a lone .pt is ViT-H-14),
     /// `tokenizer=DIR` (for models that ship none). See docs/rewards.md.
     #[arg(long, value_name = "NAME=PATH")]
-    reward_model: Option<Vec<String>>,
-    /// The colour of the target-color reward, R,G,B in [0, 1] [default: 0.9,0.2,0.1].
-    #[arg(long)]
-    target_color: Option<String>,
-    /// A training prompt; repeatable (cycled over the batch).
-    #[arg(long)]
-    prompt: Option<Vec<String>>,
+    pub reward_model: Option<Vec<String>>,
     /// A file of training prompts, one per line.
     #[arg(long)]
-    prompts: Option<PathBuf>,
-    /// A built-in prompt set: animals (the 45 simple animals of DDPO / DRaFT), shapes (captions
-    /// of the embedded model) [default: shapes with the embedded model, else animals].
-    #[arg(long)]
-    prompt_set: Option<String>,
-    /// The prompt guidance steers away from [default: ""].
-    #[arg(long)]
-    negative_prompt: Option<String>,
-    /// Images per batch [default: 2; --init-noise sets it].
-    #[arg(long)]
-    batch: Option<usize>,
-    /// DDIM sampling steps [default: 50].
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Classifier-free guidance scale [default: 7.5].
-    #[arg(long)]
-    guidance: Option<f64>,
-    /// DDIM η [default: 0].
-    #[arg(long)]
-    eta: Option<f64>,
-    /// Optimizer updates [default: 100; 60 on the embedded model].
-    #[arg(long)]
-    train_steps: Option<usize>,
-    /// Learning rate [default: 4e-4; 3e-3 on the embedded model].
-    #[arg(long)]
-    lr: Option<f64>,
-    /// adamw | sgd [default: adamw].
-    #[arg(long)]
-    optimizer: Option<String>,
-    /// AdamW decoupled weight decay [default: 0.1].
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    /// LoRA rank [default: 4].
-    #[arg(long)]
-    rank: Option<usize>,
-    /// LoRA alpha; scale = alpha / rank [default: the rank].
-    #[arg(long)]
-    alpha: Option<f64>,
-    /// Layer groups to adapt, comma-separated: attn, ff, proj, conv, text [default: attn].
-    #[arg(long, value_delimiter = ',')]
-    lora_targets: Option<Vec<String>>,
-    /// Clip the global gradient norm to this value [default: no clipping].
-    #[arg(long)]
-    clip_grad_norm: Option<f64>,
-    /// Batches averaged into one update [default: 1].
-    #[arg(long)]
-    grad_accum: Option<usize>,
-    /// Seed of every random draw [default: 0].
-    #[arg(long)]
-    seed: Option<u64>,
+    pub prompts: Option<PathBuf>,
     /// Start from this LoRA file (diffusers layout).
     #[arg(long)]
-    init_lora: Option<PathBuf>,
+    pub init_lora: Option<PathBuf>,
     /// Initial latents of the first step's batch: safetensors with tensor `noise` [B, C, h, w].
     #[arg(long)]
-    init_noise: Option<PathBuf>,
+    pub init_noise: Option<PathBuf>,
     /// Output folder [default: a fresh runs/run-NNN].
     #[arg(long)]
-    out_dir: Option<PathBuf>,
+    pub out_dir: Option<PathBuf>,
     /// Continue from the checkpoint in --out-dir (`draft train`'s or one downloaded from the
     /// browser page); the settings and prompts not given as flags are the checkpoint's.
     #[arg(long)]
     #[serde(default)]
-    resume: bool,
-    /// Write the checkpoint every N updates [default: 10].
-    #[arg(long)]
-    checkpoint_every: Option<usize>,
-    /// Stop after this many non-finite updates in a row [default: 5].
-    #[arg(long)]
-    max_bad_steps: Option<usize>,
-    /// Images of the fixed evaluation set (half as many prompts, two seeds each) behind the
-    /// before/after grids and the diversity measure [default: 8] (0: none).
-    #[arg(long)]
-    preview: Option<usize>,
-    /// Measure the evaluation set's reward and diversity every N updates and after the last
-    /// [default: 10; 25 on the embedded model] (0: only before and after).
-    #[arg(long)]
-    eval_every: Option<usize>,
-    /// Stop early when the diversity falls below this fraction of its value before training
-    /// (reward hacking: every seed collapsing to one image) [default: never].
-    #[arg(long)]
-    min_diversity: Option<f64>,
+    pub resume: bool,
 }
 
-macro_rules! merge {
-    ($cli:ident, $file:ident; $($f:ident),*) => {
-        $( if $cli.$f.is_none() { $cli.$f = $file.$f.take(); } )*
-    };
-}
+impl ShellArgs {
+    /// These flags over the `--config` file's.
+    fn over(self, file: ShellArgs) -> ShellArgs {
+        ShellArgs {
+            model: self.model.or(file.model),
+            variant: self.variant.or(file.variant),
+            model_config: self.model_config.or(file.model_config),
+            device: self.device.or(file.device),
+            reward_model: self.reward_model.or(file.reward_model),
+            prompts: self.prompts.or(file.prompts),
+            init_lora: self.init_lora.or(file.init_lora),
+            init_noise: self.init_noise.or(file.init_noise),
+            out_dir: self.out_dir.or(file.out_dir),
+            resume: self.resume || file.resume,
+        }
+    }
 
-impl TrainArgs {
-    /// Flags over the TOML file.
-    fn with_file(mut self) -> Result<Self> {
-        let Some(path) = self.config.clone() else {
-            return Ok(self);
+    /// A layer's settings with its `--prompts` file read into the prompt list.
+    fn with_prompt_file(&self, mut settings: Settings) -> Result<Settings> {
+        let Some(path) = &self.prompts else {
+            return Ok(settings);
         };
-        let text = std::fs::read_to_string(&path)
+        if settings.prompt.is_some() || settings.prompt_set.is_some() {
+            bail!("give only one of --prompt, --prompts and --prompt-set");
+        }
+        let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
-        let mut f: TrainArgs = toml::from_str(&text).map_err(|e| {
-            let line = e
-                .span()
-                .and_then(|s| text.get(..s.start))
-                .map(|before| before.matches('\n').count() + 1);
+        let list: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        if list.is_empty() {
+            bail!("{}: the prompt file has no prompts", path.display());
+        }
+        settings.prompt = Some(list);
+        Ok(settings)
+    }
+}
+
+/// The keys of a `--config` file: the shell's and the training settings.
+struct ConfigFile {
+    shell: ShellArgs,
+    settings: Settings,
+}
+
+/// The keys of a `--config` TOML file that are the shell's (the others are [`Settings`]).
+const SHELL_KEYS: [&str; 10] = [
+    "model",
+    "variant",
+    "model-config",
+    "device",
+    "reward-model",
+    "prompts",
+    "init-lora",
+    "init-noise",
+    "out-dir",
+    "resume",
+];
+
+impl ConfigFile {
+    fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        // The line of a key, for errors found after parsing.
+        let line_of = |key: &str| {
+            text.lines().position(|l| {
+                l.trim_start()
+                    .strip_prefix(key)
+                    .is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+        };
+        let fail = |line: Option<usize>, msg: &str| {
             anyhow::anyhow!(
                 "{}{}: {}",
                 path.display(),
-                line.map(|l| format!(" line {l}")).unwrap_or_default(),
-                draft_core::error::one_line(e.message().trim())
+                line.map(|l| format!(" line {}", l + 1)).unwrap_or_default(),
+                draft_core::error::one_line(msg.trim())
             )
+        };
+        let table: toml::Table = toml::from_str(&text).map_err(|e| {
+            let line = e
+                .span()
+                .and_then(|s| text.get(..s.start))
+                .map(|before| before.matches('\n').count());
+            fail(line, e.message())
         })?;
+        let (shell, settings): (toml::Table, toml::Table) = table
+            .into_iter()
+            .partition(|(k, _)| SHELL_KEYS.contains(&k.as_str()));
+        // Each part with the key a value error is about.
+        fn part<T: serde::de::DeserializeOwned>(t: toml::Table) -> Result<T, (String, String)> {
+            serde_path_to_error::deserialize(toml::Value::Table(t)).map_err(|e| {
+                let key = e.path().to_string();
+                (key, e.into_inner().message().to_string())
+            })
+        }
+        let named = |(key, msg): (String, String)| {
+            let top = key.split(['.', '[']).next().unwrap_or("");
+            match line_of(top) {
+                Some(l) => fail(Some(l), &format!("{key}: {msg}")),
+                // An unknown key: the message names it.
+                None => fail(None, &msg),
+            }
+        };
+        let mut shell: ShellArgs = part(shell).map_err(named)?;
+        let settings: Settings = part(settings).map_err(named)?;
         // Relative paths in the file are relative to the file's folder.
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         for p in [
-            &mut f.model,
-            &mut f.model_config,
-            &mut f.prompts,
-            &mut f.init_lora,
-            &mut f.init_noise,
-            &mut f.out_dir,
+            &mut shell.model,
+            &mut shell.model_config,
+            &mut shell.prompts,
+            &mut shell.init_lora,
+            &mut shell.init_noise,
+            &mut shell.out_dir,
         ]
         .into_iter()
         .flatten()
@@ -223,183 +237,137 @@ impl TrainArgs {
                 *p = base.join(&*p);
             }
         }
-        merge!(self, f; model, variant, model_config, device, method, k, lv_samples, t_min, t_max, k_min, k_max, reward, reward_model,
-            target_color, prompt, prompts, prompt_set, negative_prompt, batch, steps, guidance,
-            eta, train_steps, lr, optimizer, weight_decay, rank, alpha, lora_targets,
-            clip_grad_norm, grad_accum, seed, init_lora, init_noise, out_dir, checkpoint_every,
-            max_bad_steps, preview, eval_every, min_diversity);
-        self.resume |= f.resume;
-        Ok(self)
+        Ok(Self { shell, settings })
+    }
+}
+
+/// `draft train`'s arguments with their `--config` file read and the settings resolved: what is
+/// refused here is refused before anything loads.
+pub struct Plan {
+    pub shell: ShellArgs,
+    pub run: Resolved,
+    /// The checkpoint resumed: its bytes and metadata.
+    checkpoint: Option<(Vec<u8>, CheckpointMeta)>,
+    out_dir: PathBuf,
+    /// `--batch` as given (the file's or the flag's), which `--init-noise` must match.
+    batch_given: Option<usize>,
+}
+
+impl TrainArgs {
+    /// Reads the `--config` file and, with `--resume`, the checkpoint, and resolves the run's
+    /// settings: defaults (the model's) ← checkpoint ← file ← flags. A flag that differs from
+    /// the checkpoint is refused by [`Trainer::restore`].
+    pub fn plan(self) -> Result<Plan> {
+        let TrainArgs {
+            config,
+            shell,
+            settings,
+        } = self;
+        let file = config.as_deref().map(ConfigFile::read).transpose()?;
+        // An error about a setting names the `--config` file, where the setting may come from,
+        // on one line whatever the file's strings hold.
+        let name = |e: anyhow::Error| match &config {
+            Some(p) => {
+                let msg = format!("{}: {e:#}", p.display());
+                anyhow::anyhow!("{}", draft_core::error::one_line(&msg))
+            }
+            None => e,
+        };
+        let flags = shell.with_prompt_file(settings)?;
+        let (shell, file_settings) = match file {
+            Some(f) => {
+                let s = f.shell.with_prompt_file(f.settings).map_err(name)?;
+                (shell.over(f.shell), s)
+            }
+            None => (shell, Settings::default()),
+        };
+        let batch_given = flags.batch.or(file_settings.batch);
+        let out_dir = match &shell.out_dir {
+            Some(d) => d.clone(),
+            None if shell.resume => bail!("--resume needs --out-dir: the run folder to continue"),
+            None => fresh_run_dir(Path::new("runs"))?,
+        };
+        let checkpoint_path = out_dir.join(CHECKPOINT_FILE);
+        let checkpoint = if shell.resume && checkpoint_path.is_file() {
+            let bytes = files::read(&checkpoint_path)?;
+            let meta = CheckpointMeta::read(&checkpoint_path.display().to_string(), &bytes)?;
+            Some((bytes, meta))
+        } else {
+            None
+        };
+        let defaults = if shell.model.is_none() {
+            default_model::TRAIN_DEFAULTS
+        } else {
+            ModelDefaults::GENERAL
+        };
+        let saved = checkpoint.as_ref().map(|(_, m)| Saved {
+            config: &m.config,
+            prompts: m.prompts.as_deref(),
+        });
+        let run =
+            resolve(&defaults, saved, &[&file_settings, &flags]).map_err(|e| name(e.into()))?;
+        // The CLI always keeps a checkpoint of the run folder (what `--resume` continues).
+        if run.policy.checkpoint_every == 0 {
+            return Err(name(anyhow::anyhow!(
+                "--checkpoint-every must be at least 1"
+            )));
+        }
+        Ok(Plan {
+            shell,
+            run,
+            checkpoint,
+            out_dir,
+            batch_given,
+        })
     }
 
     /// The settings of a `--config` file alone, checked as `draft train` checks them before it
     /// loads anything (tests/fuzz.rs).
     pub fn check_file(path: &Path) -> Result<()> {
-        let args = TrainArgs {
+        TrainArgs {
             config: Some(path.to_path_buf()),
-            ..Default::default()
+            shell: ShellArgs {
+                out_dir: Some(std::env::temp_dir().join("draft-check-file")),
+                ..ShellArgs::default()
+            },
+            ..TrainArgs::default()
         }
-        .with_file()?;
-        args.in_file(args.settings(None))?;
-        args.in_file(args.prompt_list(None))?;
-        Ok(())
+        .check()
     }
 
-    /// An error about a setting names the `--config` file, where the setting may come from,
-    /// on one line whatever the file's strings hold.
-    fn in_file<T>(&self, r: Result<T>) -> Result<T> {
-        match &self.config {
-            Some(path) => r.map_err(|e| {
-                let msg = format!("{}: {e:#}", path.display());
-                anyhow::anyhow!("{}", draft_core::error::one_line(&msg))
-            }),
-            None => r,
+    /// Everything `draft train` refuses before it loads anything, without `--resume`'s
+    /// checkpoint: the `--config` file, the prompt files and the settings.
+    pub fn check(mut self) -> Result<()> {
+        self.shell.resume = false;
+        if self.shell.out_dir.is_none() {
+            self.shell.out_dir = Some(std::env::temp_dir().join("draft-check"));
         }
-    }
-
-    /// The run's settings: the flags, and for those not given the defaults, or when resuming,
-    /// the checkpoint's (`saved`) — so `--resume` needs no flags, and one that differs from the
-    /// checkpoint is refused by [`Trainer::restore`].
-    fn settings(&self, saved: Option<&TrainConfig>) -> Result<TrainConfig> {
-        let d = saved.cloned().unwrap_or_default();
-        // The embedded model's defaults apply to fresh runs only.
-        let embedded = self.model.is_none() && saved.is_none();
-        let steps = self.steps.unwrap_or(d.steps);
-        let (t_max, k_max) = match saved {
-            Some(c) => (c.t_max, c.k_max),
-            None => (d.t_max.min(steps), d.k_max.min(steps)),
-        };
-        let mut c = TrainConfig {
-            method: match &self.method {
-                Some(m) => MethodName::parse(m)?,
-                None => d.method,
-            },
-            k: self.k.unwrap_or(d.k),
-            lv_samples: self.lv_samples.unwrap_or(d.lv_samples),
-            t_min: self.t_min.unwrap_or(d.t_min),
-            t_max: self.t_max.unwrap_or(t_max),
-            k_min: self.k_min.unwrap_or(d.k_min),
-            k_max: self.k_max.unwrap_or(k_max),
-            rewards: self.reward.clone().unwrap_or(d.rewards),
-            reward_options: RewardOptions {
-                target_color: match &self.target_color {
-                    Some(s) => parse_color(s)?,
-                    None => d.reward_options.target_color,
-                },
-            },
-            batch: self.batch.unwrap_or(d.batch),
-            steps,
-            guidance: self.guidance.unwrap_or(d.guidance),
-            eta: self.eta.unwrap_or(d.eta),
-            negative_prompt: self.negative_prompt.clone().unwrap_or(d.negative_prompt),
-            train_steps: self.train_steps.unwrap_or(if embedded {
-                EMBEDDED_TRAIN_STEPS
-            } else {
-                d.train_steps
-            }),
-            lr: self.lr.unwrap_or(if embedded { EMBEDDED_LR } else { d.lr }),
-            optimizer: match self.optimizer.as_deref() {
-                None => d.optimizer,
-                Some("adamw") => OptimizerName::Adamw,
-                Some("sgd") => OptimizerName::Sgd,
-                Some(o) => bail!("unknown optimizer {o:?} (expected adamw or sgd)"),
-            },
-            weight_decay: self.weight_decay.unwrap_or(d.weight_decay),
-            rank: self.rank.unwrap_or(d.rank),
-            alpha: self.alpha.or(d.alpha),
-            lora_targets: match &self.lora_targets {
-                Some(t) => t
-                    .iter()
-                    .map(|s| LoraTarget::parse(s.trim()))
-                    .collect::<Result<Vec<_>, _>>()?,
-                None => d.lora_targets,
-            },
-            clip_grad_norm: self.clip_grad_norm.or(d.clip_grad_norm),
-            grad_accum: self.grad_accum.unwrap_or(d.grad_accum),
-            seed: self.seed.unwrap_or(d.seed),
-            max_bad_steps: self.max_bad_steps.unwrap_or(d.max_bad_steps),
-            ..d
-        };
-        c.lora_targets.sort();
-        c.lora_targets.dedup();
-        c.validate()?;
-        Ok(c)
-    }
-
-    /// The prompts given, else the checkpoint's (`saved`) when resuming, else the default set.
-    fn prompt_list(&self, saved: Option<&[String]>) -> Result<Vec<String>> {
-        let given = [
-            self.prompt.is_some(),
-            self.prompts.is_some(),
-            self.prompt_set.is_some(),
-        ];
-        if given.iter().filter(|g| **g).count() > 1 {
-            bail!("give only one of --prompt, --prompts and --prompt-set");
-        }
-        if let Some(p) = &self.prompt {
-            if let Some(e) = p.iter().find(|p| p.trim().is_empty()) {
-                bail!("--prompt {e:?} is empty");
-            }
-            return Ok(p.clone());
-        }
-        if let Some(path) = &self.prompts {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("{}: cannot read", path.display()))?;
-            let list: Vec<String> = text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(str::to_string)
-                .collect();
-            if list.is_empty() {
-                bail!("{}: the prompt file has no prompts", path.display());
-            }
-            return Ok(list);
-        }
-        if let (Some(p), None) = (saved, &self.prompt_set) {
-            return Ok(p.to_vec());
-        }
-        let default = if self.model.is_none() {
-            EMBEDDED_PROMPT_SET
-        } else {
-            "animals"
-        };
-        Ok(prompt_set(self.prompt_set.as_deref().unwrap_or(default))?)
+        self.plan().map(|_| ())
     }
 }
 
+/// `--target-color` of `draft score`: R,G,B in [0, 1].
 pub fn parse_color(s: &str) -> Result<[f32; 3]> {
-    let v: Vec<f32> = s
-        .split(',')
-        .map(|x| x.trim().parse::<f32>())
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("--target-color {s:?}: expected R,G,B numbers in [0, 1]"))?;
-    match v.as_slice() {
-        [r, g, b] if v.iter().all(|x| (0.0..=1.0).contains(x)) => Ok([*r, *g, *b]),
-        _ => bail!("--target-color {s:?}: expected three numbers in [0, 1]"),
+    let c = Color::parse(s)?;
+    if !c.0.iter().all(|x| (0.0..=1.0).contains(x)) {
+        bail!("--target-color {s:?}: expected three numbers in [0, 1]");
     }
+    Ok(c.0)
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let a = args.with_file()?;
-    let out_dir = match &a.out_dir {
-        Some(d) => d.clone(),
-        None if a.resume => bail!("--resume needs --out-dir: the run folder to continue"),
-        None => fresh_run_dir(Path::new("runs"))?,
-    };
+    let Plan {
+        shell: a,
+        run: Resolved {
+            config,
+            policy,
+            prompts,
+        },
+        checkpoint,
+        out_dir,
+        batch_given,
+    } = args.plan()?;
     let checkpoint_path = out_dir.join(CHECKPOINT_FILE);
-    let checkpoint = if a.resume && checkpoint_path.is_file() {
-        let bytes = files::read(&checkpoint_path)?;
-        let meta = CheckpointMeta::read(&checkpoint_path.display().to_string(), &bytes)?;
-        Some((bytes, meta))
-    } else {
-        None
-    };
-    // Everything that can be refused is refused before the model loads. A resumed run takes
-    // the checkpoint's settings and prompts for the flags not given.
-    let saved = checkpoint.as_ref().map(|(_, m)| m);
-    let config = a.in_file(a.settings(saved.map(|m| &m.config)))?;
-    let prompts = a.in_file(a.prompt_list(saved.and_then(|m| m.prompts.as_deref())))?;
     // Learned rewards' files are read now; the models are built once the device is known.
     let reward_files =
         RewardFiles::read(&config.rewards, a.reward_model.as_deref().unwrap_or(&[]))?;
@@ -408,23 +376,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         None => None,
     };
     let noise_bytes = a.init_noise.as_ref().map(|p| files::read(p)).transpose()?;
-    let eval_every = a.eval_every.unwrap_or(if a.model.is_none() {
-        EMBEDDED_EVAL_EVERY
-    } else {
-        10
-    });
-    let checkpoint_every = a.checkpoint_every.unwrap_or(10);
-    if checkpoint_every == 0 {
-        bail!("--checkpoint-every must be at least 1");
-    }
-    let policy = RunPolicy {
-        eval_images: a.preview.unwrap_or(8),
-        eval_every,
-        checkpoint_every,
-        min_diversity: a.min_diversity,
-    };
-    policy.validate()?;
     let preview = policy.eval_images;
+    let min_diversity = policy.min_diversity;
 
     let model = files::read_model(
         a.model.as_deref(),
@@ -450,7 +403,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             let noise = files::init_noise(&name, bytes, &device)?;
             let b = noise.dims()[0];
             draft_core::model::files::check_batch(&format!("the batch of {name}"), b)?;
-            if let Some(n) = a.batch.filter(|&n| n != b) {
+            if let Some(n) = batch_given.filter(|&n| n != b) {
                 bail!("--batch {n} does not match {name}: tensor `noise` holds a batch of {b}");
             }
             Some(noise)
@@ -559,7 +512,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             bar.println(format!(
                 "draft: step {}: diversity {d:.4} fell below {} × its initial {d0:.4}; stopping early (--min-diversity)",
                 m.step,
-                a.min_diversity.unwrap_or_default()
+                min_diversity.unwrap_or_default()
             ));
         }
         history.push(m);

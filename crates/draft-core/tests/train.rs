@@ -10,13 +10,12 @@ use draft_core::Result;
 use draft_core::model::lora::LoraTarget;
 use draft_core::model::pipeline::LoraSetup;
 use draft_core::reward::builtin::{Reward, RewardOptions, WeightedReward};
-use draft_core::train::config::{MethodName, TrainConfig};
+use draft_core::train::config::{MethodConfig, TrainConfig};
 use draft_core::train::trainer::Trainer;
 
 fn config() -> TrainConfig {
     TrainConfig {
-        method: MethodName::DraftK,
-        k: 2,
+        method: MethodConfig::DraftK { k: 2 },
         steps: 3,
         batch: 1,
         train_steps: 4,
@@ -75,6 +74,16 @@ fn resume_is_bit_identical_on_cpu() {
         "resumed run ends at the same LoRA bit for bit"
     );
 
+    // A checkpoint of the earlier flat form (every method's parameters beside `method`)
+    // resumes the same.
+    let old = with_old_config(&ckpt);
+    let meta = draft_core::train::trainer::CheckpointMeta::read("old", &old).unwrap();
+    assert_eq!(meta.config, config());
+    let mut c = trainer(config(), None);
+    c.restore("old", &old).unwrap();
+    run(&mut c, 4);
+    assert_eq!(lora_bytes(&c), full, "resumed from the old form");
+
     // A checkpoint of other settings is refused.
     let mut d = trainer(
         TrainConfig {
@@ -85,6 +94,37 @@ fn resume_is_bit_identical_on_cpu() {
     );
     let err = d.restore("checkpoint", &ckpt).unwrap_err().to_string();
     assert!(err.contains("other settings"), "{err}");
+}
+
+/// `checkpoint` with its `config` metadata as `draft train` wrote it before the method carried
+/// its parameters: `"method": "draft-k"` and k, lv_samples, t_min, t_max, k_min, k_max beside
+/// it.
+fn with_old_config(checkpoint: &[u8]) -> Vec<u8> {
+    let n = u64::from_le_bytes(checkpoint[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&checkpoint[8..8 + n]).unwrap();
+    let meta = header["__metadata__"].as_object_mut().unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(meta["config"].as_str().unwrap()).unwrap();
+    assert_eq!(config["method"], "draft-k");
+    assert!(config.get("lv_samples").is_none());
+    for (k, v) in [
+        ("lv_samples", 2),
+        ("t_min", 1),
+        ("t_max", 3),
+        ("k_min", 1),
+        ("k_max", 3),
+    ] {
+        config[k] = v.into();
+    }
+    meta.insert("config".into(), config.to_string().into());
+    let mut text = header.to_string().into_bytes();
+    while !text.len().is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend(text);
+    out.extend(&checkpoint[8 + n..]);
+    out
 }
 
 /// A user-defined reward that goes NaN on demand.
@@ -185,19 +225,16 @@ fn one_nan_gradient_is_skipped_and_never_reaches_the_lora_or_the_checkpoint() {
 
 #[test]
 fn every_method_raises_the_reward() {
-    for (method, k) in [
-        (MethodName::Draft, 1),
-        (MethodName::DraftK, 1),
-        (MethodName::DraftLv, 1),
-        (MethodName::Refl, 1),
-        (MethodName::Alignprop, 1),
+    for method in [
+        MethodConfig::Draft,
+        MethodConfig::DraftK { k: 1 },
+        MethodConfig::DraftLv { lv_samples: 2 },
+        MethodConfig::Refl { t_min: 1, t_max: 3 },
+        MethodConfig::AlignProp { k_min: 1, k_max: 3 },
     ] {
         let cfg = TrainConfig {
             method,
-            k,
             steps: 4,
-            t_max: 3,
-            k_max: 3,
             batch: 2,
             train_steps: 12,
             lr: 2e-2,

@@ -16,7 +16,7 @@ use draft_core::model::schedule::{Ddim, SchedulerConfig};
 use draft_core::model::weights::Weights;
 use draft_core::noise::NoiseRng;
 use draft_core::reward::builtin::{self, RewardOptions, WeightedReward};
-use draft_core::train::config::{MethodName, OptimizerName, TrainConfig};
+use draft_core::train::config::{MethodConfig, OptimizerName, TrainConfig};
 use draft_core::train::engine::{Draws, Engine, Evaluation, Method, Prompts, uniform_in};
 use draft_core::train::optim::{OptimState, Optimizer};
 use draft_core::train::trainer::{Trainer, stream_seed, truncation_draw};
@@ -549,8 +549,9 @@ fn trainer_config(t: &serde_json::Value, json: &serde_json::Value) -> TrainConfi
     let (rank, alpha) = rank_alpha(json);
     assert_eq!(t["method"], "draft-k");
     TrainConfig {
-        method: MethodName::DraftK,
-        k: t["k"].as_u64().unwrap() as usize,
+        method: MethodConfig::DraftK {
+            k: t["k"].as_u64().unwrap() as usize,
+        },
         steps: t["steps"].as_u64().unwrap() as usize,
         guidance: json["guidance_scale"].as_f64().unwrap(),
         eta: 0.0,

@@ -176,9 +176,10 @@ impl WebTrainer {
 #[wasm_bindgen]
 impl WebTrainer {
     /// A run. `options`: a JSON object of `WebOptions` (the CLI's flags in camelCase; missing
-    /// ones take the embedded model's defaults); `files`: the model folder (none: the embedded
-    /// `shapes-32`) and the checkpoint to continue, whose settings and prompts then win over
-    /// the options' (`info().options` has them).
+    /// ones take the model's defaults, as `draft train`'s); `files`: the model folder (none:
+    /// the embedded `shapes-32`) and the checkpoint to continue, whose settings and prompts then
+    /// win over the options' but the planned updates and run policy (`info().options` has
+    /// them).
     pub async fn open(options: String, files: RunFiles) -> Result<WebTrainer, JsValue> {
         let options = WebOptions::parse(&options).map_err(js_error)?;
         let session = Session::build(&options, files.inputs)

@@ -12,15 +12,14 @@ use burn::prelude::*;
 use burn::tensor::FloatDType;
 use draft_core::data::default_model;
 use draft_core::model::pipeline::LoraSetup;
-use draft_core::reward::builtin::RewardOptions;
 use draft_core::reward::files::{RewardFiles, RewardSource};
-use draft_core::train::config::{MethodName, TrainConfig};
-use draft_core::train::run::{Run, RunPolicy};
+use draft_core::train::config::{ModelDefaults, Resolved, Saved, Settings, TrainConfig, resolve};
+use draft_core::train::run::Run;
 use draft_core::train::trainer::{
     CheckpointMeta, EvalSummary, FixedEval, StepMetrics, Trainer, prompt_set,
 };
 use draft_core::{ModelFiles, Pipeline, read_f32};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 #[cfg(target_arch = "wasm32")]
 mod bindings;
@@ -76,152 +75,131 @@ pub fn weights_dtype(device: &Device) -> FloatDType {
     }
 }
 
-/// What the page can set; everything else is [`TrainConfig::default`]. Field names are the
-/// CLI's flags in camelCase.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields, rename_all = "camelCase")]
+/// What the page's form sends: the device, and the training settings (the core's [`Settings`],
+/// the CLI's flags; the page spells them in camelCase: `lvSamples`, `trainSteps`, `evalEvery`,
+/// `rewards`, `targetColor` as `[r, g, b]`, `prompts` as a list), resolved as the CLI resolves
+/// its flags ([`WebOptions::resolve`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct WebOptions {
     /// `"webgpu"` or `"cpu"`.
     pub device: String,
-    /// Training prompts; empty: the model's built-in set (shapes for the embedded model).
-    pub prompts: Vec<String>,
-    /// `name=weight` reward terms.
-    pub rewards: Vec<String>,
-    pub target_color: [f32; 3],
-    /// draft | draft-k | draft-lv | refl | alignprop.
-    pub method: String,
-    pub k: usize,
-    pub lv_samples: usize,
-    pub t_min: usize,
-    pub t_max: usize,
-    pub lr: f64,
-    /// Optimizer updates the page plans (it stops the loop; kept in the checkpointed config).
-    pub train_steps: usize,
-    /// DDIM sampling steps.
-    pub steps: usize,
-    pub batch: usize,
-    pub guidance: f64,
-    pub rank: usize,
-    pub seed: u64,
-    /// Images in the evaluation set (`--preview`).
-    pub preview: usize,
-    /// Evaluate every this many updates (`--eval-every`).
-    pub eval_every: usize,
-    /// Stop when the evaluation set's diversity falls below this fraction of its value before
-    /// training (`--min-diversity`).
-    pub min_diversity: Option<f64>,
-    /// Hand back a checkpoint every this many updates and after the last (0: never;
-    /// `--checkpoint-every`).
-    pub checkpoint_every: usize,
+    /// The form's training settings; those not given are the defaults (or the checkpoint's).
+    pub settings: Settings,
 }
 
 impl Default for WebOptions {
     fn default() -> Self {
-        let d = TrainConfig::default();
         Self {
             device: "webgpu".into(),
-            prompts: Vec::new(),
-            rewards: d.rewards,
-            target_color: d.reward_options.target_color,
-            method: d.method.name().into(),
-            k: d.k,
-            lv_samples: d.lv_samples,
-            t_min: d.t_min,
-            t_max: d.t_max,
-            lr: default_model::TRAIN_LR,
-            train_steps: default_model::TRAIN_STEPS,
-            steps: d.steps,
-            batch: d.batch,
-            guidance: d.guidance,
-            rank: d.rank,
-            seed: d.seed,
-            preview: 4,
-            eval_every: 5,
-            min_diversity: None,
-            checkpoint_every: 5,
+            settings: Settings::default(),
         }
     }
 }
 
 impl WebOptions {
+    /// The form's JSON: `device`, `prompts` (a list; empty or blank ones: the model's prompt
+    /// set) and the training settings.
     pub fn parse(json: &str) -> Result<Self, String> {
-        serde_json::from_str(json).map_err(|e| format!("bad training options: {e}"))
-    }
-
-    /// The run policy: the CLI's.
-    pub fn policy(&self) -> Result<RunPolicy, String> {
-        let p = RunPolicy {
-            eval_images: self.preview,
-            eval_every: self.eval_every,
-            checkpoint_every: self.checkpoint_every,
-            min_diversity: self.min_diversity,
+        let bad = |e: serde_json::Error| format!("bad training options: {e}");
+        let mut form: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(json).map_err(bad)?;
+        let device = match form.remove("device") {
+            None => "webgpu".to_string(),
+            Some(v) => serde_json::from_value(v).map_err(bad)?,
         };
-        p.validate().map_err(|e| e.to_string())?;
-        Ok(p)
-    }
-
-    /// The core configuration and the prompt list, checked as the CLI checks its flags.
-    pub fn config(&self) -> Result<(TrainConfig, Vec<String>), String> {
-        let d = TrainConfig::default();
-        let config = TrainConfig {
-            method: MethodName::parse(&self.method).map_err(|e| e.to_string())?,
-            k: self.k,
-            lv_samples: self.lv_samples,
-            t_min: self.t_min,
-            t_max: self.t_max.min(self.steps),
-            k_max: d.k_max.min(self.steps),
-            rewards: self.rewards.clone(),
-            reward_options: RewardOptions {
-                target_color: self.target_color,
-            },
-            batch: self.batch,
-            steps: self.steps,
-            guidance: self.guidance,
-            train_steps: self.train_steps,
-            lr: self.lr,
-            rank: self.rank,
-            seed: self.seed,
-            ..d
+        let prompts: Option<Vec<String>> = match form.remove("prompts") {
+            None => None,
+            Some(v) => serde_json::from_value(v).map_err(bad)?,
         };
-        config.validate().map_err(|e| e.to_string())?;
-        let prompts: Vec<String> = self
-            .prompts
+        let mut settings: Settings =
+            serde_json::from_value(serde_json::Value::Object(form)).map_err(bad)?;
+        let prompts: Vec<String> = prompts
+            .unwrap_or_default()
             .iter()
             .map(|p| p.trim().to_string())
             .filter(|p| !p.is_empty())
             .collect();
-        let prompts = if prompts.is_empty() {
-            prompt_set(default_model::PROMPT_SET).map_err(|e| e.to_string())?
-        } else {
-            prompts
-        };
-        Ok((config, prompts))
+        if !prompts.is_empty() {
+            if settings.prompt.is_some() {
+                return Err("bad training options: give `prompts` or `prompt`, not both".into());
+            }
+            settings.prompt = Some(prompts);
+        }
+        Ok(Self { device, settings })
     }
 
-    /// These options with the training settings and prompts of a checkpoint (`draft train`'s
-    /// or the page's), as the page's form shows them: a resumed run continues with the
-    /// checkpoint's settings, whatever the form held.
-    pub fn with_checkpoint(&self, meta: &CheckpointMeta) -> WebOptions {
-        let c = &meta.config;
-        WebOptions {
-            prompts: meta.prompts.clone().unwrap_or_else(|| self.prompts.clone()),
-            rewards: c.rewards.clone(),
-            target_color: c.reward_options.target_color,
-            method: c.method.name().into(),
-            k: c.k,
-            lv_samples: c.lv_samples,
-            t_min: c.t_min,
-            t_max: c.t_max,
-            lr: c.lr,
-            train_steps: self.train_steps.max(meta.step),
-            steps: c.steps,
-            batch: c.batch,
-            guidance: c.guidance,
-            rank: c.rank,
-            seed: c.seed,
-            ..self.clone()
+    /// The run's settings, resolved as the CLI resolves its flags: defaults (the embedded
+    /// model's when `embedded`) ← checkpoint ← the form. Over a checkpoint only the form's
+    /// planned updates and run policy count: a continued run keeps the checkpoint's settings
+    /// and prompts whatever the form holds, and plans at least the updates it has done.
+    pub fn resolve(
+        &self,
+        embedded: bool,
+        checkpoint: Option<&CheckpointMeta>,
+    ) -> Result<Resolved, String> {
+        let defaults = if embedded {
+            default_model::TRAIN_DEFAULTS
+        } else {
+            ModelDefaults::GENERAL
+        };
+        let saved = checkpoint.map(|m| Saved {
+            config: &m.config,
+            prompts: m.prompts.as_deref(),
+        });
+        let form = match checkpoint {
+            Some(_) => self.settings.continuing(),
+            None => self.settings.clone(),
+        };
+        let mut r = resolve(&defaults, saved, &[&form]).map_err(|e| e.to_string())?;
+        if let Some(m) = checkpoint {
+            r.config.train_steps = r.config.train_steps.max(m.step);
+        }
+        Ok(r)
+    }
+
+    /// A resolved run as the page's form shows it (every setting; see [`Settings::shown`]).
+    pub fn shown(device: &str, run: &Resolved) -> Self {
+        Self {
+            device: device.into(),
+            settings: Settings::shown(run),
         }
     }
+}
+
+/// The form's JSON, as [`WebOptions::parse`] reads it: camelCase keys, `rewards` and `prompts`.
+impl Serialize for WebOptions {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{Error, SerializeMap};
+        let value = serde_json::to_value(&self.settings).map_err(S::Error::custom)?;
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("device", &self.device)?;
+        for (key, v) in value.as_object().into_iter().flatten() {
+            let key = match key.as_str() {
+                "reward" => "rewards".to_string(),
+                "prompt" => "prompts".to_string(),
+                k => camel_case(k),
+            };
+            map.serialize_entry(&key, v)?;
+        }
+        map.end()
+    }
+}
+
+/// `lv-samples` → `lvSamples`.
+fn camel_case(kebab: &str) -> String {
+    let mut out = String::new();
+    let mut upper = false;
+    for c in kebab.chars() {
+        match c {
+            '-' => upper = true,
+            c if upper => {
+                out.extend(c.to_uppercase());
+                upper = false;
+            }
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// What a run is built from besides its options.
@@ -301,10 +279,7 @@ fn check_inputs(
             &text,
         )
         .map_err(|e| e.to_string())?;
-        let per_update = match config.method {
-            MethodName::DraftLv => config.batch * config.lv_samples,
-            _ => config.batch,
-        };
+        let per_update = config.batch * config.method.samples_per_image();
         let batch = per_update.max(draft_core::train::trainer::eval_set_size(
             eval_images.max(1),
         ));
@@ -379,6 +354,7 @@ impl Session {
             rewards,
             max_binding_bytes,
         } = inputs;
+        let embedded = model.is_none();
         let model = model.unwrap_or_else(default_model::files);
         let meta = match &checkpoint {
             Some((name, bytes)) => {
@@ -386,24 +362,18 @@ impl Session {
             }
             None => None,
         };
-        let options = match &meta {
-            Some(m) => options.with_checkpoint(m),
-            None => options.clone(),
-        };
-        let (mut config, prompts) = options.config()?;
-        if let Some(m) = &meta {
-            // Every setting the page has no field for (negative prompt, clipping, targets…).
-            config = TrainConfig {
-                train_steps: options.train_steps,
-                ..m.config.clone()
-            };
-        }
-        let policy = options.policy()?;
+        let resolved = options.resolve(embedded, meta.as_ref())?;
+        let shown = WebOptions::shown(&options.device, &resolved);
+        let Resolved {
+            config,
+            policy,
+            prompts,
+        } = resolved;
         check_inputs(
             &model,
             &rewards,
             &config,
-            options.preview,
+            policy.eval_images,
             max_binding_bytes,
         )?;
         let reward_files = RewardFiles::new(&config.rewards, rewards).map_err(|e| e.to_string())?;
@@ -461,7 +431,7 @@ impl Session {
             lr: c.lr,
             step: trainer.step,
             before: trainer.before.clone(),
-            options: options.clone(),
+            options: shown,
             notes,
         };
         let run = Run::new(trainer, policy).map_err(|e| e.to_string())?;

@@ -83,26 +83,20 @@ fn one_draft_k_update_raises_the_reward() {
 /// form holds; the checkpoint is `draft train`'s format (it carries the prompts and "before").
 #[test]
 fn a_resumed_page_run_continues_to_the_uninterrupted_lora() {
+    use draft_core::train::config::Settings;
     use draft_web::{RunInputs, Session, WebOptions};
-    let options = WebOptions {
-        device: "cpu".into(),
-        method: "draft-k".into(),
-        steps: 3,
-        batch: 1,
-        lr: 0.01,
-        preview: 2,
-        eval_every: 2,
-        checkpoint_every: 2,
-        prompts: vec!["a red circle".into(), "a blue square".into()],
-        ..WebOptions::default()
-    };
+    let options = form(
+        "cpu",
+        r#"{"method": "draft-k", "steps": 3, "batch": 1, "lr": 0.01, "preview": 2,
+            "evalEvery": 2, "checkpointEvery": 2, "prompts": ["a red circle", "a blue square"]}"#,
+    );
     let run = |options: &WebOptions, inputs: RunInputs, upto: usize| {
         pollster::block_on(async {
             let s = Session::build(options, inputs).await.unwrap();
             s.start().await.unwrap();
             let mut checkpoints = Vec::new();
             while s.updates() < upto {
-                let u = s.update(upto, options.eval_every).await.unwrap();
+                let u = s.update(upto, 2).await.unwrap();
                 if let Some(c) = u.checkpoint {
                     checkpoints.push((u.metrics.step, c));
                 }
@@ -120,9 +114,12 @@ fn a_resumed_page_run_continues_to_the_uninterrupted_lora() {
     );
     // The form after a reload may hold other settings: the checkpoint's win.
     let form = WebOptions {
-        lr: 0.5,
-        method: "draft-lv".into(),
-        prompts: Vec::new(),
+        settings: Settings {
+            lr: Some(0.5),
+            method: Some("draft-lv".into()),
+            prompt: None,
+            ..options.settings.clone()
+        },
         ..options.clone()
     };
     let inputs = RunInputs {
@@ -132,9 +129,16 @@ fn a_resumed_page_run_continues_to_the_uninterrupted_lora() {
     };
     let (resumed, _, info) = run(&form, inputs, 4);
     assert_eq!(info.step, 2);
-    assert_eq!(info.options.lr, 0.01);
-    assert_eq!(info.options.method, "draft-k");
-    assert_eq!(info.options.prompts, options.prompts);
+    assert_eq!(info.options.settings.lr, Some(0.01));
+    assert_eq!(info.options.settings.method.as_deref(), Some("draft-k"));
+    assert_eq!(info.options.settings.prompt, options.settings.prompt);
+    // What the page is handed back reads back as the same options.
+    let json = serde_json::to_string(&info.options).unwrap();
+    assert!(
+        json.contains(r#""lvSamples":2"#) && json.contains(r#""trainSteps":4"#),
+        "{json}"
+    );
+    assert_eq!(WebOptions::parse(&json).unwrap(), info.options);
     assert!(
         info.before.is_some(),
         "the evaluation before training is in the checkpoint"
@@ -179,12 +183,8 @@ fn one_update_on_the_learned_aesthetic_reward() {
 #[test]
 fn inputs_over_the_adapter_limit_or_unreadable_are_refused() {
     use draft_core::reward::files::RewardSource;
-    use draft_web::{RunInputs, Session, WebOptions};
-    let options = WebOptions {
-        device: "cpu".into(),
-        rewards: vec!["laion-aesthetic=1".into()],
-        ..WebOptions::default()
-    };
+    use draft_web::{RunInputs, Session};
+    let options = form("cpu", r#"{"rewards": ["laion-aesthetic=1"]}"#);
     let build = |inputs| pollster::block_on(Session::build(&options, inputs)).err();
     // The tiny CLIP's largest tensor is far under 1 MiB: a 64 KiB limit refuses it.
     let err = build(RunInputs {
@@ -259,4 +259,147 @@ fn weights_are_f16_only_where_the_adapter_computes_in_f16() {
         draft_web::weights_dtype(&gpu) == FloatDType::F16,
         gpu.supports_dtype(FloatDType::F16)
     );
+}
+
+/// Impossible settings, each refused with these words: by the page's form (camelCase JSON), by
+/// `draft train`'s flags and by its `--config` TOML file — one list, the same text in all three.
+/// Keys are the flags' names; a value a shell cannot even parse (a negative count) is not here.
+const REFUSED: [(&str, &str); 24] = [
+    (r#"{"steps": 0}"#, "--steps must be at least 1"),
+    (
+        r#"{"steps": 20000}"#,
+        "--steps must be at most 10000, got 20000",
+    ),
+    (
+        r#"{"method": "refl", "steps": 5, "t-max": 6}"#,
+        "ReFL needs 1 ≤ t-min ≤ t-max ≤ steps (5), got 1..=6",
+    ),
+    (
+        r#"{"method": "draft-k", "steps": 3, "k": 4}"#,
+        "K must be between 1 and the number of sampling steps (3), got 4",
+    ),
+    (
+        r#"{"method": "alignprop", "k-min": 3, "k-max": 2}"#,
+        "AlignProp needs 1 ≤ k-min ≤ k-max ≤ steps (50), got 3..=2",
+    ),
+    (
+        r#"{"method": "draft-lv", "lv-samples": 0}"#,
+        "--lv-samples must be at least 1",
+    ),
+    (r#"{"rank": 0}"#, "--rank must be at least 1"),
+    (r#"{"rank": 5000}"#, "--rank must be at most 4096, got 5000"),
+    (r#"{"lr": -1}"#, "--lr must be positive, got -1"),
+    (r#"{"lr": 0}"#, "--lr must be positive, got 0"),
+    (
+        r#"{"method": "ddpo"}"#,
+        "unknown method `ddpo` (expected draft, draft-k, draft-lv, refl or alignprop)",
+    ),
+    (r#"{"reward": ["beauty"]}"#, "unknown reward `beauty`"),
+    (r#"{"batch": 0}"#, "--batch must be between 1 and"),
+    (
+        r#"{"min-diversity": 1.5}"#,
+        "--min-diversity 1.5: expected a fraction in [0, 1)",
+    ),
+    (
+        r#"{"min-diversity": 0.5, "preview": 0}"#,
+        "--min-diversity needs an evaluation set: --preview of at least 2",
+    ),
+    (
+        r#"{"optimizer": "lion"}"#,
+        "unknown optimizer \"lion\" (expected adamw or sgd)",
+    ),
+    (
+        r#"{"lora-targets": ["attn", "mlp"]}"#,
+        "unknown LoRA target `mlp`",
+    ),
+    (r#"{"eta": -0.5}"#, "--eta must be ≥ 0, got -0.5"),
+    (r#"{"alpha": 0}"#, "--alpha must be positive, got 0"),
+    (r#"{"grad-accum": 0}"#, "--grad-accum must be at least 1"),
+    (
+        r#"{"max-bad-steps": 0}"#,
+        "--max-bad-steps must be at least 1",
+    ),
+    (
+        r#"{"clip-grad-norm": 0}"#,
+        "--clip-grad-norm must be positive, got 0",
+    ),
+    (
+        r#"{"target-color": [1.5, 0, 0]}"#,
+        "--target-color 1.5,0,0: expected three numbers in [0, 1]",
+    ),
+    (r#"{"prompt-set": "birds"}"#, "unknown prompt set `birds`"),
+];
+
+#[test]
+fn the_page_and_the_cli_refuse_the_same_settings_in_the_same_words() {
+    use clap::Parser;
+    use draft_web::WebOptions;
+    let dir = std::env::temp_dir().join(format!("draft-web-refusals-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, (json, words)) in REFUSED.iter().enumerate() {
+        let settings: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(json).unwrap();
+        // The page: its form's camelCase keys.
+        let camel: serde_json::Map<String, serde_json::Value> = settings
+            .iter()
+            .map(|(k, v)| {
+                let mut key = String::new();
+                let mut upper = false;
+                for c in if k == "reward" { "rewards" } else { k }.chars() {
+                    match c {
+                        '-' => upper = true,
+                        c if upper => {
+                            key.extend(c.to_uppercase());
+                            upper = false;
+                        }
+                        c => key.push(c),
+                    }
+                }
+                (key, v.clone())
+            })
+            .collect();
+        let page = WebOptions::parse(&serde_json::Value::Object(camel).to_string())
+            .and_then(|o| o.resolve(true, None))
+            .expect_err(json);
+        // `draft train`'s flags: `--key=value`, lists repeated (`--lora-targets` comma-separated).
+        let mut args = vec!["draft".to_string(), "train".to_string()];
+        for (k, v) in &settings {
+            let text = |v: &serde_json::Value| match v {
+                serde_json::Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            match v {
+                serde_json::Value::Array(items) if k == "lora-targets" || k == "target-color" => {
+                    let joined: Vec<String> = items.iter().map(text).collect();
+                    args.push(format!("--{k}={}", joined.join(",")));
+                }
+                serde_json::Value::Array(items) => {
+                    args.extend(items.iter().map(|x| format!("--{k}={}", text(x))));
+                }
+                v => args.push(format!("--{k}={}", text(v))),
+            }
+        }
+        let draft_cli::Command::Train(flags) = draft_cli::Cli::try_parse_from(&args)
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+            .command
+        else {
+            unreachable!()
+        };
+        let cli = format!("{:#}", flags.check().expect_err(json));
+        // Its `--config` file: the same keys (JSON values are TOML values here).
+        let path = dir.join(format!("bad-{i}.toml"));
+        let toml: String = settings
+            .iter()
+            .map(|(k, v)| format!("{k} = {v}\n"))
+            .collect();
+        std::fs::write(&path, toml).unwrap();
+        let file = format!(
+            "{:#}",
+            draft_cli::train::TrainArgs::check_file(&path).expect_err(json)
+        );
+        assert!(page.starts_with(words), "{json}: page: {page}");
+        assert_eq!(cli, page, "{json}: flags");
+        assert_eq!(file, format!("{}: {page}", path.display()), "{json}: file");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

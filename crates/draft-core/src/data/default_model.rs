@@ -16,6 +16,15 @@ pub const TRAIN_STEPS: usize = 50;
 pub const EVAL_EVERY: usize = 25;
 /// The built-in prompt set the embedded model is trained on.
 pub const PROMPT_SET: &str = "shapes";
+/// The same, as the defaults layer of `train::config::resolve` (fresh runs of the embedded
+/// model, in the CLI and the page).
+pub const TRAIN_DEFAULTS: crate::train::config::ModelDefaults =
+    crate::train::config::ModelDefaults {
+        lr: TRAIN_LR,
+        train_steps: TRAIN_STEPS,
+        eval_every: EVAL_EVERY,
+        prompt_set: PROMPT_SET,
+    };
 
 macro_rules! embedded {
     ($($path:literal),* $(,)?) => {

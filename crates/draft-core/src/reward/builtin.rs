@@ -166,7 +166,7 @@ pub fn check_specs(specs: &[String]) -> Result<()> {
 }
 
 /// Options of the built-in rewards.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RewardOptions {
     /// The colour `target-color` pulls towards, RGB in [0, 1].
     pub target_color: [f32; 3],

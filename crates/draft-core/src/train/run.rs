@@ -3,42 +3,12 @@
 //! (`draft train`) writes what [`Run::update`] hands back to files; the browser page shows it.
 //! Same settings, same numbers, in both.
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::train::trainer::{EvalSummary, FixedEval, StepMetrics, Trainer};
 
-/// When to evaluate, checkpoint and stop.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RunPolicy {
-    /// Images in the fixed evaluation set (rounded up to even; 0: no evaluation at all).
-    pub eval_images: usize,
-    /// Evaluate every this many updates and after the last (0: only before and after).
-    pub eval_every: usize,
-    /// Hand back a checkpoint every this many updates, after the last and on an early stop
-    /// (0: never).
-    pub checkpoint_every: usize,
-    /// Stop as soon as the evaluation set's diversity falls below this fraction of its value
-    /// before training (the reward hacking of the DRaFT paper: every seed collapsing to one
-    /// image).
-    pub min_diversity: Option<f64>,
-}
+pub use crate::train::config::RunPolicy;
 
 impl RunPolicy {
-    pub fn validate(&self) -> Result<()> {
-        if let Some(f) = self.min_diversity {
-            if !(0.0..1.0).contains(&f) {
-                return Err(Error::Input(format!(
-                    "--min-diversity {f}: expected a fraction in [0, 1)"
-                )));
-            }
-            if self.eval_images < 2 {
-                return Err(Error::Input(
-                    "--min-diversity needs an evaluation set: --preview of at least 2".into(),
-                ));
-            }
-        }
-        Ok(())
-    }
-
     /// The evaluation set's size as [`Trainer::evaluate_fixed`] samples it.
     pub fn eval_set(&self) -> usize {
         if self.eval_images == 0 {

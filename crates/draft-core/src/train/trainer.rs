@@ -17,79 +17,7 @@ use crate::reward::builtin::WeightedReward;
 use crate::train::config::{OptimizerName, TrainConfig};
 use crate::train::engine::{Draws, Engine, Method, Prompts};
 use crate::train::optim::{OptimState, Optimizer, clip_coefficient, global_norm};
-
-/// The 45 simple animal prompts of DDPO (Black et al. 2023), used by DRaFT.
-pub const ANIMALS: [&str; 45] = [
-    "cat",
-    "dog",
-    "horse",
-    "monkey",
-    "rabbit",
-    "zebra",
-    "spider",
-    "bird",
-    "sheep",
-    "deer",
-    "cow",
-    "goat",
-    "lion",
-    "tiger",
-    "bear",
-    "raccoon",
-    "fox",
-    "wolf",
-    "lizard",
-    "beetle",
-    "ant",
-    "butterfly",
-    "fish",
-    "shark",
-    "whale",
-    "dolphin",
-    "squirrel",
-    "mouse",
-    "rat",
-    "snake",
-    "turtle",
-    "frog",
-    "chicken",
-    "duck",
-    "goose",
-    "bee",
-    "pig",
-    "turkey",
-    "fly",
-    "llama",
-    "camel",
-    "bat",
-    "gorilla",
-    "hedgehog",
-    "kangaroo",
-];
-
-/// Captions of the embedded shapes model (every shape and colour, none of the pairs its
-/// pretraining held out).
-pub const SHAPES: [&str; 8] = [
-    "a large red circle on a white background",
-    "a small blue square on a yellow background",
-    "a large yellow triangle on a purple background",
-    "a small purple circle on a black background",
-    "a large green square on a white background",
-    "a small white triangle on a red background",
-    "a large black circle on a green background",
-    "a small red square on a blue background",
-];
-
-/// A built-in prompt set by name.
-pub fn prompt_set(name: &str) -> Result<Vec<String>> {
-    match name {
-        "animals" => Ok(ANIMALS.iter().map(|s| s.to_string()).collect()),
-        "shapes" => Ok(SHAPES.iter().map(|s| s.to_string()).collect()),
-        other => Err(Error::Input(format!(
-            "unknown prompt set `{other}` (built-in: animals, shapes)"
-        ))),
-    }
-}
+pub use crate::train::prompts::{ANIMALS, SHAPES, prompt_set};
 
 /// What one training step reports (a line of `metrics.jsonl`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -570,12 +498,22 @@ impl Trainer {
         a["train_steps"] = 0.into();
         b["train_steps"] = 0.into();
         if a != b {
-            let differ: Vec<String> = a
-                .as_object()
+            // Keys of both (a method's parameters are present with that method only).
+            let keys: std::collections::BTreeSet<&String> = [&a, &b]
                 .into_iter()
-                .flatten()
-                .filter(|(k, v)| b.get(k.as_str()) != Some(*v))
-                .map(|(k, v)| format!("{k} {v} (this run: {})", b[k.as_str()]))
+                .filter_map(|v| v.as_object())
+                .flat_map(|o| o.keys())
+                .collect();
+            let differ: Vec<String> = keys
+                .into_iter()
+                .filter(|k| a.get(k.as_str()) != b.get(k.as_str()))
+                .map(|k| {
+                    let show = |v: &serde_json::Value| match v.get(k.as_str()) {
+                        Some(x) => x.to_string(),
+                        None => "none".into(),
+                    };
+                    format!("{k} {} (this run: {})", show(&a), show(&b))
+                })
                 .collect();
             return Err(Error::Input(format!(
                 "{name} was written by a run with other settings: {}; resume with the checkpoint's settings (leave those flags out)",

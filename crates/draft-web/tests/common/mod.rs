@@ -114,15 +114,10 @@ pub struct Update {
 /// Small enough for SwiftShader (a CPU emulation of a GPU, ~5 s per UNet call here): 4 DDIM
 /// steps, one image per batch, an evaluation set of two.
 pub async fn draft_k_update(device: &str) -> Update {
-    let options = WebOptions {
-        device: device.into(),
-        method: "draft-k".into(),
-        k: 1,
-        steps: 4,
-        batch: 1,
-        lr: 0.01,
-        ..WebOptions::default()
-    };
+    let options = form(
+        device,
+        r#"{"method": "draft-k", "k": 1, "steps": 4, "batch": 1, "lr": 0.01}"#,
+    );
     update_of(&options, RunInputs::default()).await
 }
 
@@ -159,21 +154,24 @@ pub const AESTHETIC_NATIVE: [f32; 2] = [-0.421_916, -0.421_372];
 
 /// One DRaFT-K update of the embedded model on the LAION aesthetic reward (tiny CLIP).
 pub async fn aesthetic_update(device: &str) -> Update {
-    let options = WebOptions {
-        device: device.into(),
-        method: "draft-k".into(),
-        rewards: vec!["laion-aesthetic=1".into()],
-        k: 1,
-        steps: 4,
-        batch: 1,
-        lr: 0.01,
-        ..WebOptions::default()
-    };
+    let options = form(
+        device,
+        r#"{"method": "draft-k", "rewards": ["laion-aesthetic=1"], "k": 1, "steps": 4,
+            "batch": 1, "lr": 0.01}"#,
+    );
     let inputs = RunInputs {
         rewards: aesthetic_sources(),
         ..RunInputs::default()
     };
     update_of(&options, inputs).await
+}
+
+/// The page's options: `json` (the form's keys) on `device`.
+pub fn form(device: &str, json: &str) -> WebOptions {
+    WebOptions {
+        device: device.into(),
+        ..WebOptions::parse(json).unwrap()
+    }
 }
 
 #[allow(clippy::await_holding_refcell_ref)]
