@@ -15,8 +15,10 @@ use draft_core::reward::builtin::{self, RewardOptions, WeightedReward};
 use draft_core::train::engine::{Draws, Engine, Method, Prompts};
 
 /// The bounds on the LoRA gradients against PyTorch, per device: `(global ‖Δg‖/‖g‖ over all
-/// LoRA parameters, the worst single tensor's max|Δ|/max|g|)`, about 10× what is measured
-/// (docs/parity.md): CPU ≤ 8.3e-6 global, ≤ 3.1e-5 worst tensor; wgpu (lavapipe) WGPU_MEASURED.
+/// LoRA parameters, the worst single tensor's max|Δ|/max|g|)`. Measured 2026-12-07: CPU ≤ 7.7e-6
+/// global, ≤ 3.1e-5 worst tensor, bounded at about 10× that; wgpu on lavapipe ≤ 4.2e-4 global,
+/// ≤ 1.1e-3 worst tensor (its backward kernels sum in other orders; docs/parity.md), bounded at
+/// 2.4× / 4.5× that (10× would be looser than the bounds it always had).
 fn grad_tol(dev_name: &str) -> (f32, f32) {
     match dev_name {
         "cpu" => (1e-4, 3e-4),
