@@ -97,7 +97,8 @@ pub struct LoraEntry {
     pub adapters: Vec<Adapter>,
     /// The layer's weight with the adapters folded in ([`LoraSlot::merged_linear`]), each
     /// with the state of the table it was made for. Only states that are in force or come
-    /// back when scopes end are kept.
+    /// back when scopes end are kept: a scope with autodiff leaves folds nothing, so there is
+    /// one copy; a scoped scale (the slider's evaluation) holds a second one while it lasts.
     merged: Vec<(StateKey, Tensor<2>)>,
 }
 
