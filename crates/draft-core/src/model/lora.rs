@@ -8,10 +8,14 @@
 //! the CPU ([`LoraSlot::merged_linear`]); with gradient, and on GPUs, the adapters run apart.
 //!
 //! The adapters live in a [`LoraTable`] shared by every adapted layer of a pipeline. Layers
-//! hold a slot index into it, so the trainer swaps all adapters at once (plain tensors for a
-//! pass without gradient, autodiff leaves for a pass with gradient) without walking the model.
-//! Which layers get a slot is decided at load time by a [`LoraPlan`] carried by the
-//! [`VarBuilder`](crate::model::var_builder::VarBuilder).
+//! hold a slot index into it, so the trainer changes all adapters at once without walking the
+//! model. A change is either permanent (an optimiser step, a checkpoint restored:
+//! [`LoraTable::set_params`]) or scoped: [`LoraTable::scoped_params`] (autodiff leaves for a
+//! pass with gradient) and [`LoraTable::scoped_trainable_scale`] (the slider's evaluation)
+//! return a [`LoraScope`] that takes the change back when it is dropped — at the end of the
+//! block, on an early return, a panic, or a future dropped at an await — whatever the order in
+//! which scopes end. Which layers get a slot is decided at load time by a [`LoraPlan`] carried
+//! by the [`VarBuilder`](crate::model::var_builder::VarBuilder).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -88,15 +92,119 @@ pub struct Adapter {
 pub struct LoraEntry {
     pub key: String,
     pub kind: LoraKind,
+    /// In the table: the permanent adapters, under the scoped changes in force; from
+    /// [`LoraTable::entries`]: the adapters as the layer sees them.
     pub adapters: Vec<Adapter>,
-    /// The layer's weight with the adapters folded in ([`LoraSlot::merged_linear`]), made
-    /// for the adapters as they are: every change to the table drops it.
-    merged: Option<Tensor<2>>,
+    /// The layer's weight with the adapters folded in ([`LoraSlot::merged_linear`]), each
+    /// with the state of the table it was made for. Only states that are in force or come
+    /// back when scopes end are kept: a scope with autodiff leaves folds nothing, so there is
+    /// one copy; a scoped scale (the slider's evaluation) holds a second one while it lasts.
+    merged: Vec<(StateKey, Tensor<2>)>,
 }
 
 /// The adapters of every adapted layer of a pipeline, shared by those layers.
 #[derive(Debug, Clone, Default)]
-pub struct LoraTable(Arc<Mutex<Vec<LoraEntry>>>);
+pub struct LoraTable(Arc<Mutex<Inner>>);
+
+#[derive(Debug, Default)]
+struct Inner {
+    entries: Vec<LoraEntry>,
+    /// The scoped changes in force, oldest first, each with its scope's token; applied in
+    /// this order on top of the permanent adapters.
+    scopes: Vec<(u64, Change)>,
+    /// The permanent state's id: a new one at every permanent change.
+    version: u64,
+    /// Where versions and tokens come from (never reused).
+    next_id: u64,
+}
+
+/// What the layers see: a permanent state and the scoped changes on top of it, in order. A
+/// scope's change never changes, so equal keys mean equal adapters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct StateKey {
+    version: u64,
+    scopes: Vec<u64>,
+}
+
+/// A scoped change of the trainable (first) adapter of every layer.
+#[derive(Debug)]
+enum Change {
+    /// `A` and `B` by entry index (`None` for an entry without an adapter).
+    Params(Vec<Option<(Tensor<2>, Tensor<2>)>>),
+    Scale(f64),
+}
+
+impl Inner {
+    fn fresh_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn key(&self) -> StateKey {
+        StateKey {
+            version: self.version,
+            scopes: self.scopes.iter().map(|(token, _)| *token).collect(),
+        }
+    }
+
+    /// The entries, to change them permanently: a new version, and the merged weights made
+    /// for the earlier ones dropped (no state of theirs can come back).
+    fn entries_mut(&mut self) -> &mut Vec<LoraEntry> {
+        self.version = self.fresh_id();
+        self.entries.iter_mut().for_each(|e| e.merged.clear());
+        &mut self.entries
+    }
+
+    /// Entry `index`'s adapters as the layers see them: the scoped changes applied in order.
+    fn adapters(&self, index: usize) -> Vec<Adapter> {
+        let mut adapters = self.entries[index].adapters.clone();
+        if let Some(first) = adapters.first_mut() {
+            for (_, change) in &self.scopes {
+                match change {
+                    Change::Params(params) => {
+                        if let Some(Some((a, b))) = params.get(index) {
+                            first.a = a.clone();
+                            first.b = b.clone();
+                        }
+                    }
+                    Change::Scale(scale) => first.scale = *scale,
+                }
+            }
+        }
+        adapters
+    }
+
+    fn begin_scope(&mut self, change: Change) -> u64 {
+        let token = self.fresh_id();
+        self.scopes.push((token, change));
+        token
+    }
+
+    /// Takes scope `token`'s change back; the merged weights made while it was in force go
+    /// (no state with it can come back).
+    fn end_scope(&mut self, token: u64) {
+        self.scopes.retain(|(t, _)| *t != token);
+        for e in &mut self.entries {
+            e.merged.retain(|(key, _)| !key.scopes.contains(&token));
+        }
+    }
+}
+
+/// A scoped change of a [`LoraTable`] ([`LoraTable::scoped_params`],
+/// [`LoraTable::scoped_trainable_scale`]): in force until this is dropped, however that
+/// happens. Scopes may nest and end in any order; each takes back its own change only.
+#[must_use = "the change lasts as long as the scope: bind it (`let _scope = …`)"]
+#[derive(Debug)]
+pub struct LoraScope<'t> {
+    table: &'t LoraTable,
+    token: u64,
+}
+
+impl Drop for LoraScope<'_> {
+    fn drop(&mut self) {
+        self.table.lock().end_scope(self.token);
+    }
+}
 
 /// A layer's handle into the [`LoraTable`].
 #[derive(Debug, Clone)]
@@ -109,7 +217,7 @@ impl LoraSlot {
     /// The adapters, in `dtype` (the layer input's: f32 LoRA weights run in f16 with
     /// activations in f16, as peft runs them in a float16 pipeline).
     fn adapters(&self, dtype: burn::tensor::DType) -> Vec<Adapter> {
-        let mut adapters = self.table.lock()[self.index].adapters.clone();
+        let mut adapters = self.table.lock().adapters(self.index);
         for ad in &mut adapters {
             ad.a = crate::tensor::in_dtype(ad.a.clone(), dtype);
             ad.b = crate::tensor::in_dtype(ad.b.clone(), dtype);
@@ -121,7 +229,8 @@ impl LoraSlot {
     /// that no gradient flows through on the CPU: the layer then runs as one matrix product,
     /// where the adapters' two thin products and the sum into the output cost sd1-tiny's
     /// sampling ~4% (docs/benchmarks.md). Made once for the adapters as they are (a training
-    /// step's whole sampling chain) and kept in the table until they change; `None` where the
+    /// step's whole sampling chain) and kept in the table for that state of the table — across
+    /// the scopes that change it for a while ([`LoraScope`]) — until a permanent change; `None` where the
     /// adapters run apart: a pass with gradient (x or an adapter tracked), another dtype than
     /// f32, or a GPU, whose memory the merged copies would take.
     pub fn merged_linear<const D: usize>(&self, w: &Tensor<2>, x: &Tensor<D>) -> Option<Tensor<2>> {
@@ -162,17 +271,22 @@ impl LoraSlot {
         if x_tracked || !on_cpu || w_dtype != DType::F32 {
             return None;
         }
-        let mut entries = self.table.lock();
-        let e = &mut entries[self.index];
-        if let Some(m) = &e.merged {
+        let mut inner = self.table.lock();
+        let key = inner.key();
+        if let Some((_, m)) = inner.entries[self.index]
+            .merged
+            .iter()
+            .find(|(k, _)| *k == key)
+        {
             return Some(m.clone());
         }
+        let adapters = inner.adapters(self.index);
         let plain = |t: &Tensor<2>| !t.is_tracked() && t.dtype() == DType::F32;
-        if e.adapters.is_empty() || !e.adapters.iter().all(|ad| plain(&ad.a) && plain(&ad.b)) {
+        if adapters.is_empty() || !adapters.iter().all(|ad| plain(&ad.a) && plain(&ad.b)) {
             return None;
         }
-        let m = merge(&e.adapters);
-        e.merged = Some(m.clone());
+        let m = merge(&adapters);
+        inner.entries[self.index].merged.push((key, m.clone()));
         Some(m)
     }
 
@@ -198,7 +312,7 @@ impl LoraSlot {
     /// dtype (convolutions in f16 accumulate in f16 on some of Burn's kernels:
     /// [`crate::ops::stored_weight`]) and added in y's.
     pub fn conv(&self, x: &Tensor<4>, mut y: Tensor<4>, options: &ConvOptions<2>) -> Tensor<4> {
-        let kind = self.table.lock()[self.index].kind;
+        let kind = self.table.lock().entries[self.index].kind;
         let LoraKind::Conv { c_in, kernel, .. } = kind else {
             return y;
         };
@@ -524,45 +638,49 @@ impl LoraTable {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<LoraEntry>> {
-        // A panic while holding the lock leaves plain data behind: keep going with it.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind (no change is made in
+        // several locked steps): keep going with it.
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The entries, to change them: the merged weights made for the adapters as they were
-    /// are dropped.
-    fn lock_mut(&self) -> MutexGuard<'_, Vec<LoraEntry>> {
-        let mut entries = self.lock();
-        entries.iter_mut().for_each(|e| e.merged = None);
-        entries
-    }
-
     fn register(&self, key: String, kind: LoraKind) -> usize {
-        let mut entries = self.lock_mut();
+        let mut inner = self.lock();
+        let entries = inner.entries_mut();
         entries.push(LoraEntry {
             key,
             kind,
             adapters: Vec::new(),
-            merged: None,
+            merged: Vec::new(),
         });
         entries.len() - 1
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.lock().entries.is_empty()
     }
 
+    /// The entries with their adapters as the layers see them (the scopes in force applied).
     pub fn entries(&self) -> Vec<LoraEntry> {
-        self.lock().clone()
+        let inner = self.lock();
+        (0..inner.entries.len())
+            .map(|i| LoraEntry {
+                key: inner.entries[i].key.clone(),
+                kind: inner.entries[i].kind,
+                adapters: inner.adapters(i),
+                merged: Vec::new(),
+            })
+            .collect()
     }
 
     /// Number of LoRA parameters of the first (trainable) adapter of every layer.
     pub fn num_params(&self) -> usize {
         self.lock()
+            .entries
             .iter()
             .filter_map(|e| e.adapters.first())
             .map(|a| a.a.dims().iter().product::<usize>() + a.b.dims().iter().product::<usize>())
@@ -573,8 +691,8 @@ impl LoraTable {
     /// (bound 1/√fan_in), `B` zero, so training starts from the base model.
     pub fn init_trainable(&self, rank: usize, alpha: f64, seed: u64, device: &Device) {
         let mut rng = rand_uniform(seed);
-        let mut entries = self.lock_mut();
-        for e in entries.iter_mut() {
+        let mut inner = self.lock();
+        for e in inner.entries_mut().iter_mut() {
             let fan_in = e.kind.fan_in();
             let bound = 1.0 / (fan_in as f64).sqrt();
             let a: Vec<f32> = (0..rank * fan_in)
@@ -594,7 +712,8 @@ impl LoraTable {
     /// the scale; it is divided by `alpha / rank` so that training goes on in peft's
     /// parameterisation). Layers the file does not name keep their fresh adapter.
     pub fn load_trainable(&self, file: &LoraFile, alpha: f64, device: &Device) -> Result<()> {
-        let mut entries = self.lock_mut();
+        let mut inner = self.lock();
+        let entries = inner.entries_mut();
         let mut matched = 0;
         for e in entries.iter_mut() {
             let Some(LoraModule {
@@ -648,7 +767,8 @@ impl LoraTable {
     /// Adds `file` at `scale` (on top of the file's own folded scale) as one more adapter of
     /// every layer it names: inference-time scaling and mixing.
     pub fn add_file(&self, file: &LoraFile, scale: f64, device: &Device) -> Result<()> {
-        let mut entries = self.lock_mut();
+        let mut inner = self.lock();
+        let entries = inner.entries_mut();
         let index: BTreeMap<String, usize> = entries
             .iter()
             .enumerate()
@@ -683,39 +803,80 @@ impl LoraTable {
         Ok(())
     }
 
-    /// Sets the scale of every layer's trainable (first) adapter (`alpha / rank` in training).
+    /// Sets the scale of every layer's trainable (first) adapter for good (`alpha / rank` in
+    /// training; [`scoped_trainable_scale`](Self::scoped_trainable_scale) for a while).
     pub fn set_trainable_scale(&self, scale: f64) {
-        for e in self.lock_mut().iter_mut() {
+        for e in self.lock().entries_mut().iter_mut() {
             if let Some(ad) = e.adapters.first_mut() {
                 ad.scale = scale;
             }
         }
     }
 
-    /// The trainable parameters `[A₀, B₀, A₁, B₁, …]` (first adapter of every layer).
+    /// The scale of every layer's trainable adapter set to `scale` until the returned scope is
+    /// dropped (the base-to-trained slider's evaluation).
+    pub fn scoped_trainable_scale(&self, scale: f64) -> LoraScope<'_> {
+        let token = self.lock().begin_scope(Change::Scale(scale));
+        LoraScope { table: self, token }
+    }
+
+    /// The trainable parameters `[A₀, B₀, A₁, B₁, …]` (first adapter of every layer), as the
+    /// layers see them.
     pub fn params(&self) -> Vec<Tensor<2>> {
-        self.lock()
-            .iter()
-            .filter_map(|e| e.adapters.first())
-            .flat_map(|ad| [ad.a.clone(), ad.b.clone()])
+        let inner = self.lock();
+        (0..inner.entries.len())
+            .filter_map(|i| inner.adapters(i).into_iter().next())
+            .flat_map(|ad| [ad.a, ad.b])
             .collect()
     }
 
-    /// Replaces the trainable parameters (same order as [`params`](Self::params)).
+    /// `params` ([`params`](Self::params) order) by entry index; panics on a list of another
+    /// length (the caller's bug: lists come from [`params`](Self::params) or
+    /// [`param_names`](Self::param_names)).
+    fn by_entry(
+        entries: &[LoraEntry],
+        params: &[Tensor<2>],
+    ) -> Vec<Option<(Tensor<2>, Tensor<2>)>> {
+        let mut it = params.iter().cloned();
+        let out = entries
+            .iter()
+            .map(|e| {
+                e.adapters.first().map(|_| {
+                    let a = it.next().expect("one A per adapter");
+                    (a, it.next().expect("one B per adapter"))
+                })
+            })
+            .collect();
+        assert!(it.next().is_none(), "more LoRA parameters than adapters");
+        out
+    }
+
+    /// Replaces the trainable parameters for good (same order as [`params`](Self::params)):
+    /// an optimiser step, a checkpoint restored. For a pass with other parameters, see
+    /// [`scoped_params`](Self::scoped_params).
     pub fn set_params(&self, params: &[Tensor<2>]) {
-        let mut entries = self.lock_mut();
-        let mut it = params.iter();
-        for e in entries.iter_mut() {
-            if let Some(ad) = e.adapters.first_mut() {
-                ad.a = it.next().expect("one A per adapter").clone();
-                ad.b = it.next().expect("one B per adapter").clone();
+        let mut inner = self.lock();
+        let by_entry = Self::by_entry(&inner.entries, params);
+        for (e, p) in inner.entries_mut().iter_mut().zip(by_entry) {
+            if let (Some(ad), Some((a, b))) = (e.adapters.first_mut(), p) {
+                (ad.a, ad.b) = (a, b);
             }
         }
+    }
+
+    /// The trainable parameters replaced by `params` (same order as [`params`](Self::params);
+    /// autodiff leaves for a pass with gradient) until the returned scope is dropped.
+    pub fn scoped_params(&self, params: &[Tensor<2>]) -> LoraScope<'_> {
+        let mut inner = self.lock();
+        let change = Change::Params(Self::by_entry(&inner.entries, params));
+        let token = inner.begin_scope(change);
+        LoraScope { table: self, token }
     }
 
     /// Parameter names in [`params`](Self::params) order: `<key>.lora_A.weight`, ….
     pub fn param_names(&self) -> Vec<String> {
         self.lock()
+            .entries
             .iter()
             .filter(|e| !e.adapters.is_empty())
             .flat_map(|e| {
@@ -841,18 +1002,13 @@ mod tests {
         (a - b).abs().max().into_scalar::<f32>()
     }
 
-    /// Without gradient on the CPU the adapters run folded into the weight; with gradient,
-    /// apart. The two agree, and keep agreeing after the adapters and their scale change (a
-    /// folded weight kept past a change of the table would not).
-    #[test]
-    fn folded_adapters_follow_the_table() {
-        let device = Device::flex();
-        let table = LoraTable::new();
-        let plan = LoraPlan::targets(&table, "unet", &[LoraTarget::Attn, LoraTarget::Conv]);
+    /// A `Linear` and a `Conv2d` layer adapted through `table` (attn and conv targets).
+    fn layers(table: &LoraTable, device: &Device) -> (Linear, Conv2d) {
+        let plan = LoraPlan::targets(table, "unet", &[LoraTarget::Attn, LoraTarget::Conv]);
         let (d_in, d_out) = (6, 5);
         let linear = Linear {
-            weight: param(NoiseRng::new(1).randn([d_out, d_in], &device).transpose()),
-            bias: Some(param(NoiseRng::new(2).randn([d_out], &device))),
+            weight: param(NoiseRng::new(1).randn([d_out, d_in], device).transpose()),
+            bias: Some(param(NoiseRng::new(2).randn([d_out], device))),
             lora: plan.slot(
                 "mid_block.attentions.0.transformer_blocks.0.attn1.to_q",
                 LoraKind::Linear { d_in, d_out },
@@ -860,8 +1016,8 @@ mod tests {
         };
         let (c_in, c_out) = (3, 4);
         let conv = Conv2d {
-            weight: param(NoiseRng::new(3).randn([c_out, c_in, 3, 3], &device)),
-            bias: Some(param(NoiseRng::new(4).randn([c_out], &device))),
+            weight: param(NoiseRng::new(3).randn([c_out, c_in, 3, 3], device)),
+            bias: Some(param(NoiseRng::new(4).randn([c_out], device))),
             stride: 1,
             pad_begin: 1,
             pad_end: 1,
@@ -877,9 +1033,20 @@ mod tests {
             ),
         };
         assert!(linear.lora.is_some() && conv.lora.is_some());
+        (linear, conv)
+    }
+
+    /// Without gradient on the CPU the adapters run folded into the weight; with gradient,
+    /// apart. The two agree, and keep agreeing after the adapters and their scale change (a
+    /// folded weight kept past a change of the table would not).
+    #[test]
+    fn folded_adapters_follow_the_table() {
+        let device = Device::flex();
+        let table = LoraTable::new();
+        let (linear, conv) = layers(&table, &device);
         table.init_trainable(2, 4.0, 7, &device);
-        let x = NoiseRng::new(5).randn([2, 7, d_in], &device);
-        let image = NoiseRng::new(6).randn([2, c_in, 5, 6], &device);
+        let x = NoiseRng::new(5).randn([2, 7, 6], &device);
+        let image = NoiseRng::new(6).randn([2, 3, 5, 6], &device);
         let tracked = |t: &Tensor<3>| t.clone().autodiff().require_grad();
         let tracked4 = |t: &Tensor<4>| t.clone().autodiff().require_grad();
         for seed in [10, 20] {
@@ -900,5 +1067,151 @@ mod tests {
                 assert!(max_diff(folded, base + bias) > 1e-2);
             }
         }
+    }
+
+    fn bits<const D: usize>(t: Tensor<D>) -> Vec<u32> {
+        let t = t.inner();
+        t.into_data()
+            .try_to_vec::<f32>()
+            .expect("f32")
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    fn param_bits(table: &LoraTable) -> Vec<Vec<u32>> {
+        table.params().into_iter().map(bits).collect()
+    }
+
+    fn scales(table: &LoraTable) -> Vec<f64> {
+        table
+            .entries()
+            .iter()
+            .map(|e| e.adapters[0].scale)
+            .collect()
+    }
+
+    /// The states of the table each layer holds a folded weight for.
+    fn merged_keys(table: &LoraTable) -> Vec<Vec<StateKey>> {
+        let inner = table.lock();
+        inner
+            .entries
+            .iter()
+            .map(|e| e.merged.iter().map(|(k, _)| k.clone()).collect())
+            .collect()
+    }
+
+    /// A scope takes its change back however it ends — a panic inside it, a future dropped at
+    /// an await, scopes ended out of order — and only its own change. The weights folded for
+    /// the permanent adapters outlive a scope (not rebuilt after it); those folded inside it
+    /// go with it, and a permanent change drops every folded weight: none is ever stale.
+    #[test]
+    fn scopes_take_their_change_back() {
+        let device = Device::flex();
+        let table = LoraTable::new();
+        let (linear, conv) = layers(&table, &device);
+        table.init_trainable(2, 4.0, 7, &device);
+        randomise(&table, 10, &device);
+        let x = NoiseRng::new(5).randn([2, 7, 6], &device);
+        let image = NoiseRng::new(6).randn([2, 3, 5, 6], &device);
+        let tracked = |t: &Tensor<3>| t.clone().autodiff().require_grad();
+        // Folded (cached per state) and apart (from the adapters in force) agree.
+        let check = |what: &str| {
+            let folded = linear.forward(x.clone());
+            let d = max_diff(folded.clone(), linear.forward(tracked(&x)));
+            assert!(d < 1e-5, "{what}: linear {d}");
+            let image_tracked = image.clone().autodiff().require_grad();
+            let d = max_diff(conv.forward(image.clone()), conv.forward(image_tracked));
+            assert!(d < 1e-5, "{what}: conv {d}");
+            folded
+        };
+
+        let params = param_bits(&table);
+        let scale = scales(&table);
+        let plain = bits(check("before"));
+        let permanent = table.lock().key();
+        assert_eq!(merged_keys(&table), vec![vec![permanent.clone()]; 2]);
+        let others: Vec<Tensor<2>> = table
+            .params()
+            .iter()
+            .enumerate()
+            .map(|(i, p)| NoiseRng::new(40 + i as u64).randn(p.dims(), &device) * 0.3)
+            .collect();
+        let leaves: Vec<Tensor<2>> = others
+            .iter()
+            .map(|p| p.clone().autodiff().require_grad())
+            .collect();
+        let unchanged = |what: &str| {
+            assert_eq!(param_bits(&table), params, "{what}: parameters");
+            assert_eq!(scales(&table), scale, "{what}: scale");
+            assert!(table.lock().scopes.is_empty(), "{what}: scopes left");
+            // The weights folded for the permanent adapters are still there and still right.
+            assert_eq!(table.lock().key(), permanent);
+            assert_eq!(
+                merged_keys(&table),
+                vec![vec![permanent.clone()]; 2],
+                "{what}"
+            );
+            assert_eq!(bits(check(what)), plain, "{what}: output");
+        };
+
+        // A panic inside a scope (leaves in, as for a recorded step; plain, folded, too).
+        for params in [&leaves, &others] {
+            let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _scope = table.scoped_params(params);
+                assert_ne!(bits(check("scoped")), plain);
+                panic!("half-way through a step");
+            }));
+            assert!(failed.is_err());
+            unchanged("after a panic in scoped_params");
+        }
+        let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _scope = table.scoped_trainable_scale(0.5);
+            assert_eq!(scales(&table), vec![0.5; 2]);
+            check("scaled");
+            panic!("half-way through an evaluation");
+        }));
+        assert!(failed.is_err());
+        unchanged("after a panic in scoped_trainable_scale");
+
+        // A future dropped while it waits, holding a scope.
+        let mut evaluation = Box::pin(async {
+            let _scope = table.scoped_trainable_scale(3.0);
+            std::future::pending::<()>().await;
+        });
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(evaluation.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(scales(&table), vec![3.0; 2]);
+        check("while the future waits");
+        drop(evaluation);
+        unchanged("after a dropped future");
+
+        // Scopes ended out of order: each takes back its own change only.
+        let scaled = table.scoped_trainable_scale(0.5);
+        let swapped = table.scoped_params(&others);
+        let both = bits(check("both scopes"));
+        drop(scaled);
+        assert_eq!(scales(&table), scale);
+        let others_bits: Vec<Vec<u32>> = others.iter().cloned().map(bits).collect();
+        assert_eq!(param_bits(&table), others_bits);
+        assert_ne!(bits(check("the params scope alone")), both);
+        drop(swapped);
+        unchanged("after scopes ended out of order");
+
+        // A permanent change inside a scope lies under it, and drops every folded weight.
+        let swapped = table.scoped_params(&others);
+        check("scoped");
+        table.set_params(&leaves.iter().map(|l| l.clone().inner()).collect::<Vec<_>>());
+        assert_eq!(param_bits(&table), others_bits);
+        check("scoped over a new permanent state");
+        drop(swapped);
+        assert_eq!(
+            param_bits(&table),
+            others_bits,
+            "set for good under the scope"
+        );
+        assert!(merged_keys(&table).iter().all(|m| m.is_empty()));
+        check("after");
+        assert_eq!(merged_keys(&table), vec![vec![table.lock().key()]; 2]);
     }
 }

@@ -9,9 +9,13 @@
 //! (accumulated) and `g_i`, the gradient with respect to the step's input. Peak memory is one
 //! step's activations plus the stored latents, whatever the number of steps back-propagated.
 //!
-//! The LoRA weights enter as autodiff leaves swapped into the pipeline's [`LoraTable`] for the
-//! differentiable recomputations and as plain tensors for everything else; the base weights are
-//! plain tensors, constants to autodiff.
+//! The LoRA weights enter as autodiff leaves scoped into the pipeline's [`LoraTable`] for the
+//! differentiable recomputations ([`LoraTable::scoped_params`]: taken back when the pass ends,
+//! however it ends) and as plain tensors for everything else; the base weights are plain
+//! tensors, constants to autodiff.
+//!
+//! [`LoraTable`]: crate::model::lora::LoraTable
+//! [`LoraTable::scoped_params`]: crate::model::lora::LoraTable::scoped_params
 
 use burn::prelude::*;
 
@@ -86,6 +90,8 @@ pub struct Evaluation {
     /// The reward of every image (for DRaFT-LV: averaged over the `n` re-noised samples).
     pub rewards: Vec<f32>,
     /// ∂loss/∂θ for the trainable LoRA parameters, in [`LoraTable::params`] order.
+    ///
+    /// [`LoraTable::params`]: crate::model::lora::LoraTable::params
     pub grads: Vec<Tensor<2>>,
     /// The number of sampling steps back-propagated through.
     pub k: usize,
@@ -226,7 +232,8 @@ impl<'p> Engine<'p> {
     }
 
     /// Runs `method` on one batch and returns the loss, rewards and LoRA gradients.
-    /// The pipeline's LoRA table must hold plain tensors on entry; it does on exit.
+    /// The pipeline's LoRA table is as it was on exit, whatever the exit (an error or a panic
+    /// included): the leaves are only ever scoped in.
     pub async fn evaluate(
         &self,
         method: Method,
@@ -394,7 +401,7 @@ struct Pass<'e, 'p> {
     /// `plain` in the pipeline's [`sampling_dtype`](Pipeline::sampling_dtype), for the steps
     /// that are never back-propagated.
     sampling: Conditioning,
-    /// The LoRA parameters as plain tensors (what the table holds between passes).
+    /// The LoRA parameters as plain tensors (what the table holds outside the scopes).
     params: Vec<Tensor<2>>,
     acc: Accumulator,
     cond_grads: (Option<Tensor<3>>, Option<Tensor<3>>),
@@ -609,13 +616,11 @@ impl<'e, 'p> Pass<'e, 'p> {
             u_leaf.clone().unwrap_or_else(|| self.uncond.clone()),
             self.prompts.guidance,
         );
-        let (leaves, params) = (&self.acc.leaves, &self.params);
+        let leaves = &self.acc.leaves;
         let recorded = crate::memory::checkpoint::Recorded::new(
             |x| {
-                lora.set_params(leaves);
-                let y = engine.step(i, x, &conditioning, noise, to_x0);
-                lora.set_params(params);
-                y
+                let _leaves = lora.scoped_params(leaves);
+                engine.step(i, x, &conditioning, noise, to_x0)
             },
             x,
             need_x,
@@ -690,8 +695,7 @@ impl<'e, 'p> Pass<'e, 'p> {
     fn finish(mut self) -> Vec<Tensor<2>> {
         let engine = self.engine;
         if engine.text_lora {
-            let lora = &engine.pipeline.lora;
-            lora.set_params(&self.acc.leaves);
+            let leaves = engine.pipeline.lora.scoped_params(&self.acc.leaves);
             let te = &engine.pipeline.text_encoder;
             let mut total: Option<Tensor<1>> = None;
             for (g, ids) in [
@@ -706,7 +710,7 @@ impl<'e, 'p> Pass<'e, 'p> {
                     });
                 }
             }
-            lora.set_params(&self.params);
+            drop(leaves);
             if let Some(total) = total
                 && total.is_tracked()
             {

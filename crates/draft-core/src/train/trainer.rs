@@ -418,12 +418,10 @@ impl Trainer {
     /// browser's before → after slider; `draft sample --lora FILE:SCALE` natively). The
     /// progress callback's `false` stops it with [`Error::Cancelled`] (the slider moved on).
     pub async fn evaluate_at_scale(&self, n: usize, factor: f64) -> Result<FixedEval> {
-        let lora = &self.pipeline.lora;
         let base = self.config.alpha() / self.config.rank as f64;
-        lora.set_trainable_scale(base * factor);
-        let eval = self.evaluate_set(n, true).await;
-        lora.set_trainable_scale(base);
-        eval
+        // Taken back when the evaluation ends, fails, panics or is dropped at an await.
+        let _scaled = self.pipeline.lora.scoped_trainable_scale(base * factor);
+        self.evaluate_set(n, true).await
     }
 
     /// The optimiser of the run: PyTorch's AdamW, or SGD without momentum or weight decay.
