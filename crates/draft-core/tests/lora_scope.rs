@@ -19,7 +19,7 @@ use draft_core::model::lora::LoraTarget;
 use draft_core::model::pipeline::LoraSetup;
 use draft_core::noise::NoiseRng;
 use draft_core::reward::builtin::{Reward, RewardOptions, WeightedReward, builtin};
-use draft_core::train::config::{MethodName, TrainConfig};
+use draft_core::train::config::{MethodConfig, TrainConfig};
 use draft_core::train::engine::{Draws, Engine, Evaluation, Method, Prompts};
 use draft_core::train::trainer::Trainer;
 use draft_core::{Pipeline, Result};
@@ -126,8 +126,7 @@ impl Reward for Flaky {
 
 fn trainer(armed: &Arc<AtomicBool>) -> Trainer {
     let config = TrainConfig {
-        method: MethodName::DraftK,
-        k: 2,
+        method: MethodConfig::DraftK { k: 2 },
         steps: 3,
         batch: 1,
         train_steps: 4,
