@@ -349,9 +349,7 @@ impl TrainArgs {
 /// `--target-color` of `draft score`: R,G,B in [0, 1].
 pub fn parse_color(s: &str) -> Result<[f32; 3]> {
     let c = Color::parse(s)?;
-    if !c.0.iter().all(|x| (0.0..=1.0).contains(x)) {
-        bail!("--target-color {s:?}: expected three numbers in [0, 1]");
-    }
+    c.check()?;
     Ok(c.0)
 }
 

@@ -260,7 +260,8 @@ fn every_method_raises_the_reward() {
 /// evaluations, the early stop on diversity, and the "before" figures kept in checkpoints.
 #[test]
 fn run_policy_evaluates_checkpoints_and_stops_as_asked() {
-    use draft_core::train::run::{Run, RunPolicy};
+    use draft_core::train::config::RunPolicy;
+    use draft_core::train::run::Run;
     let policy = RunPolicy {
         eval_images: 2,
         eval_every: 2,

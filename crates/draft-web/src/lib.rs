@@ -14,10 +14,9 @@ use draft_core::data::default_model;
 use draft_core::model::pipeline::LoraSetup;
 use draft_core::reward::files::{RewardFiles, RewardSource};
 use draft_core::train::config::{ModelDefaults, Resolved, Saved, Settings, TrainConfig, resolve};
+use draft_core::train::prompts::prompt_set;
 use draft_core::train::run::Run;
-use draft_core::train::trainer::{
-    CheckpointMeta, EvalSummary, FixedEval, StepMetrics, Trainer, prompt_set,
-};
+use draft_core::train::trainer::{CheckpointMeta, EvalSummary, FixedEval, StepMetrics, Trainer};
 use draft_core::{ModelFiles, Pipeline, read_f32};
 use serde::Serialize;
 

@@ -294,13 +294,7 @@ impl TrainConfig {
         if self.max_bad_steps == 0 {
             return bad("--max-bad-steps must be at least 1".into());
         }
-        let c = self.reward_options.target_color;
-        if !c.iter().all(|x| (0.0..=1.0).contains(x)) {
-            return bad(format!(
-                "--target-color {}: expected three numbers in [0, 1]",
-                Color(c)
-            ));
-        }
+        Color(self.reward_options.target_color).check()?;
         crate::reward::builtin::check_specs(&self.rewards)?;
         Ok(())
     }
@@ -391,6 +385,16 @@ impl Color {
             [r, g, b] => Ok(Self([*r, *g, *b])),
             _ => Err(bad()),
         }
+    }
+
+    /// Refuses a channel outside [0, 1].
+    pub fn check(&self) -> Result<()> {
+        if !self.0.iter().all(|x| (0.0..=1.0).contains(x)) {
+            return Err(Error::Input(format!(
+                "--target-color {self}: expected three numbers in [0, 1]"
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -6,7 +6,7 @@
 use crate::error::Result;
 use crate::train::trainer::{EvalSummary, FixedEval, StepMetrics, Trainer};
 
-pub use crate::train::config::RunPolicy;
+use crate::train::config::RunPolicy;
 
 impl RunPolicy {
     /// The evaluation set's size as [`Trainer::evaluate_fixed`] samples it.

@@ -17,7 +17,6 @@ use crate::reward::builtin::WeightedReward;
 use crate::train::config::{OptimizerName, TrainConfig};
 use crate::train::engine::{Draws, Engine, Method, Prompts};
 use crate::train::optim::{OptimState, Optimizer, clip_coefficient, global_norm};
-pub use crate::train::prompts::{ANIMALS, SHAPES, prompt_set};
 
 /// What one training step reports (a line of `metrics.jsonl`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
