@@ -36,23 +36,19 @@
 //! reset with /proc/self/clear_refs after loading) is the step's alone. On a software adapter
 //! (lavapipe) "GPU" buffers are host memory and are counted; on a real GPU they are not.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
 use burn::prelude::*;
-use draft_core::model::lora::{LoraPlan, LoraTable, LoraTarget};
 use draft_core::model::models::clip::{CLIPConfig, CLIPModel};
-use draft_core::model::models::clip_text::{CLIPTextConfig, CLIPTextModel};
-use draft_core::model::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
-use draft_core::model::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-use draft_core::model::pipeline::LoraSetup;
 use draft_core::model::var_builder::VarBuilder;
 use draft_core::noise::NoiseRng;
 use draft_core::reward::builtin::{RewardOptions, WeightedReward};
 use draft_core::reward::models::{AestheticMlp, LaionAesthetic};
-use draft_core::train::engine::{Draws, Engine, Method, Prompts};
-use draft_core::{ModelFiles, Pipeline};
+use draft_core::train::engine::{Draws, Engine, Method};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -245,16 +241,6 @@ fn fields(row: &str) -> Option<(String, String, String, String, f64)> {
     ))
 }
 
-fn rss_kib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 fn run_case(case: &str) {
     let parts: Vec<&str> = case.split(':').collect();
     let (dev, model, steps, m, reward_name) = (
@@ -269,83 +255,22 @@ fn run_case(case: &str) {
         "wgpu" => Device::wgpu(Default::default()),
         other => panic!("unknown device {other}"),
     };
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sd1-tiny");
-    let files = ModelFiles::read_layout(dir.display().to_string(), |rel| {
-        Ok::<_, ()>(std::fs::read(dir.join(rel)).ok())
-    })
-    .unwrap();
     let f16 = std::env::var("DRAFT_BENCH_WEIGHTS_DTYPE").as_deref() == Ok("f16");
     let weights_dtype = if f16 {
         burn::tensor::FloatDType::F16
     } else {
         burn::tensor::FloatDType::F32
     };
-    let mut pipe = Pipeline::load_with(
-        &files,
-        &device,
-        &LoraSetup::Targets(vec![LoraTarget::Attn]),
-        weights_dtype,
-    )
-    .unwrap();
+    let mut pipe = common::load_sd1_tiny(&device, weights_dtype);
     let mut size = pipe.unet_config.sample_size;
     if model.starts_with("sd14") {
-        let paper = model == "sd14-512";
-        let config = UNet2DConditionConfig::from_json(
-            "sd14_unet_config.json",
-            include_str!("sd14_unet_config.json"),
-        )
-        .unwrap();
-        let table = LoraTable::new();
-        let vb = VarBuilder::random(0, &device)
-            .with_weights_dtype(weights_dtype)
-            .with_lora(Some(LoraPlan::targets(&table, "unet", &[LoraTarget::Attn])));
-        pipe.unet = UNet2DConditionModel::load(vb, &config, "sd14").unwrap();
-        let text = CLIPTextConfig::from_json(
-            "text",
-            &format!(
-                r#"{{"vocab_size":{},"hidden_size":768,"intermediate_size":3072,"num_hidden_layers":{},
-                "num_attention_heads":12,"max_position_embeddings":77}}"#,
-                if paper { 49408 } else { pipe.text_config.vocab_size },
-                if paper { 12 } else { 1 },
-            ),
-        )
-        .unwrap();
-        let vb = VarBuilder::random(1, &device).with_weights_dtype(weights_dtype);
-        pipe.text_encoder = CLIPTextModel::load(vb, &text).unwrap();
-        pipe.lora = table;
-        size = 32;
-        if paper {
-            let config = AutoencoderKLConfig::from_json(
-                "sd14_vae_config.json",
-                include_str!("sd14_vae_config.json"),
-            )
-            .unwrap();
-            let vb = VarBuilder::random(3, &device).with_weights_dtype(weights_dtype);
-            pipe.vae = Some(AutoencoderKL::load(vb, &config).unwrap());
-            pipe.vae_config = Some(config);
-            size = 64;
-        }
+        size = common::make_sd14(&mut pipe, &device, weights_dtype, model == "sd14-512");
     }
     let max_buffer_mib = std::env::var("DRAFT_BENCH_MAX_BUFFER_MIB").ok();
     if let Some(m) = &max_buffer_mib {
         pipe.max_buffer_bytes = m.parse::<u64>().expect("--max-buffer-mib N") << 20;
     }
-    pipe.lora.init_trainable(4, 4.0, 0, &device);
-    // B = 0 would make every gradient but B's vanish: give B small values as after training.
-    let params: Vec<Tensor<2>> = pipe
-        .lora
-        .params()
-        .into_iter()
-        .enumerate()
-        .map(|(i, p)| {
-            if i % 2 == 1 {
-                NoiseRng::new(i as u64).randn(p.dims(), &device) * 1e-3
-            } else {
-                p
-            }
-        })
-        .collect();
-    pipe.lora.set_params(&params);
+    common::init_bench_lora(&mut pipe, &device);
     let reward = match reward_name {
         "aesthetic-l14" => {
             // CLIP ViT-L/14's vision tower (random weights) under the aesthetic MLP; a one-layer
@@ -384,12 +309,7 @@ fn run_case(case: &str) {
         },
     };
     let batch = 1;
-    let prompts = Prompts {
-        texts: vec!["a photo of a cat".into()],
-        ids: pipe.tokenize(&["a photo of a cat".into()]).unwrap(),
-        uncond_ids: pipe.tokenize(&[String::new()]).unwrap(),
-        guidance: 7.5,
-    };
+    let prompts = common::cat_prompts(&pipe);
     let draws = |seed: u64| Draws {
         x_t: NoiseRng::new(seed).randn([batch, 4, size, size], &device),
         step_noise: NoiseRng::new(seed + 1),
@@ -408,11 +328,11 @@ fn run_case(case: &str) {
         step(99);
     }
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-    let before = rss_kib("VmRSS");
+    let before = common::status_kib("VmRSS");
     let t0 = Instant::now();
     let (e, norm) = step(0);
     let secs = t0.elapsed().as_secs_f64();
-    let peak = rss_kib("VmHWM");
+    let peak = common::status_kib("VmHWM");
     assert!(norm.is_finite() && norm > 0.0, "gradient norm {norm}");
     // `--repeat N`: N steps timed (the first one's peak), their median printed.
     let repeat: u64 = std::env::var("DRAFT_BENCH_REPEAT")

@@ -1,0 +1,132 @@
+//! What the training and GPU benchmarks share: the random pipelines with SD-1.4's architecture
+//! and the LoRA a benchmarked step differentiates.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::tensor::FloatDType;
+use draft_core::model::lora::{LoraPlan, LoraTable, LoraTarget};
+use draft_core::model::models::clip_text::{CLIPTextConfig, CLIPTextModel};
+use draft_core::model::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use draft_core::model::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use draft_core::model::pipeline::LoraSetup;
+use draft_core::model::var_builder::VarBuilder;
+use draft_core::noise::NoiseRng;
+use draft_core::train::engine::Prompts;
+use draft_core::{ModelFiles, Pipeline};
+
+/// The committed sd1-tiny fixture pipeline (16×16 latents).
+pub fn sd1_tiny_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sd1-tiny")
+}
+
+/// Loads sd1-tiny with attention LoRA targets and `weights_dtype`.
+pub fn load_sd1_tiny(device: &Device, weights_dtype: FloatDType) -> Pipeline {
+    let dir = sd1_tiny_dir();
+    let files = ModelFiles::read_layout(dir.display().to_string(), |rel| {
+        Ok::<_, ()>(std::fs::read(dir.join(rel)).ok())
+    })
+    .unwrap();
+    Pipeline::load_with(
+        &files,
+        device,
+        &LoraSetup::Targets(vec![LoraTarget::Attn]),
+        weights_dtype,
+    )
+    .unwrap()
+}
+
+/// Replaces the UNet and text encoder of `pipe` (sd1-tiny, for its tokenizer and scheduler) by
+/// random ones with SD-1.4's architecture — with `paper`, also the VAE and CLIP ViT-L/14's
+/// whole 12-layer text encoder (vocabulary 49408) — and returns the latent size: 64 (512²
+/// images) with `paper`, else 32 (a one-layer 768-wide text encoder and the fixture's VAE, so
+/// that the UNet dominates).
+pub fn make_sd14(
+    pipe: &mut Pipeline,
+    device: &Device,
+    weights_dtype: FloatDType,
+    paper: bool,
+) -> usize {
+    let config = UNet2DConditionConfig::from_json(
+        "sd14_unet_config.json",
+        include_str!("../sd14_unet_config.json"),
+    )
+    .unwrap();
+    let table = LoraTable::new();
+    let vb = VarBuilder::random(0, device)
+        .with_weights_dtype(weights_dtype)
+        .with_lora(Some(LoraPlan::targets(&table, "unet", &[LoraTarget::Attn])));
+    pipe.unet = UNet2DConditionModel::load(vb, &config, "sd14").unwrap();
+    let text = CLIPTextConfig::from_json(
+        "text",
+        &format!(
+            r#"{{"vocab_size":{},"hidden_size":768,"intermediate_size":3072,"num_hidden_layers":{},
+            "num_attention_heads":12,"max_position_embeddings":77}}"#,
+            if paper {
+                49408
+            } else {
+                pipe.text_config.vocab_size
+            },
+            if paper { 12 } else { 1 },
+        ),
+    )
+    .unwrap();
+    let vb = VarBuilder::random(1, device).with_weights_dtype(weights_dtype);
+    pipe.text_encoder = CLIPTextModel::load(vb, &text).unwrap();
+    pipe.lora = table;
+    if !paper {
+        return 32;
+    }
+    let config = AutoencoderKLConfig::from_json(
+        "sd14_vae_config.json",
+        include_str!("../sd14_vae_config.json"),
+    )
+    .unwrap();
+    let vb = VarBuilder::random(3, device).with_weights_dtype(weights_dtype);
+    pipe.vae = Some(AutoencoderKL::load(vb, &config).unwrap());
+    pipe.vae_config = Some(config);
+    64
+}
+
+/// Rank-4 LoRA on the pipeline's targets, with B drawn small as after training (B = 0 would
+/// make every gradient but B's vanish).
+pub fn init_bench_lora(pipe: &mut Pipeline, device: &Device) {
+    pipe.lora.init_trainable(4, 4.0, 0, device);
+    let params: Vec<Tensor<2>> = pipe
+        .lora
+        .params()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            if i % 2 == 1 {
+                NoiseRng::new(i as u64).randn(p.dims(), device) * 1e-3
+            } else {
+                p
+            }
+        })
+        .collect();
+    pipe.lora.set_params(&params);
+}
+
+/// "a photo of a cat" against the empty prompt, guidance 7.5.
+pub fn cat_prompts(pipe: &Pipeline) -> Prompts {
+    Prompts {
+        texts: vec!["a photo of a cat".into()],
+        ids: pipe.tokenize(&["a photo of a cat".into()]).unwrap(),
+        uncond_ids: pipe.tokenize(&[String::new()]).unwrap(),
+        guidance: 7.5,
+    }
+}
+
+/// A field of /proc/self/status in KiB (0 where there is none).
+pub fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
