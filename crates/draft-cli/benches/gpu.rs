@@ -129,6 +129,15 @@ fn main() {
 
     let adapter = adapter_report(&device_arg);
     eprintln!("gpu suite on {}", adapter["name"]);
+    let mut report = json!({
+        "adapter": adapter,
+        "device_arg": device_arg,
+        "cases": [],
+        "gradient_comparison": null,
+        "command": args[1..].join(" "),
+        "memory": flag("--memory").unwrap_or_else(|| "adaptive".into()),
+        "autotune": flag("--autotune").unwrap_or_else(|| "balanced".into()),
+    });
     let mut results = Vec::new();
     for case in &cases {
         eprintln!("{case}…");
@@ -155,26 +164,30 @@ fn main() {
             run_child(cmd, timeout).unwrap_or_else(|why| json!({"case": case, "failed": why}));
         eprintln!("{case}: {:.0} s", t0.elapsed().as_secs_f64());
         results.push(result);
+        // After every case, so that a suite stopped half-way keeps what it measured.
+        report["cases"] = json!(results);
+        write_report(&out, &report, false);
     }
-    let comparison = flag("--compare").map(|other| compare(&out, Path::new(&other), &device_arg));
-    let report = json!({
-        "adapter": adapter,
-        "device_arg": device_arg,
-        "cases": results,
-        "gradient_comparison": comparison,
-        "command": args[1..].join(" "),
-        "memory": flag("--memory").unwrap_or_else(|| "adaptive".into()),
-        "autotune": flag("--autotune").unwrap_or_else(|| "balanced".into()),
-    });
-    let md = markdown(&report);
-    println!("{md}");
+    report["gradient_comparison"] =
+        json!(flag("--compare").map(|other| compare(&out, Path::new(&other), &device_arg)));
+    write_report(&out, &report, true);
+}
+
+/// `DIR/gpu-suite.json` and `DIR/gpu-suite.md`; the table also on stdout when `last`.
+fn write_report(out: &Path, report: &Value, last: bool) {
+    let md = markdown(report);
+    if last {
+        println!("{md}");
+    }
     std::fs::write(
         out.join("gpu-suite.json"),
-        serde_json::to_string_pretty(&report).unwrap(),
+        serde_json::to_string_pretty(report).unwrap(),
     )
     .expect("write gpu-suite.json");
     std::fs::write(out.join("gpu-suite.md"), md).expect("write gpu-suite.md");
-    eprintln!("wrote {}", out.join("gpu-suite.{json,md}").display());
+    if last {
+        eprintln!("wrote {}", out.join("gpu-suite.{json,md}").display());
+    }
 }
 
 /// Runs one case's child to its `RESULT` line, or says why there is none.
@@ -183,7 +196,23 @@ fn run_child(mut cmd: Command, timeout: Duration) -> Result<Value, String> {
     let stdout = child.stdout.take().unwrap();
     let stderr = child.stderr.take().unwrap();
     let out = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap_or_default());
-    let err = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    // The child's progress lines, passed on as they come (a 512² case on a software adapter
+    // runs for an hour); the last one says why a case failed.
+    let err = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if !line.contains("XDG_RUNTIME_DIR") {
+                eprintln!("  {line}");
+            }
+            all += &line;
+            all.push('\n');
+        }
+        all
+    });
     let t0 = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
@@ -200,14 +229,28 @@ fn run_child(mut cmd: Command, timeout: Duration) -> Result<Value, String> {
     if let Some(line) = out.lines().find_map(|l| l.strip_prefix("RESULT ")) {
         return serde_json::from_str(line).map_err(|e| e.to_string());
     }
+    // A panic's message is the line after "panicked at" (above the backtrace note that ends
+    // stderr).
+    let panic = err
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .skip_while(|l| !l.contains("panicked at"))
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
     let last = err
         .lines()
         .rev()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("");
+    let why = if panic.is_empty() {
+        last.to_string()
+    } else {
+        panic
+    };
     Err(match status {
         None => format!("timed out after {} s", timeout.as_secs()),
-        Some(status) => format!("{status}: {last}"),
+        Some(status) => format!("{status}: {why}"),
     })
 }
 
@@ -476,8 +519,13 @@ fn tiny_sample(device: &Device) -> Value {
 }
 
 fn tiny_draft1(device: &Device, repeat: usize) -> Value {
+    let pool = PoolPeak::start(device);
     let mut pipe = common::load_sd1_tiny(device, FloatDType::F32);
     common::init_bench_lora(&mut pipe, device);
+    let after_load = now_usage(device);
+    if let Some(p) = &pool {
+        p.take(device);
+    }
     let reward =
         WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default()).unwrap();
     let steps = 8;
@@ -501,15 +549,22 @@ fn tiny_draft1(device: &Device, repeat: usize) -> Value {
     };
     let first = step(0);
     let first_done = since_launch();
+    let first_pool = pool.as_ref().map(|p| p.take(device));
     let d0 = dispatches(device);
     let mut times: Vec<f64> = (1..=repeat.max(1) as u64).map(step).collect();
     let d1 = dispatches(device);
+    let later_pool = pool.as_ref().map(|p| p.take(device));
     times.sort_by(f64::total_cmp);
     json!({
         "model": "sd1-tiny 16×16, batch 1 + CFG, 8 DDIM steps, DRaFT-1",
         "first_step_s": round3(first),
         "launch_to_first_step_done_s": round3(first_done),
         "step_s": round3(times[times.len() / 2]),
+        "pool_after_load": after_load,
+        "pool_peak_first_step": first_pool,
+        // The markdown table's column: the steady steps' peak.
+        "pool_peak_step": later_pool,
+        "pool_after_step": now_usage(device),
         "dispatches_step": match (d0, d1) {
             (Some(a), Some(b)) => json!((b - a) / times.len() as u64),
             _ => Value::Null,
@@ -565,9 +620,12 @@ fn sd14_512(
         drop(y);
         t0.elapsed().as_secs_f64()
     };
+    eprintln!("loaded in {loaded:.1} s; resident {rss_loaded} MiB");
     let first_call = call();
+    eprintln!("first UNet call (compiles and tunes): {first_call:.1} s");
     let d0 = dispatches(device);
     let second_call = call();
+    eprintln!("second UNet call: {second_call:.1} s");
     let d1 = dispatches(device);
     let call_pool = pool.as_ref().map(|p| p.take(device));
 
@@ -591,7 +649,9 @@ fn sd14_512(
     };
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let d2 = dispatches(device);
+    eprintln!("the step…");
     let (first_step, e) = step(0);
+    eprintln!("step: {first_step:.1} s");
     let d3 = dispatches(device);
     let step_pool = pool.as_ref().map(|p| p.take(device));
     let step_rss = rss_mib("VmHWM");
