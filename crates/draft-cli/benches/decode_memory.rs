@@ -11,6 +11,8 @@
 //! Each mode runs in a child process of its own (peak RSS = VmHWM, reset after loading) on the
 //! CPU backend, where every buffer is host memory.
 
+mod common;
+
 use std::process::Command;
 use std::time::Instant;
 
@@ -22,12 +24,7 @@ use draft_core::reward::builtin::{RewardOptions, WeightedReward};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let flag = |name: &str| common::flag(&args, name);
     let batch: usize = flag("--batch").and_then(|s| s.parse().ok()).unwrap_or(1);
     let side: usize = flag("--side").and_then(|s| s.parse().ok()).unwrap_or(512);
     if let Some(mode) = flag("--case") {

@@ -63,7 +63,7 @@ use draft_core::model::sampler::{Conditioning, sample};
 use draft_core::model::schedule::Ddim;
 use draft_core::noise::NoiseRng;
 use draft_core::reward::builtin::{RewardOptions, WeightedReward};
-use draft_core::train::engine::{Draws, Engine, Method};
+use draft_core::train::engine::{Engine, Method};
 use serde_json::{Value, json};
 
 static LAUNCH: OnceLock<Instant> = OnceLock::new();
@@ -83,12 +83,7 @@ fn main() {
         unsafe { std::env::set_var("XDG_RUNTIME_DIR", "/nonexistent/draft-headless") };
     }
     let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let flag = |name: &str| common::flag(&args, name);
     let has = |name: &str| args.iter().any(|a| a == name);
     let device_arg = flag("--device").unwrap_or_else(|| "wgpu".into());
     if let Some(case) = flag("--case") {
@@ -533,19 +528,16 @@ fn tiny_draft1(device: &Device, repeat: usize) -> Value {
     let prompts = common::cat_prompts(&pipe);
     let size = pipe.unet_config.sample_size;
     let step = |seed: u64| {
-        let draws = Draws {
-            x_t: NoiseRng::new(seed).randn([1, 4, size, size], device),
-            step_noise: NoiseRng::new(seed + 1),
-            lv_noise: None,
-            truncation: 0.0,
-        };
-        let t0 = Instant::now();
-        let e =
-            pollster::block_on(engine.evaluate(Method::DraftK { k: 1 }, &prompts, draws)).unwrap();
-        let norm = pollster::block_on(draft_core::train::optim::global_norm(&e.grads)).unwrap();
-        device.sync().unwrap();
+        let (_, norm, secs) = common::timed_step(
+            &engine,
+            Method::DraftK { k: 1 },
+            &prompts,
+            (1, size),
+            seed,
+            device,
+        );
         assert!(norm.is_finite() && norm > 0.0, "gradient norm {norm}");
-        t0.elapsed().as_secs_f64()
+        secs
     };
     let first = step(0);
     let first_done = since_launch();
@@ -634,18 +626,10 @@ fn sd14_512(
     let engine = Engine::new(&pipe, 2, 0.0, &reward).unwrap();
     let prompts = common::cat_prompts(&pipe);
     let step = |seed: u64| {
-        let draws = Draws {
-            x_t: NoiseRng::new(seed).randn([1, 4, size, size], device),
-            step_noise: NoiseRng::new(seed + 1),
-            lv_noise: None,
-            truncation: 0.0,
-        };
-        let t0 = Instant::now();
-        let e = pollster::block_on(engine.evaluate(method, &prompts, draws)).unwrap();
-        let norm = pollster::block_on(draft_core::train::optim::global_norm(&e.grads)).unwrap();
-        device.sync().unwrap();
+        let (e, norm, secs) =
+            common::timed_step(&engine, method, &prompts, (1, size), seed, device);
         assert!(norm.is_finite() && norm > 0.0, "gradient norm {norm}");
-        (t0.elapsed().as_secs_f64(), e)
+        (secs, e)
     };
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let d2 = dispatches(device);

@@ -6,6 +6,8 @@
 //! (`--sd14-steps` shortens the SD-1.4 sampling run, which takes minutes on a CPU, and 0 skips
 //! that model; the table says how many steps were run.)
 
+mod common;
+
 use std::path::Path;
 use std::time::Instant;
 
@@ -22,12 +24,7 @@ const SD14_SCHEDULER: &str = r#"{"beta_start":0.00085,"beta_end":0.012,"beta_sch
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let flag = |name: &str| common::flag(&args, name);
     let devices = flag("--devices").unwrap_or_else(|| "cpu,wgpu".into());
     let sd14_steps: usize = flag("--sd14-steps")
         .and_then(|s| s.parse().ok())

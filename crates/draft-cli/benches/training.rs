@@ -45,19 +45,13 @@ use std::time::Instant;
 use burn::prelude::*;
 use draft_core::model::models::clip::{CLIPConfig, CLIPModel};
 use draft_core::model::var_builder::VarBuilder;
-use draft_core::noise::NoiseRng;
 use draft_core::reward::builtin::{RewardOptions, WeightedReward};
 use draft_core::reward::models::{AestheticMlp, LaionAesthetic};
-use draft_core::train::engine::{Draws, Engine, Method};
+use draft_core::train::engine::{Engine, Method};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let flag = |name: &str| {
-        args.iter()
-            .position(|a| a == name)
-            .and_then(|i| args.get(i + 1))
-            .cloned()
-    };
+    let flag = |name: &str| common::flag(&args, name);
     if let Some(case) = flag("--case") {
         // On a thread of the CPU backend's pool, as `draft` runs its commands.
         rayon::ThreadPoolBuilder::new()
@@ -310,16 +304,9 @@ fn run_case(case: &str) {
     };
     let batch = 1;
     let prompts = common::cat_prompts(&pipe);
-    let draws = |seed: u64| Draws {
-        x_t: NoiseRng::new(seed).randn([batch, 4, size, size], &device),
-        step_noise: NoiseRng::new(seed + 1),
-        lv_noise: None,
-        truncation: 0.0,
-    };
     let step = |seed: u64| {
-        let e = pollster::block_on(engine.evaluate(method, &prompts, draws(seed))).unwrap();
-        let norm = pollster::block_on(draft_core::train::optim::global_norm(&e.grads)).unwrap();
-        device.sync().unwrap();
+        let (e, norm, _) =
+            common::timed_step(&engine, method, &prompts, (batch, size), seed, &device);
         (e, norm)
     };
     // Warm-up for kernel compilation and autotuning on wgpu. The CPU backend compiles nothing,

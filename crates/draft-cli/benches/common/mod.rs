@@ -14,7 +14,7 @@ use draft_core::model::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use draft_core::model::pipeline::LoraSetup;
 use draft_core::model::var_builder::VarBuilder;
 use draft_core::noise::NoiseRng;
-use draft_core::train::engine::Prompts;
+use draft_core::train::engine::{Draws, Engine, Evaluation, Method, Prompts};
 use draft_core::{ModelFiles, Pipeline};
 
 /// The committed sd1-tiny fixture pipeline (16×16 latents).
@@ -129,4 +129,36 @@ pub fn status_kib(field: &str) -> u64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// The value after `name` on the command line, if any.
+pub fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+}
+
+/// One training objective's evaluation and gradient, timed to the device's finish: x_T and
+/// the step noise from `seed` ([batch, 4, size, size]). Returns it, the LoRA gradient's global
+/// norm and the seconds it took.
+pub fn timed_step(
+    engine: &Engine,
+    method: Method,
+    prompts: &Prompts,
+    (batch, size): (usize, usize),
+    seed: u64,
+    device: &Device,
+) -> (Evaluation, f64, f64) {
+    let draws = Draws {
+        x_t: NoiseRng::new(seed).randn([batch, 4, size, size], device),
+        step_noise: NoiseRng::new(seed + 1),
+        lv_noise: None,
+        truncation: 0.0,
+    };
+    let t0 = std::time::Instant::now();
+    let e = pollster::block_on(engine.evaluate(method, prompts, draws)).unwrap();
+    let norm = pollster::block_on(draft_core::train::optim::global_norm(&e.grads)).unwrap();
+    device.sync().unwrap();
+    (e, norm, t0.elapsed().as_secs_f64())
 }
