@@ -2,7 +2,7 @@
 //!
 //! `cargo bench -p draft-cli --bench gpu -- [--device wgpu|vulkan|metal|dx12|cpu] [--out DIR]
 //!  [--skip-tiny] [--skip-512] [--dtypes f32,f16] [--methods k1[,lv2]] [--repeat N] [--timeout-s S]
-//!  [--compare DIR] [--memory adaptive|exclusive] [--autotune minimal|balanced|…]
+//!  [--compare DIR] [--memory adaptive|exclusive] [--cleanup] [--autotune minimal|balanced|…]
 //!  [--no-dispatch-count]`
 //!
 //! Every case runs in a child process of its own, so that each one starts cold (its own
@@ -26,7 +26,11 @@
 //! process's peak resident memory (VmHWM; on a software adapter such as lavapipe the device's
 //! buffers are host memory and are in it, on a real GPU they are not). The adapter's name,
 //! driver, `shader-f16` and limits head the report. Written as `DIR/gpu-suite.json` and
-//! `DIR/gpu-suite.md` (default DIR: `target/gpu-suite`), the table also on stdout.
+//! `DIR/gpu-suite.md` (default DIR: `target/gpu-suite`), the table also on stdout. A 512² case
+//! reports each phase (load, UNet calls, step) as it completes, so a case that dies in the step
+//! keeps what the earlier phases measured, and writes `DIR/timeline-<device>-<dtype>-<method>.csv`:
+//! resident memory and the pools' bytes in use and reserved every half second. `--cleanup` hands
+//! the pools' empty pages back to the driver between the phases (`Device::memory_cleanup`).
 //!
 //! Dispatches: the child sets CubeCL's profiling logger to `minimal` ("only the kernels that
 //! run are logged without timing") with the `log` crate as its sink, and counts the records: one
@@ -131,6 +135,7 @@ fn main() {
         "gradient_comparison": null,
         "command": args[1..].join(" "),
         "memory": flag("--memory").unwrap_or_else(|| "adaptive".into()),
+        "cleanup_between_phases": has("--cleanup"),
         "autotune": flag("--autotune").unwrap_or_else(|| "balanced".into()),
     });
     let mut results = Vec::new();
@@ -155,8 +160,11 @@ fn main() {
         if let Some(m) = flag("--memory") {
             cmd.env("DRAFT_GPU_MEMORY", m);
         }
-        let result =
-            run_child(cmd, timeout).unwrap_or_else(|why| json!({"case": case, "failed": why}));
+        if has("--cleanup") {
+            cmd.env("DRAFT_GPU_CLEANUP", "1");
+        }
+        let mut result = run_child(cmd, timeout).unwrap_or_else(|why| json!({"failed": why}));
+        result["case"] = json!(case);
         eprintln!("{case}: {:.0} s", t0.elapsed().as_secs_f64());
         results.push(result);
         // After every case, so that a suite stopped half-way keeps what it measured.
@@ -224,6 +232,13 @@ fn run_child(mut cmd: Command, timeout: Duration) -> Result<Value, String> {
     if let Some(line) = out.lines().find_map(|l| l.strip_prefix("RESULT ")) {
         return serde_json::from_str(line).map_err(|e| e.to_string());
     }
+    // What the phases that completed measured (`PHASE` lines), kept beside the failure.
+    let mut phases = serde_json::Map::new();
+    for line in out.lines().filter_map(|l| l.strip_prefix("PHASE ")) {
+        if let Ok(Value::Object(fields)) = serde_json::from_str(line) {
+            phases.extend(fields);
+        }
+    }
     // A panic's message is the line after "panicked at" (above the backtrace note that ends
     // stderr).
     let panic = err
@@ -243,10 +258,24 @@ fn run_child(mut cmd: Command, timeout: Duration) -> Result<Value, String> {
     } else {
         panic
     };
-    Err(match status {
+    let why = match status {
         None => format!("timed out after {} s", timeout.as_secs()),
         Some(status) => format!("{status}: {why}"),
-    })
+    };
+    if phases.is_empty() {
+        return Err(why);
+    }
+    phases.insert("failed".into(), json!(why));
+    Ok(Value::Object(phases))
+}
+
+/// Adds `fields` to a case's `result` and prints them as a `PHASE` line, which the suite keeps
+/// if the case fails later.
+fn phase(result: &mut Value, fields: Value) {
+    println!("PHASE {fields}");
+    if let (Value::Object(r), Value::Object(f)) = (result, fields) {
+        r.extend(f);
+    }
 }
 
 /// Counts kernel launches: CubeCL's profiling logger at `minimal` logs one record per launch
@@ -255,6 +284,30 @@ struct DispatchCounter;
 
 static DISPATCHES: AtomicU64 = AtomicU64::new(0);
 static COUNTING: AtomicBool = AtomicBool::new(false);
+/// Launches so far by kernel kind (see [`kernel_kind`]).
+static KERNELS: std::sync::Mutex<BTreeMap<String, u64>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// A launch's kernel without its generic arguments and launch settings: what it computes
+/// (`…::matmul::…`, a fused element-wise kernel, `…::conv…`), to group the dispatch count by.
+fn kernel_kind(name: &str) -> &str {
+    let end = name.find(['<', '{', '(', ' ']).unwrap_or(name.len());
+    &name[..end]
+}
+
+/// The launches by kernel kind since `before` (a copy of [`KERNELS`] then), most first.
+fn kernels_since(before: &BTreeMap<String, u64>) -> Value {
+    let now = KERNELS.lock().unwrap().clone();
+    let mut diff: Vec<(String, u64)> = now
+        .into_iter()
+        .map(|(k, n)| {
+            let b = before.get(&k).copied().unwrap_or(0);
+            (k, n - b)
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    diff.sort_by(|a, b| b.1.cmp(&a.1));
+    Value::Array(diff.into_iter().map(|(k, n)| json!([k, n])).collect())
+}
 
 impl log::Log for DispatchCounter {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
@@ -263,6 +316,9 @@ impl log::Log for DispatchCounter {
     fn log(&self, record: &log::Record) {
         if record.target() == "cubecl::profiling" {
             DISPATCHES.fetch_add(1, Ordering::Relaxed);
+            let text = record.args().to_string();
+            let name = kernel_kind(text.strip_prefix("Executing ").unwrap_or(&text));
+            *KERNELS.lock().unwrap().entry(name.to_string()).or_default() += 1;
         }
     }
     fn flush(&self) {}
@@ -363,62 +419,75 @@ fn adapter_report(arg: &str) -> Value {
     })
 }
 
-/// Polls the device allocator's bytes in use and reserved (every 20 ms) between `reset`s.
-struct PoolPeak {
-    in_use: Arc<AtomicU64>,
-    reserved: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+/// What the allocator's pools have reserved at most so far: Σ pages_peak × page size over the
+/// pools ([`Device::memory_pool_report`]; an upper bound, as the pools' peaks need not
+/// coincide), with each pool. Read once a phase is over: *polling* the allocator during a phase
+/// is not an option, since every reading (`memory_pool_usage`) drains the operations Burn's
+/// fusion has recorded, which splits its fused kernels where the readings fall — new kernels to
+/// compile and more dispatches (a 512² UNet call on lavapipe went from minutes to half an hour
+/// under a 20 ms poll).
+fn pools_peak(device: &Device) -> Value {
+    device.sync().unwrap();
+    let Some(pools) = device.memory_pool_report() else {
+        return Value::Null;
+    };
+    let peak: u64 = pools.iter().map(|p| p.pages_peak * p.page_size).sum();
+    json!({
+        "reserved_peak_mib": mib(peak),
+        "pools": pools.iter().map(|p| json!({
+            "page_mib": mib(p.page_size),
+            "pages": p.pages,
+            "pages_peak": p.pages_peak,
+            "largest_alloc_mib": mib(p.largest_alloc),
+        })).collect::<Vec<_>>(),
+    })
 }
 
-impl PoolPeak {
-    fn start(device: &Device) -> Option<Self> {
-        device.memory_pool_usage()?;
-        let (in_use, reserved, stop) = (
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(AtomicU64::new(0)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let (u, r, s, d) = (
-            in_use.clone(),
-            reserved.clone(),
-            stop.clone(),
-            device.clone(),
-        );
+/// Resets the process's peak resident memory (VmHWM) to what is resident now (Linux), so the
+/// next reading of VmHWM is the coming phase's peak.
+fn reset_rss_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// Writes `t_s,rss_mib` every half second to `path` until dropped: the resident memory of
+/// every phase (on a software adapter, the device's buffers too), kept on disk even when a case
+/// dies half-way. It reads /proc only: never the device (see [`pools_peak`]).
+struct Timeline(Arc<AtomicBool>);
+
+impl Timeline {
+    fn start(path: PathBuf) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
         std::thread::spawn(move || {
+            use std::io::Write;
+            let Ok(mut file) = std::fs::File::create(&path) else {
+                return;
+            };
+            let _ = writeln!(file, "t_s,rss_mib");
             while !s.load(Ordering::Relaxed) {
-                if let Some(m) = d.memory_pool_usage() {
-                    u.fetch_max(m.bytes_in_use, Ordering::Relaxed);
-                    r.fetch_max(m.bytes_reserved, Ordering::Relaxed);
-                }
-                std::thread::sleep(Duration::from_millis(20));
+                let _ = writeln!(file, "{:.1},{}", since_launch(), rss_mib("VmRSS"));
+                let _ = file.flush();
+                std::thread::sleep(Duration::from_millis(500));
             }
         });
-        Some(Self {
-            in_use,
-            reserved,
-            stop,
-        })
-    }
-
-    /// The peaks since the last reset (MiB), then a new window.
-    fn take(&self, device: &Device) -> Value {
-        device.sync().unwrap();
-        if let Some(m) = device.memory_pool_usage() {
-            self.in_use.fetch_max(m.bytes_in_use, Ordering::Relaxed);
-            self.reserved.fetch_max(m.bytes_reserved, Ordering::Relaxed);
-        }
-        let v = json!({
-            "in_use_mib": mib(self.in_use.swap(0, Ordering::Relaxed)),
-            "reserved_mib": mib(self.reserved.swap(0, Ordering::Relaxed)),
-        });
-        v
+        Self(stop)
     }
 }
 
-impl Drop for PoolPeak {
+impl Drop for Timeline {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.0.store(true, Ordering::Relaxed);
     }
+}
+
+/// `--cleanup`: hands the pools' empty pages back to the driver between phases
+/// (`Device::memory_cleanup`), so that each phase's peak is its own.
+fn cleanup(device: &Device) -> Value {
+    if std::env::var("DRAFT_GPU_CLEANUP").as_deref() == Ok("1") {
+        device.sync().unwrap();
+        device.memory_cleanup();
+    }
+    json!({"pool": now_usage(device), "rss_mib": rss_mib("VmRSS")})
 }
 
 fn mib(bytes: u64) -> f64 {
@@ -474,6 +543,7 @@ fn tiny_sample(device: &Device) -> Value {
     let d0 = dispatches(device);
     let mut marks = Vec::new();
     let mut first_dispatches = None;
+    let mut first_kernels = BTreeMap::new();
     let x = sample(
         &pipe.unet,
         &ddim,
@@ -486,6 +556,7 @@ fn tiny_sample(device: &Device) -> Value {
             marks.push(since_launch());
             if i == 1 {
                 first_dispatches = dispatches(device);
+                first_kernels = KERNELS.lock().unwrap().clone();
             }
             true
         },
@@ -510,17 +581,15 @@ fn tiny_sample(device: &Device) -> Value {
             (Some(a), Some(b)) => json!(b - a),
             _ => Value::Null,
         },
+        // By kernel kind, over the steady steps (per UNet call: divide by steps − 1).
+        "kernels_steady_steps": kernels_since(&first_kernels),
     })
 }
 
 fn tiny_draft1(device: &Device, repeat: usize) -> Value {
-    let pool = PoolPeak::start(device);
     let mut pipe = common::load_sd1_tiny(device, FloatDType::F32);
     common::init_bench_lora(&mut pipe, device);
     let after_load = now_usage(device);
-    if let Some(p) = &pool {
-        p.take(device);
-    }
     let reward =
         WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default()).unwrap();
     let steps = 8;
@@ -541,11 +610,10 @@ fn tiny_draft1(device: &Device, repeat: usize) -> Value {
     };
     let first = step(0);
     let first_done = since_launch();
-    let first_pool = pool.as_ref().map(|p| p.take(device));
+    let first_pools = pools_peak(device);
     let d0 = dispatches(device);
     let mut times: Vec<f64> = (1..=repeat.max(1) as u64).map(step).collect();
     let d1 = dispatches(device);
-    let later_pool = pool.as_ref().map(|p| p.take(device));
     times.sort_by(f64::total_cmp);
     json!({
         "model": "sd1-tiny 16×16, batch 1 + CFG, 8 DDIM steps, DRaFT-1",
@@ -553,9 +621,8 @@ fn tiny_draft1(device: &Device, repeat: usize) -> Value {
         "launch_to_first_step_done_s": round3(first_done),
         "step_s": round3(times[times.len() / 2]),
         "pool_after_load": after_load,
-        "pool_peak_first_step": first_pool,
-        // The markdown table's column: the steady steps' peak.
-        "pool_peak_step": later_pool,
+        "pools_after_first_step": first_pools,
+        "pools_after_steps": pools_peak(device),
         "pool_after_step": now_usage(device),
         "dispatches_step": match (d0, d1) {
             (Some(a), Some(b)) => json!((b - a) / times.len() as u64),
@@ -582,7 +649,15 @@ fn sd14_512(
         "lv2" => Method::DraftLv { n: 2 },
         other => panic!("method {other}: expected k1 or lv2"),
     };
-    let pool = PoolPeak::start(device);
+    let _timeline = Timeline::start(out.join(format!(
+        "timeline-{device_arg}-{dtype}-{}.csv",
+        method_name(method)
+    )));
+    let mut result = json!({
+        "model": "SD-1.4 architecture (random), 64×64 latents → 512², batch 1 + CFG, 2 DDIM steps",
+        "weights": dtype,
+        "method": method_name(method),
+    });
     let mut pipe = common::load_sd1_tiny(device, weights);
     let size = common::make_sd14(&mut pipe, device, weights, true);
     let f16_sampling = weights == FloatDType::F16
@@ -595,7 +670,19 @@ fn sd14_512(
     let loaded = since_launch();
     let after_load = now_usage(device);
     let rss_loaded = rss_mib("VmRSS");
-    let load_peak = pool.as_ref().map(|p| p.take(device));
+    let load_pools = pools_peak(device);
+    phase(
+        &mut result,
+        json!({
+            "sampling_dtype": if f16_sampling { "f16" } else { "f32" },
+            "loaded_s": round3(loaded),
+            "rss_after_load_mib": rss_loaded,
+            "pool_after_load": after_load,
+            "pools_after_load": load_pools,
+            "rss_peak_load_mib": rss_mib("VmHWM"),
+            "after_load_cleanup": cleanup(device),
+        }),
+    );
 
     // One guided UNet call (batch 2, no gradient) twice: the first compiles and tunes, the
     // second is counted.
@@ -613,13 +700,30 @@ fn sd14_512(
         t0.elapsed().as_secs_f64()
     };
     eprintln!("loaded in {loaded:.1} s; resident {rss_loaded} MiB");
+    reset_rss_peak();
     let first_call = call();
     eprintln!("first UNet call (compiles and tunes): {first_call:.1} s");
     let d0 = dispatches(device);
+    let k0 = KERNELS.lock().unwrap().clone();
     let second_call = call();
     eprintln!("second UNet call: {second_call:.1} s");
     let d1 = dispatches(device);
-    let call_pool = pool.as_ref().map(|p| p.take(device));
+    let call_pools = pools_peak(device);
+    phase(
+        &mut result,
+        json!({
+            "unet_call_first_s": round3(first_call),
+            "unet_call_s": round3(second_call),
+            "dispatches_unet_call": match (d0, d1) {
+                (Some(a), Some(b)) => json!(b - a),
+                _ => Value::Null,
+            },
+            "kernels_unet_call": kernels_since(&k0),
+            "pools_after_unet_calls": call_pools,
+            "rss_peak_unet_calls_mib": rss_mib("VmHWM"),
+            "after_calls_cleanup": cleanup(device),
+        }),
+    );
 
     let reward =
         WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default()).unwrap();
@@ -631,13 +735,13 @@ fn sd14_512(
         assert!(norm.is_finite() && norm > 0.0, "gradient norm {norm}");
         (secs, e)
     };
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    reset_rss_peak();
     let d2 = dispatches(device);
     eprintln!("the step…");
     let (first_step, e) = step(0);
     eprintln!("step: {first_step:.1} s");
     let d3 = dispatches(device);
-    let step_pool = pool.as_ref().map(|p| p.take(device));
+    let step_pools = pools_peak(device);
     let step_rss = rss_mib("VmHWM");
     let after_step = now_usage(device);
     save_grads(
@@ -654,26 +758,23 @@ fn sd14_512(
         (Some(a), Some(b)) => json!(b - a),
         _ => Value::Null,
     };
-    json!({
-        "model": "SD-1.4 architecture (random), 64×64 latents → 512², batch 1 + CFG, 2 DDIM steps",
-        "weights": dtype,
-        "sampling_dtype": if f16_sampling { "f16" } else { "f32" },
-        "method": method_name(method),
-        "loaded_s": round3(loaded),
-        "rss_after_load_mib": rss_loaded,
-        "pool_after_load": after_load,
-        "pool_peak_load": load_peak,
-        "unet_call_first_s": round3(first_call),
-        "unet_call_s": round3(second_call),
-        "dispatches_unet_call": diff(d0, d1),
-        "pool_peak_unet_calls": call_pool,
-        "first_step_s": round3(first_step),
-        "later_steps_median_s": later.get(later.len() / 2).map(|s| round3(*s)),
-        "dispatches_step": diff(d2, d3),
-        "pool_peak_step": step_pool,
-        "pool_after_step": after_step,
-        "peak_rss_step_mib": step_rss,
-    })
+    phase(
+        &mut result,
+        json!({
+            "first_step_s": round3(first_step),
+            "dispatches_step": diff(d2, d3),
+            "pools_after_step": step_pools,
+            "pool_after_step": after_step,
+            "peak_rss_step_mib": step_rss,
+        }),
+    );
+    phase(
+        &mut result,
+        json!({
+            "later_steps_median_s": later.get(later.len() / 2).map(|s| round3(*s)),
+        }),
+    );
+    result
 }
 
 fn method_name(method: Method) -> &'static str {
@@ -790,15 +891,19 @@ fn markdown(report: &Value) -> String {
             .map(|b| b >> 20)
             .unwrap_or(0),
     );
-    md += "| case | first step (s, with compilation and tuning) | steady step | launch → first step done (s) | dispatches (UNet call / step) | pool in use after load / peak in step (MiB) | pool reserved peak (MiB) | peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|\n";
+    md += "| case | first step (s, with compilation and tuning) | steady step | launch → first step done (s) | dispatches (UNet call / step) | pool in use after load / after the step (MiB) | pool reserved peak (MiB) | peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|\n";
     let f = |v: &Value| match v {
         Value::Null => "-".to_string(),
         Value::String(s) => s.clone(),
         v => v.to_string(),
     };
     for c in report["cases"].as_array().into_iter().flatten() {
-        if let Some(why) = c.get("failed") {
-            md += &format!("| {} | failed: {} | | | | | | |\n", f(&c["case"]), f(why));
+        if c.get("failed").is_some() && c.get("loaded_s").is_none() {
+            md += &format!(
+                "| {} | failed: {} | | | | | | |\n",
+                f(&c["case"]),
+                f(&c["failed"])
+            );
             continue;
         }
         let steady = if c.get("step_ms").is_some() {
@@ -821,15 +926,18 @@ fn markdown(report: &Value) -> String {
             c.get("sampling_dtype")
                 .map(|s| format!(" (sampling {})", f(s)))
                 .unwrap_or_default(),
-            f(&c["first_step_s"]),
+            match c.get("failed") {
+                Some(why) => format!("failed: {}", f(why)),
+                None => f(&c["first_step_s"]),
+            },
             steady,
             launch,
             f(&c["dispatches_unet_call"]),
             f(c.get("dispatches_step")
                 .unwrap_or(&c["dispatches_first_step"])),
             f(&c["pool_after_load"]["in_use_mib"]),
-            f(&c["pool_peak_step"]["in_use_mib"]),
-            f(&c["pool_peak_step"]["reserved_mib"]),
+            f(&c["pool_after_step"]["in_use_mib"]),
+            f(&c.get("pools_after_step").unwrap_or(&c["pools_after_steps"])["reserved_peak_mib"]),
             f(&c["peak_rss_mib"]),
         );
     }

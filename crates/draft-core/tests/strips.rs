@@ -153,6 +153,15 @@ fn an_embedding_table_in_blocks_of_rows_looks_up_the_whole_tables_rows() {
         assert_eq!(got, want, "{name}");
         // Row 9 is the last block's second row: 27 · 0.5 − 3 = 10.5.
         assert_eq!(got.0[5 * 3..6 * 3], [10.5, 11.0, 11.5]);
+        // A random table (the benchmarks' CLIP-L) is drawn block by block: the rows the whole
+        // table drawn from the same seed has.
+        let random = || VarBuilder::random(7, &device).pp("emb");
+        let blocks = random()
+            .get_weight_row_blocks("weight", [10, 3], 4)
+            .unwrap();
+        assert_eq!(blocks.len(), 3);
+        let whole = values(random().get_weight("weight", [10, 3]).unwrap());
+        assert_eq!(values(Tensor::cat(blocks, 0)), whole, "{name}");
     }
 }
 

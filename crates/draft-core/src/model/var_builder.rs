@@ -331,7 +331,17 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
                     })
                     .collect())
             }
-            // Random and stored tables (benchmarks, tests) are cut from the whole.
+            // Random tables (benchmarks) are drawn block by block: the same values as the whole
+            // table drawn at once (its rows are consecutive in the stream), and no buffer holds
+            // the whole, which a 128 MiB binding limit refuses (CLIP-L's 49408 × 768 in f32 is
+            // 144.8 MiB).
+            Source::Random(rng) if rows > max_rows => Ok(starts
+                .map(|r0| {
+                    let n = max_rows.min(rows - r0);
+                    self.stored(rng.borrow_mut().randn([n, cols], &self.device) * 0.02)
+                })
+                .collect()),
+            // Stored tables (tests: small) are cut from the whole.
             _ => {
                 let whole = self.get_weight(name, shape)?;
                 if rows <= max_rows {
