@@ -206,7 +206,10 @@ function settingsKey() {
   ]);
 }
 
-async function readFolder(input) {
+// A picked folder as {name, files: [[path, bytes or File]]}. With `byRange`, its .safetensors
+// files stay `File`s, which the worker reads one tensor at a time (a model's weights are never
+// whole in memory: an SD-1.5 folder is 2–4 GB, WebAssembly's memory 4 GiB at most).
+async function readFolder(input, byRange = false) {
   const files = [...input.files];
   if (files.length === 0) return null;
   const name = files[0].webkitRelativePath.split("/")[0] || "picked folder";
@@ -218,7 +221,7 @@ async function readFolder(input) {
   const out = [];
   for (const f of files) {
     if (!wanted.test(rel(f))) continue;
-    out.push([rel(f), new Uint8Array(await f.arrayBuffer())]);
+    out.push([rel(f), byRange && f.name.endsWith(".safetensors") ? f : new Uint8Array(await f.arrayBuffer())]);
   }
   return { name, files: out };
 }
@@ -257,11 +260,11 @@ async function readRewardModels(rewards) {
 // Opens a run in the worker (continuing `checkpoint`, {name, bytes}, when given); resolves to
 // its `RunInfo`.
 async function createTrainer(options, checkpoint) {
-  const folder = await readFolder($("model-folder"));
+  const folder = await readFolder($("model-folder"), true);
   // A checkpoint's own rewards decide which files it needs.
   const rewards = await readRewardModels(checkpoint ? await checkpointRewards(checkpoint.bytes) : options.rewards);
   const transfer = [
-    ...(folder ? folder.files.map(([, bytes]) => bytes.buffer) : []),
+    ...(folder ? folder.files.filter(([, b]) => b instanceof Uint8Array).map(([, b]) => b.buffer) : []),
     ...rewards.flatMap((r) => (r.files ? r.files.map(([, b]) => b.buffer) : [r.bytes.buffer])),
   ];
   return call("open", { options, folder, checkpoint, rewards }, transfer);

@@ -49,12 +49,16 @@ async function readFile(dir, path) {
   return new Uint8Array(await file.arrayBuffer());
 }
 
-// Every file under `dir` as [relative path, bytes].
-async function readTree(dir, prefix = "") {
+// Every file under `dir` as [relative path, bytes]; with `byRange`, .safetensors files as
+// `File`s (read by range as the model loads, never whole).
+async function readTree(dir, prefix = "", byRange = false) {
   const out = [];
   for await (const [name, handle] of dir.entries()) {
-    if (handle.kind === "directory") out.push(...(await readTree(handle, `${prefix}${name}/`)));
-    else out.push([`${prefix}${name}`, new Uint8Array(await (await handle.getFile()).arrayBuffer())]);
+    if (handle.kind === "directory") out.push(...(await readTree(handle, `${prefix}${name}/`, byRange)));
+    else {
+      const file = await handle.getFile();
+      out.push([`${prefix}${name}`, byRange && name.endsWith(".safetensors") ? file : new Uint8Array(await file.arrayBuffer())]);
+    }
   }
   return out;
 }
@@ -73,7 +77,8 @@ async function saveRecord(dir) {
 async function storeNewRun(folder, checkpoint, rewards) {
   await forget();
   const dir = await runDir(true);
-  if (folder) for (const [path, bytes] of folder.files) await writeFile(dir, `model/${path}`, bytes);
+  // A `File` (a weights file read by range) is written by the browser from the file itself.
+  if (folder) for (const [path, data] of folder.files) await writeFile(dir, `model/${path}`, data);
   for (const r of rewards) {
     if (r.files) for (const [path, bytes] of r.files) await writeFile(dir, `rewards/${r.role}/${path}`, bytes);
     else await writeFile(dir, `rewards/${r.role}/weights`, r.bytes);
@@ -130,7 +135,12 @@ async function openRun({ options, folder, checkpoint, rewards = [] }) {
   trainer = null;
   record = null;
   const files = new RunFiles();
-  if (folder) for (const [path, bytes] of folder.files) files.addModelFile(folder.name, path, bytes);
+  if (folder) {
+    for (const [path, data] of folder.files) {
+      if (data instanceof Blob) files.addModelSource(folder.name, path, data);
+      else files.addModelFile(folder.name, path, data);
+    }
+  }
   if (checkpoint) files.setCheckpoint(checkpoint.name, checkpoint.bytes);
   for (const r of rewards) {
     if (r.files) for (const [path, bytes] of r.files) files.addRewardFile(r.role, r.name, path, bytes);
@@ -196,7 +206,7 @@ const handlers = {
     let folder = null;
     if (kept.model) {
       const modelDir = await dir.getDirectoryHandle("model");
-      folder = { name: kept.model, files: await readTree(modelDir) };
+      folder = { name: kept.model, files: await readTree(modelDir, "", true) };
     }
     const rewards = [];
     for (const r of kept.rewards ?? []) {

@@ -6,6 +6,8 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use burn::prelude::{Device, Tensor};
 use draft_core::ModelFiles;
+use draft_core::model::files::FileData;
+use draft_core::model::source::FileSource;
 use draft_core::model::weights::Weights;
 
 /// The standard CLIP BPE tokenizer SD-1.x/2.x were trained with (49408 tokens; the files
@@ -56,14 +58,31 @@ pub fn read_model(
             path.display()
         );
     }
-    let (name, bytes) = read_weights(path)?;
+    let (name, data) = open_weights(path)?;
     let config = config.map(read_config_dir).transpose()?;
     Ok(draft_core::ModelFiles::from_checkpoint(
         &name,
-        bytes,
+        data,
         config.as_ref(),
         &CLIP_TOKENIZER,
     )?)
+}
+
+/// A weights file as the loader reads it: `.safetensors` by range, one tensor at a time (never
+/// read whole: a 4 GB checkpoint would be held twice during the load), PyTorch pickles
+/// converted in memory.
+pub fn open_weights(path: &Path) -> Result<(String, FileData)> {
+    let name = path.display().to_string();
+    let is_safetensors = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    if is_safetensors {
+        let source = FileSource::open(path).with_context(|| format!("{name}: cannot read"))?;
+        return Ok((name, FileData::Source(std::rc::Rc::new(source))));
+    }
+    let (name, bytes) = read_weights(path)?;
+    Ok((name, FileData::Bytes(bytes)))
 }
 
 /// Reads every file of the diffusers layout that exists under `dir`, the weights of `variant`
@@ -72,17 +91,20 @@ pub fn read_model_dir(dir: &Path, variant: Option<&str>) -> Result<ModelFiles> {
     if !dir.is_dir() {
         bail!("{}: model folder not found", dir.display());
     }
-    ModelFiles::read_layout_variant(dir.display().to_string(), variant, |rel| {
+    ModelFiles::read_layout_from(dir.display().to_string(), variant, |rel| {
         let path = dir.join(rel);
         if !path.is_file() {
             return Ok(None);
         }
         if rel.ends_with(".bin") {
-            return pytorch_to_safetensors(&path).map(Some);
+            return pytorch_to_safetensors(&path).map(|b| Some(FileData::Bytes(b)));
+        }
+        if rel.ends_with(".safetensors") {
+            return open_weights(&path).map(|(_, data)| Some(data));
         }
         let bytes =
             std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-        Ok(Some(bytes))
+        Ok(Some(FileData::Bytes(bytes)))
     })
 }
 

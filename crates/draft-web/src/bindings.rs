@@ -53,6 +53,51 @@ extern "C" {
     pub fn install_subgroups_shim() -> bool;
 }
 
+// A `Blob`'s bytes `start..end`, read synchronously (`FileReaderSync`: dedicated workers only,
+// which is where the page's trainer runs).
+#[wasm_bindgen(inline_js = r#"
+export function draft_blob_size(blob) { return blob.size; }
+export function draft_read_blob(blob, start, end) {
+  if (typeof FileReaderSync === "undefined") {
+    throw new Error("weights are read by range in a worker (FileReaderSync), not on the page's thread");
+  }
+  return new Uint8Array(new FileReaderSync().readAsArrayBuffer(blob.slice(start, end)));
+}
+"#)]
+extern "C" {
+    #[wasm_bindgen(js_name = draft_blob_size)]
+    fn blob_size(blob: &JsValue) -> f64;
+    #[wasm_bindgen(js_name = draft_read_blob, catch)]
+    fn read_blob(blob: &JsValue, start: f64, end: f64) -> Result<Uint8Array, JsValue>;
+}
+
+/// A picked file (a `File`, or an OPFS file's `getFile()`) read by range: the model's weights
+/// go to the GPU one tensor at a time and are never whole in WebAssembly memory.
+struct BlobSource {
+    blob: JsValue,
+    len: u64,
+}
+
+impl draft_core::model::source::ByteSource for BlobSource {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        let end = offset + buf.len() as u64;
+        let bytes = read_blob(&self.blob, offset as f64, end as f64)
+            .map_err(|e| format!("cannot read bytes {offset}..{end}: {e:?}"))?;
+        if bytes.length() as usize != buf.len() {
+            return Err(format!(
+                "bytes {offset}..{end}: {} read (the file changed since it was picked?)",
+                bytes.length()
+            ));
+        }
+        bytes.copy_to(buf);
+        Ok(())
+    }
+}
+
 fn js_error(e: impl std::fmt::Display) -> JsValue {
     JsError::new(&e.to_string()).into()
 }
@@ -97,6 +142,18 @@ impl RunFiles {
             .model
             .get_or_insert_with(|| ModelFiles::new(folder))
             .insert(path, bytes);
+    }
+
+    /// A weights file (`.safetensors`) of the model folder named `folder`, as a `Blob` (the
+    /// picked `File`, or an OPFS file) that is read by range as the model loads, one tensor at a
+    /// time: never whole in WebAssembly memory (4 GiB at most; an SD-1.5 folder is 2–4 GB).
+    #[wasm_bindgen(js_name = addModelSource)]
+    pub fn add_model_source(&mut self, folder: String, path: String, blob: JsValue) {
+        let len = blob_size(&blob) as u64;
+        self.inputs
+            .model
+            .get_or_insert_with(|| ModelFiles::new(folder))
+            .insert_source(path, Rc::new(BlobSource { blob, len }));
     }
 
     /// A checkpoint (`checkpoint.safetensors` of `draft train` or of the page) to continue.

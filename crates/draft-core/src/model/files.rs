@@ -1,15 +1,31 @@
-//! A pipeline's files as bytes: [`ModelFiles`] (a diffusers folder, a sharded set, a variant or
-//! a single-file checkpoint, by path relative to the folder), the CLIP tokenizer built from
-//! them, and the limits on what any command asks of a pipeline.
+//! A pipeline's files: [`ModelFiles`] (a diffusers folder, a sharded set, a variant or a
+//! single-file checkpoint, by path relative to the folder) — configs and tokenizer as bytes,
+//! weights as bytes or as sources read by range ([`crate::model::source`]) — the CLIP tokenizer
+//! built from them, and the limits on what any command asks of a pipeline.
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use serde_json::json;
 
 use crate::error::{Error, Result};
 use crate::model::layouts::ldm;
+use crate::model::source::ByteSource;
 use crate::model::tokenizer::{ClipTokenizer, SpecialTokens};
-use crate::model::weights::Weights;
+use crate::model::weights::{FileRef, Weights};
+
+/// A file as a shell hands it to [`ModelFiles`]: bytes, or a source read by range (a weights
+/// file on disk or picked in a browser, which is then never held whole).
+pub enum FileData {
+    Bytes(Vec<u8>),
+    Source(Rc<dyn ByteSource>),
+}
+
+impl From<Vec<u8>> for FileData {
+    fn from(bytes: Vec<u8>) -> Self {
+        FileData::Bytes(bytes)
+    }
+}
 
 /// The largest batch of images any command samples or trains on at once (a guard against a
 /// setting that would allocate without bound, not a practical limit).
@@ -38,6 +54,8 @@ pub struct ModelFiles {
     /// How the folder is named in error messages (its path, for the CLI).
     pub name: String,
     pub files: BTreeMap<String, Vec<u8>>,
+    /// Weight files read by range, one tensor at a time, never whole.
+    pub sources: BTreeMap<String, Rc<dyn ByteSource>>,
     /// The weights variant to load (`fp16`, …; a component without it loads its plain files);
     /// `None`: the plain files, else `fp16`.
     pub variant: Option<String>,
@@ -67,6 +85,7 @@ impl ModelFiles {
         Self {
             name: name.into(),
             files: BTreeMap::new(),
+            sources: BTreeMap::new(),
             variant: None,
             checkpoint: None,
         }
@@ -79,13 +98,18 @@ impl ModelFiles {
     /// (`(file name, bytes)` of the standard CLIP BPE tokenizer that SD used).
     pub fn from_checkpoint(
         name: &str,
-        checkpoint: Vec<u8>,
+        checkpoint: impl Into<FileData>,
         config: Option<&Self>,
         tokenizer: &[(&str, &[u8])],
     ) -> Result<Self> {
+        let checkpoint = checkpoint.into();
         let mut files = Self::new(name);
         let inferred = {
-            let s = ldm::shapes(&Weights::from_bytes(name, &checkpoint)?)?;
+            let file = match &checkpoint {
+                FileData::Bytes(b) => FileRef::Bytes(b),
+                FileData::Source(s) => FileRef::Source(&**s),
+            };
+            let s = ldm::shapes(&Weights::from_files(name, &[(name.to_string(), file)])?)?;
             if !ldm::is_checkpoint(&s) {
                 let sdxl = s.keys().any(|k| k.starts_with("conditioner."));
                 return Err(Error::config(
@@ -135,7 +159,7 @@ impl ModelFiles {
                 serde_json::to_vec(&json!({ "pad_token": inferred.pad_token })).expect("JSON"),
             );
         }
-        files.insert(ldm::CHECKPOINT, checkpoint);
+        files.insert_data(ldm::CHECKPOINT, checkpoint);
         files.checkpoint = Some(ldm::CHECKPOINT.into());
         Ok(files)
     }
@@ -156,20 +180,41 @@ impl ModelFiles {
         variant: Option<&str>,
         mut read: impl FnMut(&str) -> std::result::Result<Option<Vec<u8>>, E>,
     ) -> std::result::Result<Self, E> {
-        let mut files = Self::read_configs(name, &mut read)?;
+        Self::read_layout_from(name, variant, |path| Ok(read(path)?.map(FileData::Bytes)))
+    }
+
+    /// [`read_layout_variant`](Self::read_layout_variant) where `read` may hand a file over as a
+    /// source read by range ([`FileData::Source`]: what a shell does for `.safetensors` weights,
+    /// so that they are never held whole). Config, tokenizer and index files are read whole.
+    pub fn read_layout_from<E>(
+        name: impl Into<String>,
+        variant: Option<&str>,
+        mut read: impl FnMut(&str) -> std::result::Result<Option<FileData>, E>,
+    ) -> std::result::Result<Self, E> {
+        let mut files = Self::new(name);
+        for rel in Self::LAYOUT {
+            if let Some(data) = read(rel)? {
+                files.insert_data(*rel, data);
+            }
+        }
         files.variant = variant.map(str::to_string);
         for component in COMPONENTS {
             for path in files.weight_names(component) {
-                let Some(bytes) = read(&path)? else {
+                let Some(data) = read(&path)? else {
                     continue;
                 };
+                files.insert_data(path.clone(), data);
                 // A malformed index is reported when the component loads.
-                let shards = shard_names(&bytes).unwrap_or_default();
-                files.insert(path, bytes);
+                let shards = files
+                    .bytes(&path)
+                    .ok()
+                    .and_then(|b| shard_names(b).ok())
+                    .filter(|_| path.ends_with(".json"))
+                    .unwrap_or_default();
                 for shard in shards {
                     let rel = format!("{component}/{shard}");
-                    if let Some(bytes) = read(&rel)? {
-                        files.insert(rel, bytes);
+                    if let Some(data) = read(&rel)? {
+                        files.insert_data(rel, data);
                     }
                 }
                 break;
@@ -228,7 +273,47 @@ impl ModelFiles {
     }
 
     pub fn insert(&mut self, path: impl Into<String>, bytes: Vec<u8>) {
-        self.files.insert(path.into(), bytes);
+        let path = path.into();
+        self.sources.remove(&path);
+        self.files.insert(path, bytes);
+    }
+
+    /// Adds a file read by range (weights: a `.safetensors` file). Any other file given as a
+    /// source is read whole here: configs and indexes are small.
+    pub fn insert_source(&mut self, path: impl Into<String>, source: Rc<dyn ByteSource>) {
+        let path = path.into();
+        self.files.remove(&path);
+        self.sources.insert(path, source);
+    }
+
+    /// [`insert`](Self::insert) or [`insert_source`](Self::insert_source): weights
+    /// (`.safetensors`) stay a source, any other file is read whole.
+    pub fn insert_data(&mut self, path: impl Into<String>, data: FileData) {
+        let path = path.into();
+        match data {
+            FileData::Bytes(bytes) => self.insert(path, bytes),
+            FileData::Source(source)
+                if path.ends_with(".safetensors") || path == ldm::CHECKPOINT =>
+            {
+                self.insert_source(path, source)
+            }
+            FileData::Source(source) => {
+                let mut bytes = vec![0; source.len() as usize];
+                // An unreadable config reads as empty: reported as malformed where it is parsed.
+                if source.read_at(0, &mut bytes).is_err() {
+                    bytes.clear();
+                }
+                self.insert(path, bytes)
+            }
+        }
+    }
+
+    /// The weights file `path` as [`Weights`] reads it: its bytes or its source.
+    pub fn file_ref(&self, path: &str) -> Result<FileRef<'_>> {
+        if let Some(source) = self.sources.get(path) {
+            return Ok(FileRef::Source(&**source));
+        }
+        self.bytes(path).map(FileRef::Bytes)
     }
 
     /// The name a file is reported under: `<folder>/<path>`.
@@ -237,10 +322,18 @@ impl ModelFiles {
     }
 
     pub fn has(&self, path: &str) -> bool {
-        self.files.contains_key(path)
+        self.files.contains_key(path) || self.sources.contains_key(path)
     }
 
+    /// The bytes of a file held in memory (a weights file read by range has none: see
+    /// [`file_ref`](Self::file_ref)).
     pub fn bytes(&self, path: &str) -> Result<&[u8]> {
+        if self.sources.contains_key(path) {
+            return Err(Error::config(
+                &self.display(path),
+                "read by range, not held in memory",
+            ));
+        }
         self.files
             .get(path)
             .map(Vec::as_slice)
@@ -256,7 +349,7 @@ impl ModelFiles {
     /// transformers keys its module asks for, whatever layout they are stored in.
     pub fn component_weights(&self, component: &str) -> Result<Weights<'_>> {
         if let Some(key) = &self.checkpoint {
-            let w = Weights::from_bytes(&self.name, self.bytes(key)?)?;
+            let w = Weights::from_files(&self.name, &[(self.name.clone(), self.file_ref(key)?)])?;
             return ldm::component(w, component);
         }
         let names = self.weight_names(component);
@@ -284,11 +377,12 @@ impl ModelFiles {
             let mut parts = Vec::with_capacity(shards.len());
             for shard in shards {
                 let rel = format!("{component}/{shard}");
-                parts.push((self.display(&rel), self.bytes(&rel)?));
+                parts.push((self.display(&rel), self.file_ref(&rel)?));
             }
-            Weights::from_shards(&self.display(path), &parts)?
+            Weights::from_files(&self.display(path), &parts)?
         } else {
-            Weights::from_bytes(&self.display(path), self.bytes(path)?)?
+            let name = self.display(path);
+            Weights::from_files(&name, &[(name.clone(), self.file_ref(path)?)])?
         };
         if component == "text_encoder" {
             return crate::model::layouts::text_model_prefix(w);

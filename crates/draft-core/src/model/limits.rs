@@ -14,6 +14,12 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// Reads every `.safetensors` file, and PyTorch-named files a shell converted to safetensors
 /// (`.bin`, `.pt`, `.pth`, `.ckpt` whose header reads as safetensors).
 pub fn check_tensor_sizes(what: &str, files: &ModelFiles, max_binding_bytes: u64) -> Result<()> {
+    // Weights read by range: their headers alone.
+    for (name, source) in &files.sources {
+        let display = files.display(name);
+        let header = crate::model::source::SafetensorsHeader::read(&display, &**source)?;
+        check_metadata_tensor_sizes(what, &display, &header.metadata, max_binding_bytes)?;
+    }
     for (name, bytes) in &files.files {
         let lower = name.to_ascii_lowercase();
         if lower.ends_with(".safetensors") {
@@ -47,6 +53,16 @@ pub fn check_file_tensor_sizes(
             file: name.to_string(),
             reason: e.to_string(),
         })?;
+    check_metadata_tensor_sizes(what, name, &metadata, max_binding_bytes)
+}
+
+/// [`check_file_tensor_sizes`] from a header already read.
+fn check_metadata_tensor_sizes(
+    what: &str,
+    name: &str,
+    metadata: &safetensors::tensor::Metadata,
+    max_binding_bytes: u64,
+) -> Result<()> {
     let tensors = metadata.tensors();
     for key in metadata.offset_keys() {
         let shape = &tensors[&key].shape;

@@ -15,6 +15,7 @@ pub mod nn;
 pub mod pipeline;
 pub mod sampler;
 pub mod schedule;
+pub mod source;
 pub mod tokenizer;
 pub mod var_builder;
 pub mod weights;

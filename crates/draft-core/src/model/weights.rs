@@ -6,6 +6,14 @@ use burn::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
+use crate::model::source::{ByteSource, SafetensorsHeader};
+
+/// A safetensors file as [`Weights`] reads it: bytes in memory, or a source read by range.
+#[derive(Clone, Copy)]
+pub enum FileRef<'a> {
+    Bytes(&'a [u8]),
+    Source(&'a dyn ByteSource),
+}
 
 /// One or more parsed safetensors files (the shards of one component) plus the name they are
 /// reported under in errors, with the keys the model asks for mapped onto the keys in the files.
@@ -15,17 +23,88 @@ use crate::error::{Error, Result};
 /// diffusers/transformers key.
 pub struct Weights<'a> {
     file: String,
-    shards: Vec<(String, SafeTensors<'a>)>,
+    shards: Vec<(String, Shard<'a>)>,
     /// Key the model asks for → where it is in the files.
     keys: std::collections::BTreeMap<String, Entry>,
 }
 
-/// A tensor found: the name of the file holding it, its view and its row block, if any.
-type View<'s> = (
-    &'s str,
-    safetensors::tensor::TensorView<'s>,
-    Option<(usize, usize)>,
-);
+/// One safetensors file of a [`Weights`]: parsed bytes in memory, or a header whose tensors
+/// are read from their source one at a time ([`crate::model::source`]).
+enum Shard<'a> {
+    Memory(SafeTensors<'a>),
+    Source {
+        header: SafetensorsHeader,
+        source: &'a dyn ByteSource,
+    },
+}
+
+impl Shard<'_> {
+    fn names(&self) -> Vec<String> {
+        match self {
+            Shard::Memory(st) => st.names().into_iter().map(str::to_string).collect(),
+            Shard::Source { header, .. } => header.metadata.offset_keys(),
+        }
+    }
+
+    /// `key`'s dtype, shape and the byte range of its data (from the data's start).
+    fn info(&self, key: &str) -> Option<(Dtype, Vec<usize>, (usize, usize))> {
+        match self {
+            Shard::Memory(st) => {
+                let view = st.tensor(key).ok()?;
+                // The view's data is a slice of the buffer: its offset there.
+                Some((view.dtype(), view.shape().to_vec(), (0, view.data().len())))
+            }
+            Shard::Source { header, .. } => {
+                let info = header.metadata.info(key)?;
+                Some((info.dtype, info.shape.clone(), info.data_offsets))
+            }
+        }
+    }
+
+    /// The bytes `range` of `key`'s data (`range` counted from the tensor's first byte).
+    fn read(
+        &self,
+        file: &str,
+        key: &str,
+        range: (usize, usize),
+    ) -> Result<std::borrow::Cow<'_, [u8]>> {
+        match self {
+            Shard::Memory(st) => {
+                let view = st.tensor(key).map_err(|e| Error::Safetensors {
+                    file: file.to_string(),
+                    reason: e.to_string(),
+                })?;
+                Ok(std::borrow::Cow::Borrowed(&view.data()[range.0..range.1]))
+            }
+            Shard::Source { header, source } => {
+                let (start, _) = header
+                    .metadata
+                    .info(key)
+                    .expect("named by the header")
+                    .data_offsets;
+                let base = header.data_start + start as u64;
+                source
+                    .slice(base + range.0 as u64, base + range.1 as u64)
+                    .map_err(|reason| Error::Safetensors {
+                        file: file.to_string(),
+                        reason: format!("tensor `{key}`: {reason}"),
+                    })
+            }
+        }
+    }
+}
+
+/// A tensor found: the name of the file holding it, its shard, its key there, dtype and shape,
+/// and its row block, if any.
+struct View<'s, 'a> {
+    file: &'s str,
+    shard: &'s Shard<'a>,
+    key: &'s str,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    len: usize,
+    chunk: Option<(usize, usize)>,
+}
 
 /// Where one tensor of a [`Weights`] is: its shard, its key there and, for a tensor that is
 /// one of `n` equal row blocks of a fused file tensor (OpenCLIP's `in_proj_weight` as q, k, v),
@@ -47,27 +126,52 @@ impl<'a> Weights<'a> {
     /// `file` (the index) names the set, each shard's own name its tensors. A key found in two
     /// shards is refused.
     pub fn from_shards(file: &str, shards: &[(String, &'a [u8])]) -> Result<Self> {
+        let files: Vec<(String, FileRef<'a>)> = shards
+            .iter()
+            .map(|(name, bytes)| (name.clone(), FileRef::Bytes(bytes)))
+            .collect();
+        Self::from_files(file, &files)
+    }
+
+    /// The safetensors file `source` (`file` in messages), read by range: its header now, each
+    /// tensor's bytes when the tensor is read.
+    pub fn from_source(file: &str, source: &'a dyn ByteSource) -> Result<Self> {
+        Self::from_files(file, &[(file.to_string(), FileRef::Source(source))])
+    }
+
+    /// [`from_shards`](Self::from_shards) over files in memory or read by range.
+    pub fn from_files(file: &str, shards: &[(String, FileRef<'a>)]) -> Result<Self> {
         let mut parsed = Vec::with_capacity(shards.len());
         let mut keys = std::collections::BTreeMap::new();
-        for (i, (name, bytes)) in shards.iter().enumerate() {
-            let st = SafeTensors::deserialize(bytes).map_err(|e| Error::Safetensors {
-                file: name.clone(),
-                reason: e.to_string(),
-            })?;
-            for key in st.names() {
+        for (i, (name, data)) in shards.iter().enumerate() {
+            let shard = match *data {
+                FileRef::Bytes(bytes) => {
+                    Shard::Memory(SafeTensors::deserialize(bytes).map_err(|e| {
+                        Error::Safetensors {
+                            file: name.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?)
+                }
+                FileRef::Source(source) => Shard::Source {
+                    header: SafetensorsHeader::read(name, source)?,
+                    source,
+                },
+            };
+            for key in shard.names() {
                 let entry = Entry {
                     shard: i,
-                    key: key.to_string(),
+                    key: key.clone(),
                     chunk: None,
                 };
-                if let Some(other) = keys.insert(key.to_string(), entry) {
+                if let Some(other) = keys.insert(key.clone(), entry) {
                     return Err(Error::Safetensors {
                         file: name.clone(),
                         reason: format!("tensor `{key}` is also in {}", shards[other.shard].0),
                     });
                 }
             }
-            parsed.push((name.clone(), st));
+            parsed.push((name.clone(), shard));
         }
         Ok(Self {
             file: file.to_string(),
@@ -123,10 +227,10 @@ impl<'a> Weights<'a> {
 
     /// The shape of `key` without reading its values.
     pub fn shape(&self, key: &str) -> Result<Vec<usize>> {
-        let (file, view, chunk) = self.view(key)?;
-        let mut shape = view.shape().to_vec();
-        if let Some((_, n)) = chunk {
-            Self::check_chunk(file, key, &shape, n)?;
+        let view = self.view(key)?;
+        let mut shape = view.shape;
+        if let Some((_, n)) = view.chunk {
+            Self::check_chunk(view.file, key, &shape, n)?;
             shape[0] /= n;
         }
         Ok(shape)
@@ -143,29 +247,39 @@ impl<'a> Weights<'a> {
     }
 
     /// The tensor `key`, the name of the file holding it and its row block, if any.
-    fn view(&self, key: &str) -> Result<View<'_>> {
+    fn view(&self, key: &str) -> Result<View<'_, 'a>> {
         let missing = || Error::MissingTensor {
             file: self.file.clone(),
             key: key.to_string(),
         };
         let entry = self.keys.get(key).ok_or_else(missing)?;
-        let (name, st) = &self.shards[entry.shard];
-        let view = st.tensor(&entry.key).map_err(|_| missing())?;
-        Ok((name, view, entry.chunk))
+        let (name, shard) = &self.shards[entry.shard];
+        let (dtype, shape, (start, end)) = shard.info(&entry.key).ok_or_else(missing)?;
+        Ok(View {
+            file: name,
+            shard,
+            key: &entry.key,
+            dtype,
+            shape,
+            len: end - start,
+            chunk: entry.chunk,
+        })
     }
 
-    /// The bytes of `key` (its row block only, for a block of a fused tensor) and its shape.
-    fn data(&self, key: &str) -> Result<(&str, Dtype, &[u8], Vec<usize>)> {
-        let (file, view, chunk) = self.view(key)?;
-        let mut shape = view.shape().to_vec();
-        let mut bytes = view.data();
-        if let Some((i, n)) = chunk {
-            Self::check_chunk(file, key, &shape, n)?;
-            let block = bytes.len() / n;
-            bytes = &bytes[i * block..(i + 1) * block];
+    /// The bytes of `key` (its row block only, for a block of a fused tensor) and its shape:
+    /// only those bytes are read from a source.
+    fn data(&self, key: &str) -> Result<(&str, Dtype, std::borrow::Cow<'_, [u8]>, Vec<usize>)> {
+        let view = self.view(key)?;
+        let mut shape = view.shape;
+        let mut range = (0, view.len);
+        if let Some((i, n)) = view.chunk {
+            Self::check_chunk(view.file, key, &shape, n)?;
+            let block = view.len / n;
+            range = (i * block, (i + 1) * block);
             shape[0] /= n;
         }
-        Ok((file, view.dtype(), bytes, shape))
+        let bytes = view.shard.read(view.file, view.key, range)?;
+        Ok((view.file, view.dtype, bytes, shape))
     }
 
     fn dtype_error(file: &str, key: &str, dtype: Dtype, expected: &str) -> Error {
