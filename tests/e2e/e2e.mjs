@@ -281,14 +281,20 @@ async function resumeAndRoundTrip() {
 // user would, trained on the CPU backend; the evaluation set before training scores what the
 // native session does (crates/draft-web/tests/common: AESTHETIC_NATIVE).
 const AESTHETIC_NATIVE_BEFORE = -0.421916;
+const fixtures = resolve(here, "../fixtures");
 
-async function learnedReward() {
-  const fixtures = resolve(here, "../fixtures");
+// A fresh page, idle, with the short run's settings filled in; `label` names it in the log.
+async function newRunPage(label) {
   const page = await browser.newPage({ viewport: { width: 1280, height: 1100 } });
-  page.on("pageerror", (e) => log(`learned-reward page: error: ${e.message}`));
+  page.on("pageerror", (e) => log(`${label} page: error: ${e.message}`));
   await page.goto(url);
   await page.waitForSelector("body[data-state=idle]", { timeout: 60_000 });
   await fillRun(page);
+  return page;
+}
+
+async function learnedReward() {
+  const page = await newRunPage("learned-reward");
   await page.fill("#train-steps", "2");
   await page.fill("#checkpoint-every", "0");
   await page.uncheck("#reward-colorfulness");
@@ -315,6 +321,35 @@ async function learnedReward() {
     }
   }
   if (!out.limits) fail("the page does not say what the adapter can hold");
+  return out;
+}
+
+// --- A model folder picked in the page, its weights read by range ----------------------------
+// sd1-tiny's folder picked as a user would: its .safetensors weights go to the worker as Files,
+// read one tensor at a time (never whole in WebAssembly memory) and written to OPFS for the
+// kept run; the page is reloaded mid-run and the run resumed from those OPFS files.
+async function pickedModelFolder() {
+  const page = await newRunPage("model-folder");
+  await page.fill("#train-steps", "3");
+  await page.fill("#checkpoint-every", "1");
+  await page.setInputFiles("#model-folder", join(fixtures, "sd1-tiny"));
+  await page.evaluate(() => setTimeout(() => document.getElementById("train").click(), 0));
+  await page.waitForFunction(() => window.draft.saved >= 1 || document.body.dataset.state === "error", null, { timeout: 600_000, polling: 20 });
+  const out = { first: await pageState(page) };
+  await page.reload();
+  await page.waitForSelector("body[data-state=idle]", { timeout: 60_000 });
+  out.keptText = await page.textContent("#kept-text");
+  await page.selectOption("#device", "cpu");
+  await page.click("#resume");
+  await settled(page);
+  out.resumed = await pageState(page);
+  await page.close();
+  log(`model folder: ${JSON.stringify(out)}`);
+  if (out.first.state === "error") fail(`a picked model folder: ${out.first.error}`);
+  else if (!/sd1-tiny/.test(out.keptText ?? "")) fail(`the kept run does not name the picked folder: ${out.keptText}`);
+  else if (out.resumed.state !== "done" || out.resumed.updates !== 3) {
+    fail(`the kept run of a picked folder, resumed from OPFS: state ${out.resumed.state} at ${out.resumed.updates} updates (${out.resumed.error})`);
+  }
   return out;
 }
 
@@ -424,6 +459,7 @@ try {
   }
   const resume = result.state === "done" ? await resumeAndRoundTrip() : null;
   const learned = result.state === "done" ? await learnedReward() : null;
+  const modelFolder = result.state === "done" ? await pickedModelFolder() : null;
 
   const last = result.evals.at(-1);
   const figures = {
@@ -450,6 +486,8 @@ try {
     resume,
     // LAION aesthetic (tiny CLIP) picked in the page.
     learned,
+    // sd1-tiny's folder picked in the page (weights read by range), kept and resumed.
+    modelFolder,
     // What the page downloads: every file as sent (compressed) and its size on disk.
     transferredBytes: [...transferred.values()].reduce((a, f) => a + f.sent, 0),
     uncompressedBytes: [...transferred.values()].reduce((a, f) => a + f.size, 0),

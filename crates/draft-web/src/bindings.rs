@@ -78,6 +78,13 @@ struct BlobSource {
     len: u64,
 }
 
+/// A `Blob` (a picked `File`, an OPFS file) as a source read by range; reads need a dedicated
+/// worker (`FileReaderSync`).
+pub fn blob_source(blob: JsValue) -> Rc<dyn draft_core::model::source::ByteSource> {
+    let len = blob_size(&blob) as u64;
+    Rc::new(BlobSource { blob, len })
+}
+
 impl draft_core::model::source::ByteSource for BlobSource {
     fn len(&self) -> u64 {
         self.len
@@ -149,11 +156,10 @@ impl RunFiles {
     /// time: never whole in WebAssembly memory (4 GiB at most; an SD-1.5 folder is 2–4 GB).
     #[wasm_bindgen(js_name = addModelSource)]
     pub fn add_model_source(&mut self, folder: String, path: String, blob: JsValue) {
-        let len = blob_size(&blob) as u64;
         self.inputs
             .model
             .get_or_insert_with(|| ModelFiles::new(folder))
-            .insert_source(path, Rc::new(BlobSource { blob, len }));
+            .insert_source(path, blob_source(blob));
     }
 
     /// A checkpoint (`checkpoint.safetensors` of `draft train` or of the page) to continue.

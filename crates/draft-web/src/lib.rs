@@ -23,7 +23,7 @@ use serde::Serialize;
 #[cfg(target_arch = "wasm32")]
 mod bindings;
 #[cfg(target_arch = "wasm32")]
-pub use bindings::{RunFiles, WebTrainer};
+pub use bindings::{RunFiles, WebTrainer, blob_source};
 
 thread_local! {
     /// Burn refuses to initialise the wgpu runtime twice: one device per page.

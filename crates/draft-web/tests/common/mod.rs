@@ -81,8 +81,13 @@ async fn sample(
 
 /// sd1-tiny, run "a" → the images [2, 16, 16, 3] and diffusers' `images_a`.
 pub async fn sample_sd1(device: &Device) -> (Vec<f32>, Vec<f32>) {
+    sample_sd1_from(&sd1_files(), device).await
+}
+
+/// [`sample_sd1`] from `files` (sd1-tiny's, however they are held).
+pub async fn sample_sd1_from(files: &ModelFiles, device: &Device) -> (Vec<f32>, Vec<f32>) {
     let reference = Weights::from_bytes("reference.safetensors", SD1_REFERENCE).unwrap();
-    let pipe = Pipeline::load(&sd1_files(), device).unwrap();
+    let pipe = Pipeline::load(files, device).unwrap();
     let x_t = reference.tensor::<4>("init_noise", device).unwrap();
     let (got, _) = sample(&pipe, &SD1_PROMPTS, 10, x_t).await;
     (got, reference.read_f32("images_a").unwrap().0)
