@@ -347,6 +347,14 @@ fn configure_cubecl(count: bool, level: Option<&str>) {
     CubeClRuntimeConfig::set(config);
 }
 
+/// The launches between two readings of [`dispatches`] (null when not counting).
+fn launches_between(before: Option<u64>, after: Option<u64>) -> Value {
+    match (before, after) {
+        (Some(a), Some(b)) => json!(b - a),
+        _ => Value::Null,
+    }
+}
+
 /// Launches counted so far, once the device has finished and CubeCL's logging task has
 /// caught up (it logs asynchronously: wait until the count stops moving).
 fn dispatches(device: &Device) -> Option<u64> {
@@ -577,10 +585,7 @@ fn tiny_sample(device: &Device) -> Value {
             (Some(f), Some(a)) => json!((a - f) / (steps as u64 - 1)),
             _ => Value::Null,
         },
-        "dispatches_first_step": match (d0, first_dispatches) {
-            (Some(a), Some(b)) => json!(b - a),
-            _ => Value::Null,
-        },
+        "dispatches_first_step": launches_between(d0, first_dispatches),
         // By kernel kind, over the steady steps (per UNet call: divide by steps − 1).
         "kernels_steady_steps": kernels_since(&first_kernels),
     })
@@ -714,10 +719,7 @@ fn sd14_512(
         json!({
             "unet_call_first_s": round3(first_call),
             "unet_call_s": round3(second_call),
-            "dispatches_unet_call": match (d0, d1) {
-                (Some(a), Some(b)) => json!(b - a),
-                _ => Value::Null,
-            },
+            "dispatches_unet_call": launches_between(d0, d1),
             "kernels_unet_call": kernels_since(&k0),
             "pools_after_unet_calls": call_pools,
             "rss_peak_unet_calls_mib": rss_mib("VmHWM"),
@@ -754,15 +756,11 @@ fn sd14_512(
     drop(e);
     let mut later: Vec<f64> = (1..repeat as u64).map(|s| step(s).0).collect();
     later.sort_by(f64::total_cmp);
-    let diff = |a: Option<u64>, b: Option<u64>| match (a, b) {
-        (Some(a), Some(b)) => json!(b - a),
-        _ => Value::Null,
-    };
     phase(
         &mut result,
         json!({
             "first_step_s": round3(first_step),
-            "dispatches_step": diff(d2, d3),
+            "dispatches_step": launches_between(d2, d3),
             "pools_after_step": step_pools,
             "pool_after_step": after_step,
             "peak_rss_step_mib": step_rss,

@@ -21,6 +21,16 @@ pub enum FileData {
     Source(Rc<dyn ByteSource>),
 }
 
+impl FileData {
+    /// The file as [`Weights`] reads it.
+    pub fn file_ref(&self) -> FileRef<'_> {
+        match self {
+            FileData::Bytes(b) => FileRef::Bytes(b),
+            FileData::Source(s) => FileRef::Source(&**s),
+        }
+    }
+}
+
 impl From<Vec<u8>> for FileData {
     fn from(bytes: Vec<u8>) -> Self {
         FileData::Bytes(bytes)
@@ -105,11 +115,7 @@ impl ModelFiles {
         let checkpoint = checkpoint.into();
         let mut files = Self::new(name);
         let inferred = {
-            let file = match &checkpoint {
-                FileData::Bytes(b) => FileRef::Bytes(b),
-                FileData::Source(s) => FileRef::Source(&**s),
-            };
-            let s = ldm::shapes(&Weights::from_files(name, &[(name.to_string(), file)])?)?;
+            let s = ldm::shapes(&Weights::from_file(name, checkpoint.file_ref())?)?;
             if !ldm::is_checkpoint(&s) {
                 let sdxl = s.keys().any(|k| k.starts_with("conditioner."));
                 return Err(Error::config(
@@ -191,12 +197,7 @@ impl ModelFiles {
         variant: Option<&str>,
         mut read: impl FnMut(&str) -> std::result::Result<Option<FileData>, E>,
     ) -> std::result::Result<Self, E> {
-        let mut files = Self::new(name);
-        for rel in Self::LAYOUT {
-            if let Some(data) = read(rel)? {
-                files.insert_data(*rel, data);
-            }
-        }
+        let mut files = Self::read_configs_from(name, &mut read)?;
         files.variant = variant.map(str::to_string);
         for component in COMPONENTS {
             for path in files.weight_names(component) {
@@ -205,13 +206,11 @@ impl ModelFiles {
                 };
                 files.insert_data(path.clone(), data);
                 // A malformed index is reported when the component loads.
-                let shards = files
-                    .bytes(&path)
-                    .ok()
-                    .and_then(|b| shard_names(b).ok())
-                    .filter(|_| path.ends_with(".json"))
-                    .unwrap_or_default();
-                for shard in shards {
+                let shards = match path.ends_with(".json") {
+                    true => files.bytes(&path).ok().and_then(|b| shard_names(b).ok()),
+                    false => None,
+                };
+                for shard in shards.unwrap_or_default() {
                     let rel = format!("{component}/{shard}");
                     if let Some(data) = read(&rel)? {
                         files.insert_data(rel, data);
@@ -229,10 +228,18 @@ impl ModelFiles {
         name: impl Into<String>,
         mut read: impl FnMut(&str) -> std::result::Result<Option<Vec<u8>>, E>,
     ) -> std::result::Result<Self, E> {
+        Self::read_configs_from(name, |path| Ok(read(path)?.map(FileData::Bytes)))
+    }
+
+    /// [`read_configs`](Self::read_configs) from a reader of [`FileData`].
+    fn read_configs_from<E>(
+        name: impl Into<String>,
+        mut read: impl FnMut(&str) -> std::result::Result<Option<FileData>, E>,
+    ) -> std::result::Result<Self, E> {
         let mut files = Self::new(name);
         for rel in Self::LAYOUT {
-            if let Some(bytes) = read(rel)? {
-                files.insert(*rel, bytes);
+            if let Some(data) = read(rel)? {
+                files.insert_data(*rel, data);
             }
         }
         Ok(files)
@@ -349,7 +356,7 @@ impl ModelFiles {
     /// transformers keys its module asks for, whatever layout they are stored in.
     pub fn component_weights(&self, component: &str) -> Result<Weights<'_>> {
         if let Some(key) = &self.checkpoint {
-            let w = Weights::from_files(&self.name, &[(self.name.clone(), self.file_ref(key)?)])?;
+            let w = Weights::from_file(&self.name, self.file_ref(key)?)?;
             return ldm::component(w, component);
         }
         let names = self.weight_names(component);
@@ -381,8 +388,7 @@ impl ModelFiles {
             }
             Weights::from_files(&self.display(path), &parts)?
         } else {
-            let name = self.display(path);
-            Weights::from_files(&name, &[(name.clone(), self.file_ref(path)?)])?
+            Weights::from_file(&self.display(path), self.file_ref(path)?)?
         };
         if component == "text_encoder" {
             return crate::model::layouts::text_model_prefix(w);

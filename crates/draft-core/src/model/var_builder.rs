@@ -147,6 +147,9 @@ pub struct VarBuilder<'w, 'a> {
     weights_dtype: FloatDType,
 }
 
+/// The spread of [`VarBuilder::random`]'s weights.
+const RANDOM_STD: f64 = 0.02;
+
 impl<'w, 'a> VarBuilder<'w, 'a> {
     pub fn new(weights: &'w Weights<'a>, device: &Device) -> Self {
         Self {
@@ -158,7 +161,8 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
         }
     }
 
-    /// A builder that makes up N(0, 0.02²) weights (norm scales N(1, 0.02²)) from `seed`.
+    /// A builder that makes up N(0, 0.02²) weights (norm scales N(1, 0.02²)) from `seed`
+    /// ([`RANDOM_STD`]).
     pub fn random(seed: u64, device: &Device) -> VarBuilder<'static, 'static> {
         VarBuilder {
             source: Source::Random(std::rc::Rc::new(std::cell::RefCell::new(
@@ -264,7 +268,7 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
         let weights = match &self.source {
             Source::File(w) => *w,
             Source::Random(rng) => {
-                let t = rng.borrow_mut().randn(shape, &self.device) * 0.02;
+                let t = rng.borrow_mut().randn(shape, &self.device) * RANDOM_STD;
                 let is_norm_scale = D == 1 && name == "weight" && key.contains("norm");
                 return Ok(if is_norm_scale { t + 1.0 } else { t });
             }
@@ -338,7 +342,7 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
             Source::Random(rng) if rows > max_rows => Ok(starts
                 .map(|r0| {
                     let n = max_rows.min(rows - r0);
-                    self.stored(rng.borrow_mut().randn([n, cols], &self.device) * 0.02)
+                    self.stored(rng.borrow_mut().randn([n, cols], &self.device) * RANDOM_STD)
                 })
                 .collect()),
             // Stored tables (tests: small) are cut from the whole.

@@ -46,12 +46,12 @@ impl Shard<'_> {
         }
     }
 
-    /// `key`'s dtype, shape and the byte range of its data (from the data's start).
+    /// `key`'s dtype, shape and the byte range of its data: from the data section's start in a
+    /// source; from 0 in memory, where the tensor's view is its own slice.
     fn info(&self, key: &str) -> Option<(Dtype, Vec<usize>, (usize, usize))> {
         match self {
             Shard::Memory(st) => {
                 let view = st.tensor(key).ok()?;
-                // The view's data is a slice of the buffer: its offset there.
                 Some((view.dtype(), view.shape().to_vec(), (0, view.data().len())))
             }
             Shard::Source { header, .. } => {
@@ -61,7 +61,7 @@ impl Shard<'_> {
         }
     }
 
-    /// The bytes `range` of `key`'s data (`range` counted from the tensor's first byte).
+    /// The bytes `range` of `key`'s data (`range` counted as [`Self::info`]'s).
     fn read(
         &self,
         file: &str,
@@ -77,12 +77,7 @@ impl Shard<'_> {
                 Ok(std::borrow::Cow::Borrowed(&view.data()[range.0..range.1]))
             }
             Shard::Source { header, source } => {
-                let (start, _) = header
-                    .metadata
-                    .info(key)
-                    .expect("named by the header")
-                    .data_offsets;
-                let base = header.data_start + start as u64;
+                let base = header.data_start;
                 source
                     .slice(base + range.0 as u64, base + range.1 as u64)
                     .map_err(|reason| Error::Safetensors {
@@ -102,7 +97,8 @@ struct View<'s, 'a> {
     key: &'s str,
     dtype: Dtype,
     shape: Vec<usize>,
-    len: usize,
+    /// The data's byte range, as [`Shard::info`] gives it.
+    range: (usize, usize),
     chunk: Option<(usize, usize)>,
 }
 
@@ -119,7 +115,13 @@ struct Entry {
 impl<'a> Weights<'a> {
     /// Parses the header of `bytes`; `file` names the file in error messages.
     pub fn from_bytes(file: &str, bytes: &'a [u8]) -> Result<Self> {
-        Self::from_shards(file, &[(file.to_string(), bytes)])
+        Self::from_file(file, FileRef::Bytes(bytes))
+    }
+
+    /// One safetensors file, in memory or read by range (its header now, each tensor's bytes
+    /// when the tensor is read); `file` names it in error messages.
+    pub fn from_file(file: &str, data: FileRef<'a>) -> Result<Self> {
+        Self::from_files(file, &[(file.to_string(), data)])
     }
 
     /// The shards of one sharded checkpoint (`*.safetensors.index.json`'s files), read as one:
@@ -131,12 +133,6 @@ impl<'a> Weights<'a> {
             .map(|(name, bytes)| (name.clone(), FileRef::Bytes(bytes)))
             .collect();
         Self::from_files(file, &files)
-    }
-
-    /// The safetensors file `source` (`file` in messages), read by range: its header now, each
-    /// tensor's bytes when the tensor is read.
-    pub fn from_source(file: &str, source: &'a dyn ByteSource) -> Result<Self> {
-        Self::from_files(file, &[(file.to_string(), FileRef::Source(source))])
     }
 
     /// [`from_shards`](Self::from_shards) over files in memory or read by range.
@@ -254,14 +250,14 @@ impl<'a> Weights<'a> {
         };
         let entry = self.keys.get(key).ok_or_else(missing)?;
         let (name, shard) = &self.shards[entry.shard];
-        let (dtype, shape, (start, end)) = shard.info(&entry.key).ok_or_else(missing)?;
+        let (dtype, shape, range) = shard.info(&entry.key).ok_or_else(missing)?;
         Ok(View {
             file: name,
             shard,
             key: &entry.key,
             dtype,
             shape,
-            len: end - start,
+            range,
             chunk: entry.chunk,
         })
     }
@@ -271,11 +267,11 @@ impl<'a> Weights<'a> {
     fn data(&self, key: &str) -> Result<(&str, Dtype, std::borrow::Cow<'_, [u8]>, Vec<usize>)> {
         let view = self.view(key)?;
         let mut shape = view.shape;
-        let mut range = (0, view.len);
+        let mut range = view.range;
         if let Some((i, n)) = view.chunk {
             Self::check_chunk(view.file, key, &shape, n)?;
-            let block = view.len / n;
-            range = (i * block, (i + 1) * block);
+            let block = (range.1 - range.0) / n;
+            range = (range.0 + i * block, range.0 + (i + 1) * block);
             shape[0] /= n;
         }
         let bytes = view.shard.read(view.file, view.key, range)?;
