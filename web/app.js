@@ -202,6 +202,7 @@ function settingsKey() {
   return JSON.stringify([
     { ...readOptions($("device").value), trainSteps: 0, evalEvery: 0, checkpointEvery: 0 },
     $("model-folder").files.length,
+    $("model-file").files[0]?.name ?? null,
     [...document.querySelectorAll("#reward-models input[type=file]")].map((i) => [...i.files].map((f) => f.name).join()),
   ]);
 }
@@ -257,17 +258,58 @@ async function readRewardModels(rewards) {
   return out;
 }
 
+// The picked model: {folder, single} (a folder, a single checkpoint File, or both: the folder
+// then gives the file its configs and tokenizer, and its own weights are left out), or null for
+// the embedded one.
+async function readModel() {
+  const single = $("model-file").files[0] ?? null;
+  let folder = await readFolder($("model-folder"), true);
+  if (single && folder) folder = { ...folder, files: folder.files.filter(([p]) => /\.(json|txt)$/.test(p)) };
+  if (!single && !folder) return null;
+  return { folder, single: single ? { name: single.name, file: single } : null };
+}
+
+// What the picked model needs on the chosen device, said before any run (the worker reads its
+// configs and safetensors headers only): its size, its weights' memory, and whether an update
+// at its size fits this adapter — or which tensor passes which limit.
+let planAsked = 0;
+async function showPlan() {
+  const asked = ++planAsked;
+  const model = await readModel().catch(() => null);
+  let text = "";
+  try {
+    const device = deviceKind();
+    const p = await call("plan", { options: readOptions(device), model });
+    const mib = (b) => `${(b / 2 ** 20).toFixed(b < 2 ** 24 ? 1 : 0)} MiB`;
+    const params = p.parameters >= 1e8 ? `${(p.parameters / 1e9).toFixed(2)} B` : `${(p.parameters / 1e6).toFixed(1)} M`;
+    text = `${p.model}: ${params} parameters, about ${mib(p.weightsBytes)} of weights in ${p.weightsDtype} on this device. `;
+    const update = p.latentSize ? `An update at ${p.latentSize}×${p.latentSize} latents, batch ${p.batch},` : `An update, batch ${p.batch},`;
+    text += !p.trains
+      ? `It does not train here: ${p.why}`
+      : device === "webgpu"
+        ? `${update} fits this adapter's buffers.`
+        : `${update} runs on the CPU backend, which has no buffer limits.`;
+  } catch (e) {
+    text = `This model cannot be read: ${e.message ?? e}`;
+  }
+  if (asked === planAsked) {
+    $("model-plan").textContent = text;
+    $("model-plan").dataset.trains = String(!/does not train|cannot be read/.test(text));
+  }
+}
+
 // Opens a run in the worker (continuing `checkpoint`, {name, bytes}, when given); resolves to
 // its `RunInfo`.
 async function createTrainer(options, checkpoint) {
-  const folder = await readFolder($("model-folder"), true);
+  const model = await readModel();
+  const folder = model?.folder;
   // A checkpoint's own rewards decide which files it needs.
   const rewards = await readRewardModels(checkpoint ? await checkpointRewards(checkpoint.bytes) : options.rewards);
   const transfer = [
     ...(folder ? folder.files.filter(([, b]) => b instanceof Uint8Array).map(([, b]) => b.buffer) : []),
     ...rewards.flatMap((r) => (r.files ? r.files.map(([, b]) => b.buffer) : [r.bytes.buffer])),
   ];
-  return call("open", { options, folder, checkpoint, rewards }, transfer);
+  return call("open", { options, model, checkpoint, rewards }, transfer);
 }
 
 // The reward specs in a checkpoint's metadata (its `config`), read from the safetensors header.
@@ -699,6 +741,8 @@ async function main() {
     await call("forget").catch(showError);
   });
   $("checkpoint-file").addEventListener("change", openCheckpoint);
+  for (const id of ["model-folder", "model-file", "device", "batch"]) $(id).addEventListener("change", showPlan);
+  showPlan();
   $("open-checkpoint").addEventListener("click", () => $("checkpoint-file").click());
   offerKept(hello.kept);
   if (hello.storeError) showStore(hello.storeError);

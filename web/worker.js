@@ -6,9 +6,13 @@
 // It also keeps the run in the browser's origin-private file system (OPFS), so that it
 // survives a reload or a closed tab: draft-run/checkpoint.safetensors (the format of
 // `draft train`'s checkpoint.safetensors, written whenever the run policy hands one back),
-// draft-run/run.json (the options, the history the page draws, the model's name) and
-// draft-run/model/… (a picked model folder's files, so a resume does not ask for it again).
-import init, { WebTrainer, RunFiles, defaultPrompts, rewardNames, learnedRewardNames } from "./pkg/draft_web.js";
+// draft-run/run.json (the options, the history the page draws, the model's name and id) and
+// draft-run/rewards/… (the picked reward files). A picked model is kept once, apart from the
+// runs, in draft-models/<id>/ (its folder's files under folder/, a single checkpoint file under
+// single/, and model.json, written last), where <id> comes from its name and its files' names
+// and sizes: a new run on the same model copies nothing, and a model no kept run uses is
+// removed. Runs kept by an earlier page hold their model in draft-run/model/.
+import init, { WebTrainer, RunFiles, defaultPrompts, rewardNames, learnedRewardNames, planRun } from "./pkg/draft_web.js";
 
 const ready = init();
 let trainer = null;
@@ -21,6 +25,7 @@ let record = null;
 let storeError = null;
 
 const RUN_DIR = "draft-run";
+const MODELS_DIR = "draft-models";
 
 // --- OPFS --------------------------------------------------------------------------------
 
@@ -63,22 +68,85 @@ async function readTree(dir, prefix = "", byRange = false) {
   return out;
 }
 
-async function forget() {
+// The kept run and, with `models`, every kept model (no run is left to use them).
+async function forget({ models = true } = {}) {
   const root = await navigator.storage.getDirectory();
   await root.removeEntry(RUN_DIR, { recursive: true }).catch(() => {});
+  if (models) await root.removeEntry(MODELS_DIR, { recursive: true }).catch(() => {});
 }
 
 async function saveRecord(dir) {
   await writeFile(dir, "run.json", new TextEncoder().encode(JSON.stringify(record)));
 }
 
-// A new run replaces the stored one: its model and reward files now, its checkpoints as they
-// come.
-async function storeNewRun(folder, checkpoint, rewards) {
-  await forget();
-  const dir = await runDir(true);
+// A picked model's identity in the store: its name and every file's path and size (FNV-1a
+// over them; hashing the content would read gigabytes).
+function modelId(model) {
+  const size = (d) => (d instanceof Blob ? d.size : d.byteLength);
+  const key = JSON.stringify([
+    model.folder?.name ?? null,
+    (model.folder?.files ?? []).map(([p, d]) => [p, size(d)]),
+    model.single ? [model.single.name, model.single.file.size] : null,
+  ]);
+  let h = 0x811c9dc5;
+  for (let i = 0; i < key.length; i++) h = Math.imul(h ^ key.charCodeAt(i), 0x01000193) >>> 0;
+  const name = (model.single?.name ?? model.folder?.name ?? "model").replace(/[^\w.-]+/g, "_").slice(0, 60);
+  return `${name}-${h.toString(16).padStart(8, "0")}`;
+}
+
+// The bytes a model's files take.
+function modelBytes(model) {
+  const size = (d) => (d instanceof Blob ? d.size : d.byteLength);
+  return (model.folder?.files ?? []).reduce((n, [, d]) => n + size(d), 0) + (model.single?.file.size ?? 0);
+}
+
+// Keeps `model` ({folder, single}) in draft-models/<id>/ unless it is there already, after
+// removing the models no run uses; refuses before copying anything when the origin's quota
+// cannot hold it.
+async function storeModel(model, id) {
+  const root = await navigator.storage.getDirectory();
+  const models = await root.getDirectoryHandle(MODELS_DIR, { create: true });
+  for await (const [name] of models.entries()) {
+    if (name !== id) await models.removeEntry(name, { recursive: true });
+  }
+  const dir = await models.getDirectoryHandle(id, { create: true });
+  try {
+    await fileHandle(dir, "model.json", false);
+    return; // Kept already, whole (model.json is written last).
+  } catch {
+    // Not yet, or a copy cut short: copied again below.
+  }
+  const need = modelBytes(model);
+  const { quota, usage } = (await navigator.storage.estimate?.()) ?? {};
+  if (quota !== undefined && usage + need > quota) {
+    await models.removeEntry(id, { recursive: true });
+    const mib = (b) => `${Math.round(b / 2 ** 20)} MiB`;
+    throw new Error(`the model needs ${mib(need)} of storage and this site has ${mib(Math.max(0, quota - usage))} free of its ${mib(quota)} quota, so it was not copied`);
+  }
   // A `File` (a weights file read by range) is written by the browser from the file itself.
-  if (folder) for (const [path, data] of folder.files) await writeFile(dir, `model/${path}`, data);
+  for (const [path, data] of model.folder?.files ?? []) await writeFile(dir, `folder/${path}`, data);
+  if (model.single) await writeFile(dir, `single/${model.single.name}`, model.single.file);
+  const meta = { folder: model.folder?.name ?? null, single: model.single?.name ?? null, bytes: need };
+  await writeFile(dir, "model.json", new TextEncoder().encode(JSON.stringify(meta)));
+}
+
+// The kept model `id` as {folder, single}, its weights as OPFS `File`s read by range.
+async function keptModel(id) {
+  const root = await navigator.storage.getDirectory();
+  const dir = await (await root.getDirectoryHandle(MODELS_DIR)).getDirectoryHandle(id);
+  const meta = JSON.parse(new TextDecoder().decode(await readFile(dir, "model.json")));
+  const folder = meta.folder ? { name: meta.folder, files: await readTree(await dir.getDirectoryHandle("folder"), "", true) } : null;
+  const single = meta.single ? { name: meta.single, file: await (await fileHandle(dir, `single/${meta.single}`, false)).getFile() } : null;
+  return { folder, single };
+}
+
+// A new run replaces the stored one: its model (unless kept already) and reward files now, its
+// checkpoints as they come. A model that cannot be kept leaves the run unkept.
+async function storeNewRun(model, checkpoint, rewards) {
+  await forget({ models: false });
+  if (model) await storeModel(model, record.modelId);
+  else await forget();
+  const dir = await runDir(true);
   for (const r of rewards) {
     if (r.files) for (const [path, bytes] of r.files) await writeFile(dir, `rewards/${r.role}/${path}`, bytes);
     else await writeFile(dir, `rewards/${r.role}/weights`, r.bytes);
@@ -128,26 +196,35 @@ async function adapter() {
   return adapterInfo;
 }
 
-// rewards: [{role, name, files: [[path, bytes]]}] (a folder) or [{role, name, bytes,
-// openClipConfig}] (a single weights file).
-async function openRun({ options, folder, checkpoint, rewards = [] }) {
-  trainer?.free();
-  trainer = null;
-  record = null;
+// The picked model ({folder: {name, files: [[path, bytes or File]]}, single: {name, file}},
+// either or both) as the module's RunFiles, with the adapter's buffer limit.
+async function modelFiles(model, options) {
   const files = new RunFiles();
+  const folder = model?.folder;
   if (folder) {
     for (const [path, data] of folder.files) {
       if (data instanceof Blob) files.addModelSource(folder.name, path, data);
       else files.addModelFile(folder.name, path, data);
     }
   }
+  if (model?.single) files.setModelCheckpoint(model.single.name, model.single.file);
+  const limits = options.device === "webgpu" ? await adapter() : null;
+  if (limits) files.setBufferLimit(Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize));
+  return files;
+}
+
+// rewards: [{role, name, files: [[path, bytes]]}] (a folder) or [{role, name, bytes,
+// openClipConfig}] (a single weights file).
+async function openRun({ options, model, checkpoint, rewards = [] }) {
+  trainer?.free();
+  trainer = null;
+  record = null;
+  const files = await modelFiles(model, options);
   if (checkpoint) files.setCheckpoint(checkpoint.name, checkpoint.bytes);
   for (const r of rewards) {
     if (r.files) for (const [path, bytes] of r.files) files.addRewardFile(r.role, r.name, path, bytes);
     else files.setRewardWeights(r.role, r.name, r.bytes, r.openClipConfig ?? undefined);
   }
-  const limits = options.device === "webgpu" ? await adapter() : null;
-  if (limits) files.setBufferLimit(Math.min(limits.maxStorageBufferBindingSize, limits.maxBufferSize));
   trainer = await WebTrainer.open(JSON.stringify(options), files);
   watchProgress();
   return trainer.info();
@@ -176,21 +253,28 @@ const handlers = {
     }
     return { prompts: defaultPrompts(), rewards: rewardNames(), learned: learnedRewardNames(), kept, storeError, adapter: await adapter() };
   },
-  // A new run: the embedded model or a picked folder's files ([path, bytes] pairs), and a
-  // checkpoint ({name, bytes}) to continue. Kept in OPFS when the options checkpoint.
-  async open({ options, folder, checkpoint, rewards = [] }) {
-    const info = await openRun({ options, folder, checkpoint, rewards });
+  // What the picked model needs and whether it trains here, before any run (`ModelPlan`).
+  async plan({ options, model }) {
+    const a = options.device === "webgpu" ? await adapter() : null;
+    return planRun(JSON.stringify(options), await modelFiles(model, options), Boolean(a?.shaderF16));
+  },
+  // A new run: the embedded model or a picked model ({folder, single}: a folder's files as
+  // [path, bytes or File] pairs, a single checkpoint File), and a checkpoint ({name, bytes}) to
+  // continue. Kept in OPFS when the options checkpoint.
+  async open({ options, model, checkpoint, rewards = [] }) {
+    const info = await openRun({ options, model, checkpoint, rewards });
     if (info.options.checkpointEvery > 0) {
       record = {
         options: info.options,
-        model: folder ? folder.name : null,
+        model: model ? info.model : null,
+        modelId: model ? modelId(model) : null,
         // How to rebuild the reward sources from rewards/<role>/.
         rewards: rewards.map((r) => ({ role: r.role, name: r.name, folder: Boolean(r.files), openClipConfig: r.openClipConfig ?? null })),
         step: info.step,
         savedAt: Date.now(),
         history: { before: info.before ?? null, steps: [], evals: [] },
       };
-      await stored(() => storeNewRun(folder, checkpoint, rewards));
+      await stored(() => storeNewRun(model, checkpoint, rewards));
     } else {
       // A run that is not kept still replaces the kept one: Resume must not bring back an
       // older run than the one last trained.
@@ -203,10 +287,12 @@ const handlers = {
     const dir = await runDir(false);
     const kept = JSON.parse(new TextDecoder().decode(await readFile(dir, "run.json")));
     const checkpoint = { name: "checkpoint.safetensors (kept in this browser)", bytes: await readFile(dir, "checkpoint.safetensors") };
-    let folder = null;
-    if (kept.model) {
+    let model = null;
+    if (kept.modelId) model = await keptModel(kept.modelId);
+    else if (kept.model) {
+      // Kept by an earlier page: the folder inside the run.
       const modelDir = await dir.getDirectoryHandle("model");
-      folder = { name: kept.model, files: await readTree(modelDir, "", true) };
+      model = { folder: { name: kept.model, files: await readTree(modelDir, "", true) } };
     }
     const rewards = [];
     for (const r of kept.rewards ?? []) {
@@ -214,7 +300,7 @@ const handlers = {
       if (r.folder) rewards.push({ role: r.role, name: r.name, files: await readTree(roleDir) });
       else rewards.push({ role: r.role, name: r.name, bytes: await readFile(roleDir, "weights"), openClipConfig: r.openClipConfig });
     }
-    const info = await openRun({ options: { ...kept.options, device }, folder, checkpoint, rewards });
+    const info = await openRun({ options: { ...kept.options, device }, model, checkpoint, rewards });
     record = kept;
     // The history up to the checkpoint (a closed tab may have drawn past it).
     const h = record.history;

@@ -328,11 +328,35 @@ async function learnedReward() {
 // sd1-tiny's folder picked as a user would: its .safetensors weights go to the worker as Files,
 // read one tensor at a time (never whole in WebAssembly memory) and written to OPFS for the
 // kept run; the page is reloaded mid-run and the run resumed from those OPFS files.
+// The models kept in OPFS (draft-models/<id>) and each one's files.
+const keptModels = (page) => page.evaluate(async () => {
+  const tree = async (dir, prefix = "") => {
+    const out = [];
+    for await (const [name, h] of dir.entries()) {
+      if (h.kind === "directory") out.push(...(await tree(h, `${prefix}${name}/`)));
+      else out.push(`${prefix}${name}`);
+    }
+    return out;
+  };
+  const root = await navigator.storage.getDirectory();
+  const models = await root.getDirectoryHandle("draft-models").catch(() => null);
+  const out = {};
+  if (models) for await (const [name, h] of models.entries()) out[name] = (await tree(h)).sort();
+  return out;
+});
+
+// The page's word on the picked model before any run (#model-plan), once it names `name`.
+async function planFor(page, name) {
+  await page.waitForFunction((n) => document.getElementById("model-plan").textContent.startsWith(n), name, { timeout: 60_000, polling: 50 });
+  return page.textContent("#model-plan");
+}
+
 async function pickedModelFolder() {
   const page = await newRunPage("model-folder");
   await page.fill("#train-steps", "3");
   await page.fill("#checkpoint-every", "1");
   await page.setInputFiles("#model-folder", join(fixtures, "sd1-tiny"));
+  const plan = await planFor(page, "sd1-tiny");
   await page.evaluate(() => setTimeout(() => document.getElementById("train").click(), 0));
   await page.waitForFunction(() => window.draft.saved >= 1 || document.body.dataset.state === "error", null, { timeout: 600_000, polling: 20 });
   const out = { first: await pageState(page) };
@@ -343,12 +367,54 @@ async function pickedModelFolder() {
   await page.click("#resume");
   await settled(page);
   out.resumed = await pageState(page);
+  out.plan = plan;
+  out.models = await keptModels(page);
   await page.close();
   log(`model folder: ${JSON.stringify(out)}`);
+  // sd1-tiny in f32 on the CPU backend, which has no buffer limits.
+  if (!/^sd1-tiny: [\d.]+ M parameters, about [\d.]+ MiB of weights in f32 on this device\. An update at 16×16 latents, batch 1, runs on the CPU/.test(plan)) fail(`the plan of a picked folder: ${plan}`);
+  const kept = Object.entries(out.models);
+  if (kept.length !== 1 || !kept[0][0].startsWith("sd1-tiny-") || !kept[0][1].includes("folder/unet/diffusion_pytorch_model.safetensors")) {
+    fail(`the picked folder is not kept once in OPFS: ${JSON.stringify(out.models)}`);
+  }
   if (out.first.state === "error") fail(`a picked model folder: ${out.first.error}`);
   else if (!/sd1-tiny/.test(out.keptText ?? "")) fail(`the kept run does not name the picked folder: ${out.keptText}`);
   else if (out.resumed.state !== "done" || out.resumed.updates !== 3) {
     fail(`the kept run of a picked folder, resumed from OPFS: state ${out.resumed.state} at ${out.resumed.updates} updates (${out.resumed.error})`);
+  }
+  return out;
+}
+
+// A single checkpoint file picked with a folder for its configs (sd1-tiny's own small
+// tokenizer; real SD files need none): read by range, trained and kept in OPFS in place of the
+// previous run's model, without the folder's weights. Alone, the file is refused before
+// loading with the reason (sd1-tiny's text encoder is smaller than the standard tokenizer).
+async function pickedSingleFile() {
+  const page = await newRunPage("single-file");
+  await page.fill("#train-steps", "1");
+  await page.fill("#checkpoint-every", "1");
+  await page.setInputFiles("#model-file", join(fixtures, "layouts/sd1-tiny.safetensors"));
+  const out = { alone: await planFor(page, "sd1-tiny.safetensors") };
+  await page.evaluate(() => setTimeout(() => document.getElementById("train").click(), 0));
+  await settled(page);
+  out.aloneRun = await pageState(page);
+  await page.setInputFiles("#model-folder", join(fixtures, "sd1-tiny"));
+  await page.evaluate(() => setTimeout(() => document.getElementById("train").click(), 0));
+  await settled(page);
+  out.run = await pageState(page);
+  out.model = await page.evaluate(() => window.draft.info?.model);
+  await page.waitForFunction(() => window.draft.saved >= 1, null, { timeout: 60_000, polling: 50 }).catch(() => {});
+  out.models = await keptModels(page);
+  await page.close();
+  log(`single file: ${JSON.stringify(out)}`);
+  if (!/vocab_size 1014/.test(out.aloneRun.error)) fail(`a lone sd1-tiny file with the standard tokenizer: ${JSON.stringify(out.aloneRun)}`);
+  if (out.run.state !== "done" || out.run.updates !== 1 || out.model !== "sd1-tiny.safetensors") {
+    fail(`a picked single file: ${JSON.stringify(out.run)} on ${out.model}`);
+  }
+  const kept = Object.entries(out.models);
+  const files = kept[0]?.[1] ?? [];
+  if (kept.length !== 1 || !files.includes("single/sd1-tiny.safetensors") || files.some((f) => f.startsWith("folder/") && f.endsWith(".safetensors"))) {
+    fail(`the single file is not kept alone in OPFS: ${JSON.stringify(out.models)}`);
   }
   return out;
 }
@@ -460,6 +526,7 @@ try {
   const resume = result.state === "done" ? await resumeAndRoundTrip() : null;
   const learned = result.state === "done" ? await learnedReward() : null;
   const modelFolder = result.state === "done" ? await pickedModelFolder() : null;
+  const singleFile = result.state === "done" ? await pickedSingleFile() : null;
 
   const last = result.evals.at(-1);
   const figures = {
@@ -488,6 +555,8 @@ try {
     learned,
     // sd1-tiny's folder picked in the page (weights read by range), kept and resumed.
     modelFolder,
+    // sd1-tiny as a single file (with its folder's configs), kept in OPFS in place of the folder.
+    singleFile,
     // What the page downloads: every file as sent (compressed) and its size on disk.
     transferredBytes: [...transferred.values()].reduce((a, f) => a + f.sent, 0),
     uncompressedBytes: [...transferred.values()].reduce((a, f) => a + f.size, 0),

@@ -10,20 +10,6 @@ use draft_core::model::files::FileData;
 use draft_core::model::source::FileSource;
 use draft_core::model::weights::Weights;
 
-/// The standard CLIP BPE tokenizer SD-1.x/2.x were trained with (49408 tokens; the files
-/// `tests/fixtures/make_fixtures.py` rebuilds from open_clip's vocabulary): single-file
-/// checkpoints carry none.
-const CLIP_TOKENIZER: [(&str, &[u8]); 2] = [
-    (
-        "vocab.json",
-        include_bytes!("../../../tests/fixtures/clip-tokenizer/vocab.json"),
-    ),
-    (
-        "merges.txt",
-        include_bytes!("../../../tests/fixtures/clip-tokenizer/merges.txt"),
-    ),
-];
-
 /// `--model PATH` (with `--variant`, `--model-config`): a diffusers folder, a single-file
 /// checkpoint, or without a path the embedded model.
 pub fn read_model(
@@ -64,7 +50,7 @@ pub fn read_model(
         &name,
         data,
         config.as_ref(),
-        &CLIP_TOKENIZER,
+        &draft_core::model::tokenizer::CLIP_BPE_FILES,
     )?)
 }
 

@@ -131,6 +131,8 @@ fn evaluation_to_js(eval: &crate::Evaluation) -> Result<JsValue, String> {
 #[wasm_bindgen]
 pub struct RunFiles {
     inputs: RunInputs,
+    /// A single-file checkpoint (`setModelCheckpoint`): name and `Blob`.
+    single: Option<(String, JsValue)>,
 }
 
 #[wasm_bindgen]
@@ -139,6 +141,7 @@ impl RunFiles {
     pub fn new() -> RunFiles {
         RunFiles {
             inputs: RunInputs::default(),
+            single: None,
         }
     }
 
@@ -160,6 +163,15 @@ impl RunFiles {
             .model
             .get_or_insert_with(|| ModelFiles::new(folder))
             .insert_source(path, blob_source(blob));
+    }
+
+    /// A single-file SD-1.x/2.x checkpoint (`.safetensors`, LDM layout) as a `Blob`, read by
+    /// range as the model loads. Files of a folder added with `addModelFile` then act as its
+    /// configs and tokenizer (the CLI's `--model-config`); without them they are inferred and
+    /// the standard CLIP tokenizer is used.
+    #[wasm_bindgen(js_name = setModelCheckpoint)]
+    pub fn set_model_checkpoint(&mut self, name: String, blob: JsValue) {
+        self.single = Some((name, blob));
     }
 
     /// A checkpoint (`checkpoint.safetensors` of `draft train` or of the page) to continue.
@@ -212,6 +224,40 @@ impl RunFiles {
     }
 }
 
+impl RunFiles {
+    /// What a run is built from: a single-file checkpoint becomes the model (with the folder's
+    /// files as its configs).
+    fn into_inputs(self) -> Result<RunInputs, String> {
+        let RunFiles { mut inputs, single } = self;
+        if let Some((name, blob)) = single {
+            let data = draft_core::model::files::FileData::Source(blob_source(blob));
+            inputs.model = Some(crate::single_file_model(
+                &name,
+                data,
+                inputs.model.as_ref(),
+            )?);
+        }
+        Ok(inputs)
+    }
+}
+
+/// What the page says about the picked model before a run ([`crate::ModelPlan`]): `options` as
+/// for [`WebTrainer::open`], `files` the picked model (its weights read for their headers only)
+/// and the adapter's buffer limit, `shader_f16` whether the adapter computes in f16.
+#[wasm_bindgen(js_name = planRun)]
+pub fn plan_run(options: String, files: RunFiles, shader_f16: bool) -> Result<JsValue, JsValue> {
+    let options = WebOptions::parse(&options).map_err(js_error)?;
+    let inputs = files.into_inputs().map_err(js_error)?;
+    let plan = crate::plan(
+        &options,
+        inputs.model.as_ref(),
+        inputs.max_binding_bytes,
+        shader_f16,
+    )
+    .map_err(js_error)?;
+    to_js(&plan)
+}
+
 impl Default for RunFiles {
     fn default() -> Self {
         Self::new()
@@ -245,9 +291,8 @@ impl WebTrainer {
     /// them).
     pub async fn open(options: String, files: RunFiles) -> Result<WebTrainer, JsValue> {
         let options = WebOptions::parse(&options).map_err(js_error)?;
-        let session = Session::build(&options, files.inputs)
-            .await
-            .map_err(js_error)?;
+        let inputs = files.into_inputs().map_err(js_error)?;
+        let session = Session::build(&options, inputs).await.map_err(js_error)?;
         Ok(WebTrainer {
             session: Rc::new(session),
         })

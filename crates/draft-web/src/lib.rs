@@ -201,6 +201,35 @@ fn camel_case(kebab: &str) -> String {
     out
 }
 
+/// A single-file checkpoint picked in the page (SD-1.x/2.x in the LDM layout, as `draft train
+/// --model FILE` reads it), read by range from `data`; `config`, a diffusers folder picked with
+/// it, gives configs and tokenizer where it has them (the CLI's `--model-config`), else they
+/// are inferred from the checkpoint and the standard CLIP tokenizer is used. PyTorch pickles
+/// are refused with the conversion command: the page has no pickle reader.
+pub fn single_file_model(
+    name: &str,
+    data: draft_core::model::files::FileData,
+    config: Option<&ModelFiles>,
+) -> Result<ModelFiles, String> {
+    let lower = name.to_ascii_lowercase();
+    if [".ckpt", ".pt", ".pth", ".bin"]
+        .iter()
+        .any(|e| lower.ends_with(e))
+    {
+        return Err(format!(
+            "{name} is a PyTorch pickle, which the page cannot read: convert it once with \
+             `draft convert {name} OUT.safetensors` and pick the .safetensors file"
+        ));
+    }
+    ModelFiles::from_checkpoint(
+        name,
+        data,
+        config,
+        &draft_core::model::tokenizer::CLIP_BPE_FILES,
+    )
+    .map_err(|e| e.to_string())
+}
+
 /// What a run is built from besides its options.
 #[derive(Default)]
 pub struct RunInputs {
@@ -297,6 +326,76 @@ fn check_inputs(
             .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+/// What the page says about a picked model before a run opens ([`plan`]): its size, the memory
+/// its weights take on the chosen device, and whether a training update at the model's size
+/// fits the adapter's buffers — and if not, which tensor or activation passes which limit.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelPlan {
+    pub model: String,
+    /// Parameters in the weight files (an LDM checkpoint's EMA copy left out).
+    pub parameters: u64,
+    /// The largest tensor, `file: key`, and its elements.
+    pub largest: Option<(String, u64)>,
+    /// `"f16"` or `"f32"`, as [`weights_dtype`] will choose on this device.
+    pub weights_dtype: String,
+    /// Parameters × the dtype's size: by arithmetic (norms and biases stay f32 in an f16 run).
+    pub weights_bytes: u64,
+    /// The latents a training update runs at (the UNet's `sample_size`), and its images.
+    pub latent_size: Option<usize>,
+    pub batch: usize,
+    pub trains: bool,
+    /// Why not: the limit, and the tensor or activation over it.
+    pub why: Option<String>,
+}
+
+/// [`ModelPlan`] for `model` (`None`: the embedded one) under the form's `options`, on an
+/// adapter whose largest binding is `limit` bytes (`None`: the CPU backend) and that computes
+/// in f16 when `shader_f16`. Reads configs and safetensors headers only.
+pub fn plan(
+    options: &WebOptions,
+    model: Option<&ModelFiles>,
+    limit: Option<u64>,
+    shader_f16: bool,
+) -> Result<ModelPlan, String> {
+    let embedded = model.is_none();
+    let default;
+    let model = match model {
+        Some(m) => m,
+        None => {
+            default = default_model::files();
+            &default
+        }
+    };
+    let Resolved { config, policy, .. } = options.resolve(embedded, None)?;
+    let count = draft_core::model::limits::count_weights(model).map_err(|e| e.to_string())?;
+    let f16 = options.device == "webgpu" && shader_f16;
+    let latent_size = model
+        .files
+        .get("unet/config.json")
+        .and_then(|json| serde_json::from_slice::<serde_json::Value>(json).ok())
+        .and_then(|v| v["sample_size"].as_u64())
+        .map(|s| s as usize);
+    let checked = check_inputs(
+        model,
+        &BTreeMap::new(),
+        &config,
+        policy.eval_images,
+        limit.filter(|_| options.device == "webgpu"),
+    );
+    Ok(ModelPlan {
+        model: model.name.clone(),
+        parameters: count.elements,
+        largest: count.largest,
+        weights_dtype: if f16 { "f16" } else { "f32" }.into(),
+        weights_bytes: count.elements * if f16 { 2 } else { 4 },
+        latent_size,
+        batch: config.batch,
+        trains: checked.is_ok(),
+        why: checked.err(),
+    })
 }
 
 /// What the page shows about the run (the "adapter in use" panel).

@@ -403,3 +403,84 @@ fn the_page_and_the_cli_refuse_the_same_settings_in_the_same_words() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Before a run the page says what the picked model needs: its parameters (from the headers),
+/// its weights' memory on the device, and whether an update at its size fits the adapter —
+/// naming the tensor over the limit when not.
+#[test]
+fn the_plan_of_a_picked_model_says_its_size_and_what_does_not_fit() {
+    let files = sd1_files();
+    let sizes: Vec<u64> = ["unet", "vae", "text_encoder"]
+        .iter()
+        .flat_map(|c| {
+            let w = files.component_weights(c).unwrap();
+            w.keys()
+                .iter()
+                .map(|n| w.shape(n).unwrap().iter().product::<usize>() as u64)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let expected: u64 = sizes.iter().sum();
+    let options = form("webgpu", "{}");
+    let fits = draft_web::plan(&options, Some(&files), Some(128 << 20), true).unwrap();
+    assert!(fits.trains, "{:?}", fits.why);
+    assert_eq!(fits.parameters, expected);
+    assert_eq!(
+        (fits.weights_dtype.as_str(), fits.weights_bytes),
+        ("f16", 2 * expected)
+    );
+    assert_eq!(fits.latent_size, Some(16));
+    let (largest, n) = fits.largest.clone().unwrap();
+    assert_eq!(n, *sizes.iter().max().unwrap(), "{largest}");
+    assert!(largest.starts_with("sd1-tiny/"), "{largest}");
+    let over = draft_web::plan(&options, Some(&files), Some(64 << 10), false).unwrap();
+    assert!(!over.trains);
+    assert_eq!(over.weights_bytes, 4 * expected);
+    let why = over.why.unwrap();
+    assert!(
+        why.contains("maxStorageBufferBindingSize") && why.contains("tensor"),
+        "{why}"
+    );
+    // The CPU backend has no binding limit.
+    let cpu = draft_web::plan(&form("cpu", "{}"), Some(&files), Some(64 << 10), true).unwrap();
+    assert!(cpu.trains && cpu.weights_dtype == "f32");
+}
+
+/// A single file picked in the page: read by range with its folder's configs (sd1-tiny's own
+/// tokenizer), or refused by name when it is a pickle; without configs the standard CLIP
+/// tokenizer comes with the core, and sd1-tiny's 1014-token text encoder is refused for it.
+#[test]
+fn a_single_file_picked_in_the_page_loads_as_in_the_cli() {
+    use draft_core::model::files::FileData;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/layouts/sd1-tiny.safetensors");
+    let source = draft_core::model::source::FileSource::open(&path).unwrap();
+    let data = || {
+        FileData::Source(std::rc::Rc::new(
+            draft_core::model::source::FileSource::open(&path).unwrap(),
+        ))
+    };
+    let mut config = sd1_files();
+    config.files.retain(|k, _| !k.ends_with(".safetensors"));
+    let files = draft_web::single_file_model(
+        "sd1-tiny.safetensors",
+        FileData::Source(std::rc::Rc::new(source)),
+        Some(&config),
+    )
+    .unwrap();
+    let (got, want) = pollster::block_on(sample_sd1_from(&files, &Device::flex()));
+    assert!(max_abs_diff(&got, &want) <= 1e-4);
+    let alone = draft_web::single_file_model("sd1-tiny.safetensors", data(), None).unwrap();
+    let err = draft_core::Pipeline::load(&alone, &Device::flex())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("vocab_size 1014") && err.contains("49408"),
+        "{err}"
+    );
+    let err = draft_web::single_file_model("v1-5-pruned.ckpt", data(), None)
+        .err()
+        .unwrap();
+    assert!(err.contains("draft convert v1-5-pruned.ckpt"), "{err}");
+}

@@ -41,6 +41,51 @@ pub fn check_tensor_sizes(what: &str, files: &ModelFiles, max_binding_bytes: u64
     Ok(())
 }
 
+/// The parameters a model's weight files hold, from their headers alone: the count and the
+/// largest tensor (`file: key`, elements). An LDM checkpoint's EMA copy (`model_ema.*`), which
+/// no pipeline loads, is left out.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WeightCount {
+    pub elements: u64,
+    pub largest: Option<(String, u64)>,
+}
+
+/// [`WeightCount`] of every `.safetensors` weight file of `files` (bytes or sources).
+pub fn count_weights(files: &ModelFiles) -> Result<WeightCount> {
+    let mut count = WeightCount::default();
+    let mut add = |file: String, metadata: &safetensors::tensor::Metadata| {
+        for (key, info) in metadata.tensors() {
+            if key.starts_with("model_ema.") {
+                continue;
+            }
+            let n = info
+                .shape
+                .iter()
+                .fold(1u64, |n, &d| n.saturating_mul(d as u64));
+            count.elements = count.elements.saturating_add(n);
+            if count.largest.as_ref().is_none_or(|(_, m)| n > *m) {
+                count.largest = Some((format!("{file}: {key}"), n));
+            }
+        }
+    };
+    for (name, source) in &files.sources {
+        let display = files.display(name);
+        let header = crate::model::source::SafetensorsHeader::read(&display, &**source)?;
+        add(display, &header.metadata);
+    }
+    for (name, bytes) in &files.files {
+        if name.to_ascii_lowercase().ends_with(".safetensors") {
+            let (_, metadata) =
+                safetensors::SafeTensors::read_metadata(bytes).map_err(|e| Error::Safetensors {
+                    file: files.display(name),
+                    reason: e.to_string(),
+                })?;
+            add(files.display(name), &metadata);
+        }
+    }
+    Ok(count)
+}
+
 /// [`check_tensor_sizes`] for a single safetensors file `name`.
 pub fn check_file_tensor_sizes(
     what: &str,

@@ -24,6 +24,21 @@ use tokenizers::{
 
 use crate::error::{Error, Result};
 
+/// The standard CLIP BPE tokenizer SD-1.x/2.x were trained with (49408 tokens; the files
+/// `tests/fixtures/make_fixtures.py` rebuilds from open_clip's vocabulary), as `(file name,
+/// bytes)` in a diffusers `tokenizer/` folder: single-file checkpoints carry none, and both
+/// shells (the CLI and the page) load them with it.
+pub const CLIP_BPE_FILES: [(&str, &[u8]); 2] = [
+    (
+        "vocab.json",
+        include_bytes!("../../../../tests/fixtures/clip-tokenizer/vocab.json"),
+    ),
+    (
+        "merges.txt",
+        include_bytes!("../../../../tests/fixtures/clip-tokenizer/merges.txt"),
+    ),
+];
+
 const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
 const UNK: &str = "<|unk|>";

@@ -303,10 +303,7 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
             }
         };
         let values = read_checked(weights, key, &shape)?;
-        Ok(Tensor::from_data(
-            TensorData::new(values, shape.to_vec()),
-            &self.device,
-        ))
+        Ok(upload(values, shape, &self.device))
     }
 
     /// [`get_weight`](Self::get_weight) of a `[rows, cols]` table as blocks of at most
@@ -322,18 +319,29 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
         let max_rows = max_rows.max(1);
         let starts = (0..rows).step_by(max_rows);
         match &self.source {
+            // Each block's rows are read alone: the whole table is never in memory (CLIP-L's is
+            // 144.8 MiB in f32, in a WebAssembly memory of 4 GiB at most).
             Source::File(weights) if rows > max_rows => {
-                let values = read_checked(weights, self.path(name), &shape)?;
-                Ok(starts
+                let key = self.path(name);
+                let found = weights.shape(&key)?;
+                check_shape(weights, &key, &found, &shape)?;
+                // A block is uploaded in pieces of at most UPLOAD_FLUSH_BYTES, joined on the
+                // device: a 128 MiB block is never on the host either.
+                let piece_rows = (UPLOAD_FLUSH_BYTES as usize / (4 * cols.max(1))).max(1);
+                starts
                     .map(|r0| {
                         let n = max_rows.min(rows - r0);
-                        let block = values[r0 * cols..(r0 + n) * cols].to_vec();
-                        self.stored(Tensor::from_data(
-                            TensorData::new(block, [n, cols]),
-                            &self.device,
-                        ))
+                        let pieces = (r0..r0 + n)
+                            .step_by(piece_rows)
+                            .map(|p0| {
+                                let m = piece_rows.min(r0 + n - p0);
+                                let (piece, _) = weights.read_f32_rows(&key, Some((p0, m)))?;
+                                Ok(upload(piece, [m, cols], &self.device))
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        Ok(self.stored(Tensor::cat(pieces, 0)))
                     })
-                    .collect())
+                    .collect()
             }
             // Random tables (benchmarks) are drawn block by block: the same values as the whole
             // table drawn at once (its rows are consecutive in the stream), and no buffer holds
@@ -359,19 +367,48 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
     }
 }
 
+/// The bytes of weights handed to the device since it was last flushed ([`upload`]).
+static UNFLUSHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// What may wait on the host for the device between two flushes while a model loads: CubeCL
+/// queues each upload with its bytes (32 tasks per stream on wgpu) until it flushes, so without
+/// this a load held hundreds of MiB of weights at once in memory (585 MiB of a 2 GB SD-1.5 file
+/// in the browser's worker, where WebAssembly's whole memory is 4 GiB at most).
+pub const UPLOAD_FLUSH_BYTES: u64 = 32 << 20;
+
+/// `values` as a tensor of `shape` on `device`, the device flushed once
+/// [`UPLOAD_FLUSH_BYTES`] have been handed to it since the last flush.
+fn upload<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let bytes = 4 * values.len() as u64;
+    let t = Tensor::from_data(TensorData::new(values, shape.to_vec()), device);
+    if UNFLUSHED.fetch_add(bytes, Relaxed) + bytes >= UPLOAD_FLUSH_BYTES {
+        UNFLUSHED.store(0, Relaxed);
+        // A device that cannot flush fails its next operation, with the reason.
+        let _ = device.flush();
+    }
+    t
+}
+
 /// The values of `key` in `weights`, f32, checked against `shape` (a 1×1 conv kernel
 /// `[o, i, 1, 1]` serves a Linear `[o, i]`: the LDM VAE's attention).
 fn read_checked(weights: &Weights, key: String, shape: &[usize]) -> Result<Vec<f32>> {
     let (values, found) = weights.read_f32(&key)?;
+    check_shape(weights, &key, &found, shape)?;
+    Ok(values)
+}
+
+/// `found` is `shape`, or `shape` with trailing axes of 1.
+fn check_shape(weights: &Weights, key: &str, found: &[usize], shape: &[usize]) -> Result<()> {
     let d = shape.len();
     let squeezed = found.len() > d && found[..d] == *shape && found[d..].iter().all(|&n| n == 1);
     if found != shape && !squeezed {
         return Err(Error::TensorShape {
             file: weights.file().to_string(),
-            key,
+            key: key.to_string(),
             expected: shape.to_vec(),
-            found,
+            found: found.to_vec(),
         });
     }
-    Ok(values)
+    Ok(())
 }

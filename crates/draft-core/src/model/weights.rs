@@ -264,7 +264,13 @@ impl<'a> Weights<'a> {
 
     /// The bytes of `key` (its row block only, for a block of a fused tensor) and its shape:
     /// only those bytes are read from a source.
-    fn data(&self, key: &str) -> Result<(&str, Dtype, std::borrow::Cow<'_, [u8]>, Vec<usize>)> {
+    /// With `rows` `(first, count)`, those rows of it only.
+    #[allow(clippy::type_complexity)]
+    fn data(
+        &self,
+        key: &str,
+        rows: Option<(usize, usize)>,
+    ) -> Result<(&str, Dtype, std::borrow::Cow<'_, [u8]>, Vec<usize>)> {
         let view = self.view(key)?;
         let mut shape = view.shape;
         let mut range = view.range;
@@ -273,6 +279,21 @@ impl<'a> Weights<'a> {
             let block = (range.1 - range.0) / n;
             range = (range.0 + i * block, range.0 + (i + 1) * block);
             shape[0] /= n;
+        }
+        if let Some((first, count)) = rows {
+            let total = shape.first().copied().unwrap_or(0);
+            if first + count > total {
+                return Err(Error::Safetensors {
+                    file: view.file.to_string(),
+                    reason: format!(
+                        "tensor `{key}` has {total} rows, not rows {first}..{}",
+                        first + count
+                    ),
+                });
+            }
+            let row = (range.1 - range.0) / total;
+            range = (range.0 + first * row, range.0 + (first + count) * row);
+            shape[0] = count;
         }
         let bytes = view.shard.read(view.file, view.key, range)?;
         Ok((view.file, view.dtype, bytes, shape))
@@ -290,7 +311,17 @@ impl<'a> Weights<'a> {
     /// Reads `key` as f32 values and its shape; a value that is not finite (NaN, ±∞, or an
     /// F64 beyond f32's range) is an error naming the tensor.
     pub fn read_f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let (file, dtype, bytes, shape) = self.data(key)?;
+        self.read_f32_rows(key, None)
+    }
+
+    /// [`read_f32`](Self::read_f32) of rows `first..first + count` of `key` only: only their
+    /// bytes are read (a block of an embedding table, which is never read whole).
+    pub fn read_f32_rows(
+        &self,
+        key: &str,
+        rows: Option<(usize, usize)>,
+    ) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (file, dtype, bytes, shape) = self.data(key, rows)?;
         let values: Vec<f32> = match dtype {
             Dtype::F32 => bytes
                 .chunks_exact(4)
@@ -326,7 +357,7 @@ impl<'a> Weights<'a> {
 
     /// Reads an integer tensor (I64 or I32) as i64 values and its shape.
     pub fn read_i64(&self, key: &str) -> Result<(Vec<i64>, Vec<usize>)> {
-        let (file, dtype, bytes, shape) = self.data(key)?;
+        let (file, dtype, bytes, shape) = self.data(key, None)?;
         let values = match dtype {
             Dtype::I64 => bytes
                 .chunks_exact(8)
