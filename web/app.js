@@ -264,9 +264,24 @@ async function readRewardModels(rewards) {
 async function readModel() {
   const single = $("model-file").files[0] ?? null;
   let folder = await readFolder($("model-folder"), true);
+  if (folder) folder = { ...folder, files: pipelineFiles(folder.files) };
   if (single && folder) folder = { ...folder, files: folder.files.filter(([p]) => /\.(json|txt)$/.test(p)) };
   if (!single && !folder) return null;
   return { folder, single: single ? { name: single.name, file: single } : null };
+}
+
+// Of a picked pipeline folder, what the run loads (and OPFS keeps): model_index.json and the
+// unet, vae, text_encoder, tokenizer and scheduler folders — not a safety checker (1.2 GB in
+// SD-1.5's repository) — and of a component's weights, the plain files where it has them (the
+// run reads those; an fp16 variant beside them would double the copy).
+function pipelineFiles(files) {
+  const kept = files.filter(([p]) => p === "model_index.json" || /^(unet|vae|text_encoder|tokenizer|scheduler)\//.test(p));
+  const weights = /^([^/]+)\/[^/]*?(\.[\w-]+)?\.(safetensors|bin)(\.index\.json)?$/;
+  const plain = new Set(kept.filter(([p]) => weights.test(p) && !/\.[\w-]+\.(safetensors|bin)(\.index\.json)?$/.test(p.replace(/-\d{5}-of-\d{5}/, ""))).map(([p]) => p.split("/")[0]));
+  return kept.filter(([p]) => {
+    const variant = /\.([\w-]+)\.(safetensors|bin)(\.index\.json)?$/.test(p.replace(/-\d{5}-of-\d{5}/, ""));
+    return !(variant && plain.has(p.split("/")[0]));
+  });
 }
 
 // What the picked model needs on the chosen device, said before any run (the worker reads its
