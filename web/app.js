@@ -276,12 +276,12 @@ async function readModel() {
 // run reads those; an fp16 variant beside them would double the copy).
 function pipelineFiles(files) {
   const kept = files.filter(([p]) => p === "model_index.json" || /^(unet|vae|text_encoder|tokenizer|scheduler)\//.test(p));
-  const weights = /^([^/]+)\/[^/]*?(\.[\w-]+)?\.(safetensors|bin)(\.index\.json)?$/;
-  const plain = new Set(kept.filter(([p]) => weights.test(p) && !/\.[\w-]+\.(safetensors|bin)(\.index\.json)?$/.test(p.replace(/-\d{5}-of-\d{5}/, ""))).map(([p]) => p.split("/")[0]));
-  return kept.filter(([p]) => {
-    const variant = /\.([\w-]+)\.(safetensors|bin)(\.index\.json)?$/.test(p.replace(/-\d{5}-of-\d{5}/, ""));
-    return !(variant && plain.has(p.split("/")[0]));
-  });
+  const component = (p) => p.split("/")[0];
+  // `name.fp16.safetensors`, `name.fp16-00001-of-00002.safetensors`, `name.safetensors.index.fp16.json`…
+  const weights = /\.(safetensors|bin)(\.index\.json)?$/;
+  const isVariant = (p) => /\.[\w-]+\.(safetensors|bin)(\.index\.json)?$/.test(p.replace(/-\d{5}-of-\d{5}/, ""));
+  const plain = new Set(kept.filter(([p]) => weights.test(p) && !isVariant(p)).map(([p]) => component(p)));
+  return kept.filter(([p]) => !(isVariant(p) && plain.has(component(p))));
 }
 
 // What the picked model needs on the chosen device, said before any run (the worker reads its

@@ -79,13 +79,15 @@ async function saveRecord(dir) {
   await writeFile(dir, "run.json", new TextEncoder().encode(JSON.stringify(record)));
 }
 
+// A model file's bytes: a `File` (weights read by range) or the bytes themselves.
+const byteSize = (d) => (d instanceof Blob ? d.size : d.byteLength);
+
 // A picked model's identity in the store: its name and every file's path and size (FNV-1a
 // over them; hashing the content would read gigabytes).
 function modelId(model) {
-  const size = (d) => (d instanceof Blob ? d.size : d.byteLength);
   const key = JSON.stringify([
     model.folder?.name ?? null,
-    (model.folder?.files ?? []).map(([p, d]) => [p, size(d)]),
+    (model.folder?.files ?? []).map(([p, d]) => [p, byteSize(d)]),
     model.single ? [model.single.name, model.single.file.size] : null,
   ]);
   let h = 0x811c9dc5;
@@ -96,8 +98,7 @@ function modelId(model) {
 
 // The bytes a model's files take.
 function modelBytes(model) {
-  const size = (d) => (d instanceof Blob ? d.size : d.byteLength);
-  return (model.folder?.files ?? []).reduce((n, [, d]) => n + size(d), 0) + (model.single?.file.size ?? 0);
+  return (model.folder?.files ?? []).reduce((n, [, d]) => n + byteSize(d), 0) + (model.single?.file.size ?? 0);
 }
 
 // Keeps `model` ({folder, single}) in draft-models/<id>/ unless it is there already, after

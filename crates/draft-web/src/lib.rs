@@ -211,15 +211,8 @@ pub fn single_file_model(
     data: draft_core::model::files::FileData,
     config: Option<&ModelFiles>,
 ) -> Result<ModelFiles, String> {
-    let lower = name.to_ascii_lowercase();
-    if [".ckpt", ".pt", ".pth", ".bin"]
-        .iter()
-        .any(|e| lower.ends_with(e))
-    {
-        return Err(format!(
-            "{name} is a PyTorch pickle, which the page cannot read: convert it once with \
-             `draft convert {name} OUT.safetensors` and pick the .safetensors file"
-        ));
+    if let Some(why) = pickle_refusal(name) {
+        return Err(why);
     }
     ModelFiles::from_checkpoint(
         name,
@@ -228,6 +221,21 @@ pub fn single_file_model(
         &draft_core::model::tokenizer::CLIP_BPE_FILES,
     )
     .map_err(|e| e.to_string())
+}
+
+/// Why the page refuses a file named as a PyTorch pickle (`.bin`, `.pt`, `.pth`, `.ckpt`): it
+/// has no pickle reader, and `draft convert` makes a `.safetensors` of it once.
+fn pickle_refusal(name: &str) -> Option<String> {
+    let lower = name.to_ascii_lowercase();
+    let is_pickle = [".bin", ".pt", ".pth", ".ckpt"]
+        .iter()
+        .any(|e| lower.ends_with(e));
+    is_pickle.then(|| {
+        format!(
+            "{name} is a PyTorch pickle, which the page cannot read: convert it once with \
+             `draft convert {name} OUT.safetensors` and pick the .safetensors file"
+        )
+    })
 }
 
 /// What a run is built from besides its options.
@@ -257,18 +265,10 @@ fn check_inputs(
     limit: Option<u64>,
 ) -> Result<(), String> {
     use draft_core::model::limits;
-    let pickle = |name: &str, bytes: &[u8]| -> Result<(), String> {
-        let lower = name.to_ascii_lowercase();
-        let is_pickle = [".bin", ".pt", ".pth", ".ckpt"]
-            .iter()
-            .any(|e| lower.ends_with(e));
-        if is_pickle && safetensors::SafeTensors::read_metadata(bytes).is_err() {
-            return Err(format!(
-                "{name} is a PyTorch pickle, which the page cannot read: convert it once with \
-                 `draft convert {name} OUT.safetensors` and pick the .safetensors file"
-            ));
-        }
-        Ok(())
+    // A pickle-named file that a shell already converted reads as safetensors.
+    let pickle = |name: &str, bytes: &[u8]| match pickle_refusal(name) {
+        Some(why) if safetensors::SafeTensors::read_metadata(bytes).is_err() => Err(why),
+        _ => Ok(()),
     };
     for (role, source) in rewards {
         match source {
