@@ -89,6 +89,12 @@ impl Shard<'_> {
     }
 }
 
+/// The bytes of rows `first..first + count` of a tensor of `rows` rows whose data is `range`.
+fn row_range(range: (usize, usize), rows: usize, first: usize, count: usize) -> (usize, usize) {
+    let row = (range.1 - range.0).checked_div(rows).unwrap_or(0);
+    (range.0 + first * row, range.0 + (first + count) * row)
+}
+
 /// A tensor found: the name of the file holding it, its shard, its key there, dtype and shape,
 /// and its row block, if any.
 struct View<'s, 'a> {
@@ -262,9 +268,9 @@ impl<'a> Weights<'a> {
         })
     }
 
-    /// The bytes of `key` (its row block only, for a block of a fused tensor) and its shape:
-    /// only those bytes are read from a source.
-    /// With `rows` `(first, count)`, those rows of it only.
+    /// The bytes of `key` (its row block only, for a block of a fused tensor; with `rows`
+    /// `(first, count)`, those rows of it only) and its shape: only those bytes are read from a
+    /// source.
     #[allow(clippy::type_complexity)]
     fn data(
         &self,
@@ -276,9 +282,9 @@ impl<'a> Weights<'a> {
         let mut range = view.range;
         if let Some((i, n)) = view.chunk {
             Self::check_chunk(view.file, key, &shape, n)?;
-            let block = (range.1 - range.0) / n;
-            range = (range.0 + i * block, range.0 + (i + 1) * block);
-            shape[0] /= n;
+            let block = shape[0] / n;
+            range = row_range(range, shape[0], i * block, block);
+            shape[0] = block;
         }
         if let Some((first, count)) = rows {
             let total = shape.first().copied().unwrap_or(0);
@@ -291,8 +297,7 @@ impl<'a> Weights<'a> {
                     ),
                 });
             }
-            let row = (range.1 - range.0) / total;
-            range = (range.0 + first * row, range.0 + (first + count) * row);
+            range = row_range(range, total, first, count);
             shape[0] = count;
         }
         let bytes = view.shard.read(view.file, view.key, range)?;
