@@ -143,6 +143,11 @@ function num(id) {
   return v;
 }
 
+// An empty field: the default (left out of the options).
+function optionalNum(id) {
+  return $(id).value.trim() === "" ? undefined : num(id);
+}
+
 function readOptions(device) {
   const rewards = [...$("rewards").querySelectorAll(".reward")]
     .filter((row) => row.querySelector('input[type="checkbox"]').checked)
@@ -160,6 +165,9 @@ function readOptions(device) {
     trainSteps: num("train-steps"),
     steps: num("steps"),
     batch: num("batch"),
+    height: optionalNum("height"),
+    width: optionalNum("width"),
+    optimizer: $("optimizer").value,
     seed: num("seed"),
     preview: num("preview"),
     evalEvery: num("refresh"),
@@ -176,6 +184,9 @@ function fillForm(o) {
   $("train-steps").value = o.trainSteps;
   $("steps").value = o.steps;
   $("batch").value = o.batch;
+  $("height").value = o.height ?? "";
+  $("width").value = o.width ?? "";
+  $("optimizer").value = o.optimizer;
   $("seed").value = o.seed;
   $("preview").value = o.preview;
   $("refresh").value = o.evalEvery;
@@ -298,12 +309,14 @@ async function showPlan() {
     const mib = (b) => `${(b / 2 ** 20).toFixed(b < 2 ** 24 ? 1 : 0)} MiB`;
     const params = p.parameters >= 1e8 ? `${(p.parameters / 1e9).toFixed(2)} B` : `${(p.parameters / 1e6).toFixed(1)} M`;
     text = `${p.model}: ${params} parameters, about ${mib(p.weightsBytes)} of weights in ${p.weightsDtype} on this device. `;
-    const update = p.latentSize ? `An update at ${p.latentSize}×${p.latentSize} latents, batch ${p.batch},` : `An update, batch ${p.batch},`;
+    const update = p.latents ? `An update at ${p.latents[0]}×${p.latents[1]} latents, batch ${p.batch},` : `An update, batch ${p.batch},`;
+    const gib = (b) => `${(b / 2 ** 30).toFixed(b < 2 ** 30 ? 2 : 1)} GiB`;
+    const step = p.stepBytes ? ` One update holds about ${gib(p.stepBytes)} with the weights (an estimate, by arithmetic).` : "";
     text += !p.trains
       ? `It does not train here: ${p.why}`
       : device === "webgpu"
-        ? `${update} fits this adapter's buffers.`
-        : `${update} runs on the CPU backend, which has no buffer limits.`;
+        ? `${update} fits this adapter's buffers.${step}`
+        : `${update} runs on the CPU backend, which has no buffer limits.${step}`;
   } catch (e) {
     text = `This model cannot be read: ${e.message ?? e}`;
   }
@@ -397,6 +410,7 @@ function showAdapter(info) {
     ["Batch", `${info.batch} images × ${info.steps} DDIM steps, lr ${info.lr}`],
     ["Prompts", String(info.prompts)],
   ];
+  if (info.wasmMemoryBytes) rows.push(["WebAssembly memory", `${(info.wasmMemoryBytes / 2 ** 20).toFixed(0)} MiB after loading (the model's weights live on the device)`]);
   const dl = $("adapter");
   dl.replaceChildren();
   for (const [k, v] of rows) {
@@ -415,11 +429,11 @@ function showGrid(ev) {
     const item = document.createElement("figure");
     item.setAttribute("role", "listitem");
     const canvas = document.createElement("canvas");
-    canvas.width = ev.size;
-    canvas.height = ev.size;
+    canvas.width = ev.width;
+    canvas.height = ev.height;
     canvas.setAttribute("role", "img");
     canvas.setAttribute("aria-label", `sample ${i + 1}: ${ev.prompts[i]}`);
-    canvas.getContext("2d").putImageData(new ImageData(pixels, ev.size, ev.size), 0, 0);
+    canvas.getContext("2d").putImageData(new ImageData(pixels, ev.width, ev.height), 0, 0);
     const cap = document.createElement("figcaption");
     cap.textContent = `${ev.prompts[i]} (seed ${(i % 2) + 1})`;
     item.append(canvas, cap);
@@ -756,7 +770,7 @@ async function main() {
     await call("forget").catch(showError);
   });
   $("checkpoint-file").addEventListener("change", openCheckpoint);
-  for (const id of ["model-folder", "model-file", "device", "batch"]) $(id).addEventListener("change", showPlan);
+  for (const id of ["model-folder", "model-file", "device", "batch", "height", "width"]) $(id).addEventListener("change", showPlan);
   showPlan();
   $("open-checkpoint").addEventListener("click", () => $("checkpoint-file").click());
   offerKept(hello.kept);

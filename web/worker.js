@@ -228,7 +228,8 @@ async function openRun({ options, model, checkpoint, rewards = [] }) {
   }
   trainer = await WebTrainer.open(JSON.stringify(options), files);
   watchProgress();
-  return trainer.info();
+  // WebAssembly memory only grows: its size once the model is loaded is the load's peak.
+  return { ...trainer.info(), wasmMemoryBytes: (await ready).memory.buffer.byteLength };
 }
 
 function run() {

@@ -5,6 +5,7 @@
 //
 //   node tests/e2e/e2e.mjs [--updates 2] [--steps 4] [--batch 1] [--preview 2] [--method draft-k]
 //                          [--lr 0.01] [--refresh 2] [--device webgpu|cpu] [--screenshot FILE]
+//   node tests/e2e/e2e.mjs --real-size DIR   # opt-in: only the real-size check (realSize below)
 //
 // Prints one JSON line with the figures (updates/s included) for docs/web.md.
 import { createServer } from "node:http";
@@ -13,7 +14,7 @@ import { readFile, writeFile, mkdir, mkdtemp } from "node:fs/promises";
 import { execFileSync } from "node:child_process";
 import { existsSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { dirname, extname, join, normalize, resolve } from "node:path";
+import { basename, dirname, extname, join, normalize, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
 import { launch } from "./chromium.mjs";
@@ -35,6 +36,8 @@ const { values: args } = parseArgs({
     screenshot: { type: "string", default: resolve(here, "../../target/e2e/web-demo.png") },
     // The `draft` binary for the checkpoint round trip (default: the release build).
     draft: { type: "string" },
+    // Opt-in: only the real-size check, on this folder (tests/fixtures/make_sd14_pipeline.py).
+    "real-size": { type: "string" },
   },
 });
 const DRAFT = args.draft ?? process.env.DRAFT_BIN ??
@@ -419,12 +422,111 @@ async function pickedSingleFile() {
   return out;
 }
 
+// --- A real-size model picked in the page (opt-in: --real-size DIR) ---------------------------
+// DIR: the random SD-1.4-architecture pipeline of tests/fixtures/make_sd14_pipeline.py (f16,
+// 2.1 GB; SD-1.4's UNet, VAE and CLIP ViT-L/14 text encoder), picked as a folder on WebGPU
+// (SwiftShader) at 128×128 (16×16 latents): the plan before the run, WebAssembly memory after
+// the load, the evaluation set before training against `draft train`'s on the CPU backend (the
+// same seeds: its reward and diversity are functions of the sampled images), and one DRaFT-1
+// update with SGD, whose LoRA is −lr × the gradient (B starts at zero), against native's.
+const REAL = { steps: "2", size: "128", lr: "0.01", prompts: ["a photo of a cat", "a photo of a dog"] };
+// Measured (docs/web.md): evaluation reward and diversity agree to 1e-5 relative, the LoRA to
+// 2e-4 of its largest entry — the wgpu-vs-CPU gradient differences of the browser suite.
+const REAL_EVAL_TOLERANCE = 1e-3;
+const REAL_LORA_TOLERANCE = 1e-2;
+// WebAssembly memory after loading the 2.1 GB folder: the worker test's bound for the load (the
+// largest tensor in f32 ×6 + 32 MiB of queued uploads + a 128 MiB budget = 328 MiB) over the
+// module's memory before it, which the page's own start-up takes (measured 48 MiB in the worker
+// test), with 128 MiB more for what the page holds beside the load.
+const REAL_WASM_BYTES = (48 + 328 + 128) * 2 ** 20;
+
+async function realSize(dir) {
+  const name = basename(resolve(dir));
+  const out = { name };
+  const nativeDir = await mkdtemp(join(tmpdir(), "draft-real-"));
+  const t = Date.now();
+  draft([
+    "train", "--model", dir, "--device", "cpu", "--method", "draft-k", "--k", "1", "--steps", REAL.steps,
+    "--batch", "1", "--height", REAL.size, "--width", REAL.size, "--optimizer", "sgd", "--lr", REAL.lr,
+    "--preview", "2", "--eval-every", "1", "--checkpoint-every", "1", "--train-steps", "1",
+    ...REAL.prompts.flatMap((p) => ["--prompt", p]), "--out-dir", nativeDir,
+  ]);
+  out.nativeSeconds = (Date.now() - t) / 1000;
+  const nativeLora = new Uint8Array(await readFile(join(nativeDir, "pytorch_lora_weights.safetensors")));
+  const ckpt = new Uint8Array(await readFile(join(nativeDir, "checkpoint.safetensors")));
+  const n = Number(Buffer.from(ckpt).readBigUInt64LE(0));
+  const meta = JSON.parse(Buffer.from(ckpt.subarray(8, 8 + n)).toString("utf8")).__metadata__;
+  out.nativeBefore = JSON.parse(meta.before);
+
+  const page = await browser.newPage({ viewport: { width: 1280, height: 1100 } });
+  page.on("console", (m) => log(`real-size page: console.${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => log(`real-size page: error: ${e.message}`));
+  await page.goto(url);
+  await page.waitForSelector("body[data-state=idle]", { timeout: 60_000 });
+  await page.selectOption("#device", "webgpu");
+  await page.selectOption("#method", "draft-k");
+  await page.fill("#k", "1");
+  await page.fill("#train-steps", "1");
+  await page.fill("#steps", REAL.steps);
+  await page.fill("#batch", "1");
+  await page.fill("#height", REAL.size);
+  await page.fill("#width", REAL.size);
+  await page.selectOption("#optimizer", "sgd");
+  await page.fill("#lr", REAL.lr);
+  await page.fill("#refresh", "1");
+  await page.fill("#preview", "2");
+  await page.fill("#checkpoint-every", "0");
+  await page.fill("#prompts", REAL.prompts.join("\n"));
+  await page.setInputFiles("#model-folder", dir);
+  await page.dispatchEvent("#height", "change");
+  out.plan = await planFor(page, name);
+  await page.waitForFunction(() => /latents/.test(document.getElementById("model-plan").textContent), null, { timeout: 60_000 });
+  out.plan = await page.textContent("#model-plan");
+  const started = Date.now();
+  await page.evaluate(() => setTimeout(() => document.getElementById("train").click(), 0));
+  await page.waitForFunction(() => ["done", "error"].includes(document.body.dataset.state), null, { timeout: 3_600_000, polling: 1000 });
+  out.pageSeconds = (Date.now() - started) / 1000;
+  out.run = await pageState(page);
+  out.page = await page.evaluate(() => ({
+    before: window.draft.before,
+    wasmMemoryBytes: window.draft.info?.wasmMemoryBytes,
+    weights: window.draft.info?.weights,
+    seconds: window.draft.steps.map((s) => s.seconds),
+  }));
+  const pageLora = out.run.state === "done" ? await downloadFrom(page, "#download") : null;
+  await page.close();
+  const rel = (a, b) => Math.abs(a - b) / Math.max(Math.abs(b), 1e-12);
+  out.beforeReward = rel(out.page.before?.reward, out.nativeBefore.reward);
+  out.beforeDiversity = rel(out.page.before?.diversity, out.nativeBefore.diversity);
+  out.lora = pageLora ? loraDiff(pageLora, nativeLora, true) : null;
+  log(`real size: ${JSON.stringify(out)}`);
+  if (!/^[^:]+: 1\.\d\d B parameters, about \d+ MiB of weights in f(16|32) on this device\. An update at 16×16 latents, batch 1, fits this adapter's buffers\. One update holds about [\d.]+ GiB/.test(out.plan)) {
+    fail(`the plan of the real-size folder: ${out.plan}`);
+  }
+  if (out.run.state !== "done" || out.run.updates !== 1) fail(`the real-size run: state ${out.run.state} at ${out.run.updates} updates (${out.run.error})`);
+  if (!(out.page.wasmMemoryBytes <= REAL_WASM_BYTES)) {
+    fail(`WebAssembly memory after loading the real-size folder: ${out.page.wasmMemoryBytes} bytes, over ${REAL_WASM_BYTES}`);
+  }
+  if (!(out.beforeReward <= REAL_EVAL_TOLERANCE && out.beforeDiversity <= REAL_EVAL_TOLERANCE)) {
+    fail(`the evaluation set before training differs from native's: reward ${out.beforeReward}, diversity ${out.beforeDiversity} relative`);
+  }
+  if (!(out.lora <= REAL_LORA_TOLERANCE)) fail(`the LoRA after one update differs from native's by ${out.lora} of its largest entry`);
+  return out;
+}
+
 const server = await serve();
 const url = `http://127.0.0.1:${server.address().port}/`;
 const browser = await launch();
 const t0 = Date.now();
 const log = (m) => console.error(`[e2e ${((Date.now() - t0) / 1000).toFixed(1)} s] ${m}`);
 try {
+  if (args["real-size"]) {
+    console.log(JSON.stringify({ realSize: await realSize(args["real-size"]) }));
+    if (!process.exitCode) console.error("e2e: ok");
+    await browser.close();
+    server.close();
+    process.exit(process.exitCode ?? 0);
+  }
   const page = await browser.newPage({ viewport: { width: 1280, height: 1100 } });
   page.on("console", (m) => log(`console.${m.type()}: ${m.text()}`));
   page.on("pageerror", (e) => log(`page error: ${e.message}`));

@@ -421,3 +421,42 @@ fn progress_is_reported_and_a_cancelled_update_changes_nothing() {
         "the run after the cancel is the uninterrupted one"
     );
 }
+
+/// `--height`/`--width`: a run samples, trains and evaluates at the asked size instead of the
+/// model's (sd1-tiny: 16×16 latents, 32×32 images, a VAE that downscales by 2); the size is
+/// kept in the checkpoint; a size the VAE cannot reach is refused before any work.
+#[test]
+fn a_run_trains_at_the_asked_image_size() {
+    let sized = TrainConfig {
+        height: Some(24),
+        width: Some(40),
+        ..config()
+    };
+    let mut t = trainer(sized.clone(), None);
+    let m = pollster::block_on(t.train_step()).unwrap();
+    assert!(m.loss.is_finite() && m.grad_norm > 0.0, "{m:?}");
+    let e = pollster::block_on(t.evaluate_fixed(2)).unwrap();
+    assert_eq!(e.images.dims(), [2, 3, 24, 40]);
+    let ckpt = pollster::block_on(t.checkpoint()).unwrap();
+    let meta = draft_core::train::trainer::CheckpointMeta::read("sized", &ckpt).unwrap();
+    assert_eq!((meta.config.height, meta.config.width), (Some(24), Some(40)));
+    // The default size is not written, so checkpoints of earlier runs keep their bytes.
+    let plain = serde_json::to_string(&config()).unwrap();
+    assert!(!plain.contains("height") && !plain.contains("width"), "{plain}");
+
+    let device = Device::flex();
+    let model = read_model(&fixtures().join("sd1-tiny"));
+    let pipe =
+        Pipeline::load_with_lora(&model, &device, &LoraSetup::Targets(vec![LoraTarget::Attn]))
+            .unwrap();
+    let odd = TrainConfig {
+        height: Some(33),
+        ..config()
+    };
+    let reward = WeightedReward::from_specs(&odd.rewards, &odd.reward_options).unwrap();
+    let err = Trainer::new(pipe, odd, reward, vec!["a red circle".into()], None, None)
+        .err()
+        .expect("33 pixels is not a multiple of the VAE's 2")
+        .to_string();
+    assert_eq!(err, "height and width must be positive multiples of 2, got 33×32");
+}

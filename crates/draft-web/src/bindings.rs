@@ -376,7 +376,7 @@ impl WebTrainer {
 
     /// Samples the fixed evaluation set (`n` images: `n / 2` prompts × two fixed seeds) with
     /// the trained LoRA at `scale` × its scale (0: the base model, 1: trained). Resolves to
-    /// `{reward, diversity, terms: [[name, value]], size, prompts, images: [Uint8ClampedArray
+    /// `{reward, diversity, terms: [[name, value]], width, height, prompts, images: [Uint8ClampedArray
     /// RGBA]}`.
     pub fn evaluate(&self, n: usize, scale: f64) -> Promise {
         self.run(move |s| async move { evaluation_to_js(&s.evaluate(n, scale).await?) })

@@ -300,32 +300,52 @@ fn check_inputs(
     };
     limits::check_tensor_sizes(&format!("model {}", model.name), model, limit)
         .map_err(|e| e.to_string())?;
-    if let Some(json) = model.files.get("unet/config.json") {
-        let text = String::from_utf8_lossy(json);
-        let unet = draft_core::model::models::unet::UNet2DConditionConfig::from_json(
-            &model.display("unet/config.json"),
-            &text,
-        )
-        .map_err(|e| e.to_string())?;
+    if let Some((unet, vae)) = denoiser_configs(model)? {
         let per_update = config.batch * config.method.samples_per_image();
         let batch = per_update.max(draft_core::train::trainer::eval_set_size(
             eval_images.max(1),
         ));
-        let vae = match model.files.get("vae/config.json") {
-            Some(json) => Some(
-                draft_core::model::models::vae::AutoencoderKLConfig::from_json(
-                    &model.display("vae/config.json"),
-                    &String::from_utf8_lossy(json),
-                )
-                .map_err(|e| e.to_string())?,
-            ),
-            None => None,
-        };
-        let side = unet.sample_size;
-        limits::check_activations(&unet, vae.as_ref(), [side, side], batch, limit)
+        let latents = run_latents(&unet, vae.as_ref(), config)?;
+        limits::check_activations(&unet, vae.as_ref(), latents, batch, limit)
             .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+type UNetConfig = draft_core::model::models::unet::UNet2DConditionConfig;
+type VaeConfig = draft_core::model::models::vae::AutoencoderKLConfig;
+
+/// A diffusers-layout model's UNet and VAE configs (`None`: no `unet/config.json`).
+fn denoiser_configs(model: &ModelFiles) -> Result<Option<(UNetConfig, Option<VaeConfig>)>, String> {
+    let Some(json) = model.files.get("unet/config.json") else {
+        return Ok(None);
+    };
+    let unet = UNetConfig::from_json(
+        &model.display("unet/config.json"),
+        &String::from_utf8_lossy(json),
+    )
+    .map_err(|e| e.to_string())?;
+    let vae = match model.files.get("vae/config.json") {
+        Some(json) => Some(
+            VaeConfig::from_json(&model.display("vae/config.json"), &String::from_utf8_lossy(json))
+                .map_err(|e| e.to_string())?,
+        ),
+        None => None,
+    };
+    Ok(Some((unet, vae)))
+}
+
+/// The latents `[h, w]` a run of `config` samples at: its `--height`/`--width`, else the
+/// model's `sample_size` (as [`draft_core::Pipeline::image_size`]).
+fn run_latents(unet: &UNetConfig, vae: Option<&VaeConfig>, config: &TrainConfig) -> Result<[usize; 2], String> {
+    let f = vae.map_or(1, |v| v.downscale());
+    let side = unet.sample_size * f;
+    draft_core::model::pipeline::latent_size(
+        config.height.unwrap_or(side),
+        config.width.unwrap_or(side),
+        f,
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// What the page says about a picked model before a run opens ([`plan`]): its size, the memory
@@ -343,8 +363,12 @@ pub struct ModelPlan {
     pub weights_dtype: String,
     /// Parameters × the dtype's size: by arithmetic (norms and biases stay f32 in an f16 run).
     pub weights_bytes: u64,
-    /// The latents a training update runs at (the UNet's `sample_size`), and its images.
-    pub latent_size: Option<usize>,
+    /// The latents `[h, w]` a training update runs at (`--height`/`--width` over the VAE's
+    /// downscale, else the UNet's `sample_size`).
+    pub latents: Option<[usize; 2]>,
+    /// The weights plus what one training update holds beyond them, by arithmetic
+    /// ([`draft_core::model::limits::step_activation_bytes`]; `None` without a UNet config).
+    pub step_bytes: Option<u64>,
     pub batch: usize,
     pub trains: bool,
     /// Why not: the limit, and the tensor or activation over it.
@@ -372,26 +396,42 @@ pub fn plan(
     let Resolved { config, policy, .. } = options.resolve(embedded, None)?;
     let count = draft_core::model::limits::count_weights(model).map_err(|e| e.to_string())?;
     let f16 = options.device == "webgpu" && shader_f16;
-    let latent_size = model
-        .files
-        .get("unet/config.json")
-        .and_then(|json| serde_json::from_slice::<serde_json::Value>(json).ok())
-        .and_then(|v| v["sample_size"].as_u64())
-        .map(|s| s as usize);
+    let webgpu_limit = limit.filter(|_| options.device == "webgpu");
+    let weights_bytes = count.elements * if f16 { 2 } else { 4 };
+    let (mut latents, mut step_bytes) = (None, None);
+    // A size the VAE cannot reach is the plan's `why` (check_inputs says it).
+    if let Some((unet, vae)) = denoiser_configs(model)?
+        && let Ok(hw) = run_latents(&unet, vae.as_ref(), &config)
+    {
+        latents = Some(hw);
+        let budget = webgpu_limit.map_or(draft_core::memory::strips::MAX_BUFFER_BYTES, |l| {
+            l.min(draft_core::memory::strips::MAX_BUFFER_BYTES)
+        });
+        step_bytes = draft_core::model::limits::step_activation_bytes(
+            &unet,
+            vae.as_ref(),
+            hw,
+            config.batch,
+            budget,
+        )
+        .ok()
+        .map(|a| weights_bytes.saturating_add(a));
+    }
     let checked = check_inputs(
         model,
         &BTreeMap::new(),
         &config,
         policy.eval_images,
-        limit.filter(|_| options.device == "webgpu"),
+        webgpu_limit,
     );
     Ok(ModelPlan {
         model: model.name.clone(),
         parameters: count.elements,
         largest: count.largest,
         weights_dtype: if f16 { "f16" } else { "f32" }.into(),
-        weights_bytes: count.elements * if f16 { 2 } else { 4 },
-        latent_size,
+        weights_bytes,
+        latents,
+        step_bytes,
         batch: config.batch,
         trains: checked.is_ok(),
         why: checked.err(),
@@ -627,12 +667,13 @@ impl Session {
 
     /// An evaluation as the page shows it: RGBA images, each term's name with its mean.
     async fn for_page(&self, e: FixedEval) -> Result<Evaluation, String> {
-        let (size, images) = rgba(e.images).await.map_err(|e| e.to_string())?;
+        let ([height, width], images) = rgba(e.images).await.map_err(|e| e.to_string())?;
         Ok(Evaluation {
             reward: e.reward,
             diversity: e.diversity,
             terms: self.term_names.iter().cloned().zip(e.terms).collect(),
-            size,
+            width,
+            height,
             prompts: e.prompts,
             images,
         })
@@ -682,8 +723,9 @@ pub struct Evaluation {
     pub diversity: f64,
     /// Each reward term's (name, unweighted mean).
     pub terms: Vec<(String, f64)>,
-    /// Image side in pixels.
-    pub size: usize,
+    /// Image width and height in pixels.
+    pub width: usize,
+    pub height: usize,
     /// The prompt of each image.
     pub prompts: Vec<String>,
     /// RGBA bytes per image.
@@ -696,8 +738,8 @@ pub fn default_prompts() -> Vec<String> {
     prompt_set(default_model::PROMPT_SET).unwrap_or_default()
 }
 
-/// [n, 3, H, W] in [0, 1] → the side (H = W) and one RGBA buffer per image.
-pub async fn rgba(images: Tensor<4>) -> draft_core::Result<(usize, Vec<Vec<u8>>)> {
+/// [n, 3, H, W] in [0, 1] → `[H, W]` and one RGBA buffer per image.
+pub async fn rgba(images: Tensor<4>) -> draft_core::Result<([usize; 2], Vec<Vec<u8>>)> {
     let [n, c, h, w] = images.dims();
     let (v, _) = read_f32(images).await?;
     let px = |x: f32| (x.clamp(0.0, 1.0) * 255.0).round() as u8;
@@ -715,5 +757,5 @@ pub async fn rgba(images: Tensor<4>) -> draft_core::Result<(usize, Vec<Vec<u8>>)
             image
         })
         .collect();
-    Ok((h.max(w), out))
+    Ok(([h, w], out))
 }

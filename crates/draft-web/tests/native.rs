@@ -429,7 +429,8 @@ fn the_plan_of_a_picked_model_says_its_size_and_what_does_not_fit() {
         (fits.weights_dtype.as_str(), fits.weights_bytes),
         ("f16", 2 * expected)
     );
-    assert_eq!(fits.latent_size, Some(16));
+    assert_eq!(fits.latents, Some([16, 16]));
+    assert!(fits.step_bytes.unwrap() > fits.weights_bytes, "{fits:?}");
     let (largest, n) = fits.largest.clone().unwrap();
     assert_eq!(n, *sizes.iter().max().unwrap(), "{largest}");
     assert!(largest.starts_with("sd1-tiny/"), "{largest}");
@@ -444,6 +445,19 @@ fn the_plan_of_a_picked_model_says_its_size_and_what_does_not_fit() {
     // The CPU backend has no binding limit.
     let cpu = draft_web::plan(&form("cpu", "{}"), Some(&files), Some(64 << 10), true).unwrap();
     assert!(cpu.trains && cpu.weights_dtype == "f32");
+    // The chosen size (sd1-tiny's VAE downscales by 2), and one the VAE cannot reach.
+    let sized = form("webgpu", r#"{"height": 48, "width": 24}"#);
+    let sized = draft_web::plan(&sized, Some(&files), Some(128 << 20), true).unwrap();
+    assert!(sized.trains && sized.latents == Some([24, 12]), "{sized:?}");
+    // A larger image holds more (the weights are the same).
+    assert!(sized.step_bytes.unwrap() > fits.step_bytes.unwrap(), "{sized:?}");
+    let odd = form("webgpu", r#"{"height": 47}"#);
+    let odd = draft_web::plan(&odd, Some(&files), Some(128 << 20), true).unwrap();
+    assert!(!odd.trains && odd.latents.is_none());
+    assert_eq!(
+        odd.why.as_deref(),
+        Some("height and width must be positive multiples of 2, got 47×32")
+    );
 }
 
 /// A single file picked in the page: read by range with its folder's configs (sd1-tiny's own

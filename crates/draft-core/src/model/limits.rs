@@ -278,6 +278,93 @@ pub fn check_activations(
     }
 }
 
+/// The memory a training update holds beyond the weights, by arithmetic: the activations the
+/// one UNet call with gradient keeps for its backward pass, on `2 × batch` rows (classifier-free
+/// guidance) in f32, whatever the weights' dtype — the checkpointed sampler keeps one step's
+/// graph at a time, and DRaFT-LV back-propagates its samples one after the other, so neither K
+/// nor the LV samples multiply it — plus, with `vae`, four of the decoder's largest activations
+/// ([`largest_activations`] with a `decoder_budget`), which its strips' backward holds at once.
+///
+/// Per latent position and row, in elements: a resnet from `c_in` to `c` channels keeps
+/// 2·c_in + 3·c (its two norms' and convolutions' inputs, the residual); a transformer of
+/// `layers` blocks at width `c` keeps 25·c per block (norms, q/k/v, both attentions' outputs and
+/// projections, the GEGLU's 8·c projection and 4·c gate) and 2·c around them (proj_in/out); a
+/// resampler, its input. Against the CPU backend's measured growth of a step (SD-1.4's UNet at
+/// 32×32 and its whole pipeline at 64×64, docs/web.md) it is 18–20 % above: it answers "does it
+/// fit", not "how much exactly".
+pub fn step_activation_bytes(
+    unet: &UNet2DConditionConfig,
+    vae: Option<&AutoencoderKLConfig>,
+    latent_hw: [usize; 2],
+    batch: usize,
+    decoder_budget: u64,
+) -> Result<u64> {
+    let r = unet.resolve("unet/config.json")?;
+    let boc = &unet.block_out_channels;
+    let n = boc.len();
+    let tokens = |level: usize| ((latent_hw[0] >> level).max(1) * (latent_hw[1] >> level).max(1)) as u64;
+    let resnet = |c_in: usize, c: usize| (2 * c_in + 3 * c) as u64;
+    let transformer = |c: usize, layers: usize| (layers * 25 * c + 2 * c) as u64;
+    let attends = |kind: &str| kind.contains("CrossAttn");
+    // Elements per latent position and row, summed over the levels with their tokens.
+    let mut elements = 0u64;
+    for (i, kind) in unet.down_block_types.iter().enumerate() {
+        let c = boc[i];
+        let mut per = 0;
+        for j in 0..r.layers_per_block[i] {
+            per += resnet(if j == 0 { boc[i.saturating_sub(1)] } else { c }, c);
+            if attends(kind) {
+                per += transformer(c, r.transformer_layers[i]);
+            }
+        }
+        if i + 1 < n {
+            per += c as u64;
+        }
+        elements += per * tokens(i);
+    }
+    let last = boc[n - 1];
+    let mid = unet.mid_block_type.as_deref().unwrap_or("UNetMidBlock2DCrossAttn");
+    if !mid.is_empty() {
+        let mut per = 2 * resnet(last, last);
+        if attends(mid) {
+            per += transformer(last, r.transformer_layers[n - 1]);
+        }
+        elements += per * tokens(n - 1);
+    }
+    for (k, kind) in unet.up_block_types.iter().enumerate() {
+        let level = n - 1 - k;
+        let out = boc[level];
+        let prev_out = boc[(level + 1).min(n - 1)];
+        let skip_in = boc[level.saturating_sub(1)];
+        let layers = r.layers_per_block[level];
+        let mut per = 0;
+        for j in 0..=layers {
+            let skip = if j == layers { skip_in } else { out };
+            per += resnet((if j == 0 { prev_out } else { out }) + skip, out);
+            if attends(kind) {
+                per += transformer(out, r.transformer_layers[level]);
+            }
+        }
+        elements += per * tokens(level);
+        if level > 0 {
+            // The upsampler's interpolated input and its convolution's, at the next level.
+            elements += 2 * out as u64 * tokens(level - 1);
+        }
+    }
+    let rows = 2 * batch as u64;
+    let mut bytes = elements.saturating_mul(rows).saturating_mul(4);
+    if let Some(vae) = vae {
+        let decoder = largest_activations(unet, Some(vae), latent_hw, batch, decoder_budget)?
+            .into_iter()
+            .filter(|a| a.what.starts_with("VAE"))
+            .map(|a| a.bytes)
+            .max()
+            .unwrap_or(0);
+        bytes = bytes.saturating_add(4 * decoder);
+    }
+    Ok(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,5 +530,23 @@ mod tests {
             .to_string();
         assert!(err.contains("64.0 MiB"), "{err}");
         check_activations(&unet, None, [32, 32], 4, 128 << 20).unwrap();
+    }
+
+    /// SD-1.4's UNet at 32×32 latents, batch 1: 761 MiB by this arithmetic, against the +634 MiB
+    /// the CPU backend's step measured (docs/benchmarks.md, 6dccfbd); at 64×64 four times that.
+    #[test]
+    fn the_step_estimate_of_sd14() {
+        let json = r#"{"sample_size": 64, "block_out_channels": [320, 640, 1280, 1280],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 768, "attention_head_dim": 8, "layers_per_block": 2}"#;
+        let unet = UNet2DConditionConfig::from_json("unet", json).unwrap();
+        let mib = |b: u64| b as f64 / MIB;
+        let small = step_activation_bytes(&unet, None, [32, 32], 1, 128 << 20).unwrap();
+        let large = step_activation_bytes(&unet, None, [64, 64], 1, 128 << 20).unwrap();
+        assert!((mib(small) - 761.25).abs() < 0.01, "{}", mib(small));
+        assert!((mib(large) / mib(small) - 4.0).abs() < 0.05);
+        let two = step_activation_bytes(&unet, None, [32, 32], 2, 128 << 20).unwrap();
+        assert_eq!(two, 2 * small);
     }
 }

@@ -241,18 +241,14 @@ impl Pipeline {
 
     /// Latent shape [C, h, w] for an image of `height` × `width` pixels.
     pub fn latent_shape(&self, height: usize, width: usize) -> Result<[usize; 3]> {
-        let f = self.downscale();
-        if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
-            return Err(Error::Input(format!(
-                "height and width must be positive multiples of {f}, got {height}×{width}"
-            )));
-        }
-        if height.max(width) > MAX_IMAGE_SIDE {
-            return Err(Error::Input(format!(
-                "height and width must be at most {MAX_IMAGE_SIDE} pixels, got {height}×{width}"
-            )));
-        }
-        Ok([self.unet_config.in_channels, height / f, width / f])
+        let [h, w] = latent_size(height, width, self.downscale())?;
+        Ok([self.unet_config.in_channels, h, w])
+    }
+
+    /// The image size a run asks for (`None`: this model's default), in pixels.
+    pub fn image_size(&self, height: Option<usize>, width: Option<usize>) -> [usize; 2] {
+        let size = self.default_image_size();
+        [height.unwrap_or(size), width.unwrap_or(size)]
     }
 
     /// Default image size: the UNet's `sample_size` latents, decoded.
@@ -362,4 +358,21 @@ impl Pipeline {
 /// [B, 3, H, W] → [B, H, W, 3], diffusers' `output_type="np"` layout.
 pub fn to_nhwc(images: Tensor<4>) -> Tensor<4> {
     images.permute([0, 2, 3, 1])
+}
+
+/// The latents `[h, w]` of a `height` × `width` image for a VAE that downscales by `factor`;
+/// refuses sizes that are not positive multiples of it or pass [`MAX_IMAGE_SIDE`].
+pub fn latent_size(height: usize, width: usize, factor: usize) -> Result<[usize; 2]> {
+    let f = factor.max(1);
+    if height == 0 || width == 0 || !height.is_multiple_of(f) || !width.is_multiple_of(f) {
+        return Err(Error::Input(format!(
+            "height and width must be positive multiples of {f}, got {height}×{width}"
+        )));
+    }
+    if height.max(width) > MAX_IMAGE_SIDE {
+        return Err(Error::Input(format!(
+            "height and width must be at most {MAX_IMAGE_SIDE} pixels, got {height}×{width}"
+        )));
+    }
+    Ok([height / f, width / f])
 }

@@ -167,6 +167,12 @@ pub struct TrainConfig {
     pub rewards: Vec<String>,
     pub reward_options: RewardOptions,
     pub batch: usize,
+    /// Image height and width in pixels (`None`: the model's `sample_size` × the VAE's
+    /// downscale). Absent from checkpoints that train at the model's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub height: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
     /// Sampling steps.
     pub steps: usize,
     pub guidance: f64,
@@ -202,6 +208,8 @@ impl Default for TrainConfig {
             rewards: vec!["colorfulness".into()],
             reward_options: RewardOptions::default(),
             batch: 2,
+            height: None,
+            width: None,
             steps: 50,
             guidance: 7.5,
             eta: 0.0,
@@ -250,6 +258,16 @@ impl TrainConfig {
             return bad(format!("--alpha must be positive, got {a}"));
         }
         crate::model::files::check_batch("--batch", self.batch)?;
+        for (flag, side) in [("--height", self.height), ("--width", self.width)] {
+            if let Some(v) = side
+                && !(1..=crate::model::files::MAX_IMAGE_SIDE).contains(&v)
+            {
+                return bad(format!(
+                    "{flag} must be between 1 and {} pixels, got {v}",
+                    crate::model::files::MAX_IMAGE_SIDE
+                ));
+            }
+        }
         // Guards against settings that would allocate without bound (a TOML `rank = 2^40`).
         let lv_samples = match self.method {
             MethodConfig::DraftLv { lv_samples } => lv_samples,
@@ -509,6 +527,15 @@ pub struct Settings {
     #[cfg_attr(feature = "clap", arg(long))]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batch: Option<usize>,
+    /// Image height in pixels, a multiple of the VAE's downscale (8 for Stable Diffusion)
+    /// [default: the UNet's sample_size × the downscale].
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub height: Option<usize>,
+    /// Image width in pixels [default: as --height's].
+    #[cfg_attr(feature = "clap", arg(long))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
     /// DDIM sampling steps [default: 50].
     #[cfg_attr(feature = "clap", arg(long))]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -613,6 +640,8 @@ impl Settings {
             target_color,
             negative_prompt,
             batch,
+            height,
+            width,
             steps,
             guidance,
             eta,
@@ -643,6 +672,8 @@ impl Settings {
             target_color: Some(Color(c.reward_options.target_color)),
             negative_prompt: Some(c.negative_prompt.clone()),
             batch: Some(c.batch),
+            height: c.height,
+            width: c.width,
             steps: Some(c.steps),
             guidance: Some(c.guidance),
             eta: Some(c.eta),
@@ -771,6 +802,8 @@ pub fn resolve(
                 .unwrap_or(base.reward_options.target_color),
         },
         batch: s.batch.unwrap_or(base.batch),
+        height: s.height.or(base.height),
+        width: s.width.or(base.width),
         steps,
         guidance: s.guidance.unwrap_or(base.guidance),
         eta: s.eta.unwrap_or(base.eta),

@@ -169,8 +169,8 @@ impl Trainer {
                 .lora
                 .load_trainable(file, config.alpha(), &device)?;
         }
-        let size = pipeline.default_image_size();
-        let latent_shape = pipeline.latent_shape(size, size)?;
+        let [height, width] = pipeline.image_size(config.height, config.width);
+        let latent_shape = pipeline.latent_shape(height, width)?;
         if let Some(x) = &init_noise {
             let [_, c, h, w] = x.dims();
             if [c, h, w] != latent_shape {
