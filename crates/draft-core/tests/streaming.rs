@@ -237,3 +237,45 @@ fn a_truncated_or_unreadable_source_is_an_error_naming_the_file() {
     let err = files.component_weights("unet").err().unwrap().to_string();
     assert!(err.contains("the file went away"), "{err}");
 }
+
+/// A tensor over `UPLOAD_FLUSH_BYTES` in f32 — here `[2600, 4096]` in f16, 20.3 MiB in the file
+/// and 40.6 MiB as f32 — loads in pieces of rows joined on the device: no read is larger than
+/// one piece (2048 rows, 16 MiB of f16), and the values are the file's.
+#[test]
+fn a_tensor_over_the_flush_size_loads_in_pieces_of_rows() {
+    use draft_core::model::var_builder::{UPLOAD_FLUSH_BYTES, VarBuilder};
+    let (rows, cols) = (2600usize, 4096usize);
+    assert!(4 * (rows * cols) as u64 > UPLOAD_FLUSH_BYTES);
+    let halves: Vec<half::f16> = (0..rows * cols)
+        .map(|i| half::f16::from_f32(((i % 1999) as f32 - 999.0) / 1024.0))
+        .collect();
+    let data: Vec<u8> = halves.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let file = draft_core::model::weights::serialize(
+        &[("w".into(), safetensors::Dtype::F16, vec![rows, cols], data)],
+        None,
+    )
+    .unwrap();
+    let (total, largest) = (Rc::new(Cell::new(0)), Rc::new(Cell::new(0)));
+    let mut files = ModelFiles::new("large");
+    files.insert_source(
+        "unet/diffusion_pytorch_model.safetensors",
+        Rc::new(Counted {
+            bytes: file,
+            total: total.clone(),
+            largest: largest.clone(),
+        }),
+    );
+    let weights = files.component_weights("unet").unwrap();
+    let (header_reads, header_largest) = (total.get(), largest.get());
+    let t = VarBuilder::new(&weights, &Device::flex())
+        .get("w", [rows, cols])
+        .unwrap();
+    let (got, shape) = values(t);
+    assert_eq!(shape, [rows, cols]);
+    let want: Vec<f32> = halves.iter().map(|v| v.to_f32()).collect();
+    assert!(got == want, "the pieces joined are not the tensor");
+    let piece_rows = UPLOAD_FLUSH_BYTES as usize / (4 * cols);
+    assert!(largest.get().max(header_largest) <= (2 * piece_rows * cols) as u64);
+    assert!(largest.get() < (2 * rows * cols) as u64, "read whole");
+    assert_eq!(total.get() - header_reads, (2 * rows * cols) as u64, "each byte read once");
+}

@@ -282,8 +282,10 @@ pub fn check_activations(
 /// one UNet call with gradient keeps for its backward pass, on `2 × batch` rows (classifier-free
 /// guidance) in f32, whatever the weights' dtype — the checkpointed sampler keeps one step's
 /// graph at a time, and DRaFT-LV back-propagates its samples one after the other, so neither K
-/// nor the LV samples multiply it — plus, with `vae`, four of the decoder's largest activations
-/// ([`largest_activations`] with a `decoder_budget`), which its strips' backward holds at once.
+/// nor the LV samples multiply it — or, with `vae` and when larger, four of the decoder's
+/// largest activations ([`largest_activations`] with a `decoder_budget`), which its strips'
+/// backward holds at once: the decoder's graph is freed before the UNet step's is rebuilt, so
+/// the two peaks do not add. A learned reward's own activations are not counted.
 ///
 /// Per latent position and row, in elements: a resnet from `c_in` to `c` channels keeps
 /// 2·c_in + 3·c (its two norms' and convolutions' inputs, the residual); a transformer of
@@ -360,7 +362,7 @@ pub fn step_activation_bytes(
             .map(|a| a.bytes)
             .max()
             .unwrap_or(0);
-        bytes = bytes.saturating_add(4 * decoder);
+        bytes = bytes.max(4 * decoder);
     }
     Ok(bytes)
 }

@@ -302,7 +302,18 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
                 return Ok(flat.reshape(shape));
             }
         };
-        let values = read_checked(weights, key, &shape)?;
+        let found = weights.shape(&key)?;
+        check_shape(weights, &key, &found, &shape)?;
+        let total: usize = shape.iter().product();
+        let rows = found.first().copied().unwrap_or(1);
+        // Over UPLOAD_FLUSH_BYTES in f32, a tensor is read, converted and uploaded in pieces of
+        // rows joined on the device: the host never holds it whole (SD-1.5's largest kernel,
+        // [1280, 2560, 3, 3], is 56 MiB in f16 and 112 MiB in f32).
+        if 4 * total as u64 > UPLOAD_FLUSH_BYTES && rows > 1 {
+            let whole = read_rows_in_pieces(weights, &key, (0, rows), total / rows, &self.device)?;
+            return Ok(whole.reshape(shape));
+        }
+        let (values, _) = weights.read_f32(&key)?;
         Ok(upload(values, shape, &self.device))
     }
 
@@ -325,21 +336,12 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
                 let key = self.path(name);
                 let found = weights.shape(&key)?;
                 check_shape(weights, &key, &found, &shape)?;
-                // A block is uploaded in pieces of at most UPLOAD_FLUSH_BYTES, joined on the
-                // device: a 128 MiB block is never on the host either.
-                let piece_rows = (UPLOAD_FLUSH_BYTES as usize / (4 * cols.max(1))).max(1);
+                // A block is uploaded in pieces too: a 128 MiB block is never on the host.
                 starts
                     .map(|r0| {
                         let n = max_rows.min(rows - r0);
-                        let pieces = (r0..r0 + n)
-                            .step_by(piece_rows)
-                            .map(|p0| {
-                                let m = piece_rows.min(r0 + n - p0);
-                                let (piece, _) = weights.read_f32_rows(&key, Some((p0, m)))?;
-                                Ok(upload(piece, [m, cols], &self.device))
-                            })
-                            .collect::<Result<Vec<_>>>()?;
-                        Ok(self.stored(Tensor::cat(pieces, 0)))
+                        let block = read_rows_in_pieces(weights, &key, (r0, n), cols, &self.device)?;
+                        Ok(self.stored(block))
                     })
                     .collect()
             }
@@ -390,12 +392,30 @@ fn upload<const D: usize>(values: Vec<f32>, shape: [usize; D], device: &Device) 
     t
 }
 
-/// The values of `key` in `weights`, f32, checked against `shape` (a 1×1 conv kernel
-/// `[o, i, 1, 1]` serves a Linear `[o, i]`: the LDM VAE's attention).
-fn read_checked(weights: &Weights, key: String, shape: &[usize]) -> Result<Vec<f32>> {
-    let (values, found) = weights.read_f32(&key)?;
-    check_shape(weights, &key, &found, shape)?;
-    Ok(values)
+/// Rows `first..first + count` of `key` (each `cols` values) as a `[count, cols]` f32 tensor,
+/// read, converted and uploaded in pieces of at most [`UPLOAD_FLUSH_BYTES`] and joined on the
+/// device, so that the host holds one piece at a time.
+fn read_rows_in_pieces(
+    weights: &Weights,
+    key: &str,
+    (first, count): (usize, usize),
+    cols: usize,
+    device: &Device,
+) -> Result<Tensor<2>> {
+    let piece_rows = (UPLOAD_FLUSH_BYTES as usize / (4 * cols.max(1))).max(1);
+    let mut pieces = (first..first + count)
+        .step_by(piece_rows)
+        .map(|p0| {
+            let m = piece_rows.min(first + count - p0);
+            let (piece, _) = weights.read_f32_rows(key, Some((p0, m)))?;
+            Ok(upload(piece, [m, cols], device))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(if pieces.len() == 1 {
+        pieces.remove(0)
+    } else {
+        Tensor::cat(pieces, 0)
+    })
 }
 
 /// `found` is `shape`, or `shape` with trailing axes of 1.
