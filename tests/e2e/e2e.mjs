@@ -430,8 +430,8 @@ async function pickedSingleFile() {
 // same seeds: its reward and diversity are functions of the sampled images), and one DRaFT-1
 // update with SGD, whose LoRA is −lr × the gradient (B starts at zero), against native's.
 const REAL = { steps: "2", size: process.env.DRAFT_REAL_SIZE ?? "64", lr: "0.01", prompts: ["a photo of a cat", "a photo of a dog"] };
-// Measured (docs/web.md): evaluation reward and diversity agree to 1e-5 relative, the LoRA to
-// 2e-4 of its largest entry — the wgpu-vs-CPU gradient differences of the browser suite.
+// Bounds: the browser suite's 1e-3 for the evaluation, CROSS_TOLERANCE for the LoRA (what was
+// measured against them: docs/web.md, "A real-size model in the page").
 const REAL_EVAL_TOLERANCE = 1e-3;
 const REAL_LORA_TOLERANCE = 1e-2;
 // WebAssembly memory after loading the 2.1 GB folder: the worker test's bound for the load (the
