@@ -186,7 +186,7 @@ function fillForm(o) {
   $("batch").value = o.batch;
   $("height").value = o.height ?? "";
   $("width").value = o.width ?? "";
-  $("optimizer").value = o.optimizer;
+  $("optimizer").value = o.optimizer ?? "adamw";
   $("seed").value = o.seed;
   $("preview").value = o.preview;
   $("refresh").value = o.evalEvery;

@@ -277,5 +277,9 @@ fn a_tensor_over_the_flush_size_loads_in_pieces_of_rows() {
     let piece_rows = UPLOAD_FLUSH_BYTES as usize / (4 * cols);
     assert!(largest.get().max(header_largest) <= (2 * piece_rows * cols) as u64);
     assert!(largest.get() < (2 * rows * cols) as u64, "read whole");
-    assert_eq!(total.get() - header_reads, (2 * rows * cols) as u64, "each byte read once");
+    assert_eq!(
+        total.get() - header_reads,
+        (2 * rows * cols) as u64,
+        "each byte read once"
+    );
 }

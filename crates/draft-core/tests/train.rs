@@ -439,10 +439,16 @@ fn a_run_trains_at_the_asked_image_size() {
     assert_eq!(e.images.dims(), [2, 3, 24, 40]);
     let ckpt = pollster::block_on(t.checkpoint()).unwrap();
     let meta = draft_core::train::trainer::CheckpointMeta::read("sized", &ckpt).unwrap();
-    assert_eq!((meta.config.height, meta.config.width), (Some(24), Some(40)));
+    assert_eq!(
+        (meta.config.height, meta.config.width),
+        (Some(24), Some(40))
+    );
     // The default size is not written, so checkpoints of earlier runs keep their bytes.
     let plain = serde_json::to_string(&config()).unwrap();
-    assert!(!plain.contains("height") && !plain.contains("width"), "{plain}");
+    assert!(
+        !plain.contains("height") && !plain.contains("width"),
+        "{plain}"
+    );
 
     let device = Device::flex();
     let model = read_model(&fixtures().join("sd1-tiny"));
@@ -458,5 +464,8 @@ fn a_run_trains_at_the_asked_image_size() {
         .err()
         .expect("33 pixels is not a multiple of the VAE's 2")
         .to_string();
-    assert_eq!(err, "height and width must be positive multiples of 2, got 33×32");
+    assert_eq!(
+        err,
+        "height and width must be positive multiples of 2, got 33×32"
+    );
 }

@@ -327,8 +327,11 @@ fn denoiser_configs(model: &ModelFiles) -> Result<Option<(UNetConfig, Option<Vae
     .map_err(|e| e.to_string())?;
     let vae = match model.files.get("vae/config.json") {
         Some(json) => Some(
-            VaeConfig::from_json(&model.display("vae/config.json"), &String::from_utf8_lossy(json))
-                .map_err(|e| e.to_string())?,
+            VaeConfig::from_json(
+                &model.display("vae/config.json"),
+                &String::from_utf8_lossy(json),
+            )
+            .map_err(|e| e.to_string())?,
         ),
         None => None,
     };
@@ -337,7 +340,11 @@ fn denoiser_configs(model: &ModelFiles) -> Result<Option<(UNetConfig, Option<Vae
 
 /// The latents `[h, w]` a run of `config` samples at: its `--height`/`--width`, else the
 /// model's `sample_size` (as [`draft_core::Pipeline::image_size`]).
-fn run_latents(unet: &UNetConfig, vae: Option<&VaeConfig>, config: &TrainConfig) -> Result<[usize; 2], String> {
+fn run_latents(
+    unet: &UNetConfig,
+    vae: Option<&VaeConfig>,
+    config: &TrainConfig,
+) -> Result<[usize; 2], String> {
     let f = vae.map_or(1, |v| v.downscale());
     let side = unet.sample_size * f;
     draft_core::model::pipeline::latent_size(

@@ -450,7 +450,10 @@ fn the_plan_of_a_picked_model_says_its_size_and_what_does_not_fit() {
     let sized = draft_web::plan(&sized, Some(&files), Some(128 << 20), true).unwrap();
     assert!(sized.trains && sized.latents == Some([24, 12]), "{sized:?}");
     // A larger image holds more (the weights are the same).
-    assert!(sized.step_bytes.unwrap() > fits.step_bytes.unwrap(), "{sized:?}");
+    assert!(
+        sized.step_bytes.unwrap() > fits.step_bytes.unwrap(),
+        "{sized:?}"
+    );
     let odd = form("webgpu", r#"{"height": 47}"#);
     let odd = draft_web::plan(&odd, Some(&files), Some(128 << 20), true).unwrap();
     assert!(!odd.trains && odd.latents.is_none());

@@ -304,7 +304,8 @@ pub fn step_activation_bytes(
     let r = unet.resolve("unet/config.json")?;
     let boc = &unet.block_out_channels;
     let n = boc.len();
-    let tokens = |level: usize| ((latent_hw[0] >> level).max(1) * (latent_hw[1] >> level).max(1)) as u64;
+    let tokens =
+        |level: usize| ((latent_hw[0] >> level).max(1) * (latent_hw[1] >> level).max(1)) as u64;
     let resnet = |c_in: usize, c: usize| (2 * c_in + 3 * c) as u64;
     let transformer = |c: usize, layers: usize| (layers * 25 * c + 2 * c) as u64;
     let attends = |kind: &str| kind.contains("CrossAttn");
@@ -325,7 +326,10 @@ pub fn step_activation_bytes(
         elements += per * tokens(i);
     }
     let last = boc[n - 1];
-    let mid = unet.mid_block_type.as_deref().unwrap_or("UNetMidBlock2DCrossAttn");
+    let mid = unet
+        .mid_block_type
+        .as_deref()
+        .unwrap_or("UNetMidBlock2DCrossAttn");
     if !mid.is_empty() {
         let mut per = 2 * resnet(last, last);
         if attends(mid) {

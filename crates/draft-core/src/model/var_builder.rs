@@ -340,7 +340,8 @@ impl<'w, 'a> VarBuilder<'w, 'a> {
                 starts
                     .map(|r0| {
                         let n = max_rows.min(rows - r0);
-                        let block = read_rows_in_pieces(weights, &key, (r0, n), cols, &self.device)?;
+                        let block =
+                            read_rows_in_pieces(weights, &key, (r0, n), cols, &self.device)?;
                         Ok(self.stored(block))
                     })
                     .collect()
