@@ -479,7 +479,7 @@ async function realSize(dir) {
   await page.fill("#prompts", REAL.prompts.join("\n"));
   await page.setInputFiles("#model-folder", dir);
   await page.dispatchEvent("#height", "change");
-  out.plan = await planFor(page, name);
+  await planFor(page, name);
   await page.waitForFunction(() => /latents/.test(document.getElementById("model-plan").textContent), null, { timeout: 60_000 });
   out.plan = await page.textContent("#model-plan");
   const started = Date.now();
