@@ -4,8 +4,8 @@
 //! An adapted layer computes `x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ` with `A` [r, in] and `B` [out, r]
 //! (PyTorch layout, as peft stores them) and `s = alpha / r`. A conv layer's `A` is a conv with
 //! the layer's kernel, stride and padding into `r` channels and its `B` a 1×1 conv out of them,
-//! as peft's `lora.Conv2d`. The dense `W + s·B·A` is formed only for passes without gradient on
-//! the CPU ([`LoraSlot::merged_linear`]); with gradient, and on GPUs, the adapters run apart.
+//! as peft's `lora.Conv2d`. The dense `W + s·B·A` is formed for passes without gradient
+//! ([`LoraSlot::merged_linear`]), on every device; with gradient the adapters run apart.
 //!
 //! The adapters live in a [`LoraTable`] shared by every adapted layer of a pipeline. Layers
 //! hold a slot index into it, so the trainer changes all adapters at once without walking the
@@ -97,8 +97,10 @@ pub struct LoraEntry {
     pub adapters: Vec<Adapter>,
     /// The layer's weight with the adapters folded in ([`LoraSlot::merged_linear`]), each
     /// with the state of the table it was made for. Only states that are in force or come
-    /// back when scopes end are kept: a scope with autodiff leaves folds nothing, so there is
-    /// one copy; a scoped scale (the slider's evaluation) holds a second one while it lasts.
+    /// back when scopes end are kept, and none while a scope with autodiff leaves begins
+    /// ([`LoraTable::scoped_params`]): its pass with gradient runs the adapters apart, and
+    /// its backward gets the copies' memory. A scoped scale (the slider's evaluation) holds a
+    /// second copy while it lasts.
     merged: Vec<(StateKey, Tensor<2>)>,
 }
 
@@ -225,17 +227,20 @@ impl LoraSlot {
         adapters
     }
 
-    /// A `Linear` layer's stored `[in, out]` weight `w` plus `Σ s·Aᵀ·Bᵀ`, for an input `x`
-    /// that no gradient flows through on the CPU: the layer then runs as one matrix product,
-    /// where the adapters' two thin products and the sum into the output cost sd1-tiny's
-    /// sampling ~4% (docs/benchmarks.md). Made once for the adapters as they are (a training
+    /// A `Linear` layer's stored `[in, out]` weight `w` plus `Σ s·Aᵀ·Bᵀ`, in f32 whatever w's
+    /// dtype, for an input `x` that no gradient flows through: the layer then runs as one
+    /// matrix product, where the adapters' two thin products, their scale and the sum into
+    /// the output cost sd1-tiny's sampling ~4% on the CPU (docs/benchmarks.md) and four
+    /// dispatches per layer on a GPU. Made once for the adapters as they are (a training
     /// step's whole sampling chain) and kept in the table for that state of the table — across
-    /// the scopes that change it for a while ([`LoraScope`]) — until a permanent change; `None` where the
-    /// adapters run apart: a pass with gradient (x or an adapter tracked), another dtype than
-    /// f32, or a GPU, whose memory the merged copies would take.
+    /// the scopes that change it for a while ([`LoraScope`]) — until a permanent change or a
+    /// pass with gradient ([`LoraTable::scoped_params`]); `None` where the adapters run apart:
+    /// a pass with gradient (x or an adapter tracked). The copy is f32 for f16 weights too,
+    /// so that it is exactly `W + s·B·A` of the weights as stored (what the f32 model of the
+    /// same rounded weights folds); a pass in f16 casts it per use, as it casts x's weights.
     pub fn merged_linear<const D: usize>(&self, w: &Tensor<2>, x: &Tensor<D>) -> Option<Tensor<2>> {
-        self.merged(w.dtype(), x.is_tracked(), &x.device(), |adapters| {
-            adapters.iter().fold(w.clone(), |w, ad| {
+        self.merged(w.dtype(), x.is_tracked(), |adapters| {
+            adapters.iter().fold(in_f32(w), |w, ad| {
                 w + scaled(ad.a.clone().transpose(), ad.scale).matmul(ad.b.clone().transpose())
             })
         })
@@ -246,8 +251,8 @@ impl LoraSlot {
     /// and options and B its 1×1 conv.
     pub fn merged_conv(&self, w: &Tensor<4>, x: &Tensor<4>) -> Option<Tensor<4>> {
         let dims = w.dims();
-        let merged = self.merged(w.dtype(), x.is_tracked(), &x.device(), |adapters| {
-            adapters.iter().fold(w.clone().flatten::<2>(1, 3), |w, ad| {
+        let merged = self.merged(w.dtype(), x.is_tracked(), |adapters| {
+            adapters.iter().fold(in_f32(w).flatten::<2>(1, 3), |w, ad| {
                 w + scaled(ad.b.clone(), ad.scale).matmul(ad.a.clone())
             })
         })?;
@@ -260,15 +265,10 @@ impl LoraSlot {
         &self,
         w_dtype: burn::tensor::DType,
         x_tracked: bool,
-        device: &Device,
         merge: impl FnOnce(&[Adapter]) -> Tensor<2>,
     ) -> Option<Tensor<2>> {
         use burn::tensor::DType;
-        let on_cpu = matches!(
-            device.clone().inner().as_dispatch(),
-            burn::backend::DispatchDevice::Flex(_)
-        );
-        if x_tracked || !on_cpu || w_dtype != DType::F32 {
+        if x_tracked || !matches!(w_dtype, DType::F32 | DType::F16 | DType::BF16) {
             return None;
         }
         let mut inner = self.table.lock();
@@ -329,6 +329,10 @@ impl LoraSlot {
         }
         y
     }
+}
+
+fn in_f32<const D: usize>(w: &Tensor<D>) -> Tensor<D> {
+    crate::tensor::in_dtype(w.clone(), burn::tensor::DType::F32)
 }
 
 fn scaled<const D: usize>(h: Tensor<D>, scale: f64) -> Tensor<D> {
@@ -868,6 +872,9 @@ impl LoraTable {
     /// autodiff leaves for a pass with gradient) until the returned scope is dropped.
     pub fn scoped_params(&self, params: &[Tensor<2>]) -> LoraScope<'_> {
         let mut inner = self.lock();
+        // The folded weights are not used in a pass with gradient; the next pass without one
+        // folds again (one small product per layer), so the backward has their memory.
+        inner.entries.iter_mut().for_each(|e| e.merged.clear());
         let change = Change::Params(Self::by_entry(&inner.entries, params));
         let token = inner.begin_scope(change);
         LoraScope { table: self, token }
@@ -1036,9 +1043,51 @@ mod tests {
         (linear, conv)
     }
 
-    /// Without gradient on the CPU the adapters run folded into the weight; with gradient,
-    /// apart. The two agree, and keep agreeing after the adapters and their scale change (a
-    /// folded weight kept past a change of the table would not).
+    fn folded_copies(table: &LoraTable) -> usize {
+        table.lock().entries.iter().map(|e| e.merged.len()).sum()
+    }
+
+    /// f16 weights fold into an f32 copy of `W + s·B·A`: the same as the adapters run apart on
+    /// the f16 weights (cast per use), and no copy survives a scope with autodiff leaves.
+    #[test]
+    fn f16_weights_fold_and_gradient_scopes_drop_the_copies() {
+        let device = Device::flex();
+        let table = LoraTable::new();
+        let (mut linear, mut conv) = layers(&table, &device);
+        let f16 = burn::tensor::FloatDType::F16;
+        linear.weight = param(linear.weight.val().cast(f16));
+        conv.weight = param(conv.weight.val().cast(f16));
+        table.init_trainable(2, 4.0, 7, &device);
+        randomise(&table, 30, &device);
+        let x = NoiseRng::new(5).randn([2, 7, 6], &device);
+        let image = NoiseRng::new(6).randn([2, 3, 5, 6], &device);
+        let folded = linear.forward(x.clone());
+        let folded_conv = conv.forward(image.clone());
+        assert_eq!(folded_copies(&table), 2, "both layers folded");
+        let leaves: Vec<_> = table
+            .params()
+            .into_iter()
+            .map(|p| p.autodiff().require_grad())
+            .collect();
+        let scope = table.scoped_params(&leaves);
+        assert_eq!(
+            folded_copies(&table),
+            0,
+            "a pass with gradient keeps no folded copy"
+        );
+        let apart = linear.forward(x.clone().autodiff());
+        let apart_conv = conv.forward(image.clone().autodiff());
+        drop(scope);
+        assert_eq!(folded_copies(&table), 0);
+        let d = max_diff(folded, apart);
+        assert!(d < 1e-5, "linear: {d}");
+        let d = max_diff(folded_conv, apart_conv);
+        assert!(d < 1e-5, "conv: {d}");
+    }
+
+    /// Without gradient the adapters run folded into the weight; with gradient, apart. The
+    /// two agree, and keep agreeing after the adapters and their scale change (a folded
+    /// weight kept past a change of the table would not).
     #[test]
     fn folded_adapters_follow_the_table() {
         let device = Device::flex();
@@ -1103,8 +1152,10 @@ mod tests {
 
     /// A scope takes its change back however it ends — a panic inside it, a future dropped at
     /// an await, scopes ended out of order — and only its own change. The weights folded for
-    /// the permanent adapters outlive a scope (not rebuilt after it); those folded inside it
-    /// go with it, and a permanent change drops every folded weight: none is ever stale.
+    /// the permanent adapters outlive a scoped scale (not rebuilt after it) and are dropped
+    /// when a scope of parameters begins (its pass with gradient gets their memory); those
+    /// folded inside a scope go with it, and a permanent change drops every folded weight:
+    /// none is ever stale.
     #[test]
     fn scopes_take_their_change_back() {
         let device = Device::flex();
@@ -1141,18 +1192,22 @@ mod tests {
             .iter()
             .map(|p| p.clone().autodiff().require_grad())
             .collect();
-        let unchanged = |what: &str| {
+        let unchanged = |what: &str, kept: bool| {
             assert_eq!(param_bits(&table), params, "{what}: parameters");
             assert_eq!(scales(&table), scale, "{what}: scale");
             assert!(table.lock().scopes.is_empty(), "{what}: scopes left");
-            // The weights folded for the permanent adapters are still there and still right.
+            // The weights folded for the permanent adapters are still there (or were dropped
+            // by a scope of parameters), and right once folded again.
             assert_eq!(table.lock().key(), permanent);
-            assert_eq!(
-                merged_keys(&table),
-                vec![vec![permanent.clone()]; 2],
-                "{what}"
-            );
+            let folded = vec![vec![permanent.clone()]; 2];
+            let expected = if kept {
+                folded.clone()
+            } else {
+                vec![vec![]; 2]
+            };
+            assert_eq!(merged_keys(&table), expected, "{what}");
             assert_eq!(bits(check(what)), plain, "{what}: output");
+            assert_eq!(merged_keys(&table), folded, "{what}");
         };
 
         // A panic inside a scope (leaves in, as for a recorded step; plain, folded, too).
@@ -1163,7 +1218,7 @@ mod tests {
                 panic!("half-way through a step");
             }));
             assert!(failed.is_err());
-            unchanged("after a panic in scoped_params");
+            unchanged("after a panic in scoped_params", false);
         }
         let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let _scope = table.scoped_trainable_scale(0.5);
@@ -1172,7 +1227,7 @@ mod tests {
             panic!("half-way through an evaluation");
         }));
         assert!(failed.is_err());
-        unchanged("after a panic in scoped_trainable_scale");
+        unchanged("after a panic in scoped_trainable_scale", true);
 
         // A future dropped while it waits, holding a scope.
         let mut evaluation = Box::pin(async {
@@ -1184,7 +1239,7 @@ mod tests {
         assert_eq!(scales(&table), vec![3.0; 2]);
         check("while the future waits");
         drop(evaluation);
-        unchanged("after a dropped future");
+        unchanged("after a dropped future", true);
 
         // Scopes ended out of order: each takes back its own change only.
         let scaled = table.scoped_trainable_scale(0.5);
@@ -1196,7 +1251,7 @@ mod tests {
         assert_eq!(param_bits(&table), others_bits);
         assert_ne!(bits(check("the params scope alone")), both);
         drop(swapped);
-        unchanged("after scopes ended out of order");
+        unchanged("after scopes ended out of order", false);
 
         // A permanent change inside a scope lies under it, and drops every folded weight.
         let swapped = table.scoped_params(&others);

@@ -75,7 +75,7 @@ impl Linear {
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let w = self.weight.val();
-        // Without gradient on the CPU, the adapters folded into the weight (LoraSlot).
+        // Without gradient, the adapters folded into the weight (LoraSlot::merged_linear).
         let (w, lora) = match self.lora.as_ref().map(|l| (l.merged_linear(&w, &x), l)) {
             Some((Some(merged), _)) => (merged, None),
             Some((None, l)) => (w, Some(l)),
@@ -184,7 +184,7 @@ impl Conv2d {
             1,
         );
         let w = self.weight.val();
-        // As Linear: without gradient on the CPU, the adapters folded into the weight; the
+        // As Linear: without gradient, the adapters folded into the weight; the
         // stored weight, kept without x for the backward (crate::ops::stored_weight).
         let (w, lora) = match self.lora.as_ref().map(|l| (l.merged_conv(&w, &x), l)) {
             Some((Some(merged), _)) => (merged, None),
