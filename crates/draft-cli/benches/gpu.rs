@@ -3,7 +3,7 @@
 //! `cargo bench -p draft-cli --bench gpu -- [--device wgpu|vulkan|metal|dx12|cpu] [--out DIR]
 //!  [--skip-tiny] [--skip-512] [--dtypes f32,f16] [--methods k1[,lv2]] [--repeat N] [--timeout-s S]
 //!  [--compare DIR] [--memory adaptive|exclusive] [--cleanup] [--autotune minimal|balanced|…]
-//!  [--no-dispatch-count]`
+//!  [--no-dispatch-count]`; `DRAFT_GPU_TRACE=FILE` writes every launch, in order
 //!
 //! Every case runs in a child process of its own, so that each one starts cold (its own
 //! launch-to-first-step, its own pools, its own peak):
@@ -317,11 +317,25 @@ impl log::Log for DispatchCounter {
         if record.target() == "cubecl::profiling" {
             DISPATCHES.fetch_add(1, Ordering::Relaxed);
             let text = record.args().to_string();
+            trace_line(&text);
             let name = kernel_kind(text.strip_prefix("Executing ").unwrap_or(&text));
             *KERNELS.lock().unwrap().entry(name.to_string()).or_default() += 1;
         }
     }
     fn flush(&self) {}
+}
+
+/// `DRAFT_GPU_TRACE=FILE`: every launch's full record, in order, and the cases' marks
+/// ([`trace_line`]), to see which operations fusion left apart.
+static TRACE: std::sync::Mutex<Option<std::io::BufWriter<std::fs::File>>> =
+    std::sync::Mutex::new(None);
+
+fn trace_line(text: &str) {
+    use std::io::Write;
+    if let Some(w) = TRACE.lock().unwrap().as_mut() {
+        writeln!(w, "{text}").expect("write the trace");
+        w.flush().expect("write the trace");
+    }
 }
 
 /// CubeCL's configuration for a case: the `cubecl.toml` found from the working directory
@@ -340,6 +354,10 @@ fn configure_cubecl(count: bool, level: Option<&str>) {
         config.profiling =
             toml::from_str::<ProfilingConfig>("[logger]\nlevel = \"minimal\"\nlog = \"info\"")
                 .expect("profiling config");
+        if let Some(path) = std::env::var_os("DRAFT_GPU_TRACE") {
+            let file = std::fs::File::create(path).expect("create DRAFT_GPU_TRACE");
+            *TRACE.lock().unwrap() = Some(std::io::BufWriter::new(file));
+        }
         log::set_logger(&DispatchCounter).expect("no other logger");
         log::set_max_level(log::LevelFilter::Info);
         COUNTING.store(true, Ordering::Relaxed);
@@ -565,6 +583,10 @@ fn tiny_sample(device: &Device) -> Value {
             if i == 1 {
                 first_dispatches = dispatches(device);
                 first_kernels = KERNELS.lock().unwrap().clone();
+            }
+            if i >= 1 && TRACE.lock().unwrap().is_some() {
+                dispatches(device);
+                trace_line(&format!("# step {i} done"));
             }
             true
         },

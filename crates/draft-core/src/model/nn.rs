@@ -82,15 +82,22 @@ impl Linear {
             None => (w, None),
         };
         // The weight in its stored dtype (f16 weights are cast per use); the backward keeps
-        // the stored weight and not x (crate::ops::stored_weight).
-        let y = crate::ops::stored_weight::matmul_stored(x.clone(), w);
-        let y = match &self.bias {
-            Some(b) => {
-                let b = in_dtype(b.val(), y.dtype());
-                y + b.unsqueeze()
-            }
+        // the stored weight and not x (crate::ops::stored_weight). On `[rows, in]`, with the
+        // bias shaped before the product, so that the add follows it directly: Burn's fusion
+        // then runs both as one kernel on CubeCL (a reshape between them ends the fusion).
+        let dims = x.dims();
+        let bias = self
+            .bias
+            .as_ref()
+            .map(|b| in_dtype(b.val(), x.dtype()).unsqueeze::<2>());
+        let y = crate::ops::stored_weight::matmul_stored(x.clone().flatten::<2>(0, D - 2), w);
+        let y = match bias {
+            Some(b) => y + b,
             None => y,
         };
+        let mut out = dims;
+        out[D - 1] = y.dims()[1];
+        let y = y.reshape(out);
         match lora {
             None => y,
             Some(lora) => lora.linear(&x, y),
@@ -191,13 +198,15 @@ impl Conv2d {
             Some((None, l)) => (w, Some(l)),
             None => (w, None),
         };
+        // The bias shaped before the convolution, so that its add starts the element-wise
+        // chain after it (as Linear).
+        let bias = self.bias.as_ref().map(|b| {
+            let c = b.dims()[0];
+            in_dtype(b.val(), x.dtype()).reshape([1, c, 1, 1])
+        });
         let y = crate::ops::stored_weight::conv2d_stored(x.clone(), w, options.clone());
-        let y = match &self.bias {
-            Some(b) => {
-                let b = in_dtype(b.val(), y.dtype());
-                let c = b.dims()[0];
-                y + b.reshape([1, c, 1, 1])
-            }
+        let y = match bias {
+            Some(b) => y + b,
             None => y,
         };
         match lora {
@@ -285,9 +294,34 @@ impl LayerNorm {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let on_cpu = matches!(
+            x.device().inner().as_dispatch(),
+            burn::backend::DispatchDevice::Flex(_)
+        );
         in_f32(x, |x| {
-            layer_norm(x, self.weight.val(), Some(self.bias.val()), self.eps)
+            if on_cpu {
+                // The CPU backend's one-pass kernel.
+                layer_norm(x, self.weight.val(), Some(self.bias.val()), self.eps)
+            } else {
+                self.composed(x)
+            }
         })
+    }
+
+    /// Burn's default layer norm (the same operations in the same order) with the weight and
+    /// bias shaped before the statistics: Burn's version reshapes them between the division
+    /// and the scale, which ends the fused kernel there on CubeCL.
+    fn composed<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let mut dims = [1; D];
+        dims[D - 1] = self.weight.dims()[0];
+        let (w, b) = (
+            self.weight.val().reshape(dims),
+            self.bias.val().reshape(dims),
+        );
+        let mean = x.clone().mean_dim(D - 1);
+        let centred = x - mean;
+        let var = (centred.clone() * centred.clone()).mean_dim(D - 1);
+        centred / (var + self.eps).sqrt() * w + b
     }
 }
 

@@ -122,7 +122,12 @@ fn affine<B: Backend>(
     B::float_add(B::float_mul(xhat, w), b)
 }
 
-/// The formula in Burn's primitives (PyTorch's order of operations).
+/// The formula in Burn's primitives (PyTorch's order of operations), written for Burn's
+/// fusion on CubeCL: the statistics as two reductions over `[N, G, C/G·rest]`, then the
+/// element-wise rest — `silu?((x − μ)/σ · w + b)` — as one chain over the `[N, G, C/G, rest]`
+/// view of x, with every reshape before it (a reshape inside the chain, or an op on another
+/// shape such as the `1/σ` the backward uses, ends the fused kernel there: 13 kernels per
+/// group norm instead of 3 were measured so, docs/benchmarks.md).
 fn composed<B: Backend>(
     x: FloatTensor<B>,
     weight: FloatTensor<B>,
@@ -132,8 +137,21 @@ fn composed<B: Backend>(
     silu: bool,
 ) -> FloatTensor<B> {
     let shape = x.shape();
-    let (xhat, _) = normalized::<B>(x, groups, eps);
-    let y = affine::<B>(xhat, weight, bias);
+    let [n, c, r] = ncr(&shape);
+    let xg = reshape::<B>(x, &[n, groups, c / groups * r]);
+    let xg_in = xg.clone();
+    let mean = B::float_mean_dim(xg.clone(), 2);
+    let xc = B::float_sub(xg, mean.clone());
+    let var = B::float_mean_dim(B::float_mul(xc.clone(), xc), 2);
+    let sigma = B::float_sqrt(B::float_add_scalar(var, eps.into()));
+    let per_group = |t: FloatTensor<B>| reshape::<B>(t, &[n, groups, 1, 1]);
+    let per_channel = |t: FloatTensor<B>| reshape::<B>(t, &[1, groups, c / groups, 1]);
+    let (mean, sigma) = (per_group(mean), per_group(sigma));
+    let (w, b) = (per_channel(weight), per_channel(bias));
+    // From xg, which a reshape has made contiguous where x was not: no second copy.
+    let x = reshape::<B>(xg_in, &[n, groups, c / groups, r]);
+    let xhat = B::float_div(B::float_sub(x, mean), sigma);
+    let y = B::float_add(B::float_mul(xhat, w), b);
     let y = if silu {
         B::float_mul(y.clone(), B::sigmoid(y))
     } else {

@@ -210,6 +210,11 @@ fn matmul_forward<B: Backend>(x: FloatTensor<B>, w: FloatTensor<B>) -> FloatTens
     let d_in = shape[shape.num_dims() - 1];
     let rows = shape.num_elements() / d_in.max(1);
     let d_out = w.shape()[1];
+    if shape.num_dims() == 2 {
+        // Already `[rows, in]`: no reshape around the product (one would keep Burn's fusion
+        // from joining what follows it to the product).
+        return B::float_matmul(x, w);
+    }
     let y = B::float_matmul(B::float_reshape(x, Shape::new([rows, d_in])), w);
     let mut out = shape.clone();
     let last = out.num_dims() - 1;

@@ -58,13 +58,20 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: Tensor<4>, temb: Option<Tensor<2>>) -> Tensor<4> {
-        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
-        let h = match (&self.time_emb_proj, temb) {
+        // The time embedding's projection first, so that its add follows conv1's bias add
+        // (one fused kernel on CubeCL; between them it split the adds into kernels of their own).
+        let t = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
-                let [b, c] = [h.dims()[0], h.dims()[1]];
-                h + proj.forward(silu(temb)).reshape([b, c, 1, 1])
+                let t = proj.forward(silu(temb));
+                let [b, c] = t.dims();
+                Some(t.reshape([b, c, 1, 1]))
             }
-            _ => h,
+            _ => None,
+        };
+        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
+        let h = match t {
+            Some(t) => h + t,
+            None => h,
         };
         let h = self.conv2.forward(self.norm2.forward_silu(h));
         self.residual(x, h)
