@@ -29,3 +29,28 @@ pub fn in_dtype<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
         t.cast(FloatDType::from(dtype))
     }
 }
+
+/// Whether `device` is the CPU backend (flex), whose kernels of ours want plain row-major
+/// tensors; on CubeCL devices some tensors are kept in another memory order.
+pub fn is_cpu(device: &Device) -> bool {
+    matches!(
+        device.clone().inner().as_dispatch(),
+        burn::backend::DispatchDevice::Flex(_)
+    )
+}
+
+/// A `[out, in, kh, kw]` convolution weight held in `[out, kh, kw, in]` memory order on
+/// CubeCL devices (the logical shape is unchanged). Burn's convolutions there run on
+/// channels-last operands and copy a weight whose input channels are not contiguous on every
+/// call; in this order the copy is skipped. Unchanged on the CPU and for 1×1 kernels (already
+/// contiguous over the input channels).
+pub fn conv_weight_channels_last(w: Tensor<4>) -> Tensor<4> {
+    let [o, i, kh, kw] = w.dims();
+    if kh * kw == 1 || is_cpu(&w.device()) {
+        return w;
+    }
+    w.permute([0, 2, 3, 1])
+        .reshape([o, kh * kw * i])
+        .reshape([o, kh, kw, i])
+        .permute([0, 3, 1, 2])
+}

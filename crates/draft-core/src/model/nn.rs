@@ -141,6 +141,7 @@ impl Conv2d {
         bias: bool,
     ) -> Result<Self> {
         let weight = vb.get_weight("weight", [c_out, c_in, kernel, kernel])?;
+        let weight = crate::tensor::conv_weight_channels_last(weight);
         let bias = if bias {
             Some(param(vb.get("bias", [c_out])?))
         } else {
@@ -294,10 +295,7 @@ impl LayerNorm {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let on_cpu = matches!(
-            x.device().inner().as_dispatch(),
-            burn::backend::DispatchDevice::Flex(_)
-        );
+        let on_cpu = crate::tensor::is_cpu(&x.device());
         in_f32(x, |x| {
             if on_cpu {
                 // The CPU backend's one-pass kernel.
