@@ -3,7 +3,8 @@
 //! `cargo bench -p draft-cli --bench gpu -- [--device wgpu|vulkan|metal|dx12|cpu] [--out DIR]
 //!  [--skip-tiny] [--skip-512] [--dtypes f32,f16] [--methods k1[,lv2]] [--repeat N] [--timeout-s S]
 //!  [--compare DIR] [--memory adaptive|exclusive] [--cleanup] [--autotune minimal|balanced|…]
-//!  [--no-dispatch-count]`; `DRAFT_GPU_TRACE=FILE` writes every launch, in order
+//!  [--no-dispatch-count] [--unet-call-only]`; `DRAFT_GPU_TRACE=FILE` writes every launch, in
+//!  order. `--unet-call-only` ends the 512² cases after the counted UNet call (no step).
 //!
 //! Every case runs in a child process of its own, so that each one starts cold (its own
 //! launch-to-first-step, its own pools, its own peak):
@@ -162,6 +163,9 @@ fn main() {
         }
         if has("--cleanup") {
             cmd.env("DRAFT_GPU_CLEANUP", "1");
+        }
+        if has("--unet-call-only") {
+            cmd.env("DRAFT_GPU_UNET_CALL_ONLY", "1");
         }
         let mut result = run_child(cmd, timeout).unwrap_or_else(|why| json!({"failed": why}));
         result["case"] = json!(case);
@@ -748,6 +752,9 @@ fn sd14_512(
             "after_calls_cleanup": cleanup(device),
         }),
     );
+    if std::env::var_os("DRAFT_GPU_UNET_CALL_ONLY").is_some() {
+        return result;
+    }
 
     let reward =
         WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default()).unwrap();

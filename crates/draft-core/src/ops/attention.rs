@@ -307,11 +307,16 @@ fn flex_attention(
     heads_view(FlexTensor::from_data(TensorData::new(out, physical)))
 }
 
-/// CubeCL (wgpu, and WebGPU in the browser, under `Fusion`, which defers to this): Burn's fused
-/// attention per block of query rows. Burn autotunes it between its flash kernels and, where no
-/// flash kernel launches for a shape, a fallback that materialises the scores: per block, that
-/// fallback stays within [`SCORE_BLOCK_BYTES`]. Burn's flash kernels take the default scale
-/// only; another scale runs the blocked primitives.
+/// CubeCL (wgpu, and WebGPU in the browser, under `Fusion`, which defers to this): CubeCL's
+/// unit flash-attention kernel over all query rows where it launches for the shape (it keeps
+/// one tile of scores per unit and never materialises the score matrix, so no block is needed:
+/// at SD-1.x's 64×64 latents one kernel per layer where blocks took 32 kernels and 32 slice
+/// assignments); elsewhere (an adapter without plane operations, a head size its tiles do not
+/// divide) Burn's fused attention per block of query rows. Burn autotunes that one between its
+/// flash kernels and, where none launches, a fallback that materialises the scores (the only
+/// strategy without autotune, in the browser): per block, that fallback stays within
+/// [`SCORE_BLOCK_BYTES`]. Burn's flash kernels take the default scale only; another scale runs
+/// the blocked primitives.
 impl AttentionBackend for CubeBackend {
     fn blocked_attention(
         q: FloatTensor<Self>,
@@ -323,6 +328,9 @@ impl AttentionBackend for CubeBackend {
         let d = q.shape()[3];
         if scale != default_scale(d) || v.shape()[3] != d {
             return forward::<Self>(q, k, v, scale, block);
+        }
+        if let Ok(out) = flash_unit(q.clone(), k.clone(), v.clone()) {
+            return out;
         }
         let n = q.shape()[2];
         let outs = blocks(n, block)
@@ -337,6 +345,25 @@ impl AttentionBackend for CubeBackend {
             .collect();
         cat_rows::<Self>(outs)
     }
+}
+
+/// CubeCL's unit flash-attention kernel (f32 accumulation) on the whole problem, or why it
+/// does not launch for this adapter and shape (nothing has run then).
+fn flash_unit(
+    q: FloatTensor<CubeBackend>,
+    k: FloatTensor<CubeBackend>,
+    v: FloatTensor<CubeBackend>,
+) -> Result<FloatTensor<CubeBackend>, cubek::attention::forward::definition::AttentionSetupError> {
+    use cubek::attention::forward::launch::{BlueprintStrategy, Strategy};
+    burn_cubecl::kernel::attention::flash_attention(
+        q,
+        k,
+        v,
+        None,
+        None,
+        AttentionModuleOptions::default(),
+        Strategy::Unit(BlueprintStrategy::Inferred(())),
+    )
 }
 
 /// Burn's softmax over dimension 3.
