@@ -309,7 +309,7 @@ fn kernels_since(before: &BTreeMap<String, u64>) -> Value {
         })
         .filter(|(_, n)| *n > 0)
         .collect();
-    diff.sort_by(|a, b| b.1.cmp(&a.1));
+    diff.sort_by_key(|d| std::cmp::Reverse(d.1));
     Value::Array(diff.into_iter().map(|(k, n)| json!([k, n])).collect())
 }
 
