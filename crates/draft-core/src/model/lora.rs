@@ -240,7 +240,7 @@ impl LoraSlot {
     /// same rounded weights folds); a pass in f16 casts it per use, as it casts x's weights.
     pub fn merged_linear<const D: usize>(&self, w: &Tensor<2>, x: &Tensor<D>) -> Option<Tensor<2>> {
         self.merged(w.dtype(), x.is_tracked(), |adapters| {
-            adapters.iter().fold(in_f32(w), |w, ad| {
+            adapters.iter().fold(as_f32(w), |w, ad| {
                 w + scaled(ad.a.clone().transpose(), ad.scale).matmul(ad.b.clone().transpose())
             })
         })
@@ -252,7 +252,7 @@ impl LoraSlot {
     pub fn merged_conv(&self, w: &Tensor<4>, x: &Tensor<4>) -> Option<Tensor<4>> {
         let dims = w.dims();
         let merged = self.merged(w.dtype(), x.is_tracked(), |adapters| {
-            adapters.iter().fold(in_f32(w).flatten::<2>(1, 3), |w, ad| {
+            adapters.iter().fold(as_f32(w).flatten::<2>(1, 3), |w, ad| {
                 w + scaled(ad.b.clone(), ad.scale).matmul(ad.a.clone())
             })
         })?;
@@ -331,7 +331,8 @@ impl LoraSlot {
     }
 }
 
-fn in_f32<const D: usize>(w: &Tensor<D>) -> Tensor<D> {
+/// A weight in f32, the folded copies' dtype (not `nn::in_f32`, which runs a closure in f32).
+fn as_f32<const D: usize>(w: &Tensor<D>) -> Tensor<D> {
     crate::tensor::in_dtype(w.clone(), burn::tensor::DType::F32)
 }
 
