@@ -288,6 +288,8 @@ struct DispatchCounter;
 
 static DISPATCHES: AtomicU64 = AtomicU64::new(0);
 static COUNTING: AtomicBool = AtomicBool::new(false);
+/// Kernels compiled so far (CubeCL's compilation log, one record per pipeline built).
+static COMPILED: AtomicU64 = AtomicU64::new(0);
 /// Launches so far by kernel kind (see [`kernel_kind`]).
 static KERNELS: std::sync::Mutex<BTreeMap<String, u64>> = std::sync::Mutex::new(BTreeMap::new());
 
@@ -315,10 +317,15 @@ fn kernels_since(before: &BTreeMap<String, u64>) -> Value {
 
 impl log::Log for DispatchCounter {
     fn enabled(&self, metadata: &log::Metadata) -> bool {
-        metadata.target() == "cubecl::profiling"
+        matches!(
+            metadata.target(),
+            "cubecl::profiling" | "cubecl::compilation"
+        )
     }
     fn log(&self, record: &log::Record) {
-        if record.target() == "cubecl::profiling" {
+        if record.target() == "cubecl::compilation" {
+            COMPILED.fetch_add(1, Ordering::Relaxed);
+        } else if record.target() == "cubecl::profiling" {
             DISPATCHES.fetch_add(1, Ordering::Relaxed);
             let text = record.args().to_string();
             trace_line(&text);
@@ -358,6 +365,8 @@ fn configure_cubecl(count: bool, level: Option<&str>) {
         config.profiling =
             toml::from_str::<ProfilingConfig>("[logger]\nlevel = \"minimal\"\nlog = \"info\"")
                 .expect("profiling config");
+        config.compilation.logger =
+            toml::from_str("level = \"basic\"\nlog = \"info\"").expect("compilation logger");
         if let Some(path) = std::env::var_os("DRAFT_GPU_TRACE") {
             let file = std::fs::File::create(path).expect("create DRAFT_GPU_TRACE");
             *TRACE.lock().unwrap() = Some(std::io::BufWriter::new(file));
@@ -479,23 +488,59 @@ fn reset_rss_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// Writes `t_s,rss_mib` every half second to `path` until dropped: the resident memory of
-/// every phase (on a software adapter, the device's buffers too), kept on disk even when a case
-/// dies half-way. It reads /proc only: never the device (see [`pools_peak`]).
+/// Writes `t_s,rss_mib,compiled,dispatches,pool_in_use_mib,pool_reserved_mib` every half
+/// second to `path` until dropped: the resident memory of every phase (on a software adapter,
+/// the device's buffers too) beside the kernels compiled and launched so far, kept on disk even
+/// when a case dies half-way. It reads /proc and counters only, not the device (see
+/// [`pools_peak`]), except with `DRAFT_GPU_POOL_POLL_S=S`: then another thread reads the
+/// pools' bytes in use and reserved every S seconds, and each line has the latest reading. That
+/// thread's fusion stream is empty, so a reading drains nothing of the case's; it does wait
+/// for the device.
 struct Timeline(Arc<AtomicBool>);
 
 impl Timeline {
-    fn start(path: PathBuf) -> Self {
+    fn start(path: PathBuf, device: &Device) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        // The pools' last reading, `in_use,reserved` (empty until the first), written by a
+        // thread of its own: a reading waits for the device, which may be busy for minutes,
+        // and the resident memory must be sampled meanwhile.
+        let pool = Arc::new(std::sync::Mutex::new(",".to_string()));
+        if let Some(every) = std::env::var("DRAFT_GPU_POOL_POLL_S")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(Duration::from_secs_f64)
+        {
+            let (s, pool, device) = (stop.clone(), pool.clone(), device.clone());
+            std::thread::spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    if let Some(m) = device.memory_pool_usage() {
+                        *pool.lock().unwrap() =
+                            format!("{},{}", mib(m.bytes_in_use), mib(m.bytes_reserved));
+                    }
+                    std::thread::sleep(every);
+                }
+            });
+        }
         let s = stop.clone();
         std::thread::spawn(move || {
             use std::io::Write;
             let Ok(mut file) = std::fs::File::create(&path) else {
                 return;
             };
-            let _ = writeln!(file, "t_s,rss_mib");
+            let _ = writeln!(
+                file,
+                "t_s,rss_mib,compiled,dispatches,pool_in_use_mib,pool_reserved_mib"
+            );
             while !s.load(Ordering::Relaxed) {
-                let _ = writeln!(file, "{:.1},{}", since_launch(), rss_mib("VmRSS"));
+                let pool = pool.lock().unwrap().clone();
+                let _ = writeln!(
+                    file,
+                    "{:.1},{},{},{},{pool}",
+                    since_launch(),
+                    rss_mib("VmRSS"),
+                    COMPILED.load(Ordering::Relaxed),
+                    DISPATCHES.load(Ordering::Relaxed),
+                );
                 let _ = file.flush();
                 std::thread::sleep(Duration::from_millis(500));
             }
@@ -550,6 +595,7 @@ fn run_case(case: &str, device_arg: &str, device: &Device, repeat: usize, out: &
     result["case"] = json!(case);
     result["device_opened_s"] = json!(round3(opened));
     result["peak_rss_mib"] = json!(rss_mib("VmHWM"));
+    result["kernels_compiled"] = json!(COMPILED.load(Ordering::Relaxed));
     result
 }
 
@@ -643,7 +689,16 @@ fn tiny_draft1(device: &Device, repeat: usize) -> Value {
     let first_done = since_launch();
     let first_pools = pools_peak(device);
     let d0 = dispatches(device);
-    let mut times: Vec<f64> = (1..=repeat.max(1) as u64).map(step).collect();
+    // Resident memory and kernels compiled after each step: a climb from step to step with
+    // the pools flat is memory held outside them (the driver's, compiled pipelines).
+    let mut after_steps = vec![json!([rss_mib("VmRSS"), COMPILED.load(Ordering::Relaxed)])];
+    let mut times: Vec<f64> = (1..=repeat.max(1) as u64)
+        .map(|seed| {
+            let secs = step(seed);
+            after_steps.push(json!([rss_mib("VmRSS"), COMPILED.load(Ordering::Relaxed)]));
+            secs
+        })
+        .collect();
     let d1 = dispatches(device);
     times.sort_by(f64::total_cmp);
     json!({
@@ -655,6 +710,7 @@ fn tiny_draft1(device: &Device, repeat: usize) -> Value {
         "pools_after_first_step": first_pools,
         "pools_after_steps": pools_peak(device),
         "pool_after_step": now_usage(device),
+        "rss_mib_and_compiled_after_each_step": after_steps,
         "dispatches_step": match (d0, d1) {
             (Some(a), Some(b)) => json!((b - a) / times.len() as u64),
             _ => Value::Null,
@@ -680,10 +736,13 @@ fn sd14_512(
         "lv2" => Method::DraftLv { n: 2 },
         other => panic!("method {other}: expected k1 or lv2"),
     };
-    let _timeline = Timeline::start(out.join(format!(
-        "timeline-{device_arg}-{dtype}-{}.csv",
-        method_name(method)
-    )));
+    let _timeline = Timeline::start(
+        out.join(format!(
+            "timeline-{device_arg}-{dtype}-{}.csv",
+            method_name(method)
+        )),
+        device,
+    );
     let mut result = json!({
         "model": "SD-1.4 architecture (random), 64×64 latents → 512², batch 1 + CFG, 2 DDIM steps",
         "weights": dtype,

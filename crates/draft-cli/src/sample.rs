@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use draft_core::model::lora::LoraFile;
-use draft_core::model::pipeline::{LoraSetup, SampleOptions, to_nhwc};
+use draft_core::model::pipeline::{LoraSetup, SampleOptions, SizeConditioning, to_nhwc};
 use draft_core::noise::NoiseRng;
 use draft_core::read_f32;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -70,6 +70,45 @@ pub struct SampleArgs {
     /// or kohya's, e.g. its lora_kohya.safetensors) at an optional scale; repeat to mix several.
     #[arg(long, value_name = "FILE[:SCALE]")]
     lora: Vec<String>,
+    #[command(flatten)]
+    size: SizeArgs,
+}
+
+/// SDXL's size conditioning (diffusers' `original_size`, `crops_coords_top_left`,
+/// `target_size`); other models ignore it.
+#[derive(Args, Clone, Debug, Default)]
+pub struct SizeArgs {
+    /// SDXL: the original image size the model is told, HEIGHTxWIDTH in pixels [default: the
+    /// image size].
+    #[arg(long, value_name = "HxW", value_parser = parse_pair::<'x'>)]
+    pub original_size: Option<[usize; 2]>,
+    /// SDXL: the crop's top-left corner the model is told, TOP,LEFT in pixels.
+    #[arg(long, value_name = "TOP,LEFT", value_parser = parse_pair::<','>, default_value = "0,0")]
+    pub crop: [usize; 2],
+    /// SDXL: the target size the model is told, HEIGHTxWIDTH [default: the image size].
+    #[arg(long, value_name = "HxW", value_parser = parse_pair::<'x'>)]
+    pub target_size: Option<[usize; 2]>,
+}
+
+impl SizeArgs {
+    pub fn conditioning(&self) -> SizeConditioning {
+        SizeConditioning {
+            original: self.original_size,
+            crop: self.crop,
+            target: self.target_size,
+        }
+    }
+}
+
+/// `AxB` (or `A,B`): two whole numbers of at most 8 digits.
+pub fn parse_pair<const SEP: char>(s: &str) -> std::result::Result<[usize; 2], String> {
+    let bad = || format!("expected two whole numbers as A{SEP}B, got {s:?}");
+    let (a, b) = s.split_once(SEP).ok_or_else(bad)?;
+    let num = |v: &str| {
+        let v = v.trim();
+        (v.len() <= 8).then(|| v.parse::<usize>().ok()).flatten()
+    };
+    Ok([num(a).ok_or_else(bad)?, num(b).ok_or_else(bad)?])
 }
 
 /// `FILE[:SCALE]` → (file, scale); a suffix that is not a number is part of the file name.
@@ -143,6 +182,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         guidance: a.guidance,
         eta: a.eta,
         seed: a.seed,
+        size: a.size.conditioning(),
     };
     let bar = ProgressBar::new(a.steps as u64).with_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {elapsed} ({per_sec})")

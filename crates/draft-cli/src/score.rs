@@ -190,6 +190,7 @@ pub fn run(a: ScoreArgs) -> Result<()> {
                 guidance: a.guidance,
                 eta: 0.0,
                 seed: a.seed,
+                size: Default::default(),
             };
             let bar = ProgressBar::new(a.steps as u64).with_style(
                 ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} steps {elapsed}")

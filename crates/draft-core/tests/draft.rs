@@ -73,12 +73,7 @@ fn prompts(pipe: &Pipeline, json: &serde_json::Value) -> Prompts {
         .iter()
         .map(|p| p.as_str().unwrap().to_string())
         .collect();
-    Prompts {
-        texts: list.clone(),
-        ids: pipe.tokenize(&list).unwrap(),
-        uncond_ids: pipe.tokenize(&[String::new()]).unwrap(),
-        guidance: json["guidance_scale"].as_f64().unwrap(),
-    }
+    Prompts::new(pipe, &list, "", json["guidance_scale"].as_f64().unwrap()).unwrap()
 }
 
 /// The sd1-tiny pipeline with trainable attention LoRA set to the fixture's `lora_a`.
@@ -285,6 +280,7 @@ fn sampling_with_scaled_and_mixed_loras_matches_diffusers() {
         guidance: 7.5,
         eta: 0.0,
         seed: 0,
+        size: Default::default(),
     };
     for (dev_name, device) in devices() {
         let cases: [(&str, Vec<(&LoraFile, f64)>); 4] = [

@@ -67,12 +67,7 @@ fn an_evaluation_that_panics_in_a_recorded_step_leaves_the_table_as_it_was() {
         assert!(engine.text_lora);
         // The step back-propagated first runs once, with its graph (the leaves in the table).
         engine.keep_step_graph = Some(true);
-        let prompts = Prompts {
-            texts: texts.clone(),
-            ids: pipe.tokenize(&texts).unwrap(),
-            uncond_ids: pipe.tokenize(&[String::new()]).unwrap(),
-            guidance: 7.5,
-        };
+        let prompts = Prompts::new(pipe, &texts, "", 7.5).unwrap();
         let draws = Draws {
             x_t: NoiseRng::new(11).randn([1, channels, 16, 16], &device),
             step_noise: NoiseRng::new(0),

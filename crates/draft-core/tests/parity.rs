@@ -179,6 +179,7 @@ fn sampling(name: &str) {
                 guidance: cfg["guidance_scale"].as_f64().unwrap(),
                 eta: 0.0,
                 seed: 0,
+                size: Default::default(),
             };
             let ddim =
                 draft_core::model::schedule::Ddim::new(&pipe.scheduler, options.steps).unwrap();

@@ -113,6 +113,7 @@ fn written_model_loads_as_a_pixel_space_pipeline() {
         guidance: 7.5,
         eta: 0.0,
         seed: 0,
+        size: Default::default(),
     };
     let x_t = draft_core::noise::NoiseRng::new(1).randn([1, 3, 8, 8], &device);
     let images = pipe.decode(pipe.sample_latents(&options, x_t, |_, _| {}).unwrap());

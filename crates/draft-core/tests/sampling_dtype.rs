@@ -152,6 +152,7 @@ fn against_diffusers_float16(name: &str) {
             guidance: run["guidance_scale"].as_f64().unwrap(),
             eta: 0.0,
             seed: 0,
+            size: Default::default(),
         };
         let x_t = reference.tensor::<4>("init_noise", &device).unwrap();
         let latents = pipe.sample_latents(&options, x_t, |_, _| {}).unwrap();

@@ -66,12 +66,7 @@ fn prompt_texts(json: &serde_json::Value) -> Vec<String> {
 
 fn prompts(pipe: &Pipeline, json: &serde_json::Value) -> Prompts {
     let list = prompt_texts(json);
-    Prompts {
-        texts: list.clone(),
-        ids: pipe.tokenize(&list).unwrap(),
-        uncond_ids: pipe.tokenize(&[String::new()]).unwrap(),
-        guidance: json["guidance_scale"].as_f64().unwrap(),
-    }
+    Prompts::new(pipe, &list, "", json["guidance_scale"].as_f64().unwrap()).unwrap()
 }
 
 fn rank_alpha(json: &serde_json::Value) -> (usize, f64) {

@@ -76,6 +76,7 @@ fn run(model: &ModelFiles, dtype: FloatDType, device: &Device) -> Run {
         guidance: 7.5,
         eta: 0.0,
         seed: 0,
+        size: Default::default(),
     };
     let images = pipe.decode(
         pipe.sample_latents(&options, x_t.clone(), |_, _| {})

@@ -112,12 +112,7 @@ pub fn init_bench_lora(pipe: &mut Pipeline, device: &Device) {
 
 /// "a photo of a cat" against the empty prompt, guidance 7.5.
 pub fn cat_prompts(pipe: &Pipeline) -> Prompts {
-    Prompts {
-        texts: vec!["a photo of a cat".into()],
-        ids: pipe.tokenize(&["a photo of a cat".into()]).unwrap(),
-        uncond_ids: pipe.tokenize(&[String::new()]).unwrap(),
-        guidance: 7.5,
-    }
+    Prompts::new(pipe, &["a photo of a cat".into()], "", 7.5).unwrap()
 }
 
 /// A field of /proc/self/status in KiB (0 where there is none).

@@ -669,6 +669,7 @@ pub async fn attribute_accuracy(
             guidance,
             eta: 0.0,
             seed: seed.wrapping_add(chunk_index as u64),
+            size: Default::default(),
         };
         let x_t = NoiseRng::new(stream_seed(seed, chunk_index, 0, 21)).randn(
             [chunk.len(), shape[0], shape[1], shape[2]],

@@ -73,8 +73,8 @@ pub struct ModelFiles {
     pub checkpoint: Option<String>,
 }
 
-/// The components that have weight files.
-pub const COMPONENTS: [&str; 3] = ["unet", "vae", "text_encoder"];
+/// The components that have weight files (`text_encoder_2`: SDXL's second text tower).
+pub const COMPONENTS: [&str; 4] = ["unet", "vae", "text_encoder", "text_encoder_2"];
 
 impl ModelFiles {
     /// Every file other than weights the loader may read.
@@ -88,6 +88,12 @@ impl ModelFiles {
         "tokenizer/merges.txt",
         "tokenizer/tokenizer_config.json",
         "tokenizer/special_tokens_map.json",
+        "text_encoder_2/config.json",
+        "tokenizer_2/tokenizer.json",
+        "tokenizer_2/vocab.json",
+        "tokenizer_2/merges.txt",
+        "tokenizer_2/tokenizer_config.json",
+        "tokenizer_2/special_tokens_map.json",
         "scheduler/scheduler_config.json",
     ];
 
@@ -249,7 +255,7 @@ impl ModelFiles {
     /// files (without a variant: the plain files, then `fp16`), safetensors before a sharded safetensors index before
     /// PyTorch `.bin` (single, then sharded). diffusers' names.
     pub fn weight_names(&self, component: &str) -> Vec<String> {
-        let (st, bin) = if component == "text_encoder" {
+        let (st, bin) = if component.starts_with("text_encoder") {
             ("model", "pytorch_model")
         } else {
             ("diffusion_pytorch_model", "diffusion_pytorch_model")
@@ -390,7 +396,7 @@ impl ModelFiles {
         } else {
             Weights::from_file(&self.display(path), self.file_ref(path)?)?
         };
-        if component == "text_encoder" {
+        if component.starts_with("text_encoder") {
             return crate::model::layouts::text_model_prefix(w);
         }
         Ok(w)

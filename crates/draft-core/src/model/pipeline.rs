@@ -8,16 +8,20 @@ use burn::prelude::*;
 use burn::tensor::FloatDType;
 
 use crate::error::{Error, Result};
-use crate::model::files::{MAX_IMAGE_SIDE, ModelFiles, load_tokenizer};
+use crate::model::files::{MAX_IMAGE_SIDE, ModelFiles, load_tokenizer, load_tokenizer_in};
 use crate::model::lora::{LoraFile, LoraPlan, LoraTable, LoraTarget};
 use crate::model::models::clip_text::{CLIPTextConfig, CLIPTextModel};
-use crate::model::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::model::models::unet::{TimeIds, UNet2DConditionConfig, UNet2DConditionModel};
 use crate::model::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::model::schedule::SchedulerConfig;
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::var_builder::VarBuilder;
 
 /// Text encoder + tokenizer + UNet + VAE + noise schedule.
+///
+/// Stable Diffusion XL (a folder with `text_encoder_2/`) has a second tower and tokenizer: the
+/// UNet's context is both towers' penultimate hidden states side by side, and its added
+/// conditions are tower 2's pooled projection with the size ids ([`SizeConditioning`]).
 ///
 /// A folder whose `model_index.json` names no VAE (`"vae": [null, null]` or no entry) is a
 /// pixel-space model: the UNet denoises RGB images in [-1, 1] directly (the embedded default
@@ -30,6 +34,13 @@ pub struct Pipeline {
     pub unet_config: UNet2DConditionConfig,
     pub vae_config: Option<AutoencoderKLConfig>,
     pub text_config: CLIPTextConfig,
+    /// SDXL's second tower (`CLIPTextModelWithProjection`), its tokenizer and config.
+    pub text_encoder_2: Option<CLIPTextModel>,
+    pub tokenizer_2: Option<ClipTokenizer>,
+    pub text_config_2: Option<CLIPTextConfig>,
+    /// `model_index.json`'s `force_zeros_for_empty_prompt` (SDXL): without a negative prompt
+    /// the unconditional embeddings and pooled embedding are zeros.
+    pub force_zeros_for_empty_prompt: bool,
     pub scheduler: SchedulerConfig,
     pub device: Device,
     /// The LoRA adapters of the layers [`LoraSetup`] selected (empty without LoRA).
@@ -112,6 +123,14 @@ impl Pipeline {
         };
         let (f, json) = cfg("text_encoder/config.json")?;
         let text_config = CLIPTextConfig::from_json(&f, json)?;
+        let sdxl = files.has("text_encoder_2/config.json") || index_names(files, "text_encoder_2")?;
+        let text_config_2 = match sdxl {
+            true => {
+                let (f, json) = cfg("text_encoder_2/config.json")?;
+                Some(CLIPTextConfig::from_json(&f, json)?)
+            }
+            false => None,
+        };
         let (f, json) = cfg("scheduler/scheduler_config.json")?;
         let scheduler = SchedulerConfig::from_json(&f, json)?;
 
@@ -131,38 +150,27 @@ impl Pipeline {
                 ),
             ));
         }
-        if text_config.hidden_size != unet_config.cross_attention_dim {
+        let context = text_config.hidden_size + text_config_2.as_ref().map_or(0, |c| c.hidden_size);
+        if context != unet_config.cross_attention_dim {
+            let towers = match &text_config_2 {
+                Some(c2) => format!(
+                    "the text encoders' hidden_size {} + {}",
+                    text_config.hidden_size, c2.hidden_size
+                ),
+                None => format!("the text encoder's hidden_size {}", text_config.hidden_size),
+            };
             return Err(Error::config(
                 &files.display("unet/config.json"),
                 format!(
-                    "cross_attention_dim {} does not match the text encoder's hidden_size {}",
-                    unet_config.cross_attention_dim, text_config.hidden_size
+                    "cross_attention_dim {} does not match {towers}",
+                    unet_config.cross_attention_dim
                 ),
             ));
         }
+        check_added_conditions(files, &unet_config, text_config_2.as_ref())?;
 
         let tokenizer = load_tokenizer(files)?;
-        if tokenizer.id_bound() > text_config.vocab_size {
-            return Err(Error::config(
-                &files.display("text_encoder/config.json"),
-                format!(
-                    "vocab_size {} is smaller than the tokenizer's {} tokens (a tokenizer of \
-                     another model? a single-file checkpoint takes its tokenizer from \
-                     --model-config)",
-                    text_config.vocab_size,
-                    tokenizer.id_bound()
-                ),
-            ));
-        }
-        if tokenizer.max_length > text_config.max_position_embeddings {
-            return Err(Error::config(
-                &files.display("tokenizer/tokenizer_config.json"),
-                format!(
-                    "model_max_length {} exceeds the text encoder's max_position_embeddings {}",
-                    tokenizer.max_length, text_config.max_position_embeddings
-                ),
-            ));
-        }
+        check_tokenizer(files, &tokenizer, &text_config, "text_encoder", "tokenizer")?;
 
         let w = files.component_weights("unet")?;
         let unet = UNet2DConditionModel::load(
@@ -191,6 +199,32 @@ impl Pipeline {
                 .with_lora(lora.plan(&table, "text_encoder")),
             &text_config,
         )?;
+        let (text_encoder_2, tokenizer_2) = match &text_config_2 {
+            None => (None, None),
+            Some(c2) => {
+                let tokenizer_2 = load_tokenizer_in(files, "tokenizer_2/")?;
+                check_tokenizer(files, &tokenizer_2, c2, "text_encoder_2", "tokenizer_2")?;
+                if tokenizer_2.max_length != tokenizer.max_length {
+                    return Err(Error::config(
+                        &files.display("tokenizer_2/tokenizer_config.json"),
+                        format!(
+                            "model_max_length {} differs from tokenizer/'s {}: the towers' \
+                             states are concatenated token by token",
+                            tokenizer_2.max_length, tokenizer.max_length
+                        ),
+                    ));
+                }
+                let w = files.component_weights("text_encoder_2")?;
+                let te2 = CLIPTextModel::load_with_projection(
+                    VarBuilder::new(&w, device)
+                        .with_weights_dtype(weights_dtype)
+                        .with_lora(lora.plan(&table, "text_encoder_2")),
+                    c2,
+                    &files.display("text_encoder_2/config.json"),
+                )?;
+                (Some(te2), Some(tokenizer_2))
+            }
+        };
         if let LoraSetup::Files(lora_files) = lora {
             for (file, scale) in lora_files {
                 table.add_file(file, *scale, device)?;
@@ -205,6 +239,10 @@ impl Pipeline {
             unet_config,
             vae_config,
             text_config,
+            text_encoder_2,
+            tokenizer_2,
+            text_config_2,
+            force_zeros_for_empty_prompt: sdxl && force_zeros(files)?,
             scheduler,
             device: device.clone(),
             lora: table,
@@ -229,9 +267,125 @@ impl Pipeline {
         ))
     }
 
-    /// `text_encoder(tokenizer(prompts)).last_hidden_state`: [B, max_length, hidden].
+    /// Whether this is a Stable Diffusion XL pipeline (two text towers, added conditions).
+    pub fn is_sdxl(&self) -> bool {
+        self.text_encoder_2.is_some()
+    }
+
+    /// The token ids of the prompts for every tower.
+    pub fn tokenize_all(&self, prompts: &[String]) -> Result<PromptTokens> {
+        let ids = self.tokenize(prompts)?;
+        let tower_2 = match (&self.tokenizer_2, &self.text_config_2) {
+            (Some(tok), Some(config)) => {
+                let n = tok.max_length;
+                let mut flat = Vec::with_capacity(prompts.len() * n);
+                for p in prompts {
+                    flat.extend(tok.encode(p)?);
+                }
+                let pooled = config.pooled_positions(&flat, n);
+                let flat: Vec<i64> = flat.into_iter().map(i64::from).collect();
+                Some(TowerTokens {
+                    ids: Tensor::from_data(TensorData::new(flat, [prompts.len(), n]), &self.device),
+                    pooled,
+                })
+            }
+            _ => None,
+        };
+        Ok(PromptTokens {
+            ids,
+            tower_2,
+            zeros: false,
+        })
+    }
+
+    /// The token ids of the negative prompt. An empty one is "no negative prompt": where the
+    /// pipeline says `force_zeros_for_empty_prompt` (SDXL), its embeddings are zeros.
+    pub fn tokenize_negative(&self, negative: &str) -> Result<PromptTokens> {
+        let mut tokens = self.tokenize_all(&[negative.to_string()])?;
+        tokens.zeros = self.force_zeros_for_empty_prompt && negative.is_empty();
+        Ok(tokens)
+    }
+
+    /// What the UNet is conditioned on for these tokens: `text_encoder(ids).last_hidden_state`
+    /// [B, N, hidden]; for SDXL both towers' `hidden_states[-2]` side by side and tower 2's
+    /// pooled projection [B, projection_dim].
+    pub fn encode_tokens(&self, tokens: &PromptTokens) -> TextEmbeddings {
+        let [b, n] = tokens.ids.dims();
+        let (Some(te2), Some(t2)) = (&self.text_encoder_2, &tokens.tower_2) else {
+            let hidden = self.text_encoder.forward(tokens.ids.clone());
+            return TextEmbeddings {
+                hidden: if tokens.zeros {
+                    hidden.zeros_like()
+                } else {
+                    hidden
+                },
+                pooled: None,
+            };
+        };
+        if tokens.zeros {
+            let proj = self.text_config_2.as_ref().and_then(|c| c.projection_dim);
+            return TextEmbeddings {
+                hidden: Tensor::zeros([b, n, self.unet_config.cross_attention_dim], &self.device),
+                pooled: Some(Tensor::zeros([b, proj.unwrap_or(0)], &self.device)),
+            };
+        }
+        let (h1, _) = self
+            .text_encoder
+            .forward_penultimate(tokens.ids.clone(), None);
+        let (h2, pooled) = te2.forward_penultimate(t2.ids.clone(), Some(&t2.pooled));
+        TextEmbeddings {
+            hidden: Tensor::cat(vec![h1, h2], 2),
+            pooled,
+        }
+    }
+
+    /// The prompts' embeddings ([`encode_tokens`](Self::encode_tokens)).
+    pub fn encode(&self, prompts: &[String]) -> Result<TextEmbeddings> {
+        Ok(self.encode_tokens(&self.tokenize_all(prompts)?))
+    }
+
+    /// The UNet's context for the prompts: [B, max_length, cross_attention_dim]
+    /// ([`encode`](Self::encode)'s hidden states).
     pub fn encode_prompts(&self, prompts: &[String]) -> Result<Tensor<3>> {
-        Ok(self.text_encoder.forward(self.tokenize(prompts)?))
+        Ok(self.encode(prompts)?.hidden)
+    }
+
+    /// SDXL's added conditions for embeddings of an `image` = [height, width] run:
+    /// [`UNet2DConditionModel::added_input`] of the pooled embedding and the size ids. `None`
+    /// for other models.
+    pub fn added_conditions(
+        &self,
+        embeddings: &TextEmbeddings,
+        size: &SizeConditioning,
+        image: [usize; 2],
+    ) -> Option<Tensor<2>> {
+        let pooled = embeddings.pooled.clone()?;
+        self.unet.add_embedding.as_ref()?;
+        Some(self.unet.added_input(pooled, &size.time_ids(image)))
+    }
+
+    /// The conditioning of a run: prompts and the unconditional side stacked for guidance,
+    /// with SDXL's added conditions for an `image` = [height, width] run.
+    pub fn conditioning(
+        &self,
+        cond: &TextEmbeddings,
+        uncond: &TextEmbeddings,
+        guidance: f64,
+        size: &SizeConditioning,
+        image: [usize; 2],
+    ) -> crate::model::sampler::Conditioning {
+        let c = crate::model::sampler::Conditioning::new(
+            cond.hidden.clone(),
+            uncond.hidden.clone(),
+            guidance,
+        );
+        match (
+            self.added_conditions(cond, size, image),
+            self.added_conditions(uncond, size, image),
+        ) {
+            (Some(a), Some(u)) => c.with_added(a, u),
+            _ => c,
+        }
     }
 
     /// Pixels per latent along each axis (1 for a pixel-space model).
@@ -279,6 +433,164 @@ impl Pipeline {
     }
 }
 
+/// Token ids for every text tower of a pipeline ([`Pipeline::tokenize_all`]).
+#[derive(Clone, Debug)]
+pub struct PromptTokens {
+    /// Tower 1's ids [B, max_length].
+    pub ids: Tensor<2, Int>,
+    /// SDXL's tower 2.
+    pub tower_2: Option<TowerTokens>,
+    /// "No negative prompt" where the pipeline zeroes it ([`Pipeline::tokenize_negative`]).
+    pub zeros: bool,
+}
+
+/// One tower's ids and each row's pooled position.
+#[derive(Clone, Debug)]
+pub struct TowerTokens {
+    pub ids: Tensor<2, Int>,
+    pub pooled: Vec<usize>,
+}
+
+/// A text encoding: the UNet's context and (SDXL) the pooled embedding.
+#[derive(Clone, Debug)]
+pub struct TextEmbeddings {
+    /// [B, N, cross_attention_dim].
+    pub hidden: Tensor<3>,
+    /// SDXL: tower 2's pooled projection [B, projection_dim].
+    pub pooled: Option<Tensor<2>>,
+}
+
+/// SDXL's size conditioning in pixels, diffusers' `original_size`, `crops_coords_top_left`
+/// and `target_size`; an unset size is the run's image size, as in diffusers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SizeConditioning {
+    /// (height, width).
+    pub original: Option<[usize; 2]>,
+    /// (top, left).
+    pub crop: [usize; 2],
+    /// (height, width).
+    pub target: Option<[usize; 2]>,
+}
+
+impl SizeConditioning {
+    /// The six ids for an `image` = [height, width] run.
+    pub fn time_ids(&self, image: [usize; 2]) -> TimeIds {
+        let [oh, ow] = self.original.unwrap_or(image);
+        let [ct, cl] = self.crop;
+        let [th, tw] = self.target.unwrap_or(image);
+        [oh, ow, ct, cl, th, tw].map(|v| v as f32)
+    }
+}
+
+/// Checks a tokenizer against its text tower's config: ids within the vocabulary, sequences
+/// within the position table.
+fn check_tokenizer(
+    files: &ModelFiles,
+    tokenizer: &ClipTokenizer,
+    config: &CLIPTextConfig,
+    tower: &str,
+    dir: &str,
+) -> Result<()> {
+    if tokenizer.id_bound() > config.vocab_size {
+        return Err(Error::config(
+            &files.display(&format!("{tower}/config.json")),
+            format!(
+                "vocab_size {} is smaller than {dir}/'s {} tokens (a tokenizer of another \
+                 model? a single-file checkpoint takes its tokenizer from --model-config)",
+                config.vocab_size,
+                tokenizer.id_bound()
+            ),
+        ));
+    }
+    if tokenizer.max_length > config.max_position_embeddings {
+        return Err(Error::config(
+            &files.display(&format!("{dir}/tokenizer_config.json")),
+            format!(
+                "model_max_length {} exceeds {tower}'s max_position_embeddings {}",
+                tokenizer.max_length, config.max_position_embeddings
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// SDXL's `add_embedding` input against what the towers and size ids give:
+/// `projection_class_embeddings_input_dim` = tower 2's `projection_dim` + 6 ×
+/// `addition_time_embed_dim`. A UNet with added conditions needs tower 2, and tower 2 a UNet
+/// that takes them.
+fn check_added_conditions(
+    files: &ModelFiles,
+    unet: &UNet2DConditionConfig,
+    tower_2: Option<&CLIPTextConfig>,
+) -> Result<()> {
+    let file = files.display("unet/config.json");
+    match (unet.projection_class_embeddings_input_dim, tower_2) {
+        (Some(input), Some(c2)) if unet.addition_embed_type.is_some() => {
+            let Some(proj) = c2.projection_dim else {
+                return Err(Error::config(
+                    &files.display("text_encoder_2/config.json"),
+                    "`projection_dim` is missing (SDXL's second tower is a \
+                     CLIPTextModelWithProjection)",
+                ));
+            };
+            let d = unet.addition_time_embed_dim.unwrap_or(0);
+            if input != proj + 6 * d {
+                return Err(Error::config(
+                    &file,
+                    format!(
+                        "projection_class_embeddings_input_dim {input} does not match \
+                         text_encoder_2's projection_dim {proj} + 6 size ids × \
+                         addition_time_embed_dim {d} = {}",
+                        proj + 6 * d
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        (_, Some(_)) => Err(Error::config(
+            &file,
+            "the folder has text_encoder_2 (SDXL) but the UNet has no \
+             `addition_embed_type: \"text_time\"`",
+        )),
+        (_, None) if unet.addition_embed_type.is_some() => Err(Error::config(
+            &file,
+            "`addition_embed_type: \"text_time\"` (SDXL) needs text_encoder_2/, which the \
+             folder lacks (a refiner-only model? only SDXL base pipelines load)",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `model_index.json` names `component` (with a non-null class).
+fn index_names(files: &ModelFiles, component: &str) -> Result<bool> {
+    Ok(model_index(files)?
+        .and_then(|v| v.get(component).cloned())
+        .is_some_and(|c| match c {
+            serde_json::Value::Array(a) => a.iter().any(|x| !x.is_null()),
+            serde_json::Value::Null => false,
+            _ => true,
+        }))
+}
+
+/// `model_index.json`'s `force_zeros_for_empty_prompt` (diffusers' default for SDXL: true).
+fn force_zeros(files: &ModelFiles) -> Result<bool> {
+    Ok(model_index(files)?
+        .and_then(|v| {
+            v.get("force_zeros_for_empty_prompt")
+                .and_then(|b| b.as_bool())
+        })
+        .unwrap_or(true))
+}
+
+fn model_index(files: &ModelFiles) -> Result<Option<serde_json::Value>> {
+    if !files.has("model_index.json") {
+        return Ok(None);
+    }
+    serde_json::from_str(files.text("model_index.json")?)
+        .map(Some)
+        .map_err(|e| Error::config(&files.display("model_index.json"), e.to_string()))
+}
+
 /// Whether `model_index.json` says the pipeline has no VAE (no `vae` entry, or `[null, null]`).
 /// Without a `model_index.json` the folder must have a VAE.
 fn pixel_space(files: &ModelFiles) -> Result<bool> {
@@ -303,6 +615,8 @@ pub struct SampleOptions {
     pub guidance: f64,
     pub eta: f64,
     pub seed: u64,
+    /// SDXL's size ids (ignored by other models).
+    pub size: SizeConditioning,
 }
 
 impl Pipeline {
@@ -336,9 +650,18 @@ impl Pipeline {
             .map(|i| options.prompts[i % options.prompts.len()].clone())
             .collect();
         let ddim = crate::model::schedule::Ddim::new(&self.scheduler, options.steps)?;
-        let cond = self.encode_prompts(&prompts)?;
-        let uncond = self.encode_prompts(std::slice::from_ref(&options.negative_prompt))?;
-        let cond = crate::model::sampler::Conditioning::new(cond, uncond, options.guidance)
+        let cond = self.encode(&prompts)?;
+        let uncond = self.encode_tokens(&self.tokenize_negative(&options.negative_prompt)?);
+        let [_, _, h, w] = x_t.dims();
+        let f = self.downscale();
+        let cond = self
+            .conditioning(
+                &cond,
+                &uncond,
+                options.guidance,
+                &options.size,
+                [h * f, w * f],
+            )
             .with_dtype(self.sampling_dtype);
         let mut rng = crate::noise::NoiseRng::new(options.seed.wrapping_add(1));
         let shape = x_t.dims();

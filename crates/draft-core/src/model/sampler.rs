@@ -15,30 +15,55 @@ use crate::model::schedule::Ddim;
 /// The UNet computes in the dtype of its context ([`with_dtype`](Self::with_dtype)): the
 /// latents are cast to it on the way in and the model output back to the latents' dtype, so
 /// the guidance combination and the scheduler's update stay in f32.
+///
+/// SDXL's UNet also takes added conditions (the pooled text embedding and the size ids,
+/// [`UNet2DConditionModel::added_input`]), stacked the same way ([`with_added`](Self::with_added)).
 #[derive(Clone)]
 pub struct Conditioning {
     pub cond: Tensor<3>,
     /// `[uncond; cond]` when guidance applies.
     pub guided_context: Option<Tensor<3>>,
     pub guidance: f64,
+    /// SDXL: the added conditions of `cond` [B, P + 6·d].
+    pub added: Option<Tensor<2>>,
+    /// SDXL: `[uncond; cond]`'s added conditions when guidance applies.
+    pub guided_added: Option<Tensor<2>>,
+}
+
+/// `uncond` broadcast to a batch of `b` (a single negative prompt serves every sample).
+fn batched<const D: usize>(uncond: Tensor<D>, b: usize) -> Tensor<D> {
+    if uncond.dims()[0] == b {
+        return uncond;
+    }
+    let mut shape = uncond.dims();
+    shape[0] = b;
+    uncond.narrow(0, 0, 1).expand(shape)
 }
 
 impl Conditioning {
     /// diffusers applies guidance only when `guidance_scale > 1`.
     pub fn new(cond: Tensor<3>, uncond: Tensor<3>, guidance: f64) -> Self {
-        let [b, n, d] = cond.dims();
-        let uncond = (guidance > 1.0).then(|| {
-            if uncond.dims()[0] == b {
-                uncond
-            } else {
-                uncond.narrow(0, 0, 1).expand([b, n, d])
-            }
-        });
-        let guided_context = uncond.map(|u| Tensor::cat(vec![u, cond.clone()], 0));
+        let b = cond.dims()[0];
+        let guided_context =
+            (guidance > 1.0).then(|| Tensor::cat(vec![batched(uncond, b), cond.clone()], 0));
         Self {
             cond,
             guided_context,
             guidance,
+            added: None,
+            guided_added: None,
+        }
+    }
+
+    /// The same with SDXL's added conditions for the prompts and the unconditional side.
+    pub fn with_added(self, cond: Tensor<2>, uncond: Tensor<2>) -> Self {
+        let b = cond.dims()[0];
+        let guided_added =
+            (self.guidance > 1.0).then(|| Tensor::cat(vec![batched(uncond, b), cond.clone()], 0));
+        Self {
+            added: Some(cond),
+            guided_added,
+            ..self
         }
     }
 
@@ -52,6 +77,8 @@ impl Conditioning {
                 .guided_context
                 .map(|c| crate::tensor::in_dtype(c, dtype)),
             guidance: self.guidance,
+            added: self.added.map(|c| crate::tensor::in_dtype(c, dtype)),
+            guided_added: self.guided_added.map(|c| crate::tensor::in_dtype(c, dtype)),
         }
     }
 
@@ -65,14 +92,19 @@ impl Conditioning {
         let dtype = x.dtype();
         let compute = self.cond.dtype();
         let x = crate::tensor::in_dtype(x, compute);
-        let unet_forward =
-            |x, context| crate::tensor::in_dtype(unet.forward(x, timestep, context), dtype);
+        let unet_forward = |x, context, added| {
+            crate::tensor::in_dtype(unet.forward_added(x, timestep, context, added), dtype)
+        };
         match &self.guided_context {
-            None => unet_forward(x, self.cond.clone()),
+            None => unet_forward(x, self.cond.clone(), self.added.clone()),
             Some(context) => {
                 // One UNet call on [uncond; cond], as diffusers batches it.
                 let b = x.dims()[0];
-                let out = unet_forward(Tensor::cat(vec![x.clone(), x], 0), context.clone());
+                let out = unet_forward(
+                    Tensor::cat(vec![x.clone(), x], 0),
+                    context.clone(),
+                    self.guided_added.clone(),
+                );
                 let u = out.clone().narrow(0, 0, b);
                 let c = out.narrow(0, b, b);
                 u.clone() + (c - u) * self.guidance

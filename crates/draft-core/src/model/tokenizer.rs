@@ -188,9 +188,15 @@ impl ClipTokenizer {
             PreTokenizerWrapper::Split(split),
             PreTokenizerWrapper::ByteLevel(ByteLevel::default().add_prefix_space(false)),
         ])));
-        // Written out in a prompt, the special tokens are matched whole, as the slow tokenizer does.
+        // Written out in a prompt, the special tokens are matched whole, as the slow tokenizer
+        // does. That includes a pad token of its own: SD-2's and SDXL's `tokenizer_2` pad with
+        // `!`, so a `!` in a prompt is that token (id 0), not the BPE's `!</w>`.
+        let mut specials = vec![AddedToken::from(BOS, true), AddedToken::from(EOS, true)];
+        if ![BOS, EOS].contains(&special.pad_token.as_str()) {
+            specials.push(AddedToken::from(special.pad_token.clone(), true));
+        }
         tokenizer
-            .add_special_tokens([AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
+            .add_special_tokens(specials)
             .map_err(|e| tok_err("vocab.json", e))?;
         Self::finish(tokenizer, special, "vocab.json")
     }

@@ -20,7 +20,7 @@
 use burn::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::model::pipeline::Pipeline;
+use crate::model::pipeline::{Pipeline, PromptTokens, SizeConditioning};
 use crate::model::sampler::Conditioning;
 use crate::model::schedule::{Ddim, StepCoefficients};
 use crate::noise::NoiseRng;
@@ -104,9 +104,30 @@ pub struct Evaluation {
 pub struct Prompts {
     /// The prompt of each image (what prompt-aware rewards score against).
     pub texts: Vec<String>,
-    pub ids: Tensor<2, Int>,
-    pub uncond_ids: Tensor<2, Int>,
+    pub ids: PromptTokens,
+    /// The negative prompt's ([`Pipeline::tokenize_negative`]).
+    pub uncond_ids: PromptTokens,
     pub guidance: f64,
+    /// SDXL's size ids (other models ignore them).
+    pub size: SizeConditioning,
+}
+
+impl Prompts {
+    /// The batch `texts` against `negative` (empty: no negative prompt) at `guidance`.
+    pub fn new(
+        pipeline: &Pipeline,
+        texts: &[String],
+        negative: &str,
+        guidance: f64,
+    ) -> Result<Self> {
+        Ok(Self {
+            texts: texts.to_vec(),
+            ids: pipeline.tokenize_all(texts)?,
+            uncond_ids: pipeline.tokenize_negative(negative)?,
+            guidance,
+            size: SizeConditioning::default(),
+        })
+    }
 }
 
 /// Where an objective evaluation is: `done` of `total` sampling steps (without gradient) or
@@ -186,6 +207,20 @@ impl Accumulator {
     }
 }
 
+/// The context of a batch stacked for guidance, with SDXL's added conditions.
+fn conditioning(
+    cond: &Tensor<3>,
+    uncond: &Tensor<3>,
+    added: &Option<(Tensor<2>, Tensor<2>)>,
+    guidance: f64,
+) -> Conditioning {
+    let c = Conditioning::new(cond.clone(), uncond.clone(), guidance);
+    match added {
+        Some((a, u)) => c.with_added(a.clone(), u.clone()),
+        None => c,
+    }
+}
+
 fn add_opt(acc: &mut Option<Tensor<3>>, g: Option<Tensor<3>>) {
     if let Some(g) = g {
         *acc = Some(match acc.take() {
@@ -207,7 +242,14 @@ impl<'p> Engine<'p> {
             .lora
             .entries()
             .iter()
-            .any(|e| e.key.starts_with("text_encoder.") && !e.adapters.is_empty());
+            .any(|e| e.key.starts_with("text_encoder") && !e.adapters.is_empty());
+        if text_lora && pipeline.is_sdxl() {
+            return Err(Error::Input(
+                "training LoRA on SDXL's text towers is not supported yet: use \
+                 --lora-targets without `text`"
+                    .into(),
+            ));
+        }
         Ok(Self {
             pipeline,
             ddim,
@@ -246,7 +288,8 @@ impl<'p> Engine<'p> {
         let keep_graph = self
             .keep_step_graph
             .unwrap_or(h * w <= KEEP_STEP_GRAPH_MAX_LATENT_PIXELS);
-        let mut pass = Pass::new(self, prompts, keep_graph);
+        let f = self.pipeline.downscale();
+        let mut pass = Pass::new(self, prompts, keep_graph, [h * f, w * f]);
 
         // Forward without a graph, keeping the latents (ReFL stops where its x̂₀ is predicted).
         let stop = match method {
@@ -396,6 +439,8 @@ struct Pass<'e, 'p> {
     /// Plain prompt embeddings (constants, or where text-encoder gradients are taken).
     cond: Tensor<3>,
     uncond: Tensor<3>,
+    /// SDXL's added conditions of `cond` and `uncond`.
+    added: Option<(Tensor<2>, Tensor<2>)>,
     /// The same, stacked for CFG, for the passes without gradient.
     plain: Conditioning,
     /// `plain` in the pipeline's [`sampling_dtype`](Pipeline::sampling_dtype), for the steps
@@ -411,22 +456,32 @@ struct Pass<'e, 'p> {
 }
 
 impl<'e, 'p> Pass<'e, 'p> {
-    fn new(engine: &'e Engine<'p>, prompts: &'e Prompts, keep_graph: bool) -> Self {
+    fn new(
+        engine: &'e Engine<'p>,
+        prompts: &'e Prompts,
+        keep_graph: bool,
+        image: [usize; 2],
+    ) -> Self {
         let pipeline = engine.pipeline;
         let params = pipeline.lora.params();
         let leaves: Vec<Tensor<2>> = params
             .iter()
             .map(|p| p.clone().autodiff().require_grad())
             .collect();
-        let cond = pipeline.text_encoder.forward(prompts.ids.clone());
-        let uncond = pipeline.text_encoder.forward(prompts.uncond_ids.clone());
-        let plain = Conditioning::new(cond.clone(), uncond.clone(), prompts.guidance);
+        let cond = pipeline.encode_tokens(&prompts.ids);
+        let uncond = pipeline.encode_tokens(&prompts.uncond_ids);
+        let added = pipeline
+            .added_conditions(&cond, &prompts.size, image)
+            .zip(pipeline.added_conditions(&uncond, &prompts.size, image));
+        let (cond, uncond) = (cond.hidden, uncond.hidden);
+        let plain = conditioning(&cond, &uncond, &added, prompts.guidance);
         let sampling = plain.clone().with_dtype(pipeline.sampling_dtype);
         Self {
             engine,
             prompts,
             cond,
             uncond,
+            added,
             plain,
             sampling,
             acc: Accumulator {
@@ -611,9 +666,10 @@ impl<'e, 'p> Pass<'e, 'p> {
                 .then(|| t.clone().autodiff().require_grad())
         };
         let (c_leaf, u_leaf) = (leaf(&self.cond), leaf(&self.uncond));
-        let conditioning = Conditioning::new(
-            c_leaf.clone().unwrap_or_else(|| self.cond.clone()),
-            u_leaf.clone().unwrap_or_else(|| self.uncond.clone()),
+        let conditioning = conditioning(
+            c_leaf.as_ref().unwrap_or(&self.cond),
+            u_leaf.as_ref().unwrap_or(&self.uncond),
+            &self.added,
             self.prompts.guidance,
         );
         let leaves = &self.acc.leaves;
@@ -702,8 +758,10 @@ impl<'e, 'p> Pass<'e, 'p> {
                 (self.cond_grads.0.take(), &self.prompts.ids),
                 (self.cond_grads.1.take(), &self.prompts.uncond_ids),
             ] {
-                if let Some(g) = g {
-                    let t = (te.forward(ids.clone()) * g).sum();
+                if let Some(g) = g
+                    && !ids.zeros
+                {
+                    let t = (te.forward(ids.ids.clone()) * g).sum();
                     total = Some(match total {
                         Some(s) => s + t,
                         None => t,

@@ -230,14 +230,12 @@ impl Trainer {
     }
 
     fn tokenize(&self, prompts: &[String]) -> Result<Prompts> {
-        Ok(Prompts {
-            texts: prompts.to_vec(),
-            ids: self.pipeline.tokenize(prompts)?,
-            uncond_ids: self
-                .pipeline
-                .tokenize(std::slice::from_ref(&self.config.negative_prompt))?,
-            guidance: self.config.guidance,
-        })
+        Prompts::new(
+            &self.pipeline,
+            prompts,
+            &self.config.negative_prompt,
+            self.config.guidance,
+        )
     }
 
     fn draws(&self, step: usize, micro: usize) -> Draws {
@@ -367,6 +365,7 @@ impl Trainer {
             guidance: self.config.guidance,
             eta: 0.0,
             seed: self.config.seed,
+            size: Default::default(),
         };
         let progress = self.progress.as_deref();
         let latents = pipe.sample_latents_until(&options, x_t, |done, total| {

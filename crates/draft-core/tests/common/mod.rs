@@ -75,12 +75,7 @@ pub fn lora_gradients(
     let reward =
         WeightedReward::from_specs(&["colorfulness".into()], &RewardOptions::default()).unwrap();
     let engine = Engine::new(pipe, steps, 0.0, &reward).unwrap();
-    let p = Prompts {
-        texts: prompts.clone(),
-        ids: pipe.tokenize(&prompts).unwrap(),
-        uncond_ids: pipe.tokenize(&[String::new()]).unwrap(),
-        guidance: 7.5,
-    };
+    let p = Prompts::new(pipe, &prompts, "", 7.5).unwrap();
     let draws = Draws {
         x_t,
         step_noise: NoiseRng::new(0),

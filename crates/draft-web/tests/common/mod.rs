@@ -74,6 +74,7 @@ async fn sample(
         guidance: 7.5,
         eta: 0.0,
         seed: 0,
+        size: Default::default(),
     };
     let latents = pipe.sample_latents(&options, x_t, |_, _| {}).unwrap();
     read_f32(to_nhwc(pipe.decode(latents))).await.unwrap()

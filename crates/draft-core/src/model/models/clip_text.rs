@@ -24,6 +24,13 @@ pub struct CLIPTextConfig {
     pub hidden_act: String,
     #[serde(default = "default_eps")]
     pub layer_norm_eps: f64,
+    /// `CLIPTextModelWithProjection`'s `text_projection` output size (SDXL's second tower).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
+    /// Where the pooled output is taken: the first token with this id, or, for the legacy 2
+    /// (transformers' default, kept by SD-2 and SDXL configs), the largest id in the row.
+    #[serde(default)]
+    pub eos_token_id: Option<i64>,
 }
 
 fn default_act() -> String {
@@ -198,15 +205,62 @@ pub struct CLIPTextTransformer {
     pub final_layer_norm: LayerNorm,
 }
 
-/// `CLIPTextModel`; its weights live under `text_model.` as in transformers.
+/// `CLIPTextModel`; its weights live under `text_model.` as in transformers. With
+/// [`load_with_projection`](Self::load_with_projection), `CLIPTextModelWithProjection`
+/// (SDXL's second tower): the same plus `text_projection` (no bias) on the pooled output.
 #[derive(Module, Debug)]
 pub struct CLIPTextModel {
     pub text_model: CLIPTextTransformer,
+    pub text_projection: Option<Linear>,
     pub max_position_embeddings: usize,
+}
+
+impl CLIPTextConfig {
+    /// The row index of each sequence's pooled token, as transformers' `CLIPTextTransformer`
+    /// picks it from the token ids (`ids`: `n` ids per row).
+    pub fn pooled_positions(&self, ids: &[u32], n: usize) -> Vec<usize> {
+        let eos = self.eos_token_id.unwrap_or(2);
+        ids.chunks(n)
+            .map(|row| {
+                if eos == 2 {
+                    // torch's argmax: the first of equal maxima.
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    row.iter().position(|&t| t == max).unwrap_or(0)
+                } else {
+                    row.iter().position(|&t| t as i64 == eos).unwrap_or(0)
+                }
+            })
+            .collect()
+    }
 }
 
 impl CLIPTextModel {
     pub fn load(vb: VarBuilder, c: &CLIPTextConfig) -> Result<Self> {
+        Self::load_tower(vb, c, false)
+    }
+
+    /// `CLIPTextModelWithProjection`: `text_projection.weight` [projection_dim, hidden] beside
+    /// `text_model.…`.
+    pub fn load_with_projection(vb: VarBuilder, c: &CLIPTextConfig, file: &str) -> Result<Self> {
+        if c.projection_dim.is_none() {
+            return Err(Error::config(
+                file,
+                "`projection_dim` is missing (a CLIPTextModelWithProjection config has it)",
+            ));
+        }
+        Self::load_tower(vb, c, true)
+    }
+
+    fn load_tower(vb: VarBuilder, c: &CLIPTextConfig, projection: bool) -> Result<Self> {
+        let text_projection = match (projection, c.projection_dim) {
+            (true, Some(p)) => Some(Linear::load(
+                vb.pp("text_projection"),
+                c.hidden_size,
+                p,
+                false,
+            )?),
+            _ => None,
+        };
         let vb = vb.pp("text_model");
         let emb = vb.pp("embeddings");
         let embeddings = CLIPTextEmbeddings {
@@ -234,12 +288,58 @@ impl CLIPTextModel {
                     c.layer_norm_eps,
                 )?,
             },
+            text_projection,
             max_position_embeddings: c.max_position_embeddings,
         })
     }
 
     /// `last_hidden_state` [B, N, hidden] for token ids [B, N].
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        let layers = self.text_model.encoder.layers.len();
+        let x = self.hidden_after(ids, layers);
+        self.text_model.final_layer_norm.forward(x)
+    }
+
+    /// What SDXL conditions on: `hidden_states[-2]` (the input of the last layer, without the
+    /// final norm) [B, N, hidden] and, with `pooled` (each row's pooled position,
+    /// [`CLIPTextConfig::pooled_positions`]), `text_embeds`: the final-normed state there
+    /// through `text_projection` [B, projection_dim]. Without `pooled` the last layer is not
+    /// run.
+    pub fn forward_penultimate(
+        &self,
+        ids: Tensor<2, Int>,
+        pooled: Option<&[usize]>,
+    ) -> (Tensor<3>, Option<Tensor<2>>) {
+        let layers = &self.text_model.encoder.layers;
+        let [b, n] = ids.dims();
+        let device = ids.device();
+        let penultimate = self.hidden_after(ids, layers.len().saturating_sub(1));
+        let Some(positions) = pooled else {
+            return (penultimate, None);
+        };
+        let mask = causal_mask(n, &device);
+        let last = match layers.last() {
+            Some(layer) => layer.forward(penultimate.clone(), Some(mask)),
+            None => penultimate.clone(),
+        };
+        let last = self.text_model.final_layer_norm.forward(last);
+        let d = last.dims()[2];
+        let rows: Vec<i64> = positions
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| (i * n + p) as i64)
+            .collect();
+        let rows = Tensor::<1, Int>::from_data(TensorData::new(rows, [b]), &device);
+        let pooled = last.reshape([b * n, d]).select(0, rows);
+        let pooled = match &self.text_projection {
+            Some(p) => p.forward(pooled),
+            None => pooled,
+        };
+        (penultimate, Some(pooled))
+    }
+
+    /// The hidden states after the first `layers` encoder layers (embeddings for 0).
+    fn hidden_after(&self, ids: Tensor<2, Int>, layers: usize) -> Tensor<3> {
         let [b, n] = ids.dims();
         let device = ids.device();
         let m = &self.text_model;
@@ -249,10 +349,10 @@ impl CLIPTextModel {
         let mut x = m.embeddings.token_embedding.forward(ids)
             + m.embeddings.position_embedding.forward(positions);
         let mask = causal_mask(n, &device);
-        for layer in &m.encoder.layers {
+        for layer in &m.encoder.layers[..layers] {
             x = layer.forward(x, Some(mask.clone()));
         }
-        m.final_layer_norm.forward(x)
+        x
     }
 }
 

@@ -332,6 +332,7 @@ pub fn load(vb: VarBuilder, c: &OpenClipConfig, logit_scale: f64) -> Result<CLIP
         },
         visual_projection: projection(&vis, "proj", v.width, c.embed_dim)?,
         text_model: CLIPTextModel {
+            text_projection: None,
             text_model: CLIPTextTransformer {
                 embeddings: CLIPTextEmbeddings {
                     token_embedding: Embedding::load(

@@ -88,6 +88,12 @@ pub struct UNet2DConditionConfig {
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// SDXL (`addition_embed_type: "text_time"`): each size id's sinusoidal embedding size.
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// SDXL: `add_embedding.linear_1`'s input, pooled text embedding + 6 size ids' embeddings.
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(default = "d_time_emb")]
     pub time_embedding_type: String,
     #[serde(default = "d_shift")]
@@ -233,8 +239,14 @@ impl UNet2DConditionConfig {
             ),
             (self.class_embed_type.is_some(), "`class_embed_type`".into()),
             (
-                self.addition_embed_type.is_some(),
-                "`addition_embed_type`".into(),
+                !matches!(
+                    self.addition_embed_type.as_deref(),
+                    None | Some("text_time")
+                ),
+                format!(
+                    "`addition_embed_type` {:?} (only SDXL's \"text_time\")",
+                    self.addition_embed_type
+                ),
             ),
             (
                 self.time_embedding_type != "positional",
@@ -254,6 +266,34 @@ impl UNet2DConditionConfig {
         ];
         if let Some((_, what)) = unsupported.iter().find(|(bad, _)| *bad) {
             return bad(format!("{what} is not supported"));
+        }
+        if self.addition_embed_type.is_some() {
+            for (field, v) in [
+                ("addition_time_embed_dim", self.addition_time_embed_dim),
+                (
+                    "projection_class_embeddings_input_dim",
+                    self.projection_class_embeddings_input_dim,
+                ),
+            ] {
+                match v {
+                    Some(v) => Error::check_size(file, field, v, 1)?,
+                    None => {
+                        return bad(format!(
+                            "`addition_embed_type` \"text_time\" needs `{field}`"
+                        ));
+                    }
+                }
+            }
+            let (input, d) = (
+                self.projection_class_embeddings_input_dim.unwrap_or(0),
+                self.addition_time_embed_dim.unwrap_or(0),
+            );
+            if input <= 6 * d {
+                return bad(format!(
+                    "`projection_class_embeddings_input_dim` = {input} leaves no room for a \
+                     pooled text embedding beside 6 size ids of `addition_time_embed_dim` = {d}"
+                ));
+            }
         }
         // diffusers passes `attention_head_dim` as the number of heads when
         // `num_attention_heads` is absent (a historical naming slip that SD configs rely on).
@@ -311,10 +351,30 @@ pub struct TimestepEmbedding {
     pub linear_2: Linear,
 }
 
+impl TimestepEmbedding {
+    fn load(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Self> {
+        Ok(Self {
+            linear_1: Linear::load(vb.pp("linear_1"), c_in, c_out, true)?,
+            linear_2: Linear::load(vb.pp("linear_2"), c_out, c_out, true)?,
+        })
+    }
+
+    fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        self.linear_2.forward(silu(self.linear_1.forward(x)))
+    }
+}
+
+/// SDXL's size conditioning: original (H, W), crop (top, left), target (H, W), in pixels.
+pub type TimeIds = [f32; 6];
+
 #[derive(Module, Debug)]
 pub struct UNet2DConditionModel {
     pub conv_in: Conv2d,
     pub time_embedding: TimestepEmbedding,
+    /// SDXL (`addition_embed_type: "text_time"`): the pooled text embedding and the size ids'
+    /// embeddings → an embedding added to the time embedding.
+    pub add_embedding: Option<TimestepEmbedding>,
+    pub addition_time_embed_dim: usize,
     pub down_blocks: Vec<DownBlock2D>,
     pub mid_block: UNetMidBlock2DCrossAttn,
     pub up_blocks: Vec<UpBlock2D>,
@@ -392,12 +452,17 @@ impl UNet2DConditionModel {
             )?);
         }
 
+        let add_embedding = match c.projection_class_embeddings_input_dim {
+            Some(d) if c.addition_embed_type.is_some() => {
+                Some(TimestepEmbedding::load(vb.pp("add_embedding"), d, temb)?)
+            }
+            _ => None,
+        };
         Ok(Self {
             conv_in: Conv2d::load(vb.pp("conv_in"), c.in_channels, boc[0], 3, 1, (1, 1))?,
-            time_embedding: TimestepEmbedding {
-                linear_1: Linear::load(vb.pp("time_embedding").pp("linear_1"), boc[0], temb, true)?,
-                linear_2: Linear::load(vb.pp("time_embedding").pp("linear_2"), temb, temb, true)?,
-            },
+            time_embedding: TimestepEmbedding::load(vb.pp("time_embedding"), boc[0], temb)?,
+            add_embedding,
+            addition_time_embed_dim: c.addition_time_embed_dim.unwrap_or(0),
             down_blocks,
             mid_block,
             up_blocks,
@@ -423,6 +488,18 @@ impl UNet2DConditionModel {
         timestep: f32,
         encoder_hidden_states: Tensor<3>,
     ) -> Tensor<4> {
+        self.forward_added(sample, timestep, encoder_hidden_states, None)
+    }
+
+    /// [`forward`](Self::forward) with SDXL's added conditions: `added` [B, P + 6·d] from
+    /// [`added_input`](Self::added_input) (required by a UNet with `add_embedding`).
+    pub fn forward_added(
+        &self,
+        sample: Tensor<4>,
+        timestep: f32,
+        encoder_hidden_states: Tensor<3>,
+        added: Option<Tensor<2>>,
+    ) -> Tensor<4> {
         let [b, ..] = sample.dims();
         let device = sample.device();
         let t_emb = timestep_embedding(
@@ -433,7 +510,22 @@ impl UNet2DConditionModel {
             &device,
         )
         .expand([b, self.time_proj_channels]);
-        self.forward_embedded(sample, t_emb, encoder_hidden_states)
+        self.forward_embedded(sample, t_emb, encoder_hidden_states, added)
+    }
+
+    /// The input of SDXL's `add_embedding`: the pooled text embeddings [B, P] beside the
+    /// sinusoidal embeddings of the six size ids (diffusers' `add_time_proj`, with the time
+    /// embedding's `flip_sin_to_cos` and `freq_shift`), [B, P + 6·d].
+    pub fn added_input(&self, pooled: Tensor<2>, time_ids: &TimeIds) -> Tensor<2> {
+        let [b, _] = pooled.dims();
+        let device = pooled.device();
+        let d = self.addition_time_embed_dim;
+        let ids = time_ids
+            .iter()
+            .map(|&t| timestep_embedding(t, d, self.flip_sin_to_cos, self.freq_shift, &device))
+            .collect();
+        let ids = Tensor::cat(ids, 1).expand([b, 6 * d]);
+        Tensor::cat(vec![pooled, ids], 1)
     }
 
     /// As [`forward`](Self::forward) with one timestep per sample (denoising training).
@@ -460,7 +552,7 @@ impl UNet2DConditionModel {
                 .collect(),
             0,
         );
-        self.forward_embedded(sample, t_emb, encoder_hidden_states)
+        self.forward_embedded(sample, t_emb, encoder_hidden_states, None)
     }
 
     fn forward_embedded(
@@ -468,14 +560,24 @@ impl UNet2DConditionModel {
         sample: Tensor<4>,
         t_emb: Tensor<2>,
         encoder_hidden_states: Tensor<3>,
+        added: Option<Tensor<2>>,
     ) -> Tensor<4> {
         // The UNet computes in the sample's dtype (f16 for `Pipeline::sampling_dtype`); the
         // sinusoidal embedding is made in f32 and cast, as diffusers does.
-        let t_emb = crate::tensor::in_dtype(t_emb, sample.dtype());
-        let emb = self
-            .time_embedding
-            .linear_2
-            .forward(silu(self.time_embedding.linear_1.forward(t_emb)));
+        let dtype = sample.dtype();
+        let t_emb = crate::tensor::in_dtype(t_emb, dtype);
+        let mut emb = self.time_embedding.forward(t_emb);
+        match (&self.add_embedding, added) {
+            (Some(add), Some(added)) => {
+                emb = emb + add.forward(crate::tensor::in_dtype(added, dtype));
+            }
+            (None, None) => {}
+            (Some(_), None) => panic!(
+                "this UNet (addition_embed_type \"text_time\") needs the pooled text embedding \
+                 and size ids"
+            ),
+            (None, Some(_)) => panic!("added conditions given to a UNet without add_embedding"),
+        }
 
         let sample = if self.center_input_sample {
             sample * 2.0 - 1.0

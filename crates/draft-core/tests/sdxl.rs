@@ -1,0 +1,220 @@
+//! Stable Diffusion XL parity with diffusers' `StableDiffusionXLPipeline` (PyTorch, f32) on the
+//! tiny SDXL pipeline that `tests/fixtures/make_sdxl_fixtures.py` builds: both towers' ids and
+//! embeddings (tower 1 saved with `text_model.` keys, tower 2 without, as transformers 5 saves
+//! it), the pooled projection, one UNet call with its added conditions (size ids and pooled
+//! embedding), the VAE decode, and whole DDIM + CFG runs from fixed latents with the scheduler
+//! built from SDXL's Euler config: no negative prompt (zeros, `force_zeros_for_empty_prompt`),
+//! a negative prompt, and non-default size ids. CPU backend and wgpu, as parity.rs.
+
+use burn::prelude::*;
+use draft_core::model::pipeline::{SampleOptions, SizeConditioning, to_nhwc};
+use draft_core::model::weights::Weights;
+use draft_core::{ModelFiles, Pipeline};
+
+mod common;
+use common::{devices, fixtures, read_model, values};
+
+const TOL: f32 = 1e-4;
+
+fn close<const D: usize>(what: &str, got: Tensor<D>, want: &Weights, key: &str, relative: bool) {
+    let (got, got_shape) = values(got);
+    let (want, want_shape) = want.read_f32(key).unwrap();
+    assert_eq!(got_shape, want_shape, "{what}: shape");
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs() / if relative { b.abs().max(1.0) } else { 1.0 })
+        .fold(0f32, f32::max);
+    let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    eprintln!("{what}: max error {err:.2e} (max |ref| {max_ref:.3})");
+    assert!(err <= TOL, "{what}: max error {err:e} > {TOL:e}");
+}
+
+struct Fixture {
+    model: ModelFiles,
+    reference: Vec<u8>,
+    json: serde_json::Value,
+}
+
+impl Fixture {
+    fn load() -> Self {
+        let dir = fixtures().join("sdxl-tiny");
+        Self {
+            model: read_model(&dir),
+            reference: std::fs::read(dir.join("reference.safetensors")).unwrap(),
+            json: serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap())
+                .unwrap(),
+        }
+    }
+
+    fn reference(&self) -> Weights<'_> {
+        Weights::from_bytes("reference.safetensors", &self.reference).unwrap()
+    }
+
+    fn strings(&self, key: &str) -> Vec<String> {
+        self.json[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+fn ints(t: Tensor<2, Int>) -> Vec<i64> {
+    pollster::block_on(t.into_data_async())
+        .unwrap()
+        .convert::<i64>()
+        .try_into_vec::<i64>()
+        .unwrap()
+}
+
+#[test]
+fn sdxl_text_embeddings() {
+    let fx = Fixture::load();
+    let r = fx.reference();
+    let negative = fx.json["negative_prompt"].as_str().unwrap().to_string();
+    for (dev, device) in devices() {
+        let pipe = Pipeline::load(&fx.model, &device).unwrap();
+        assert!(pipe.is_sdxl() && pipe.force_zeros_for_empty_prompt);
+        for (key, texts) in [
+            ("prompt", fx.strings("prompts")),
+            ("uncond", vec![String::new()]),
+            ("negative", vec![negative.clone()]),
+        ] {
+            let tokens = pipe.tokenize_all(&texts).unwrap();
+            assert_eq!(
+                ints(tokens.ids.clone()),
+                r.read_i64(&format!("{key}_ids")).unwrap().0
+            );
+            let t2 = tokens.tower_2.as_ref().unwrap();
+            assert_eq!(
+                ints(t2.ids.clone()),
+                r.read_i64(&format!("{key}_ids_2")).unwrap().0,
+                "{key}: tokenizer_2 pads with its own `!`"
+            );
+            let e = pipe.encode_tokens(&tokens);
+            let what = format!("sdxl/{dev} {key}");
+            close(
+                &format!("{what} embeddings"),
+                e.hidden,
+                &r,
+                &format!("{key}_embeddings"),
+                false,
+            );
+            close(
+                &format!("{what} pooled"),
+                e.pooled.unwrap(),
+                &r,
+                &format!("{key}_pooled"),
+                false,
+            );
+        }
+        // No negative prompt: zeros, for the context and the pooled embedding.
+        let zeros = pipe.encode_tokens(&pipe.tokenize_negative("").unwrap());
+        let (h, _) = values(zeros.hidden);
+        let (p, shape) = values(zeros.pooled.unwrap());
+        assert!(h.iter().chain(&p).all(|v| *v == 0.0) && shape == [1, 40]);
+    }
+}
+
+#[test]
+fn sdxl_unet_and_vae() {
+    let fx = Fixture::load();
+    let r = fx.reference();
+    for (dev, device) in devices() {
+        let pipe = Pipeline::load(&fx.model, &device).unwrap();
+        let x = r.tensor::<4>("unet_sample", &device).unwrap();
+        let ctx = r
+            .tensor::<3>("unet_encoder_hidden_states", &device)
+            .unwrap();
+        let pooled = r.tensor::<2>("unet_text_embeds", &device).unwrap();
+        let (ids, _) = r.read_f32("unet_time_ids").unwrap();
+        // The UNet's added input for two samples with different size ids.
+        let added: Vec<Tensor<2>> = (0..2)
+            .map(|i| {
+                let t: [f32; 6] = ids[i * 6..i * 6 + 6].try_into().unwrap();
+                pipe.unet.added_input(pooled.clone().narrow(0, i, 1), &t)
+            })
+            .collect();
+        let t = r.read_f32("unet_timestep").unwrap().0[0];
+        let out = pipe
+            .unet
+            .forward_added(x, t, ctx, Some(Tensor::cat(added, 0)));
+        close(&format!("sdxl/{dev} unet"), out, &r, "unet_out", false);
+
+        let z = r.tensor::<4>("vae_decode_in", &device).unwrap();
+        let decoded = pipe.vae.as_ref().unwrap().decode(z);
+        close(
+            &format!("sdxl/{dev} vae decode"),
+            decoded,
+            &r,
+            "vae_decode_out",
+            false,
+        );
+        assert_eq!(pipe.vae_config.as_ref().unwrap().scaling_factor, 0.13025);
+    }
+}
+
+#[test]
+fn sdxl_sampling() {
+    let fx = Fixture::load();
+    let r = fx.reference();
+    for (dev, device) in devices() {
+        let pipe = Pipeline::load(&fx.model, &device).unwrap();
+        for run in ["a", "b", "c"] {
+            let cfg = &fx.json["runs"][run];
+            let pair = |key: &str| {
+                cfg[key]
+                    .as_array()
+                    .map(|a| [0, 1].map(|i| a[i].as_u64().unwrap() as usize))
+            };
+            let options = SampleOptions {
+                prompts: fx.strings("prompts"),
+                negative_prompt: match &cfg["negative_prompt"] {
+                    serde_json::Value::Array(a) => a[0].as_str().unwrap().to_string(),
+                    _ => String::new(),
+                },
+                steps: cfg["num_inference_steps"].as_u64().unwrap() as usize,
+                guidance: cfg["guidance_scale"].as_f64().unwrap(),
+                eta: 0.0,
+                seed: 0,
+                size: SizeConditioning {
+                    original: pair("original_size"),
+                    crop: pair("crops_coords_top_left").unwrap_or([0, 0]),
+                    target: pair("target_size"),
+                },
+            };
+            let ddim =
+                draft_core::model::schedule::Ddim::new(&pipe.scheduler, options.steps).unwrap();
+            let want: Vec<usize> = cfg["timesteps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as usize)
+                .collect();
+            assert_eq!(
+                ddim.timesteps, want,
+                "DDIM from SDXL's Euler config, run {run}"
+            );
+            let x_t = r.tensor::<4>("init_noise", &device).unwrap();
+            let latents = pipe.sample_latents(&options, x_t, |_, _| {}).unwrap();
+            let what = format!("sdxl/{dev} run {run}");
+            close(
+                &format!("{what} latents (relative)"),
+                latents.clone(),
+                &r,
+                &format!("latents_{run}"),
+                true,
+            );
+            let images = to_nhwc(pipe.decode(latents));
+            close(
+                &format!("{what} images"),
+                images,
+                &r,
+                &format!("images_{run}"),
+                false,
+            );
+        }
+    }
+}
