@@ -218,3 +218,101 @@ fn sdxl_sampling() {
         }
     }
 }
+
+/// DRaFT-1, DRaFT-2 and DRaFT-LV (n = 2) LoRA gradients on SDXL against diffusers + peft
+/// autograd (`sdxl-tiny/draft/`): the added conditions and the zeroed unconditional side are
+/// in every differentiated UNet call. On the CPU backend (the wgpu gradient kernels are the
+/// SD-1.x ones, checked by draft.rs; a lavapipe SDXL run would add minutes to CI).
+#[test]
+fn sdxl_draft_gradients_match_pytorch() {
+    use draft_core::model::lora::{LoraFile, LoraTarget};
+    use draft_core::model::pipeline::LoraSetup;
+    use draft_core::noise::NoiseRng;
+    use draft_core::reward::builtin::{self, RewardOptions, WeightedReward};
+    use draft_core::train::engine::{Draws, Engine, Method, Prompts};
+
+    let dir = fixtures().join("sdxl-tiny");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("draft/draft.json")).unwrap()).unwrap();
+    let grads = std::fs::read(dir.join("draft/grads.safetensors")).unwrap();
+    let reference = Weights::from_bytes("grads.safetensors", &grads).unwrap();
+    let noise = std::fs::read(dir.join("init_noise.safetensors")).unwrap();
+    let noise = Weights::from_bytes("init_noise.safetensors", &noise).unwrap();
+    let device = Device::flex();
+    let rank = json["lora"]["rank"].as_u64().unwrap() as usize;
+    let alpha = json["lora"]["alpha"].as_f64().unwrap();
+    let steps = json["T"].as_u64().unwrap() as usize;
+
+    let model = read_model(&dir);
+    let pipe =
+        Pipeline::load_with_lora(&model, &device, &LoraSetup::Targets(vec![LoraTarget::Attn]))
+            .unwrap();
+    pipe.lora.init_trainable(rank, alpha, 0, &device);
+    let file = LoraFile::parse(
+        "lora.safetensors",
+        &std::fs::read(dir.join("draft/lora.safetensors")).unwrap(),
+    )
+    .unwrap();
+    pipe.lora.load_trainable(&file, alpha, &device).unwrap();
+    let names = pipe.lora.param_names();
+    assert_eq!(
+        names.len(),
+        2 * json["lora"]["num_modules"].as_u64().unwrap() as usize
+    );
+
+    let specs: Vec<String> = builtin::BUILTIN.iter().map(|s| s.to_string()).collect();
+    let reward = WeightedReward::from_specs(&specs, &RewardOptions::default()).unwrap();
+    let engine = Engine::new(&pipe, steps, 0.0, &reward).unwrap();
+    let texts: Vec<String> = json["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect();
+    let prompts =
+        Prompts::new(&pipe, &texts, "", json["guidance_scale"].as_f64().unwrap()).unwrap();
+    let lv: Tensor<5> = reference.tensor("lv_noise", &device).unwrap();
+    let [n, b, c, h, w] = lv.dims();
+    for (case, method) in [
+        ("k1", Method::DraftK { k: 1 }),
+        ("k2", Method::DraftK { k: 2 }),
+        ("lv", Method::DraftLv { n: 2 }),
+    ] {
+        let draws = Draws {
+            x_t: noise.tensor::<4>("noise", &device).unwrap(),
+            step_noise: NoiseRng::new(0),
+            lv_noise: Some(
+                (0..n)
+                    .map(|j| lv.clone().narrow(0, j, 1).reshape([b, c, h, w]))
+                    .collect(),
+            ),
+            truncation: 0.0,
+        };
+        let eval = pollster::block_on(engine.evaluate(method, &prompts, draws)).unwrap();
+        let loss_ref = reference.read_f32(&format!("{case}.loss")).unwrap().0[0];
+        let (mut num, mut den, mut worst) = (0f64, 0f64, 0f32);
+        for (name, g) in names.iter().zip(&eval.grads) {
+            let key = format!("{case}.{}", name.strip_prefix("unet.").unwrap());
+            let (want, _) = reference.read_f32(&key).unwrap();
+            let (got, _) = values(g.clone());
+            for (a, b) in got.iter().zip(&want) {
+                num += ((a - b) as f64).powi(2);
+                den += (*b as f64).powi(2);
+            }
+            worst = worst.max(common::rel_err(&got, &want));
+        }
+        let global = (num / den).sqrt() as f32;
+        eprintln!(
+            "sdxl {case}: loss {} (ref {loss_ref}); grad rel err global {global:.1e}, worst \
+             tensor {worst:.1e}",
+            eval.loss
+        );
+        assert!(den > 0.0);
+        assert!((eval.loss - loss_ref).abs() < 1e-4 * loss_ref.abs().max(1e-3));
+        // As draft.rs's CPU bounds for SD-1.x.
+        assert!(
+            global < 1e-4 && worst < 3e-4,
+            "sdxl {case}: {global:e} / {worst:e}"
+        );
+    }
+}
