@@ -8,6 +8,7 @@ use draft_core::model::lora::LoraFile;
 use draft_core::model::pipeline::{LoraSetup, SampleOptions, SizeConditioning, to_nhwc};
 use draft_core::noise::NoiseRng;
 use draft_core::read_f32;
+use draft_core::train::config::parse_pair;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::device::{self, DeviceArg};
@@ -98,17 +99,6 @@ impl SizeArgs {
             target: self.target_size,
         }
     }
-}
-
-/// `AxB` (or `A,B`): two whole numbers of at most 8 digits.
-pub fn parse_pair<const SEP: char>(s: &str) -> std::result::Result<[usize; 2], String> {
-    let bad = || format!("expected two whole numbers as A{SEP}B, got {s:?}");
-    let (a, b) = s.split_once(SEP).ok_or_else(bad)?;
-    let num = |v: &str| {
-        let v = v.trim();
-        (v.len() <= 8).then(|| v.parse::<usize>().ok()).flatten()
-    };
-    Ok([num(a).ok_or_else(bad)?, num(b).ok_or_else(bad)?])
 }
 
 /// `FILE[:SCALE]` → (file, scale); a suffix that is not a number is part of the file name.

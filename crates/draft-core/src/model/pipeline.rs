@@ -462,7 +462,7 @@ pub struct TextEmbeddings {
 
 /// SDXL's size conditioning in pixels, diffusers' `original_size`, `crops_coords_top_left`
 /// and `target_size`; an unset size is the run's image size, as in diffusers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SizeConditioning {
     /// (height, width).
     pub original: Option<[usize; 2]>,
@@ -473,6 +473,10 @@ pub struct SizeConditioning {
 }
 
 impl SizeConditioning {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
     /// The six ids for an `image` = [height, width] run.
     pub fn time_ids(&self, image: [usize; 2]) -> TimeIds {
         let [oh, ow] = self.original.unwrap_or(image);

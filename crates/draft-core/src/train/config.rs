@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::model::lora::LoraTarget;
+use crate::model::pipeline::SizeConditioning;
 use crate::reward::builtin::RewardOptions;
 use crate::train::engine::Method;
 use crate::train::prompts::prompt_set;
@@ -178,6 +179,9 @@ pub struct TrainConfig {
     pub guidance: f64,
     pub eta: f64,
     pub negative_prompt: String,
+    /// SDXL's size ids (other models ignore them). Absent from checkpoints at the defaults.
+    #[serde(default, skip_serializing_if = "SizeConditioning::is_default")]
+    pub size: SizeConditioning,
     /// Optimizer updates.
     pub train_steps: usize,
     pub lr: f64,
@@ -214,6 +218,7 @@ impl Default for TrainConfig {
             guidance: 7.5,
             eta: 0.0,
             negative_prompt: String::new(),
+            size: SizeConditioning::default(),
             train_steps: m.train_steps,
             lr: m.lr,
             optimizer: OptimizerName::Adamw,
@@ -383,6 +388,20 @@ pub const DEFAULT_PREVIEW: usize = 8;
 /// `--checkpoint-every` when not given.
 pub const DEFAULT_CHECKPOINT_EVERY: usize = 10;
 
+/// `AxB` (or `A,B`): two whole numbers of at most 8 digits (`--original-size 1024x1024`,
+/// `--crop 0,0`).
+pub fn parse_pair<const SEP: char>(s: &str) -> std::result::Result<[usize; 2], String> {
+    let bad = || format!("expected two whole numbers as A{SEP}B, got {s:?}");
+    let (a, b) = s.split_once(SEP).ok_or_else(bad)?;
+    let num = |v: &str| {
+        let v = v.trim();
+        (!v.is_empty() && v.len() <= 8)
+            .then(|| v.parse::<usize>().ok())
+            .flatten()
+    };
+    Ok([num(a).ok_or_else(bad)?, num(b).ok_or_else(bad)?])
+}
+
 /// `--target-color`: R,G,B in [0, 1]. Written as text (`"0.9,0.2,0.1"`, the flag's form) or as
 /// a list of three numbers (the page's); its range is checked with the run's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -523,6 +542,19 @@ pub struct Settings {
     #[cfg_attr(feature = "clap", arg(long))]
     #[serde(skip_serializing_if = "Option::is_none", alias = "negativePrompt")]
     pub negative_prompt: Option<String>,
+    /// SDXL: the original image size the model is told, HEIGHTxWIDTH [default: the image
+    /// size].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "HxW", value_parser = parse_pair::<'x'>))]
+    #[serde(skip_serializing_if = "Option::is_none", alias = "originalSize")]
+    pub original_size: Option<[usize; 2]>,
+    /// SDXL: the crop's top-left corner the model is told, TOP,LEFT [default: 0,0].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "TOP,LEFT", value_parser = parse_pair::<','>))]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crop: Option<[usize; 2]>,
+    /// SDXL: the target size the model is told, HEIGHTxWIDTH [default: the image size].
+    #[cfg_attr(feature = "clap", arg(long, value_name = "HxW", value_parser = parse_pair::<'x'>))]
+    #[serde(skip_serializing_if = "Option::is_none", alias = "targetSize")]
+    pub target_size: Option<[usize; 2]>,
     /// Images per batch [default: 2; --init-noise sets it].
     #[cfg_attr(feature = "clap", arg(long))]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -639,6 +671,9 @@ impl Settings {
             reward,
             target_color,
             negative_prompt,
+            original_size,
+            crop,
+            target_size,
             batch,
             height,
             width,
@@ -671,6 +706,9 @@ impl Settings {
             reward: Some(c.rewards.clone()),
             target_color: Some(Color(c.reward_options.target_color)),
             negative_prompt: Some(c.negative_prompt.clone()),
+            original_size: c.size.original,
+            crop: (c.size.crop != [0, 0]).then_some(c.size.crop),
+            target_size: c.size.target,
             batch: Some(c.batch),
             height: c.height,
             width: c.width,
@@ -808,6 +846,11 @@ pub fn resolve(
         guidance: s.guidance.unwrap_or(base.guidance),
         eta: s.eta.unwrap_or(base.eta),
         negative_prompt: s.negative_prompt.clone().unwrap_or(base.negative_prompt),
+        size: SizeConditioning {
+            original: s.original_size.or(base.size.original),
+            crop: s.crop.unwrap_or(base.size.crop),
+            target: s.target_size.or(base.size.target),
+        },
         train_steps: s.train_steps.unwrap_or(model.train_steps),
         lr: s.lr.unwrap_or(model.lr),
         optimizer: match &s.optimizer {
@@ -920,6 +963,36 @@ mod tests {
         );
         assert_eq!(a, b);
         assert!(serde_json::from_str::<Settings>(r#"{"learning-rate": 1}"#).is_err());
+    }
+
+    /// SDXL's size ids: from the page's keys, kept by a checkpoint, absent at the defaults.
+    #[test]
+    fn size_conditioning_settings() {
+        let form = json(r#"{"originalSize": [1024, 768], "crop": [16, 0]}"#);
+        let r = resolve(&GIVEN, None, &[&form]).unwrap();
+        assert_eq!(
+            r.config.size,
+            SizeConditioning {
+                original: Some([1024, 768]),
+                crop: [16, 0],
+                target: None,
+            }
+        );
+        let back = resolve(
+            &GIVEN,
+            Some(Saved {
+                config: &r.config,
+                prompts: None,
+            }),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(back.config.size, r.config.size);
+        let plain = serde_json::to_value(TrainConfig::default()).unwrap();
+        assert!(plain.get("size").is_none());
+        assert_eq!(parse_pair::<'x'>("1024x768"), Ok([1024, 768]));
+        assert!(parse_pair::<'x'>("1024").is_err() && parse_pair::<','>("1,").is_err());
+        assert!(parse_pair::<'x'>("123456789x1").is_err());
     }
 
     /// Checkpoints written before the method carried its parameters: every method's keys.

@@ -230,12 +230,14 @@ impl Trainer {
     }
 
     fn tokenize(&self, prompts: &[String]) -> Result<Prompts> {
-        Prompts::new(
+        let mut p = Prompts::new(
             &self.pipeline,
             prompts,
             &self.config.negative_prompt,
             self.config.guidance,
-        )
+        )?;
+        p.size = self.config.size;
+        Ok(p)
     }
 
     fn draws(&self, step: usize, micro: usize) -> Draws {
@@ -365,7 +367,7 @@ impl Trainer {
             guidance: self.config.guidance,
             eta: 0.0,
             seed: self.config.seed,
-            size: Default::default(),
+            size: self.config.size,
         };
         let progress = self.progress.as_deref();
         let latents = pipe.sample_latents_until(&options, x_t, |done, total| {
