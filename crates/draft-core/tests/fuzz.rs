@@ -647,6 +647,8 @@ const UNET_FIELDS: &[&str] = &[
     "dual_cross_attention",
     "class_embed_type",
     "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
     "time_embedding_type",
     "resnet_time_scale_shift",
     "conv_in_kernel",
@@ -684,6 +686,18 @@ const VAE_FIELDS: &[&str] = &[
 ];
 
 #[test]
+fn sdxl_unet_config() {
+    fuzz_config(
+        "unet/config.json (SDXL)",
+        "sdxl-tiny/unet/config.json",
+        &fixture_text("sdxl-tiny/unet/config.json"),
+        UNET_FIELDS,
+        2000,
+        |f, t| UNet2DConditionConfig::from_json(f, t).map(drop),
+    );
+}
+
+#[test]
 fn vae_config() {
     fuzz_config(
         "vae/config.json",
@@ -709,6 +723,8 @@ const TEXT_FIELDS: &[&str] = &[
     "max_position_embeddings",
     "hidden_act",
     "layer_norm_eps",
+    "projection_dim",
+    "eos_token_id",
 ];
 
 #[test]
@@ -1064,13 +1080,15 @@ fn clone_files(f: &ModelFiles) -> ModelFiles {
 #[derive(Debug, Clone)]
 enum FolderEdit {
     Config(usize, Vec<Edit>),
-    Weights(bool, Vec<StEdit>),
+    Weights(usize, Vec<StEdit>),
     RemoveFile(usize),
 }
 
 const FOLDER_CONFIGS: &[&str] = &[
     "unet/config.json",
     "text_encoder/config.json",
+    "text_encoder_2/config.json",
+    "tokenizer_2/tokenizer_config.json",
     "scheduler/scheduler_config.json",
     "model_index.json",
     "tokenizer/tokenizer_config.json",
@@ -1080,10 +1098,21 @@ const FOLDER_CONFIGS: &[&str] = &[
 fn folder_fields(path: &str) -> &'static [&'static str] {
     match path {
         "unet/config.json" => UNET_FIELDS,
-        "text_encoder/config.json" => TEXT_FIELDS,
+        "text_encoder/config.json" | "text_encoder_2/config.json" => TEXT_FIELDS,
         "scheduler/scheduler_config.json" => SCHEDULER_FIELDS,
-        "model_index.json" => &["vae", "unet", "text_encoder", "tokenizer", "scheduler"],
-        "tokenizer/tokenizer_config.json" => &["pad_token", "model_max_length", "eos_token"],
+        "model_index.json" => &[
+            "vae",
+            "unet",
+            "text_encoder",
+            "tokenizer",
+            "scheduler",
+            "text_encoder_2",
+            "tokenizer_2",
+            "force_zeros_for_empty_prompt",
+        ],
+        "tokenizer/tokenizer_config.json" | "tokenizer_2/tokenizer_config.json" => {
+            &["pad_token", "model_max_length", "eos_token"]
+        }
         _ => &[
             "added_tokens",
             "model",
@@ -1096,26 +1125,53 @@ fn folder_fields(path: &str) -> &'static [&'static str] {
 
 #[test]
 fn model_folders() {
-    let base = embedded();
+    fuzz_folder("model folder → Pipeline::load", embedded(), 1500);
+}
+
+/// The tiny SDXL folder: two towers, two tokenizers, the UNet's added conditions.
+#[test]
+fn sdxl_folders() {
+    let dir = common::fixtures().join("sdxl-tiny");
+    let base = ModelFiles::read_layout(dir.display().to_string(), |rel| {
+        Ok::<_, ()>(std::fs::read(dir.join(rel)).ok())
+    })
+    .unwrap();
+    fuzz_folder("SDXL folder → Pipeline::load", base, 400);
+}
+
+fn fuzz_folder(parser: &str, base: ModelFiles, cases: u32) {
     let dev = device();
     let pipe = Pipeline::load(&base, &dev).unwrap();
     drop(pipe);
     let strategy = prop_oneof![
         6 => (any::<usize>(), edits()).prop_map(|(i, e)| FolderEdit::Config(i, e)),
-        3 => (any::<bool>(), prop::collection::vec(st_edit(), 1..=2))
+        3 => (any::<usize>(), prop::collection::vec(st_edit(), 1..=2))
             .prop_map(|(u, e)| FolderEdit::Weights(u, e)),
         1 => any::<usize>().prop_map(FolderEdit::RemoveFile),
     ];
+    let configs: Vec<&str> = FOLDER_CONFIGS
+        .iter()
+        .copied()
+        .filter(|p| base.files.contains_key(*p) || !p.contains("_2/"))
+        .collect();
+    let weights: Vec<String> = base
+        .files
+        .keys()
+        .filter(|k| {
+            k.ends_with(".safetensors") && (k.starts_with("unet/") || k.starts_with("text_encoder"))
+        })
+        .cloned()
+        .collect();
     fuzz(
-        "model folder → Pipeline::load",
-        1500,
+        parser,
+        cases,
         prop::collection::vec(strategy, 1..=2),
         |edits| {
             let mut files = clone_files(&base);
             for e in &edits {
                 match e {
                     FolderEdit::Config(i, e) => {
-                        let path = FOLDER_CONFIGS[i % FOLDER_CONFIGS.len()];
+                        let path = configs[i % configs.len()];
                         let v: Value = files
                             .files
                             .get(path)
@@ -1124,14 +1180,10 @@ fn model_folders() {
                         let text = apply(&v, folder_fields(path), e);
                         files.insert(path, text.into_bytes());
                     }
-                    FolderEdit::Weights(unet, e) => {
-                        let path = if *unet {
-                            "unet/diffusion_pytorch_model.safetensors"
-                        } else {
-                            "text_encoder/model.safetensors"
-                        };
+                    FolderEdit::Weights(i, e) => {
+                        let path = &weights[i % weights.len()];
                         let bytes = apply_st(&base.files[path], e);
-                        files.insert(path, bytes);
+                        files.insert(path.clone(), bytes);
                     }
                     FolderEdit::RemoveFile(i) => {
                         let keys: Vec<String> = files.files.keys().cloned().collect();
@@ -1143,17 +1195,17 @@ fn model_folders() {
                 Err(e) => check_message(&e.to_string(), &files.name),
                 Ok(pipe) => {
                     accepted();
-                    // An accepted folder must also run: a prompt through the text encoder and
-                    // one UNet step.
-                    let cond = pipe
-                        .encode_prompts(&["red circle".to_string(), String::new()])
-                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                    let [c, h, w] = pipe
-                        .latent_shape(8, 8)
-                        .map_err(|e| TestCaseError::fail(e.to_string()))?;
-                    let x = Tensor::<4>::zeros([2, c, h, w], &dev);
-                    let y = pipe.unet.forward(x, 500.0, cond);
-                    prop_assert_eq!(y.dims(), [2, c, h, w]);
+                    // An accepted folder must also run: a prompt through the text encoder(s)
+                    // and one guided UNet step.
+                    let fail = |e: draft_core::Error| TestCaseError::fail(e.to_string());
+                    let cond = pipe.encode(&["red circle".to_string()]).map_err(fail)?;
+                    let uncond = pipe.encode_tokens(&pipe.tokenize_negative("").map_err(fail)?);
+                    let [c, h, w] = pipe.latent_shape(8, 8).map_err(fail)?;
+                    let conditioning =
+                        pipe.conditioning(&cond, &uncond, 7.5, &Default::default(), [8, 8]);
+                    let x = Tensor::<4>::zeros([1, c, h, w], &dev);
+                    let y = conditioning.model_output(&pipe.unet, x, 500.0);
+                    prop_assert_eq!(y.dims(), [1, c, h, w]);
                     Ok(())
                 }
             }

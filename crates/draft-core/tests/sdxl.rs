@@ -316,3 +316,85 @@ fn sdxl_draft_gradients_match_pytorch() {
         );
     }
 }
+
+/// Broken SDXL folders end with one line naming the file and the field, never a panic.
+#[test]
+fn sdxl_bad_folders_are_refused_by_name() {
+    let dir = fixtures().join("sdxl-tiny");
+    let device = Device::flex();
+    let edit_json = |m: &mut ModelFiles, path: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let mut v: serde_json::Value = serde_json::from_str(m.text(path).unwrap()).unwrap();
+        f(&mut v);
+        m.insert(path, serde_json::to_vec(&v).unwrap());
+    };
+    let error = |m: &ModelFiles| match Pipeline::load(m, &device) {
+        Ok(_) => panic!("loaded"),
+        Err(e) => e.to_string(),
+    };
+
+    // model_index.json names text_encoder_2, whose folder is missing.
+    let mut m = read_model(&dir);
+    m.files.retain(|k, _| !k.starts_with("text_encoder_2/"));
+    m.sources.retain(|k, _| !k.starts_with("text_encoder_2/"));
+    let e = error(&m);
+    assert!(e.contains("text_encoder_2/config.json"), "{e}");
+
+    // Neither named nor present: the UNet's text_time needs it.
+    edit_json(&mut m, "model_index.json", &|v| {
+        v.as_object_mut().unwrap().remove("text_encoder_2");
+    });
+    let e = error(&m);
+    assert!(
+        e.contains("unet/config.json") && e.contains("text_encoder_2"),
+        "{e}"
+    );
+
+    // The add_embedding's input does not fit the towers and size ids.
+    let mut m = read_model(&dir);
+    edit_json(&mut m, "unet/config.json", &|v| {
+        v["projection_class_embeddings_input_dim"] = 90.into();
+    });
+    let e = error(&m);
+    assert!(
+        e.contains("unet/config.json") && e.contains("projection_class_embeddings_input_dim"),
+        "{e}"
+    );
+
+    // A context size that is not the two towers' hidden sizes side by side.
+    let mut m = read_model(&dir);
+    edit_json(&mut m, "unet/config.json", &|v| {
+        v["cross_attention_dim"] = 32.into();
+    });
+    let e = error(&m);
+    assert!(
+        e.contains("cross_attention_dim") && e.contains("32 + 48"),
+        "{e}"
+    );
+
+    // tokenizer_2 of another length than tokenizer/.
+    let mut m = read_model(&dir);
+    edit_json(&mut m, "tokenizer_2/tokenizer_config.json", &|v| {
+        v["model_max_length"] = 64.into();
+    });
+    let e = error(&m);
+    assert!(e.contains("tokenizer_2/tokenizer_config.json"), "{e}");
+
+    // A tower 2 without its projection.
+    let mut m = read_model(&dir);
+    edit_json(&mut m, "text_encoder_2/config.json", &|v| {
+        v.as_object_mut().unwrap().remove("projection_dim");
+    });
+    let e = error(&m);
+    assert!(
+        e.contains("text_encoder_2/config.json") && e.contains("projection_dim"),
+        "{e}"
+    );
+
+    // Another addition_embed_type.
+    let mut m = read_model(&dir);
+    edit_json(&mut m, "unet/config.json", &|v| {
+        v["addition_embed_type"] = "image".into();
+    });
+    let e = error(&m);
+    assert!(e.contains("addition_embed_type"), "{e}");
+}

@@ -150,6 +150,7 @@ impl Pipeline {
                 ),
             ));
         }
+        check_added_conditions(files, &unet_config, text_config_2.as_ref())?;
         let context = text_config.hidden_size + text_config_2.as_ref().map_or(0, |c| c.hidden_size);
         if context != unet_config.cross_attention_dim {
             let towers = match &text_config_2 {
@@ -167,7 +168,6 @@ impl Pipeline {
                 ),
             ));
         }
-        check_added_conditions(files, &unet_config, text_config_2.as_ref())?;
 
         let tokenizer = load_tokenizer(files)?;
         check_tokenizer(files, &tokenizer, &text_config, "text_encoder", "tokenizer")?;
