@@ -16,7 +16,22 @@ use common::{devices, fixtures, read_model, values};
 
 const TOL: f32 = 1e-4;
 
+/// As parity.rs: on wgpu the kernels autotune picks by timing change from run to run, and the
+/// sums' order with them; the final latents (to ~40) measured 8.9e-5 relative on lavapipe.
+const WGPU_LATENTS_TOL: f32 = 2e-4;
+
 fn close<const D: usize>(what: &str, got: Tensor<D>, want: &Weights, key: &str, relative: bool) {
+    close_tol(what, got, want, key, relative, TOL)
+}
+
+fn close_tol<const D: usize>(
+    what: &str,
+    got: Tensor<D>,
+    want: &Weights,
+    key: &str,
+    relative: bool,
+    tol: f32,
+) {
     let (got, got_shape) = values(got);
     let (want, want_shape) = want.read_f32(key).unwrap();
     assert_eq!(got_shape, want_shape, "{what}: shape");
@@ -27,7 +42,7 @@ fn close<const D: usize>(what: &str, got: Tensor<D>, want: &Weights, key: &str, 
         .fold(0f32, f32::max);
     let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
     eprintln!("{what}: max error {err:.2e} (max |ref| {max_ref:.3})");
-    assert!(err <= TOL, "{what}: max error {err:e} > {TOL:e}");
+    assert!(err <= tol, "{what}: max error {err:e} > {tol:e}");
 }
 
 struct Fixture {
@@ -200,12 +215,13 @@ fn sdxl_sampling() {
             let x_t = r.tensor::<4>("init_noise", &device).unwrap();
             let latents = pipe.sample_latents(&options, x_t, |_, _| {}).unwrap();
             let what = format!("sdxl/{dev} run {run}");
-            close(
+            close_tol(
                 &format!("{what} latents (relative)"),
                 latents.clone(),
                 &r,
                 &format!("latents_{run}"),
                 true,
+                if dev == "wgpu" { WGPU_LATENTS_TOL } else { TOL },
             );
             let images = to_nhwc(pipe.decode(latents));
             close(

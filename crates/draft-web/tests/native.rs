@@ -501,3 +501,51 @@ fn a_single_file_picked_in_the_page_loads_as_in_the_cli() {
         .unwrap();
     assert!(err.contains("draft convert v1-5-pruned.ckpt"), "{err}");
 }
+
+/// An SDXL folder picked in the page (its files as the page's folder picker hands them over:
+/// both towers, both tokenizers): the plan counts both towers, and one DRaFT-K update runs
+/// with SDXL's size ids from the form and moves the LoRA.
+#[test]
+fn an_sdxl_folder_trains_in_the_page() {
+    use draft_core::ModelFiles;
+    use draft_web::RunInputs;
+    let dir =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sdxl-tiny");
+    let read = || {
+        ModelFiles::read_layout("sdxl-tiny", |rel| {
+            Ok::<_, ()>(std::fs::read(dir.join(rel)).ok())
+        })
+        .unwrap()
+    };
+    let files = read();
+    assert!(files.has("text_encoder_2/model.safetensors") && files.has("tokenizer_2/vocab.json"));
+    let options = form(
+        "cpu",
+        r#"{"method": "draft-k", "k": 1, "steps": 3, "batch": 1, "lr": 0.01,
+            "originalSize": [64, 64], "crop": [4, 0]}"#,
+    );
+    let plan = draft_web::plan(&options, Some(&files), None, true).unwrap();
+    let tower_2: u64 = {
+        let w = files.component_weights("text_encoder_2").unwrap();
+        w.keys()
+            .iter()
+            .map(|k| w.shape(k).unwrap().iter().product::<usize>() as u64)
+            .sum()
+    };
+    assert!(
+        plan.trains && plan.parameters > tower_2 && tower_2 > 0,
+        "{plan:?}"
+    );
+    let u = pollster::block_on(update_of(
+        &options,
+        RunInputs {
+            model: Some(read()),
+            ..RunInputs::default()
+        },
+    ));
+    eprintln!(
+        "sdxl-tiny in the page (CPU): evaluation reward {:.4} → {:.4}, max |ΔLoRA| {:.2e}",
+        u.before, u.after, u.lora_change
+    );
+    assert!(u.metrics.reward_mean.is_finite() && u.lora_change > 1e-5);
+}

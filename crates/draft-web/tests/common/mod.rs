@@ -181,7 +181,7 @@ pub fn form(device: &str, json: &str) -> WebOptions {
 }
 
 #[allow(clippy::await_holding_refcell_ref)]
-async fn update_of(options: &WebOptions, inputs: RunInputs) -> Update {
+pub async fn update_of(options: &WebOptions, inputs: RunInputs) -> Update {
     let session = Session::build(options, inputs).await.unwrap();
     let mut trainer = session.trainer().unwrap();
     let before = trainer.evaluate_fixed(2).await.unwrap().reward;
