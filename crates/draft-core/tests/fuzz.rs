@@ -1530,21 +1530,48 @@ fn non_finite_weights_are_refused() {
 
 #[test]
 fn ldm_checkpoints() {
-    let base = fixture("layouts/sd1-tiny.safetensors");
+    fuzz_ldm(
+        "LDM single-file checkpoint",
+        "layouts/sd1-tiny.safetensors",
+        "sd1-tiny",
+        "models/sd1-tiny.safetensors",
+        600,
+    );
+}
+
+/// SDXL single files: two towers under `conditioner.embedders.`, the UNet's `label_emb`.
+#[test]
+fn sdxl_ldm_checkpoints() {
+    fuzz_ldm(
+        "SDXL single-file checkpoint",
+        "sdxl-single/sdxl-tiny.safetensors",
+        "sdxl-tiny",
+        "models/sdxl-tiny.safetensors",
+        300,
+    );
+}
+
+fn fuzz_ldm(parser: &str, file: &str, tokenizer_of: &str, name: &str, cases: u32) {
+    let base = fixture(file);
     let tokenizer = [
-        ("vocab.json", fixture("sd1-tiny/tokenizer/vocab.json")),
-        ("merges.txt", fixture("sd1-tiny/tokenizer/merges.txt")),
+        (
+            "vocab.json",
+            fixture(&format!("{tokenizer_of}/tokenizer/vocab.json")),
+        ),
+        (
+            "merges.txt",
+            fixture(&format!("{tokenizer_of}/tokenizer/merges.txt")),
+        ),
     ];
     let tokenizer: Vec<(&str, &[u8])> = tokenizer.iter().map(|(n, b)| (*n, b.as_slice())).collect();
     let dev = device();
-    let name = "models/sd1-tiny.safetensors";
     let files =
         draft_core::ModelFiles::from_checkpoint(name, base.clone(), None, &tokenizer).unwrap();
     Pipeline::load(&files, &dev).unwrap();
     let n = Cell::new(0usize);
     fuzz(
-        "LDM single-file checkpoint",
-        600,
+        parser,
+        cases,
         prop::collection::vec(lora_edit(), 1..=3),
         |edits| {
             let bytes = apply_lora(&base, &edits);
@@ -1556,7 +1583,10 @@ fn ldm_checkpoints() {
                 }
                 Err(e) => return check_message(&e.to_string(), name),
             };
-            for c in ["unet", "vae", "text_encoder"] {
+            for c in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+                if c == "text_encoder_2" && !files.has("text_encoder_2/config.json") {
+                    continue;
+                }
                 if let Err(e) = files.component_weights(c) {
                     check_message(&e.to_string(), name)?;
                 }

@@ -414,3 +414,123 @@ fn sdxl_bad_folders_are_refused_by_name() {
     let e = error(&m);
     assert!(e.contains("addition_embed_type"), "{e}");
 }
+
+/// A single-file SDXL checkpoint (Stability's layout: `conditioner.embedders.{0,1}`, the UNet's
+/// `label_emb`, f16) with the tiny SDXL's configs and tokenizers (`--model-config`) gives the
+/// images diffusers' `StableDiffusionXLPipeline.from_single_file` gives
+/// (`tests/fixtures/make_sdxl_single_file.py`), on the CPU backend and on wgpu.
+#[test]
+fn sdxl_single_file_matches_diffusers_from_single_file() {
+    let fx = Fixture::load();
+    let dir = fixtures().join("sdxl-single");
+    let bytes = std::fs::read(dir.join("sdxl-tiny.safetensors")).unwrap();
+    let reference = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let reference = Weights::from_bytes("reference.safetensors", &reference).unwrap();
+    let config_dir = fixtures().join("sdxl-tiny");
+    let config = ModelFiles::read_configs(config_dir.display().to_string(), |rel| {
+        Ok::<_, ()>(std::fs::read(config_dir.join(rel)).ok())
+    })
+    .unwrap();
+    let files =
+        ModelFiles::from_checkpoint("sdxl-tiny.safetensors", bytes, Some(&config), &[]).unwrap();
+    let run = &fx.json["runs"]["a"];
+    for (dev, device) in devices() {
+        let pipe = Pipeline::load(&files, &device).unwrap();
+        assert!(pipe.is_sdxl());
+        let options = SampleOptions {
+            prompts: fx.strings("prompts"),
+            negative_prompt: String::new(),
+            steps: run["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance: run["guidance_scale"].as_f64().unwrap(),
+            eta: 0.0,
+            seed: 0,
+            size: SizeConditioning::default(),
+        };
+        let x_t = fx.reference().tensor::<4>("init_noise", &device).unwrap();
+        let latents = pipe.sample_latents(&options, x_t, |_, _| {}).unwrap();
+        let images = to_nhwc(pipe.decode(latents));
+        close(
+            &format!("sdxl single file/{dev} images"),
+            images,
+            &reference,
+            "images_a",
+            false,
+        );
+    }
+}
+
+/// The architecture read from the keys and shapes of a checkpoint with SDXL-base 1.0's exact
+/// architecture (`sdxl-single/sdxl_ldm_shapes.json`) is SDXL-base's diffusers config, and the
+/// loader accepts what is inferred.
+#[test]
+fn sdxl_base_architecture_is_inferred_from_a_single_file() {
+    use draft_core::model::layouts::ldm;
+    use draft_core::model::models::{
+        clip_text::CLIPTextConfig, unet::UNet2DConditionConfig, vae::AutoencoderKLConfig,
+    };
+    let all: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fixtures().join("sdxl-single/sdxl_ldm_shapes.json")).unwrap(),
+    )
+    .unwrap();
+    let shapes: std::collections::BTreeMap<String, Vec<usize>> =
+        serde_json::from_value(all["sdxl"].clone()).unwrap();
+    assert!(ldm::is_sdxl(&shapes));
+    let inferred = ldm::infer("sd_xl_base_1.0.safetensors", &shapes).unwrap();
+    let configs = &all["configs"];
+    let check = |what: &str, got: &serde_json::Value, fields: &[&str]| {
+        for f in fields {
+            assert_eq!(got[f], configs[what][f], "{what}: {f}");
+        }
+    };
+    check(
+        "unet",
+        &inferred.unet,
+        &[
+            "in_channels",
+            "out_channels",
+            "block_out_channels",
+            "layers_per_block",
+            "down_block_types",
+            "up_block_types",
+            "cross_attention_dim",
+            "attention_head_dim",
+            "use_linear_projection",
+            "transformer_layers_per_block",
+            "addition_embed_type",
+            "addition_time_embed_dim",
+            "projection_class_embeddings_input_dim",
+            "sample_size",
+        ],
+    );
+    check(
+        "vae",
+        &inferred.vae,
+        &[
+            "block_out_channels",
+            "layers_per_block",
+            "latent_channels",
+            "scaling_factor",
+            "force_upcast",
+            "sample_size",
+        ],
+    );
+    let tower_fields = [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+        "hidden_act",
+        "projection_dim",
+    ];
+    check("text_encoder", &inferred.text_encoder, &tower_fields);
+    let te2 = inferred.text_encoder_2.as_ref().unwrap();
+    check("text_encoder_2", te2, &tower_fields);
+    assert_eq!(inferred.model_index["force_zeros_for_empty_prompt"], true);
+    UNet2DConditionConfig::from_json("unet", &inferred.unet.to_string()).unwrap();
+    AutoencoderKLConfig::from_json("vae", &inferred.vae.to_string()).unwrap();
+    CLIPTextConfig::from_json("te", &inferred.text_encoder.to_string()).unwrap();
+    let c2 = CLIPTextConfig::from_json("te2", &te2.to_string()).unwrap();
+    assert_eq!(c2.projection_dim, Some(1280));
+}

@@ -123,53 +123,57 @@ impl ModelFiles {
         let inferred = {
             let s = ldm::shapes(&Weights::from_file(name, checkpoint.file_ref())?)?;
             if !ldm::is_checkpoint(&s) {
-                let sdxl = s.keys().any(|k| k.starts_with("conditioner."));
                 return Err(Error::config(
                     name,
-                    if sdxl {
-                        "an SDXL checkpoint: only Stable Diffusion 1.x / 2.x single files load"
-                            .into()
-                    } else {
-                        "not a Stable Diffusion checkpoint in the LDM layout: it has no \
-                         `model.diffusion_model.*` tensors (a diffusers model is a folder)"
-                            .to_string()
-                    },
+                    "not a Stable Diffusion checkpoint in the LDM layout: it has no \
+                     `model.diffusion_model.*` tensors (a diffusers model is a folder)",
                 ));
             }
             ldm::infer(name, &s)?
         };
         let from_config = |path: &str| config.filter(|c| c.has(path));
-        for (path, value) in [
+        let mut configs = vec![
             ("model_index.json", &inferred.model_index),
             ("unet/config.json", &inferred.unet),
             ("vae/config.json", &inferred.vae),
             ("text_encoder/config.json", &inferred.text_encoder),
             ("scheduler/scheduler_config.json", &inferred.scheduler),
-        ] {
+        ];
+        if let Some(c2) = &inferred.text_encoder_2 {
+            configs.push(("text_encoder_2/config.json", c2));
+        }
+        for (path, value) in configs {
             let bytes = match from_config(path) {
                 Some(c) => c.bytes(path)?.to_vec(),
                 None => serde_json::to_vec_pretty(value).expect("JSON values serialise"),
             };
             files.insert(path, bytes);
         }
-        let config_tokenizer = config.is_some_and(|c| {
-            c.has("tokenizer/tokenizer.json")
-                || (c.has("tokenizer/vocab.json") && c.has("tokenizer/merges.txt"))
-        });
-        if let (true, Some(c)) = (config_tokenizer, config) {
-            for (path, bytes) in &c.files {
-                if path.starts_with("tokenizer/") {
-                    files.insert(path.clone(), bytes.clone());
+        // SDXL's second tokenizer is the same BPE padded with `!`.
+        let mut tokenizers = vec![("tokenizer/", inferred.pad_token.as_str())];
+        if inferred.text_encoder_2.is_some() {
+            tokenizers.push(("tokenizer_2/", "!"));
+        }
+        for (dir, pad_token) in tokenizers {
+            let config_tokenizer = config.is_some_and(|c| {
+                c.has(&format!("{dir}tokenizer.json"))
+                    || (c.has(&format!("{dir}vocab.json")) && c.has(&format!("{dir}merges.txt")))
+            });
+            if let (true, Some(c)) = (config_tokenizer, config) {
+                for (path, bytes) in &c.files {
+                    if path.starts_with(dir) {
+                        files.insert(path.clone(), bytes.clone());
+                    }
                 }
+            } else {
+                for (file, bytes) in tokenizer {
+                    files.insert(format!("{dir}{file}"), bytes.to_vec());
+                }
+                files.insert(
+                    format!("{dir}special_tokens_map.json"),
+                    serde_json::to_vec(&json!({ "pad_token": pad_token })).expect("JSON"),
+                );
             }
-        } else {
-            for (file, bytes) in tokenizer {
-                files.insert(format!("tokenizer/{file}"), bytes.to_vec());
-            }
-            files.insert(
-                "tokenizer/special_tokens_map.json",
-                serde_json::to_vec(&json!({ "pad_token": inferred.pad_token })).expect("JSON"),
-            );
         }
         files.insert_data(ldm::CHECKPOINT, checkpoint);
         files.checkpoint = Some(ldm::CHECKPOINT.into());

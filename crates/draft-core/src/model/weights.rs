@@ -106,6 +106,7 @@ struct View<'s, 'a> {
     /// The data's byte range, as [`Shard::info`] gives it.
     range: (usize, usize),
     chunk: Option<(usize, usize)>,
+    transposed: bool,
 }
 
 /// Where one tensor of a [`Weights`] is: its shard, its key there and, for a tensor that is
@@ -116,6 +117,9 @@ struct Entry {
     shard: usize,
     key: String,
     chunk: Option<(usize, usize)>,
+    /// A 2-D file tensor read with its axes swapped (OpenCLIP's `text_projection`, which it
+    /// multiplies from the right, as transformers' `text_projection.weight`).
+    transposed: bool,
 }
 
 impl<'a> Weights<'a> {
@@ -165,6 +169,7 @@ impl<'a> Weights<'a> {
                     shard: i,
                     key: key.clone(),
                     chunk: None,
+                    transposed: false,
                 };
                 if let Some(other) = keys.insert(key.clone(), entry) {
                     return Err(Error::Safetensors {
@@ -199,6 +204,7 @@ impl<'a> Weights<'a> {
             for (new, chunk) in map(&entry.key) {
                 let e = Entry {
                     chunk,
+                    transposed: false,
                     ..entry.clone()
                 };
                 if let Some(other) = keys.insert(new.clone(), e) {
@@ -227,6 +233,15 @@ impl<'a> Weights<'a> {
         self.keys.keys().cloned().collect()
     }
 
+    /// The same tensors, with `key` (a key the model asks for, if present) read transposed: a
+    /// 2-D tensor stored as `[in, out]` where the model wants `[out, in]`.
+    pub fn transposed(mut self, key: &str) -> Self {
+        if let Some(e) = self.keys.get_mut(key) {
+            e.transposed = true;
+        }
+        self
+    }
+
     /// The shape of `key` without reading its values.
     pub fn shape(&self, key: &str) -> Result<Vec<usize>> {
         let view = self.view(key)?;
@@ -235,7 +250,21 @@ impl<'a> Weights<'a> {
             Self::check_chunk(view.file, key, &shape, n)?;
             shape[0] /= n;
         }
+        if view.transposed {
+            Self::check_2d(view.file, key, &shape)?;
+            shape.reverse();
+        }
         Ok(shape)
+    }
+
+    fn check_2d(file: &str, key: &str, shape: &[usize]) -> Result<()> {
+        if shape.len() != 2 {
+            return Err(Error::Safetensors {
+                file: file.to_string(),
+                reason: format!("tensor for `{key}` has shape {shape:?}, not a matrix"),
+            });
+        }
+        Ok(())
     }
 
     fn check_chunk(file: &str, key: &str, shape: &[usize], n: usize) -> Result<()> {
@@ -265,6 +294,7 @@ impl<'a> Weights<'a> {
             shape,
             range,
             chunk: entry.chunk,
+            transposed: entry.transposed,
         })
     }
 
@@ -285,6 +315,40 @@ impl<'a> Weights<'a> {
             let block = shape[0] / n;
             range = row_range(range, shape[0], i * block, block);
             shape[0] = block;
+        }
+        if view.transposed {
+            // Read whole, rows and columns swapped, then cut like any other tensor.
+            Self::check_2d(view.file, key, &shape)?;
+            let bytes = view.shard.read(view.file, view.key, range)?;
+            let (r, c, size) = (shape[0], shape[1], view.dtype.bitsize() / 8);
+            if size == 0 || bytes.len() != r * c * size {
+                return Err(Error::Safetensors {
+                    file: view.file.to_string(),
+                    reason: format!("tensor `{key}`: {} bytes for shape {shape:?}", bytes.len()),
+                });
+            }
+            let mut out = vec![0u8; bytes.len()];
+            for i in 0..r {
+                for j in 0..c {
+                    let (from, to) = ((i * c + j) * size, (j * r + i) * size);
+                    out[to..to + size].copy_from_slice(&bytes[from..from + size]);
+                }
+            }
+            shape = vec![c, r];
+            if let Some((first, count)) = rows {
+                if first + count > c {
+                    return Err(Error::Safetensors {
+                        file: view.file.to_string(),
+                        reason: format!(
+                            "tensor `{key}` has {c} rows, not rows {first}..{}",
+                            first + count
+                        ),
+                    });
+                }
+                out = out[first * r * size..(first + count) * r * size].to_vec();
+                shape[0] = count;
+            }
+            return Ok((view.file, view.dtype, std::borrow::Cow::Owned(out), shape));
         }
         if let Some((first, count)) = rows {
             let total = shape.first().copied().unwrap_or(0);

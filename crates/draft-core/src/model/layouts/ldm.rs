@@ -11,6 +11,12 @@
 //! else in the file (`model_ema.*`, the loss's `logvar`, …) is ignored, so EMA-only and pruned
 //! checkpoints load alike and the non-EMA weights are used, as diffusers' `from_single_file`.
 //!
+//! Stable Diffusion XL files (Stability's `sd_xl_base_1.0.safetensors` layout) keep the UNet
+//! and VAE there (the UNet's `label_emb.0.{0,2}` are diffusers' `add_embedding.linear_{1,2}`)
+//! and hold two text towers under `conditioner.embedders.`: `0.transformer.` (CLIP names, as
+//! SD-1.x) and `1.model.` (OpenCLIP, all layers used, `text_projection` stored as
+//! `[width, projection]`, read transposed).
+//!
 //! Such a file has no config: [`infer`] reads the architecture from its keys and shapes, with
 //! SD's fixed choices where shapes cannot tell (8 heads per UNet block for SD-1.x, 64-channel
 //! heads with OpenCLIP; GroupNorm 32; `scaling_factor` 0.18215; SD's noise schedule,
@@ -28,6 +34,28 @@ const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";
 const CLIP: &str = "cond_stage_model.transformer.";
 const OPEN_CLIP: &str = "cond_stage_model.model.";
+/// SDXL's towers: CLIP ViT-L and OpenCLIP bigG.
+const XL_CLIP: &str = "conditioner.embedders.0.transformer.";
+const XL_OPEN_CLIP: &str = "conditioner.embedders.1.model.";
+
+/// Whether a checkpoint is SDXL (base): its second tower under `conditioner.embedders.1.model.`.
+pub fn is_sdxl(s: &Shapes) -> bool {
+    has_prefix(s, XL_OPEN_CLIP)
+}
+
+/// Checkpoints of other model families, refused by name before anything is inferred.
+fn other_family(s: &Shapes) -> Option<&'static str> {
+    let any = |p: &str| has_prefix(s, p);
+    if any("model.diffusion_model.joint_blocks.") {
+        Some("a Stable Diffusion 3 checkpoint (MMDiT)")
+    } else if any("model.diffusion_model.double_blocks.") || any("double_blocks.") {
+        Some("a Flux checkpoint")
+    } else if any("conditioner.embedders.0.model.") && !is_sdxl(s) {
+        Some("an SDXL refiner checkpoint (one OpenCLIP tower, no CLIP ViT-L): only SDXL base loads")
+    } else {
+        None
+    }
+}
 
 /// The key a single-file model's checkpoint is held under in its `ModelFiles`.
 pub const CHECKPOINT: &str = "checkpoint";
@@ -60,6 +88,14 @@ pub fn component<'a>(w: Weights<'a>, component: &str) -> Result<Weights<'a>> {
             let lpb = unet_layers_per_block(w.file(), &s)?;
             w.renamed(|k| unet_key(k.strip_prefix(UNET)?, lpb))
         }
+        "text_encoder" if is_sdxl(&s) => w.renamed(|k| clip_key(k.strip_prefix(XL_CLIP)?)),
+        "text_encoder_2" if is_sdxl(&s) => Ok(w
+            .remapped(|k| match k.strip_prefix(XL_OPEN_CLIP) {
+                Some("text_projection") => vec![("text_projection.weight".into(), None)],
+                Some(k) => open_clip_keys(k),
+                None => Vec::new(),
+            })?
+            .transposed("text_projection.weight")),
         "vae" => {
             let levels = count(&s, &format!("{VAE}decoder.up."));
             w.renamed(|k| vae_key(k.strip_prefix(VAE)?, levels))
@@ -201,6 +237,17 @@ fn unet_key(k: &str, lpb: usize) -> Option<String> {
     let mut parts = k.splitn(4, '.');
     let block = parts.next()?;
     match block {
+        "label_emb" => {
+            // SDXL: `label_emb.0.{0,2}` (a Sequential inside a Sequential) → `add_embedding`.
+            let rest = k.strip_prefix("label_emb.0.")?;
+            let (i, t) = rest.split_once('.')?;
+            let linear = match i {
+                "0" => "linear_1",
+                "2" => "linear_2",
+                _ => return None,
+            };
+            Some(format!("add_embedding.{linear}.{t}"))
+        }
         "time_embed" => {
             let i = parts.next()?;
             let rest = k.splitn(3, '.').nth(2)?;
@@ -414,6 +461,8 @@ pub struct Inferred {
     pub unet: Value,
     pub vae: Value,
     pub text_encoder: Value,
+    /// SDXL's second tower.
+    pub text_encoder_2: Option<Value>,
     pub scheduler: Value,
     /// The tokenizer's padding token: `<|endoftext|>` for SD-1.x, `!` for SD-2.x (OpenCLIP).
     pub pad_token: String,
@@ -421,8 +470,15 @@ pub struct Inferred {
 
 /// Infers the architecture of an LDM checkpoint (see the module docs for the fixed choices).
 pub fn infer(file: &str, s: &Shapes) -> Result<Inferred> {
+    if let Some(what) = other_family(s) {
+        return Err(Error::config(
+            file,
+            format!("{what}: only Stable Diffusion 1.x, 2.x and XL (base) single files load"),
+        ));
+    }
     let shape = |k: String| shape(file, s, &k).map(<[usize]>::to_vec);
-    let open_clip = matches!(text_tower(file, s)?, Tower::OpenClip);
+    let xl = is_sdxl(s);
+    let open_clip = !xl && matches!(text_tower(file, s)?, Tower::OpenClip);
 
     // UNet.
     let conv_in = shape(format!("{UNET}input_blocks.0.0.weight"))?;
@@ -496,15 +552,20 @@ pub fn infer(file: &str, s: &Shapes) -> Result<Inferred> {
     let use_linear_projection = proj_shape.len() == 2;
     let block_prefix = proj_in.trim_end_matches("proj_in.weight");
     let transformer_layers = count(s, &format!("{block_prefix}transformer_blocks."));
-    // Heads cannot be read from shapes: SD-1.x has 8 per block, SD-2.x 64 channels per head.
-    let heads: Value = if open_clip {
+    // Heads cannot be read from shapes: SD-1.x has 8 per block, SD-2.x and XL 64 channels per
+    // head.
+    let heads: Value = if open_clip || xl {
         json!(channels.iter().map(|c| (c / 64).max(1)).collect::<Vec<_>>())
     } else {
         json!(8)
     };
     let v_prediction = open_clip;
-    let sample_size = if v_prediction { 96 } else { 64 };
-    let unet = json!({
+    let sample_size = match (xl, v_prediction) {
+        (true, _) => 128,
+        (false, true) => 96,
+        (false, false) => 64,
+    };
+    let mut unet = json!({
         "_class_name": "UNet2DConditionModel",
         "in_channels": conv_in[1],
         "out_channels": out_channels,
@@ -525,6 +586,51 @@ pub fn infer(file: &str, s: &Shapes) -> Result<Inferred> {
         "act_fn": "silu",
         "downsample_padding": 1,
     });
+    if xl {
+        // A transformer depth per level (1 where a level has no attention, as SDXL's config
+        // says); the mid block takes the last level's.
+        let depths: Vec<usize> = (0..levels.len())
+            .map(|l| {
+                count(
+                    s,
+                    &format!(
+                        "{UNET}input_blocks.{}.1.transformer_blocks.",
+                        1 + l * (lpb + 1)
+                    ),
+                )
+                .max(1)
+            })
+            .collect();
+        let mid = count(s, &format!("{UNET}middle_block.1.transformer_blocks."));
+        if Some(&mid) != depths.last() {
+            return Err(Error::config(
+                file,
+                format!(
+                    "the UNet's middle block has {mid} transformer layers and its last level {:?}: \
+                     diffusers' config gives both one number",
+                    depths.last()
+                ),
+            ));
+        }
+        let label = shape(format!("{UNET}label_emb.0.0.weight"))?[1];
+        let projection = shape(format!("{XL_OPEN_CLIP}text_projection"))?[1];
+        let ids = label
+            .checked_sub(projection)
+            .filter(|d| *d > 0 && d % 6 == 0);
+        let Some(ids) = ids else {
+            return Err(Error::config(
+                file,
+                format!(
+                    "`label_emb.0.0.weight` takes {label} inputs: not the text projection's \
+                     {projection} and six size ids"
+                ),
+            ));
+        };
+        unet["transformer_layers_per_block"] = json!(depths);
+        unet["addition_embed_type"] = json!("text_time");
+        unet["addition_time_embed_dim"] = json!(ids / 6);
+        unet["projection_class_embeddings_input_dim"] = json!(label);
+    }
 
     // VAE.
     let levels = count(s, &format!("{VAE}encoder.down."));
@@ -550,85 +656,137 @@ pub fn infer(file: &str, s: &Shapes) -> Result<Inferred> {
         "up_block_types": vec!["UpDecoderBlock2D"; levels],
         "norm_num_groups": 32,
         "act_fn": "silu",
-        "scaling_factor": 0.18215,
+        "scaling_factor": if xl { 0.13025 } else { 0.18215 },
+        "force_upcast": xl,
         "sample_size": sample_size * 8,
         "use_quant_conv": s.contains_key(&format!("{VAE}quant_conv.weight")),
         "use_post_quant_conv": s.contains_key(&format!("{VAE}post_quant_conv.weight")),
     });
 
-    // Text encoder.
-    let text_encoder = if open_clip {
-        let emb = shape(format!("{OPEN_CLIP}token_embedding.weight"))?;
-        let resblocks = count(s, &format!("{OPEN_CLIP}transformer.resblocks."));
+    // Text encoders.
+    let open_clip_tower = |prefix: &str, used_layers_dropped: usize, projection: bool| {
+        let emb = shape(format!("{prefix}token_embedding.weight"))?;
+        let resblocks = count(s, &format!("{prefix}transformer.resblocks."));
         if resblocks < 2 {
             return Err(Error::config(
                 file,
-                "the OpenCLIP text tower needs at least 2 layers (SD-2.x uses the penultimate)",
+                "the OpenCLIP text tower needs at least 2 layers (SD-2.x and XL use the \
+                 penultimate)",
             ));
         }
-        json!({
-            "architectures": ["CLIPTextModel"],
+        let mut c = json!({
+            "architectures": [if projection { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }],
             "vocab_size": emb[0],
             "hidden_size": emb[1],
-            "intermediate_size": shape(format!("{OPEN_CLIP}transformer.resblocks.0.mlp.c_fc.weight"))?[0],
-            // SD-2.x conditions on the penultimate layer; diffusers drops the last one.
-            "num_hidden_layers": resblocks - 1,
+            "intermediate_size": shape(format!("{prefix}transformer.resblocks.0.mlp.c_fc.weight"))?[0],
+            "num_hidden_layers": resblocks - used_layers_dropped,
             "num_attention_heads": (emb[1] / 64).max(1),
-            "max_position_embeddings": shape(format!("{OPEN_CLIP}positional_embedding"))?[0],
+            "max_position_embeddings": shape(format!("{prefix}positional_embedding"))?[0],
             "hidden_act": "gelu",
             "layer_norm_eps": 1e-5,
             "projection_dim": emb[1],
-        })
-    } else {
+        });
+        if projection {
+            c["projection_dim"] = json!(shape(format!("{prefix}text_projection"))?[1]);
+        }
+        Ok(c)
+    };
+    let clip_tower = |prefix: &str| {
         // Old checkpoints (transformers < 4.?) lack the `text_model.` level.
         let base = if s.contains_key(&format!(
-            "{CLIP}text_model.embeddings.token_embedding.weight"
+            "{prefix}text_model.embeddings.token_embedding.weight"
         )) {
-            format!("{CLIP}text_model.")
+            format!("{prefix}text_model.")
         } else {
-            CLIP.to_string()
+            prefix.to_string()
         };
         let t = |k: &str| format!("{base}{k}");
         let emb = shape(t("embeddings.token_embedding.weight"))?;
-        let prefix = t("encoder.layers.");
-        json!({
+        let layers = t("encoder.layers.");
+        Ok::<_, Error>(json!({
             "architectures": ["CLIPTextModel"],
             "vocab_size": emb[0],
             "hidden_size": emb[1],
             "intermediate_size": shape(t("encoder.layers.0.mlp.fc1.weight"))?[0],
-            "num_hidden_layers": count(s, &prefix),
+            "num_hidden_layers": count(s, &layers),
             "num_attention_heads": (emb[1] / 64).max(1),
             "max_position_embeddings": shape(t("embeddings.position_embedding.weight"))?[0],
             "hidden_act": "quick_gelu",
             "layer_norm_eps": 1e-5,
             "projection_dim": emb[1],
+        }))
+    };
+    let (text_encoder, text_encoder_2) = if xl {
+        // SDXL uses every layer of both towers (the penultimate state, and tower 2's last for
+        // its pooled projection).
+        (
+            clip_tower(XL_CLIP)?,
+            Some(open_clip_tower(XL_OPEN_CLIP, 0, true)?),
+        )
+    } else if open_clip {
+        // SD-2.x conditions on the penultimate layer; diffusers drops the last one.
+        (open_clip_tower(OPEN_CLIP, 1, false)?, None)
+    } else {
+        (clip_tower(CLIP)?, None)
+    };
+    let scheduler = if xl {
+        // stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json.
+        json!({
+            "_class_name": "EulerDiscreteScheduler",
+            "num_train_timesteps": 1000,
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "clip_sample": false,
+            "set_alpha_to_one": false,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "interpolation_type": "linear",
+            "use_karras_sigmas": false,
+            "prediction_type": "epsilon",
+        })
+    } else {
+        json!({
+            "_class_name": "DDIMScheduler",
+            "num_train_timesteps": 1000,
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "clip_sample": false,
+            "set_alpha_to_one": false,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "prediction_type": if v_prediction { "v_prediction" } else { "epsilon" },
         })
     };
-    let scheduler = json!({
-        "_class_name": "DDIMScheduler",
-        "num_train_timesteps": 1000,
-        "beta_start": 0.00085,
-        "beta_end": 0.012,
-        "beta_schedule": "scaled_linear",
-        "clip_sample": false,
-        "set_alpha_to_one": false,
-        "steps_offset": 1,
-        "timestep_spacing": "leading",
-        "prediction_type": if v_prediction { "v_prediction" } else { "epsilon" },
-    });
-    let model_index = json!({
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-    });
+    let model_index = if xl {
+        json!({
+            "_class_name": "StableDiffusionXLPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            "force_zeros_for_empty_prompt": true,
+        })
+    } else {
+        json!({
+            "_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDIMScheduler"],
+        })
+    };
     Ok(Inferred {
         model_index,
         unet,
         vae,
         text_encoder,
+        text_encoder_2,
         scheduler,
         pad_token: if open_clip { "!" } else { "<|endoftext|>" }.into(),
     })
