@@ -534,3 +534,45 @@ fn sdxl_base_architecture_is_inferred_from_a_single_file() {
     let c2 = CLIPTextConfig::from_json("te2", &te2.to_string()).unwrap();
     assert_eq!(c2.projection_dim, Some(1280));
 }
+
+/// An SDXL LoRA on the UNet and both towers, in diffusers' layout (`text_encoder_2.…`) and in
+/// kohya sd-scripts' (`lora_unet_input_blocks_…`, `lora_te1_`, `lora_te2_`, alpha = rank / 2):
+/// `draft sample --lora` gives diffusers' `load_lora_weights` images with either file.
+#[test]
+fn sdxl_lora_files_match_diffusers_load_lora_weights() {
+    use draft_core::model::lora::LoraFile;
+    use draft_core::model::pipeline::LoraSetup;
+    let fx = Fixture::load();
+    let dir = fixtures().join("sdxl-single");
+    let reference = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let reference = Weights::from_bytes("reference.safetensors", &reference).unwrap();
+    let run = &fx.json["runs"]["a"];
+    let device = Device::flex();
+    for name in ["lora_diffusers.safetensors", "lora_kohya_sdxl.safetensors"] {
+        let file = LoraFile::parse(name, &std::fs::read(dir.join(name)).unwrap()).unwrap();
+        assert_eq!(file.paths("text_encoder_2").len(), 12, "{name}");
+        assert_eq!(file.paths("unet").len(), 136, "{name}");
+        let pipe =
+            Pipeline::load_with_lora(&fx.model, &device, &LoraSetup::Files(vec![(&file, 1.0)]))
+                .unwrap();
+        let options = SampleOptions {
+            prompts: fx.strings("prompts"),
+            negative_prompt: String::new(),
+            steps: run["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance: run["guidance_scale"].as_f64().unwrap(),
+            eta: 0.0,
+            seed: 0,
+            size: SizeConditioning::default(),
+        };
+        let x_t = fx.reference().tensor::<4>("init_noise", &device).unwrap();
+        let latents = pipe.sample_latents(&options, x_t, |_, _| {}).unwrap();
+        let images = to_nhwc(pipe.decode(latents));
+        close(
+            &format!("sdxl {name}"),
+            images,
+            &reference,
+            "lora_images",
+            false,
+        );
+    }
+}

@@ -558,7 +558,7 @@ fn parse_kohya(name: &str, w: &Weights) -> Result<BTreeMap<String, LoraModule>> 
     for key in w.keys() {
         let Some((id, part)) = kohya::parse_key(&key) else {
             return Err(Error::Input(format!(
-                "{name}: `{key}` is not a kohya LoRA weight of an SD-1.x/2.x layer (expected lora_unet_… / lora_te_… with .lora_down.weight, .lora_up.weight, .alpha)"
+                "{name}: `{key}` is not a kohya LoRA weight of an SD-1.x/2.x/XL layer (expected lora_unet_… / lora_te_… / lora_te1_… / lora_te2_… with .lora_down.weight, .lora_up.weight, .alpha)"
             )));
         };
         let module = key.split('.').next().unwrap_or(&key).to_string();
