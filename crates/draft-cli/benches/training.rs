@@ -5,7 +5,13 @@
 //! `cargo bench -p draft-cli --bench training -- [--devices cpu,wgpu] [--tiny-steps 50]
 //!  [--sd14-steps 6] [--sd14-devices cpu] [--reward colorfulness|aesthetic-l14]
 //!  [--methods k1,k5,k50,lv2,refl] [--threads 1,2] [--torch PYTHON [--torch-threads 1,2]]
-//!  [--paper-steps 2] [--repeat N]`
+//!  [--paper-steps 2] [--sdxl 1024[,512]] [--sdxl-steps 2] [--repeat N]`
+//!
+//! `--sdxl SIZES` adds SDXL's scale (issue 29): a random pipeline with SDXL-base 1.0's whole
+//! architecture (`sdxl_*_config.json`: the 2.6 B UNet, both text towers, the VAE; built in
+//! memory, the tiny SDXL fixture giving the tokenizers and scheduler) at SIZE² pixels (1024:
+//! 128×128 latents), batch 1 with guidance, `--sdxl-steps` sampling steps (default 2), on the
+//! CPU backend; with `--weights-dtype f16` its weights are f16.
 //!
 //! `--repeat N` (default 1) times N steps of each case (PyTorch's too) and prints their median;
 //! the peak memory is the first step's. On a shared machine one step's time varies by ±20 %.
@@ -69,6 +75,12 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(6);
     let sd14_devices = flag("--sd14-devices").unwrap_or_else(|| "cpu".into());
+    let sdxl_sizes: Vec<String> = flag("--sdxl")
+        .map(|s| s.split(',').map(|x| format!("sdxl-{x}")).collect())
+        .unwrap_or_default();
+    let sdxl_steps: usize = flag("--sdxl-steps")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
     let paper_steps: usize = flag("--paper-steps")
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
@@ -97,6 +109,11 @@ fn main() {
         }
         if paper_steps > 0 && sd14_devices.split(',').any(|d| d == dev) {
             models.push(("sd14-512", paper_steps));
+        }
+        if dev == "cpu" {
+            for m in &sdxl_sizes {
+                models.push((m.as_str(), sdxl_steps));
+            }
         }
         for (model, steps) in models {
             let k5 = 5.min(steps);
@@ -255,10 +272,17 @@ fn run_case(case: &str) {
     } else {
         burn::tensor::FloatDType::F32
     };
-    let mut pipe = common::load_sd1_tiny(&device, weights_dtype);
+    let sdxl_pixels: Option<usize> = model.strip_prefix("sdxl-").map(|p| p.parse().unwrap());
+    let mut pipe = match sdxl_pixels {
+        Some(_) => common::make_sdxl(&device, weights_dtype),
+        None => common::load_sd1_tiny(&device, weights_dtype),
+    };
     let mut size = pipe.unet_config.sample_size;
     if model.starts_with("sd14") {
         size = common::make_sd14(&mut pipe, &device, weights_dtype, model == "sd14-512");
+    }
+    if let Some(p) = sdxl_pixels {
+        size = p / 8;
     }
     let max_buffer_mib = std::env::var("DRAFT_BENCH_MAX_BUFFER_MIB").ok();
     if let Some(m) = &max_buffer_mib {
@@ -336,7 +360,11 @@ fn run_case(case: &str) {
     times.sort_by(f64::total_cmp);
     let secs = times[times.len() / 2];
     let stored = (steps + 1) * batch * 4 * size * size * 4 / 1024;
-    let model_name = if model == "sd14-512" {
+    let sdxl_name =
+        sdxl_pixels.map(|p| format!("SDXL-base pipeline (random) {size}×{size} → {p}²"));
+    let model_name = if let Some(n) = &sdxl_name {
+        n.as_str()
+    } else if model == "sd14-512" {
         "SD-1.4 pipeline (random) 64×64 → 512²"
     } else if model == "sd14" {
         "SD-1.4 UNet (random) 32×32"

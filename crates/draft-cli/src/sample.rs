@@ -17,7 +17,7 @@ use crate::{files, images};
 #[derive(Args)]
 pub struct SampleArgs {
     /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    /// scheduler/) or a single-file SD-1.x/2.x checkpoint (.safetensors, .ckpt) [default: the
+    /// scheduler/) or a single-file SD-1.x/2.x/XL checkpoint (.safetensors, .ckpt) [default: the
     /// embedded shapes-32 model].
     #[arg(long)]
     model: Option<PathBuf>,

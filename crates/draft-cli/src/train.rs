@@ -73,7 +73,7 @@ pub struct TrainArgs {
 #[derive(Args, Deserialize, Default, Debug)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ShellArgs {
-    /// A diffusers pipeline folder, or a single-file SD-1.x/2.x checkpoint (.safetensors,
+    /// A diffusers pipeline folder, or a single-file SD-1.x/2.x/XL checkpoint (.safetensors,
     /// .ckpt) [default: the embedded shapes-32 model].
     #[arg(long)]
     pub model: Option<PathBuf>,

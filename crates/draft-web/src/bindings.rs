@@ -165,7 +165,7 @@ impl RunFiles {
             .insert_source(path, blob_source(blob));
     }
 
-    /// A single-file SD-1.x/2.x checkpoint (`.safetensors`, LDM layout) as a `Blob`, read by
+    /// A single-file SD-1.x/2.x/XL checkpoint (`.safetensors`, LDM layout) as a `Blob`, read by
     /// range as the model loads. Files of a folder added with `addModelFile` then act as its
     /// configs and tokenizer (the CLI's `--model-config`); without them they are inferred and
     /// the standard CLIP tokenizer is used.

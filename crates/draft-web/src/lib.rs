@@ -201,7 +201,7 @@ fn camel_case(kebab: &str) -> String {
     out
 }
 
-/// A single-file checkpoint picked in the page (SD-1.x/2.x in the LDM layout, as `draft train
+/// A single-file checkpoint picked in the page (SD-1.x/2.x/XL in the LDM layout, as `draft train
 /// --model FILE` reads it), read by range from `data`; `config`, a diffusers folder picked with
 /// it, gives configs and tokenizer where it has them (the CLI's `--model-config`), else they
 /// are inferred from the checkpoint and the standard CLIP tokenizer is used. PyTorch pickles

@@ -90,6 +90,55 @@ pub fn make_sd14(
     64
 }
 
+/// The committed tiny SDXL fixture (for its two tokenizers and SDXL's scheduler config).
+pub fn sdxl_tiny_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sdxl-tiny")
+}
+
+/// A pipeline with SDXL-base 1.0's whole architecture and random weights (`sdxl_*_config.json`:
+/// the 2.6 B UNet, CLIP ViT-L and OpenCLIP bigG towers, SDXL's VAE; 3.5 B parameters), in
+/// `weights_dtype`, with attention LoRA targets on the UNet; the tiny SDXL fixture gives the
+/// tokenizers and the scheduler. Built in memory: nothing is read but the fixture.
+pub fn make_sdxl(device: &Device, weights_dtype: FloatDType) -> Pipeline {
+    let dir = sdxl_tiny_dir();
+    let files = ModelFiles::read_layout(dir.display().to_string(), |rel| {
+        Ok::<_, ()>(std::fs::read(dir.join(rel)).ok())
+    })
+    .unwrap();
+    let mut pipe = Pipeline::load(&files, device).unwrap();
+    let unet = UNet2DConditionConfig::from_json(
+        "sdxl_unet_config.json",
+        include_str!("../sdxl_unet_config.json"),
+    )
+    .unwrap();
+    let table = LoraTable::new();
+    let vb = VarBuilder::random(0, device)
+        .with_weights_dtype(weights_dtype)
+        .with_lora(Some(LoraPlan::targets(&table, "unet", &[LoraTarget::Attn])));
+    pipe.unet = UNet2DConditionModel::load(vb, &unet, "sdxl").unwrap();
+    pipe.unet_config = unet;
+    let te1 =
+        CLIPTextConfig::from_json("te1", include_str!("../sdxl_text_encoder_config.json")).unwrap();
+    let te2 = CLIPTextConfig::from_json("te2", include_str!("../sdxl_text_encoder_2_config.json"))
+        .unwrap();
+    let vb = VarBuilder::random(1, device).with_weights_dtype(weights_dtype);
+    pipe.text_encoder = CLIPTextModel::load(vb, &te1).unwrap();
+    let vb = VarBuilder::random(2, device).with_weights_dtype(weights_dtype);
+    pipe.text_encoder_2 = Some(CLIPTextModel::load_with_projection(vb, &te2, "te2").unwrap());
+    pipe.text_config = te1;
+    pipe.text_config_2 = Some(te2);
+    let vae = AutoencoderKLConfig::from_json(
+        "sdxl_vae_config.json",
+        include_str!("../sdxl_vae_config.json"),
+    )
+    .unwrap();
+    let vb = VarBuilder::random(3, device).with_weights_dtype(weights_dtype);
+    pipe.vae = Some(AutoencoderKL::load(vb, &vae).unwrap());
+    pipe.vae_config = Some(vae);
+    pipe.lora = table;
+    pipe
+}
+
 /// Rank-4 LoRA on the pipeline's targets, with B drawn small as after training (B = 0 would
 /// make every gradient but B's vanish).
 pub fn init_bench_lora(pipe: &mut Pipeline, device: &Device) {

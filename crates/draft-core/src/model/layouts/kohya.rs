@@ -1,4 +1,4 @@
-//! kohya-ss LoRA files: what A1111's built-in Lora extension and ComfyUI load for SD-1.x/2.x.
+//! kohya-ss LoRA files: what A1111's built-in Lora extension and ComfyUI load for SD-1.x/2.x/XL.
 //!
 //! A layer `unet.<module path>` is `lora_unet_<module path with every . as _>` and a text
 //! encoder layer `text_encoder.text_model.<path>` is `lora_te_text_model_<path with _>`; each has
