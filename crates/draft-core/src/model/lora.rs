@@ -235,11 +235,16 @@ impl LoraSlot {
     /// step's whole sampling chain) and kept in the table for that state of the table — across
     /// the scopes that change it for a while ([`LoraScope`]) — until a permanent change or a
     /// pass with gradient ([`LoraTable::scoped_params`]); `None` where the adapters run apart:
-    /// a pass with gradient (x or an adapter tracked). The copy is f32 for f16 weights too,
-    /// so that it is exactly `W + s·B·A` of the weights as stored (what the f32 model of the
-    /// same rounded weights folds); a pass in f16 casts it per use, as it casts x's weights.
+    /// a pass with gradient (x or an adapter tracked).
+    ///
+    /// A copy never holds more than the stored weight: f32 weights fold into an f32 copy
+    /// (`W + s·B·A` exactly); f16 (bf16) weights fold only for a pass that computes in their
+    /// dtype, `W + s·B·A` made in f32 and rounded once — what the pass would use were the
+    /// adapters added to an f32 copy and cast per use. A pass in f32 over f16 weights runs the
+    /// adapters apart: an f32 copy would double the adapted layers' memory (3.8 GB for SDXL's
+    /// attention), for the few percent the thin products cost.
     pub fn merged_linear<const D: usize>(&self, w: &Tensor<2>, x: &Tensor<D>) -> Option<Tensor<2>> {
-        self.merged(w.dtype(), x.is_tracked(), |adapters| {
+        self.merged(w.dtype(), x.dtype(), x.is_tracked(), |adapters| {
             adapters.iter().fold(as_f32(w), |w, ad| {
                 w + scaled(ad.a.clone().transpose(), ad.scale).matmul(ad.b.clone().transpose())
             })
@@ -251,7 +256,7 @@ impl LoraSlot {
     /// and options and B its 1×1 conv.
     pub fn merged_conv(&self, w: &Tensor<4>, x: &Tensor<4>) -> Option<Tensor<4>> {
         let dims = w.dims();
-        let merged = self.merged(w.dtype(), x.is_tracked(), |adapters| {
+        let merged = self.merged(w.dtype(), x.dtype(), x.is_tracked(), |adapters| {
             adapters.iter().fold(as_f32(w).flatten::<2>(1, 3), |w, ad| {
                 w + scaled(ad.b.clone(), ad.scale).matmul(ad.a.clone())
             })
@@ -264,11 +269,17 @@ impl LoraSlot {
     fn merged(
         &self,
         w_dtype: burn::tensor::DType,
+        x_dtype: burn::tensor::DType,
         x_tracked: bool,
         merge: impl FnOnce(&[Adapter]) -> Tensor<2>,
     ) -> Option<Tensor<2>> {
         use burn::tensor::DType;
-        if x_tracked || !matches!(w_dtype, DType::F32 | DType::F16 | DType::BF16) {
+        let folds = match w_dtype {
+            DType::F32 => true,
+            DType::F16 | DType::BF16 => x_dtype == w_dtype,
+            _ => false,
+        };
+        if x_tracked || !folds {
             return None;
         }
         let mut inner = self.table.lock();
@@ -285,7 +296,7 @@ impl LoraSlot {
         if adapters.is_empty() || !adapters.iter().all(|ad| plain(&ad.a) && plain(&ad.b)) {
             return None;
         }
-        let m = merge(&adapters);
+        let m = crate::tensor::in_dtype(merge(&adapters), w_dtype);
         inner.entries[self.index].merged.push((key, m.clone()));
         Some(m)
     }
@@ -1048,8 +1059,9 @@ mod tests {
         table.lock().entries.iter().map(|e| e.merged.len()).sum()
     }
 
-    /// f16 weights fold into an f32 copy of `W + s·B·A`: the same as the adapters run apart on
-    /// the f16 weights (cast per use), and no copy survives a scope with autodiff leaves.
+    /// f16 weights fold, into an f16 copy, only for a pass in f16 (a copy is never larger
+    /// than the weight): the same as the adapters run apart on the f16 weights within f16's
+    /// rounding; a pass in f32 runs them apart; no copy survives a scope with autodiff leaves.
     #[test]
     fn f16_weights_fold_and_gradient_scopes_drop_the_copies() {
         let device = Device::flex();
@@ -1062,9 +1074,24 @@ mod tests {
         randomise(&table, 30, &device);
         let x = NoiseRng::new(5).randn([2, 7, 6], &device);
         let image = NoiseRng::new(6).randn([2, 3, 5, 6], &device);
-        let folded = linear.forward(x.clone());
-        let folded_conv = conv.forward(image.clone());
+        // In f32 over f16 weights: apart, no copy.
+        let _ = linear.forward(x.clone());
+        let _ = conv.forward(image.clone());
+        assert_eq!(
+            folded_copies(&table),
+            0,
+            "an f32 pass does not fold f16 weights"
+        );
+        let folded = linear.forward(x.clone().cast(f16));
+        let folded_conv = conv.forward(image.clone().cast(f16));
         assert_eq!(folded_copies(&table), 2, "both layers folded");
+        assert!(
+            table.lock().entries.iter().all(|e| e
+                .merged
+                .iter()
+                .all(|(_, m)| m.dtype() == burn::tensor::DType::F16)),
+            "the copies are f16"
+        );
         let leaves: Vec<_> = table
             .params()
             .into_iter()
@@ -1076,14 +1103,21 @@ mod tests {
             0,
             "a pass with gradient keeps no folded copy"
         );
-        let apart = linear.forward(x.clone().autodiff());
-        let apart_conv = conv.forward(image.clone().autodiff());
+        let apart = linear.forward(x.clone().cast(f16).autodiff());
+        let apart_conv = conv.forward(image.clone().cast(f16).autodiff());
         drop(scope);
         assert_eq!(folded_copies(&table), 0);
-        let d = max_diff(folded, apart);
-        assert!(d < 1e-5, "linear: {d}");
-        let d = max_diff(folded_conv, apart_conv);
-        assert!(d < 1e-5, "conv: {d}");
+        // f16's rounding of W + s·B·A against the adapters summed into an f16 output.
+        let d = max_diff(
+            folded.cast(burn::tensor::FloatDType::F32),
+            apart.cast(burn::tensor::FloatDType::F32),
+        );
+        assert!(d < 2e-2, "linear: {d}");
+        let d = max_diff(
+            folded_conv.cast(burn::tensor::FloatDType::F32),
+            apart_conv.cast(burn::tensor::FloatDType::F32),
+        );
+        assert!(d < 2e-2, "conv: {d}");
     }
 
     /// Without gradient the adapters run folded into the weight; with gradient, apart. The
