@@ -1131,11 +1131,7 @@ fn model_folders() {
 /// The tiny SDXL folder: two towers, two tokenizers, the UNet's added conditions.
 #[test]
 fn sdxl_folders() {
-    let dir = common::fixtures().join("sdxl-tiny");
-    let base = ModelFiles::read_layout(dir.display().to_string(), |rel| {
-        Ok::<_, ()>(std::fs::read(dir.join(rel)).ok())
-    })
-    .unwrap();
+    let base = common::read_model(&common::fixtures().join("sdxl-tiny"));
     fuzz_folder("SDXL folder → Pipeline::load", base, 400);
 }
 

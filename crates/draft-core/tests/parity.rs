@@ -11,33 +11,10 @@ use draft_core::{ModelFiles, Pipeline};
 const TOL: f32 = 1e-4;
 
 mod common;
-use common::{devices, fixtures, read_model, values};
+use common::{assert_close_scaled, devices, fixtures, read_model};
 
 fn assert_close<const D: usize>(what: &str, got: Tensor<D>, reference: &Weights, key: &str) {
     assert_close_scaled(what, got, reference, key, false, TOL)
-}
-
-/// With `relative`, each element's error is divided by max(1, |reference|): the final latents
-/// of the random ε-model grow to ~40 (DDIM divides by √ᾱ), where f32 itself carries ~4e-6.
-fn assert_close_scaled<const D: usize>(
-    what: &str,
-    got: Tensor<D>,
-    reference: &Weights,
-    key: &str,
-    relative: bool,
-    tol: f32,
-) {
-    let (got, got_shape) = values(got);
-    let (want, want_shape) = reference.read_f32(key).unwrap();
-    assert_eq!(got_shape, want_shape, "{what}: shape");
-    let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let err = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs() / if relative { b.abs().max(1.0) } else { 1.0 })
-        .fold(0f32, f32::max);
-    eprintln!("{what}: max abs error {err:.2e} (max |ref| {max_ref:.3})");
-    assert!(err <= tol, "{what}: max abs error {err:e} > {tol:e}");
 }
 
 struct Fixture {

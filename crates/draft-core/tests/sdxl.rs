@@ -12,7 +12,7 @@ use draft_core::model::weights::Weights;
 use draft_core::{ModelFiles, Pipeline};
 
 mod common;
-use common::{devices, fixtures, read_model, values};
+use common::{assert_close_scaled, devices, fixtures, read_model, values};
 
 const TOL: f32 = 1e-4;
 
@@ -21,28 +21,7 @@ const TOL: f32 = 1e-4;
 const WGPU_LATENTS_TOL: f32 = 2e-4;
 
 fn close<const D: usize>(what: &str, got: Tensor<D>, want: &Weights, key: &str, relative: bool) {
-    close_tol(what, got, want, key, relative, TOL)
-}
-
-fn close_tol<const D: usize>(
-    what: &str,
-    got: Tensor<D>,
-    want: &Weights,
-    key: &str,
-    relative: bool,
-    tol: f32,
-) {
-    let (got, got_shape) = values(got);
-    let (want, want_shape) = want.read_f32(key).unwrap();
-    assert_eq!(got_shape, want_shape, "{what}: shape");
-    let err = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs() / if relative { b.abs().max(1.0) } else { 1.0 })
-        .fold(0f32, f32::max);
-    let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    eprintln!("{what}: max error {err:.2e} (max |ref| {max_ref:.3})");
-    assert!(err <= tol, "{what}: max error {err:e} > {tol:e}");
+    assert_close_scaled(what, got, want, key, relative, TOL)
 }
 
 struct Fixture {
@@ -64,6 +43,42 @@ impl Fixture {
 
     fn reference(&self) -> Weights<'_> {
         Weights::from_bytes("reference.safetensors", &self.reference).unwrap()
+    }
+
+    /// The options of reference run `run` (`a`, `b`, `c` of reference.json): its negative
+    /// prompt (none: "") and size ids (none: the defaults).
+    fn run_options(&self, run: &str) -> SampleOptions {
+        let cfg = &self.json["runs"][run];
+        let pair = |key: &str| {
+            cfg[key]
+                .as_array()
+                .map(|a| [0, 1].map(|i| a[i].as_u64().unwrap() as usize))
+        };
+        SampleOptions {
+            prompts: self.strings("prompts"),
+            negative_prompt: match &cfg["negative_prompt"] {
+                serde_json::Value::Array(a) => a[0].as_str().unwrap().to_string(),
+                _ => String::new(),
+            },
+            steps: cfg["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance: cfg["guidance_scale"].as_f64().unwrap(),
+            eta: 0.0,
+            seed: 0,
+            size: SizeConditioning {
+                original: pair("original_size"),
+                crop: pair("crops_coords_top_left").unwrap_or([0, 0]),
+                target: pair("target_size"),
+            },
+        }
+    }
+
+    /// `pipe`'s images of run `run` from the fixture's initial latents.
+    fn sample(&self, pipe: &Pipeline, run: &str, device: &Device) -> Tensor<4> {
+        let x_t = self.reference().tensor::<4>("init_noise", device).unwrap();
+        let latents = pipe
+            .sample_latents(&self.run_options(run), x_t, |_, _| {})
+            .unwrap();
+        to_nhwc(pipe.decode(latents))
     }
 
     fn strings(&self, key: &str) -> Vec<String> {
@@ -179,27 +194,7 @@ fn sdxl_sampling() {
         let pipe = Pipeline::load(&fx.model, &device).unwrap();
         for run in ["a", "b", "c"] {
             let cfg = &fx.json["runs"][run];
-            let pair = |key: &str| {
-                cfg[key]
-                    .as_array()
-                    .map(|a| [0, 1].map(|i| a[i].as_u64().unwrap() as usize))
-            };
-            let options = SampleOptions {
-                prompts: fx.strings("prompts"),
-                negative_prompt: match &cfg["negative_prompt"] {
-                    serde_json::Value::Array(a) => a[0].as_str().unwrap().to_string(),
-                    _ => String::new(),
-                },
-                steps: cfg["num_inference_steps"].as_u64().unwrap() as usize,
-                guidance: cfg["guidance_scale"].as_f64().unwrap(),
-                eta: 0.0,
-                seed: 0,
-                size: SizeConditioning {
-                    original: pair("original_size"),
-                    crop: pair("crops_coords_top_left").unwrap_or([0, 0]),
-                    target: pair("target_size"),
-                },
-            };
+            let options = fx.run_options(run);
             let ddim =
                 draft_core::model::schedule::Ddim::new(&pipe.scheduler, options.steps).unwrap();
             let want: Vec<usize> = cfg["timesteps"]
@@ -215,7 +210,7 @@ fn sdxl_sampling() {
             let x_t = r.tensor::<4>("init_noise", &device).unwrap();
             let latents = pipe.sample_latents(&options, x_t, |_, _| {}).unwrap();
             let what = format!("sdxl/{dev} run {run}");
-            close_tol(
+            assert_close_scaled(
                 &format!("{what} latents (relative)"),
                 latents.clone(),
                 &r,
@@ -433,22 +428,10 @@ fn sdxl_single_file_matches_diffusers_from_single_file() {
     .unwrap();
     let files =
         ModelFiles::from_checkpoint("sdxl-tiny.safetensors", bytes, Some(&config), &[]).unwrap();
-    let run = &fx.json["runs"]["a"];
     for (dev, device) in devices() {
         let pipe = Pipeline::load(&files, &device).unwrap();
         assert!(pipe.is_sdxl());
-        let options = SampleOptions {
-            prompts: fx.strings("prompts"),
-            negative_prompt: String::new(),
-            steps: run["num_inference_steps"].as_u64().unwrap() as usize,
-            guidance: run["guidance_scale"].as_f64().unwrap(),
-            eta: 0.0,
-            seed: 0,
-            size: SizeConditioning::default(),
-        };
-        let x_t = fx.reference().tensor::<4>("init_noise", &device).unwrap();
-        let latents = pipe.sample_latents(&options, x_t, |_, _| {}).unwrap();
-        let images = to_nhwc(pipe.decode(latents));
+        let images = fx.sample(&pipe, "a", &device);
         close(
             &format!("sdxl single file/{dev} images"),
             images,
@@ -546,7 +529,6 @@ fn sdxl_lora_files_match_diffusers_load_lora_weights() {
     let dir = fixtures().join("sdxl-single");
     let reference = std::fs::read(dir.join("reference.safetensors")).unwrap();
     let reference = Weights::from_bytes("reference.safetensors", &reference).unwrap();
-    let run = &fx.json["runs"]["a"];
     let device = Device::flex();
     for name in ["lora_diffusers.safetensors", "lora_kohya_sdxl.safetensors"] {
         let file = LoraFile::parse(name, &std::fs::read(dir.join(name)).unwrap()).unwrap();
@@ -555,18 +537,7 @@ fn sdxl_lora_files_match_diffusers_load_lora_weights() {
         let pipe =
             Pipeline::load_with_lora(&fx.model, &device, &LoraSetup::Files(vec![(&file, 1.0)]))
                 .unwrap();
-        let options = SampleOptions {
-            prompts: fx.strings("prompts"),
-            negative_prompt: String::new(),
-            steps: run["num_inference_steps"].as_u64().unwrap() as usize,
-            guidance: run["guidance_scale"].as_f64().unwrap(),
-            eta: 0.0,
-            seed: 0,
-            size: SizeConditioning::default(),
-        };
-        let x_t = fx.reference().tensor::<4>("init_noise", &device).unwrap();
-        let latents = pipe.sample_latents(&options, x_t, |_, _| {}).unwrap();
-        let images = to_nhwc(pipe.decode(latents));
+        let images = fx.sample(&pipe, "a", &device);
         close(
             &format!("sdxl {name}"),
             images,

@@ -22,13 +22,17 @@ pub fn sd1_tiny_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sd1-tiny")
 }
 
-/// Loads sd1-tiny with attention LoRA targets and `weights_dtype`.
-pub fn load_sd1_tiny(device: &Device, weights_dtype: FloatDType) -> Pipeline {
-    let dir = sd1_tiny_dir();
-    let files = ModelFiles::read_layout(dir.display().to_string(), |rel| {
+/// A fixture folder's files.
+fn read_folder(dir: &Path) -> ModelFiles {
+    ModelFiles::read_layout(dir.display().to_string(), |rel| {
         Ok::<_, ()>(std::fs::read(dir.join(rel)).ok())
     })
-    .unwrap();
+    .unwrap()
+}
+
+/// Loads sd1-tiny with attention LoRA targets and `weights_dtype`.
+pub fn load_sd1_tiny(device: &Device, weights_dtype: FloatDType) -> Pipeline {
+    let files = read_folder(&sd1_tiny_dir());
     Pipeline::load_with(
         &files,
         device,
@@ -100,12 +104,7 @@ pub fn sdxl_tiny_dir() -> PathBuf {
 /// `weights_dtype`, with attention LoRA targets on the UNet; the tiny SDXL fixture gives the
 /// tokenizers and the scheduler. Built in memory: nothing is read but the fixture.
 pub fn make_sdxl(device: &Device, weights_dtype: FloatDType) -> Pipeline {
-    let dir = sdxl_tiny_dir();
-    let files = ModelFiles::read_layout(dir.display().to_string(), |rel| {
-        Ok::<_, ()>(std::fs::read(dir.join(rel)).ok())
-    })
-    .unwrap();
-    let mut pipe = Pipeline::load(&files, device).unwrap();
+    let mut pipe = Pipeline::load(&read_folder(&sdxl_tiny_dir()), device).unwrap();
     let unet = UNet2DConditionConfig::from_json(
         "sdxl_unet_config.json",
         include_str!("../sdxl_unet_config.json"),

@@ -115,7 +115,11 @@ impl Pipeline {
 
         let (f, json) = cfg("unet/config.json")?;
         let unet_config = UNet2DConditionConfig::from_json(&f, json)?;
-        let vae_config = if pixel_space(files)? {
+        let index = model_index(files)?;
+        // A `model_index.json` that names no VAE (no entry, or `[null, null]`) is a pixel-space
+        // model; without a `model_index.json` the folder must have a VAE.
+        let pixel_space = index.is_some() && !index_names(index.as_ref(), "vae");
+        let vae_config = if pixel_space {
             None
         } else {
             let (f, json) = cfg("vae/config.json")?;
@@ -123,7 +127,8 @@ impl Pipeline {
         };
         let (f, json) = cfg("text_encoder/config.json")?;
         let text_config = CLIPTextConfig::from_json(&f, json)?;
-        let sdxl = files.has("text_encoder_2/config.json") || index_names(files, "text_encoder_2")?;
+        let sdxl = files.has("text_encoder_2/config.json")
+            || index_names(index.as_ref(), "text_encoder_2");
         let text_config_2 = match sdxl {
             true => {
                 let (f, json) = cfg("text_encoder_2/config.json")?;
@@ -242,7 +247,13 @@ impl Pipeline {
             text_encoder_2,
             tokenizer_2,
             text_config_2,
-            force_zeros_for_empty_prompt: sdxl && force_zeros(files)?,
+            // diffusers' SDXL pipeline defaults it to true.
+            force_zeros_for_empty_prompt: sdxl
+                && index
+                    .as_ref()
+                    .and_then(|v| v.get("force_zeros_for_empty_prompt"))
+                    .and_then(|b| b.as_bool())
+                    .unwrap_or(true),
             scheduler,
             device: device.clone(),
             lora: table,
@@ -311,24 +322,19 @@ impl Pipeline {
     /// pooled projection [B, projection_dim].
     pub fn encode_tokens(&self, tokens: &PromptTokens) -> TextEmbeddings {
         let [b, n] = tokens.ids.dims();
-        let (Some(te2), Some(t2)) = (&self.text_encoder_2, &tokens.tower_2) else {
-            let hidden = self.text_encoder.forward(tokens.ids.clone());
-            return TextEmbeddings {
-                hidden: if tokens.zeros {
-                    hidden.zeros_like()
-                } else {
-                    hidden
-                },
-                pooled: None,
-            };
-        };
         if tokens.zeros {
             let proj = self.text_config_2.as_ref().and_then(|c| c.projection_dim);
             return TextEmbeddings {
                 hidden: Tensor::zeros([b, n, self.unet_config.cross_attention_dim], &self.device),
-                pooled: Some(Tensor::zeros([b, proj.unwrap_or(0)], &self.device)),
+                pooled: proj.map(|p| Tensor::zeros([b, p], &self.device)),
             };
         }
+        let (Some(te2), Some(t2)) = (&self.text_encoder_2, &tokens.tower_2) else {
+            return TextEmbeddings {
+                hidden: self.text_encoder.forward(tokens.ids.clone()),
+                pooled: None,
+            };
+        };
         let (h1, _) = self
             .text_encoder
             .forward_penultimate(tokens.ids.clone(), None);
@@ -565,27 +571,19 @@ fn check_added_conditions(
     }
 }
 
-/// Whether `model_index.json` names `component` (with a non-null class).
-fn index_names(files: &ModelFiles, component: &str) -> Result<bool> {
-    Ok(model_index(files)?
-        .and_then(|v| v.get(component).cloned())
+/// Whether `model_index.json` names `component` with a class (not absent, `null` or
+/// `[null, null]`).
+fn index_names(index: Option<&serde_json::Value>, component: &str) -> bool {
+    index
+        .and_then(|v| v.get(component))
         .is_some_and(|c| match c {
             serde_json::Value::Array(a) => a.iter().any(|x| !x.is_null()),
             serde_json::Value::Null => false,
             _ => true,
-        }))
-}
-
-/// `model_index.json`'s `force_zeros_for_empty_prompt` (diffusers' default for SDXL: true).
-fn force_zeros(files: &ModelFiles) -> Result<bool> {
-    Ok(model_index(files)?
-        .and_then(|v| {
-            v.get("force_zeros_for_empty_prompt")
-                .and_then(|b| b.as_bool())
         })
-        .unwrap_or(true))
 }
 
+/// `model_index.json`, parsed (`None`: the folder has none).
 fn model_index(files: &ModelFiles) -> Result<Option<serde_json::Value>> {
     if !files.has("model_index.json") {
         return Ok(None);
@@ -593,21 +591,6 @@ fn model_index(files: &ModelFiles) -> Result<Option<serde_json::Value>> {
     serde_json::from_str(files.text("model_index.json")?)
         .map(Some)
         .map_err(|e| Error::config(&files.display("model_index.json"), e.to_string()))
-}
-
-/// Whether `model_index.json` says the pipeline has no VAE (no `vae` entry, or `[null, null]`).
-/// Without a `model_index.json` the folder must have a VAE.
-fn pixel_space(files: &ModelFiles) -> Result<bool> {
-    if !files.has("model_index.json") {
-        return Ok(false);
-    }
-    let v: serde_json::Value = serde_json::from_str(files.text("model_index.json")?)
-        .map_err(|e| Error::config(&files.display("model_index.json"), e.to_string()))?;
-    Ok(match v.get("vae") {
-        None | Some(serde_json::Value::Null) => true,
-        Some(serde_json::Value::Array(a)) => a.iter().all(|x| x.is_null()),
-        Some(_) => false,
-    })
 }
 
 /// What `draft sample` asks of a pipeline.

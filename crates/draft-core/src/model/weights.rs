@@ -317,8 +317,26 @@ impl<'a> Weights<'a> {
             shape[0] = block;
         }
         if view.transposed {
-            // Read whole, rows and columns swapped, then cut like any other tensor.
             Self::check_2d(view.file, key, &shape)?;
+        }
+        // The rows asked for, counted in the tensor as the model sees it (transposed or not).
+        let total = match view.transposed {
+            true => shape[1],
+            false => shape.first().copied().unwrap_or(0),
+        };
+        if let Some((first, count)) = rows
+            && first + count > total
+        {
+            return Err(Error::Safetensors {
+                file: view.file.to_string(),
+                reason: format!(
+                    "tensor `{key}` has {total} rows, not rows {first}..{}",
+                    first + count
+                ),
+            });
+        }
+        if view.transposed {
+            // Read whole, rows and columns swapped, then the rows cut.
             let bytes = view.shard.read(view.file, view.key, range)?;
             let (r, c, size) = (shape[0], shape[1], view.dtype.bitsize() / 8);
             if size == 0 || bytes.len() != r * c * size {
@@ -336,31 +354,13 @@ impl<'a> Weights<'a> {
             }
             shape = vec![c, r];
             if let Some((first, count)) = rows {
-                if first + count > c {
-                    return Err(Error::Safetensors {
-                        file: view.file.to_string(),
-                        reason: format!(
-                            "tensor `{key}` has {c} rows, not rows {first}..{}",
-                            first + count
-                        ),
-                    });
-                }
-                out = out[first * r * size..(first + count) * r * size].to_vec();
+                let (a, b) = row_range((0, out.len()), c, first, count);
+                out = out[a..b].to_vec();
                 shape[0] = count;
             }
             return Ok((view.file, view.dtype, std::borrow::Cow::Owned(out), shape));
         }
         if let Some((first, count)) = rows {
-            let total = shape.first().copied().unwrap_or(0);
-            if first + count > total {
-                return Err(Error::Safetensors {
-                    file: view.file.to_string(),
-                    reason: format!(
-                        "tensor `{key}` has {total} rows, not rows {first}..{}",
-                        first + count
-                    ),
-                });
-            }
             range = row_range(range, total, first, count);
             shape[0] = count;
         }

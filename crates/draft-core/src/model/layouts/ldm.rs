@@ -729,58 +729,38 @@ pub fn infer(file: &str, s: &Shapes) -> Result<Inferred> {
     } else {
         (clip_tower(CLIP)?, None)
     };
-    let scheduler = if xl {
-        // stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json.
-        json!({
-            "_class_name": "EulerDiscreteScheduler",
-            "num_train_timesteps": 1000,
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "clip_sample": false,
-            "set_alpha_to_one": false,
-            "steps_offset": 1,
-            "timestep_spacing": "leading",
-            "interpolation_type": "linear",
-            "use_karras_sigmas": false,
-            "prediction_type": "epsilon",
-        })
-    } else {
-        json!({
-            "_class_name": "DDIMScheduler",
-            "num_train_timesteps": 1000,
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "clip_sample": false,
-            "set_alpha_to_one": false,
-            "steps_offset": 1,
-            "timestep_spacing": "leading",
-            "prediction_type": if v_prediction { "v_prediction" } else { "epsilon" },
-        })
-    };
-    let model_index = if xl {
-        json!({
-            "_class_name": "StableDiffusionXLPipeline",
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "tokenizer_2": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-            "force_zeros_for_empty_prompt": true,
-        })
-    } else {
-        json!({
-            "_class_name": "StableDiffusionPipeline",
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDIMScheduler"],
-        })
-    };
+    // SD's noise schedule; SDXL names it as its Euler config does
+    // (stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json).
+    let mut scheduler = json!({
+        "_class_name": "DDIMScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": false,
+        "set_alpha_to_one": false,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+        "prediction_type": if v_prediction { "v_prediction" } else { "epsilon" },
+    });
+    let mut model_index = json!({
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+    });
+    if xl {
+        scheduler["_class_name"] = json!("EulerDiscreteScheduler");
+        scheduler["interpolation_type"] = json!("linear");
+        scheduler["use_karras_sigmas"] = json!(false);
+        model_index["_class_name"] = json!("StableDiffusionXLPipeline");
+        model_index["text_encoder_2"] = json!(["transformers", "CLIPTextModelWithProjection"]);
+        model_index["tokenizer_2"] = json!(["transformers", "CLIPTokenizer"]);
+        model_index["scheduler"] = json!(["diffusers", "EulerDiscreteScheduler"]);
+        model_index["force_zeros_for_empty_prompt"] = json!(true);
+    }
     Ok(Inferred {
         model_index,
         unet,
